@@ -1,0 +1,225 @@
+"""Checkpoints: weights + metadata (+ a small replay buffer), written atomically, loaded safely.
+
+File format (a ``torch.save`` dict of tensors and plain Python values only)::
+
+    {"format": "jem_explorer/1",
+     "state_dict": backbone.state_dict(),
+     "metadata": {"arch", "arch_kwargs", "in_channels", "image_size", "n_classes", "dataset",
+                  "normalization": "[-1, 1]", "objective", "train_args", "metrics",
+                  "reference": {"logpx_quantiles": [101 floats]}, "version", ...},
+     "replay_buffer": [M, C, H, W] float32 or None,
+     "trainer": {...} (resume files only: optimizer, epoch, iteration, RNG states)}
+
+A checkpoint is untrusted input: it is read with ``torch.load(..., weights_only=True)`` so that
+a crafted pickle cannot run code, and the weights are checked key by key and shape by shape
+before they reach a model, so no half-loaded model is ever returned.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .energy import JEM
+from .models import build_model
+
+__all__ = ["CheckpointError", "LoadedCheckpoint", "save_checkpoint", "load_checkpoint", "read_checkpoint",
+           "atomic_torch_save", "check_state_dict", "FORMAT", "REQUIRED_METADATA"]
+
+FORMAT = "jem_explorer/1"
+REQUIRED_METADATA = ("arch", "in_channels", "image_size", "n_classes")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint could not be read or does not fit; the message says what is wrong."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A loaded checkpoint.
+
+    Attributes:
+        model: :class:`~jem_core.energy.JEM` in eval mode (on ``device``).
+        metadata: the metadata dict.
+        replay_buffer: ``[M, C, H, W]`` float32 in ``[-1, 1]`` or None.
+        path: where it came from (or ``"<bytes>"``).
+        raw: the whole loaded dict (for resume: the ``"trainer"`` entry).
+    """
+
+    model: JEM
+    metadata: dict[str, Any]
+    replay_buffer: torch.Tensor | None
+    path: str
+    raw: dict[str, Any]
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``.
+
+    A crash at any point leaves either the old file or the new one, never a partial file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        try:  # make the rename itself durable
+            dfd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:
+            pass
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _plain(v: Any) -> Any:
+    """Metadata must survive weights_only loading: only str/int/float/bool/None/list/dict."""
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if torch.is_tensor(v) and v.numel() == 1:
+        return v.item()
+    if isinstance(v, os.PathLike):
+        return str(v)
+    if hasattr(v, "item"):
+        return v.item()
+    return str(v)
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, metadata: dict[str, Any],
+                    replay_buffer: torch.Tensor | None = None, trainer: dict[str, Any] | None = None) -> None:
+    """Write a checkpoint atomically.
+
+    Args:
+        path: target file (``.pt``); parent folders are created.
+        model: the backbone or a :class:`JEM` (its backbone's weights are saved).
+        metadata: must hold :data:`REQUIRED_METADATA`; the library version is added.
+        replay_buffer: optional ``[M, C, H, W]`` samples to ship (keep M small: a few hundred).
+        trainer: optional resume state (optimizer state dict, counters, RNG states).
+
+    Raises:
+        CheckpointError: metadata incomplete.
+    """
+    missing = [k for k in REQUIRED_METADATA if k not in metadata]
+    if missing:
+        raise CheckpointError(f"metadata lacks {missing}; it needs {list(REQUIRED_METADATA)}")
+    backbone = model.f if isinstance(model, JEM) else model
+    meta = _plain({**metadata, "version": __version__, "normalization": metadata.get("normalization", "[-1, 1]")})
+    obj = {
+        "format": FORMAT,
+        "state_dict": {k: v.detach().cpu() for k, v in backbone.state_dict().items()},
+        "metadata": meta,
+        "replay_buffer": None if replay_buffer is None else replay_buffer.detach().cpu().float().contiguous(),
+    }
+    if trainer is not None:
+        obj["trainer"] = trainer
+    atomic_torch_save(obj, path)
+
+
+def read_checkpoint(source: str | os.PathLike | bytes, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint file (or its bytes) safely and check its structure; no model is built.
+
+    Raises:
+        CheckpointError: missing, unreadable, corrupt or truncated file; a pickle that is
+            refused by ``weights_only=True`` (it would run code); not a JEM Explorer checkpoint.
+    """
+    name = "<uploaded bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
+    if not isinstance(source, (bytes, bytearray)) and not Path(source).is_file():
+        raise CheckpointError(f"checkpoint {name} does not exist")
+    try:
+        f = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+        obj = torch.load(f, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many types here (UnpicklingError, RuntimeError, EOFError...)
+        msg = str(e).split("\n")[0][:300]
+        if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
+            raise CheckpointError(
+                f"{name} was refused: it contains Python objects that could run code when unpickled "
+                f"(only tensors and plain values are accepted). Re-save it as a state dict. Detail: {msg}") from e
+        raise CheckpointError(f"{name} is not a readable checkpoint (corrupt, truncated or another format): {msg}") from e
+    if not isinstance(obj, dict) or "state_dict" not in obj or "metadata" not in obj:
+        keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+        hint = (" It looks like an official JEM checkpoint: convert it with "
+                "`python -m jem_core import-official PATH --out ours.pt`." if isinstance(obj, dict) and
+                ("model_state_dict" in obj or any(str(k).startswith("f.") for k in obj)) else "")
+        raise CheckpointError(f"{name} is not a JEM Explorer checkpoint (expected keys 'state_dict' and 'metadata'; "
+                              f"found {keys}).{hint}")
+    meta = obj["metadata"]
+    missing = [k for k in REQUIRED_METADATA if k not in meta] if isinstance(meta, dict) else list(REQUIRED_METADATA)
+    if missing:
+        raise CheckpointError(f"{name}: metadata lacks {missing}")
+    return obj
+
+
+def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], name: str = "checkpoint") -> None:
+    """Check that ``state`` fits ``model`` exactly, key by key and shape by shape.
+
+    Raises:
+        CheckpointError: naming missing keys, unexpected keys and shape mismatches.
+    """
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and (not torch.is_tensor(state[k]) or state[k].shape != own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+        if shapes:
+            parts.append(f"shape mismatches {shapes[:10]}")
+        raise CheckpointError(f"{name} does not fit the architecture in its metadata: " + "; ".join(parts))
+
+
+def load_checkpoint(source: str | os.PathLike | bytes, device: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """Load a checkpoint into a :class:`JEM` in eval mode.
+
+    Args:
+        source: path or raw bytes (an upload).
+        device: where to put the model.
+
+    Raises:
+        CheckpointError: see :func:`read_checkpoint` and :func:`check_state_dict`; also when the
+            metadata names an unknown architecture or the replay buffer has the wrong shape.
+    """
+    name = "<uploaded bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
+    obj = read_checkpoint(source)
+    meta = obj["metadata"]
+    try:
+        backbone = build_model(meta["arch"], int(meta["in_channels"]), int(meta["n_classes"]), meta.get("arch_kwargs"))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{name}: cannot build architecture from metadata: {e}") from e
+    check_state_dict(backbone, obj["state_dict"], name)
+    backbone.load_state_dict(obj["state_dict"], strict=True)
+    buf = obj.get("replay_buffer")
+    if buf is not None:
+        want = (int(meta["in_channels"]), int(meta["image_size"]), int(meta["image_size"]))
+        if not torch.is_tensor(buf) or buf.dim() != 4 or tuple(buf.shape[1:]) != want:
+            raise CheckpointError(f"{name}: replay buffer must be [M, {want[0]}, {want[1]}, {want[2]}]; "
+                                  f"got {tuple(buf.shape) if torch.is_tensor(buf) else type(buf).__name__}")
+        buf = buf.float()
+    model = JEM(backbone).to(device).eval()
+    return LoadedCheckpoint(model, meta, buf, name, obj)

@@ -1,0 +1,311 @@
+"""The command-line interface: ``python -m jem_core train | sample | score | evaluate | bench | import-official``.
+
+Every command reports bad input argparse-style (``error: ...`` and exit status 2), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+__all__ = ["main", "build_parser"]
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace, argparse.ArgumentParser], int]] = {}
+
+
+def _nonneg_int(s: str) -> int:
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0; got {v}")
+    return v
+
+
+def _pos_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1; got {v}")
+    return v
+
+
+def _pos_float(s: str) -> float:
+    v = float(s)
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be a positive number; got {s}")
+    return v
+
+
+def _nonneg_float(s: str) -> float:
+    v = float(s)
+    if not (v >= 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0; got {s}")
+    return v
+
+
+# -- train -------------------------------------------------------------------------------------------
+_TRAIN_HELP = {
+    "dataset": "dataset spec: digits, mnist, fashion_mnist, cifar10, cifar100, svhn, npz:PATH, folder:PATH",
+    "objective": "jem (CE + contrastive p(x) term) or baseline (CE only)",
+    "lr": "peak learning rate", "warmup_iters": "linear warm-up iterations",
+    "decay_epochs": "epochs after which the learning rate is multiplied by --decay-rate",
+    "arch": "auto (convnet for 1-channel data, wrn for 3x32x32), convnet or wrn",
+    "px_weight": "weight of the p(x) term", "pxy_weight": "weight of the optional p(x|y) term",
+    "energy_l2": "L2 penalty on data and sample energies (stabiliser; 0 = off)",
+    "sgld_steps": "SGLD steps per training iteration", "sgld_step_size": "SGLD step size",
+    "sgld_noise": "SGLD noise std ([-1, 1] pixel units)",
+    "exact_langevin": "tie noise std to sqrt(step size) (the seed's Langevin equation)",
+    "sgld_clamp": "clamp samples to [-1, 1]", "sgld_max_update": "clip each SGLD pixel update to +-this",
+    "buffer_size": "replay buffer size", "reinit_freq": "probability of restarting a chain from noise",
+    "data_noise": "std of Gaussian noise added to data", "labels_per_class": "semi-supervised: labelled images per class",
+    "divergence_threshold": "|energy| above this counts as divergence",
+    "max_retries": "divergence recoveries before giving up", "keep_buffer": "buffer samples stored in the checkpoint",
+    "init_from": "start from this checkpoint's weights", "max_iters_per_epoch": "cap iterations per epoch (smoke runs)",
+    "crop_padding": "pad-crop augmentation in pixels (-1 = auto: 4 for 32x32)", "flip": "horizontal flips (default: on for CIFAR)",
+}
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from .training import TrainConfig
+
+    p = sub.add_parser("train", help="train a JEM or baseline classifier",
+                       description="Train a JEM (Grathwohl et al. 2019) or a baseline classifier and write a checkpoint.")
+    p.add_argument("--out", required=True, help="checkpoint path to write (.pt); the resume state goes to OUT.resume.pt")
+    p.add_argument("--resume", action="store_true", help="continue from OUT.resume.pt")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    positive = {"epochs", "batch_size", "buffer_size", "guard_every", "n_reference"}
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        kw: dict[str, Any] = {"default": default, "help": _TRAIN_HELP.get(f.name, f.name.replace("_", " "))}
+        if f.name == "decay_epochs":
+            kw.update(type=_pos_int, nargs="*")
+        elif isinstance(default, bool) or f.name == "flip":
+            kw.update(action=argparse.BooleanOptionalAction)
+        elif f.name in positive:
+            kw["type"] = _pos_int
+        elif f.name in ("sgld_steps", "warmup_iters", "max_retries", "keep_buffer"):
+            kw["type"] = _nonneg_int
+        elif f.name in ("lr", "sgld_step_size", "divergence_threshold"):
+            kw["type"] = _pos_float
+        elif f.name in ("sgld_noise", "data_noise", "energy_l2", "px_weight", "pxy_weight", "weight_decay", "reinit_freq"):
+            kw["type"] = _nonneg_float
+        elif f.name in ("sgld_max_update",):
+            kw["type"] = _pos_float
+        elif f.name in ("labels_per_class", "max_iters_per_epoch"):
+            kw["type"] = _pos_int
+        elif isinstance(default, int):
+            kw["type"] = int
+        elif isinstance(default, float):
+            kw["type"] = float
+        if f.name == "objective":
+            kw["choices"] = ["jem", "baseline"]
+        if f.name == "optimizer":
+            kw["choices"] = ["adam", "sgd"]
+        if f.name == "arch":
+            kw["choices"] = ["auto", "convnet", "wrn"]
+        p.add_argument(flag, **kw)
+    p.set_defaults(cmd="train")
+
+
+def _cmd_train(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from tqdm.auto import tqdm
+
+    from .data import data_available, dataset_shape
+    from .training import TrainConfig, Trainer, resume_path
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in vars(a).items() if k in fields})
+    cfg.validate()
+    dataset_shape(cfg.dataset)  # unknown names fail here, before any work
+    import torch.distributed as dist
+
+    launched = "RANK" in __import__("os").environ and "WORLD_SIZE" in __import__("os").environ
+    if launched and int(__import__("os").environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
+        dev = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        backend = "nccl" if dev.startswith("cuda") else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(__import__("os").environ.get("LOCAL_RANK", 0)))
+            cfg.device = f"cuda:{int(__import__('os').environ.get('LOCAL_RANK', 0))}"
+        dist.init_process_group(backend)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    bar: list[Any] = [None]
+
+    def on_iter(s: dict) -> None:
+        if bar[0] is not None:
+            bar[0].update(1)
+            bar[0].set_postfix(loss=f"{s['loss']:.3f}", acc=f"{s['accuracy']:.2f}", lr=f"{s['lr']:.2g}", refresh=False)
+
+    def on_epoch(m: Any) -> None:
+        if bar[0] is not None:
+            bar[0].close()
+            bar[0] = None
+        if rank == 0:
+            print(json.dumps({"epoch": m.epoch, "test_accuracy": round(m.test_accuracy, 4), "loss": round(m.loss, 4),
+                              "ce": round(m.ce, 4), "E_data_minus_E_samples": round(m.px, 4),
+                              "energy_data": round(m.energy_data, 3), "energy_samples": round(m.energy_samples, 3),
+                              "lr": m.lr, "seconds": round(m.seconds, 1), "divergence_events": m.divergence_events}),
+                  flush=True)
+
+    def log(s: str) -> None:
+        if rank == 0:
+            (tqdm.write if bar[0] is not None else print)(s, file=sys.stderr)
+
+    trainer = Trainer(cfg, out=a.out, on_iteration=on_iter, on_epoch=on_epoch, log=log)
+    if a.resume:
+        if not resume_path(a.out).exists():
+            parser.error(f"--resume: no resume state {resume_path(a.out)} (train once without --resume first)")
+        trainer.resume(a.out)
+    orig_fit_epoch = trainer._batches
+
+    def batches_with_bar():  # one progress bar per epoch
+        b = orig_fit_epoch()
+        n = min(len(b), cfg.max_iters_per_epoch or len(b))
+        if not a.quiet and rank == 0:
+            bar[0] = tqdm(total=n, desc=f"epoch {trainer.epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr)
+        return b
+
+    trainer._batches = batches_with_bar  # type: ignore[method-assign]
+    trainer.fit()
+    if rank == 0:
+        print(json.dumps({"checkpoint": a.out, "epochs": trainer.epoch,
+                          "test_accuracy": trainer.history[-1].test_accuracy if trainer.history else None,
+                          "divergence_events": len(trainer.events)}))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+# -- sample ------------------------------------------------------------------------------------------
+def _add_sample(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sample", help="draw SGLD samples from a checkpoint and save a PNG grid")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--n", type=_pos_int, default=64, help="number of samples")
+    p.add_argument("--steps", type=_nonneg_int, default=None,
+                   help="SGLD steps (default: 100 from the replay buffer, 500 from noise)")
+    p.add_argument("--label", type=int, default=None, help="class to condition on (E(x, y)); default unconditional")
+    p.add_argument("--init", choices=["auto", "buffer", "noise"], default="auto",
+                   help="chain start: the checkpoint's replay buffer or U[-1, 1] noise (auto: buffer when present)")
+    p.add_argument("--step-size", type=_pos_float, default=1.0)
+    p.add_argument("--noise-std", type=_nonneg_float, default=0.01)
+    p.add_argument("--exact-langevin", action="store_true", help="noise std = sqrt(step size)")
+    p.add_argument("--max-update", type=_pos_float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=_pos_int, default=None, help="pixel upscaling of the PNG (default: 3 for 28x28, 8 for 8x8)")
+    p.add_argument("--device", default=None)
+    p.set_defaults(cmd="sample")
+
+
+def _cmd_sample(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .checkpoint import load_checkpoint
+    from .generation import draw_samples
+    from .images import save_grid_png
+    from .training import select_device
+
+    ck = load_checkpoint(a.checkpoint, device=select_device(a.device))
+    k = int(ck.metadata["n_classes"])
+    if a.label is not None and not 0 <= a.label < k:
+        parser.error(f"--label must lie in [0, {k}) for this {k}-class model; got {a.label}")
+    if a.init == "buffer" and ck.replay_buffer is None:
+        parser.error(f"--init buffer: {a.checkpoint} holds no replay buffer; use --init noise")
+    x, info = draw_samples(ck, a.n, steps=a.steps, label=a.label, init=a.init, step_size=a.step_size,
+                           noise_std=a.noise_std, exact_langevin=a.exact_langevin, max_update=a.max_update,
+                           seed=a.seed, progress=True)
+    side = int(ck.metadata["image_size"])
+    save_grid_png(x, a.out, scale=a.scale or max(1, 84 // side))
+    print(json.dumps({"out": a.out, **info}))
+    return 0
+
+
+# -- score -------------------------------------------------------------------------------------------
+def _add_score(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("score", help="score images: label, probabilities, energy, log p(x) percentile (JSON lines)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
+    p.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
+                   help="invert dark-on-light images (auto: decide from the border brightness)")
+    p.add_argument("--device", default=None)
+    p.set_defaults(cmd="score")
+
+
+def _cmd_score(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .checkpoint import load_checkpoint
+    from .images import ImageDecodeError, load_image_file, prepare_upload
+    from .scoring import score_batch
+    from .training import select_device
+
+    dev = select_device(a.device)
+    ck = load_checkpoint(a.checkpoint, device=dev)
+    m = ck.metadata
+    invert = {"auto": None, "yes": True, "no": False}[a.invert]
+    failures = 0
+    for path in a.images:
+        try:
+            prep = prepare_upload(load_image_file(path), Path(path).name, int(m["in_channels"]), int(m["image_size"]), invert)
+        except ImageDecodeError as e:
+            failures += 1
+            print(json.dumps({"image": path, "error": str(e)}), flush=True)
+            continue
+        r = score_batch(ck.model, prep.tensor[None].to(dev), m.get("reference"), m.get("class_names"))[0]
+        print(json.dumps({"image": path, **r.to_dict(), "inverted": prep.inverted, "notes": prep.notes}), flush=True)
+    return 1 if failures == len(a.images) else 0
+
+
+_COMMANDS.update(train=_cmd_train, sample=_cmd_sample, score=_cmd_score)
+_ADDERS = [_add_train, _add_sample, _add_score]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser with every sub-command."""
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="python -m jem_core",
+                                description="JEM Explorer: Joint Energy-based Models (Grathwohl et al. 2019).")
+    p.add_argument("--version", action="version", version=__version__)
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in _ADDERS:
+        add(sub)
+    for extra in _extra_commands():
+        extra(sub, _COMMANDS)
+    return p
+
+
+def _extra_commands() -> list[Callable]:
+    """Sub-commands defined next to their concept (evaluation, benchmarks, official import)."""
+    out = []
+    for mod, fn in (("jem_core.evaluation.report", "add_cli"), ("jem_core.bench", "add_cli"), ("jem_core.official", "add_cli")):
+        try:
+            m = __import__(mod, fromlist=[fn])
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+            continue
+        if hasattr(m, fn):
+            out.append(getattr(m, fn))
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (2 for bad input, as argparse does)."""
+    from .checkpoint import CheckpointError
+    from .data import DataUnavailableError
+    from .training import TrainingDiverged
+
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    try:
+        return _COMMANDS[a.cmd](a, parser)
+    except (CheckpointError, DataUnavailableError, ValueError) as e:
+        parser.exit(2, f"{parser.prog} {a.command}: error: {e}\n")
+    except TrainingDiverged as e:
+        parser.exit(3, f"{parser.prog} {a.command}: error: {e}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "interrupted\n")
+    return 0

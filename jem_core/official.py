@@ -1,0 +1,351 @@
+"""Import checkpoints written by the official JEM code (Grathwohl et al. 2019, github.com/wgrathwohl/JEM).
+
+The official ``train_wrn_ebm.py`` saves ``{"model_state_dict": f.state_dict(), "replay_buffer":
+buffer}`` where ``f`` is its ``F``/``CCF`` module (a WideResNet trunk ``f`` plus the heads
+``energy_output`` and ``class_output``) and ``buffer`` is a float tensor ``[10000, 3, 32, 32]`` in
+roughly ``[-1, 1]``. Shared checkpoints are sometimes a bare state dict instead. This module:
+
+- reads the file safely (:func:`read_official`: ``torch.load(..., weights_only=True)`` always;
+  a checkpoint is untrusted input and is never unpickled with arbitrary code),
+- unwraps it (:func:`load_official_state_dict`), infers the architecture from key names and
+  shapes alone (:func:`infer_wrn_config`),
+- rebuilds a :class:`~jem_core.wideresnet.WideResNet` and loads it with every key and shape
+  checked (:func:`build_from_official`): a mismatch raises :class:`OfficialCheckpointError`
+  naming the keys; a half-loaded model is never returned,
+- and describes it for our checkpoint metadata (:func:`official_metadata`).
+
+Typical use (the ``import-official`` CLI command)::
+
+    model, config, buffer = build_from_official(read_official(path))
+    save_checkpoint(out, model, official_metadata(config, path), replay_buffer=buffer)
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .wideresnet import WideResNet
+
+__all__ = [
+    "OfficialCheckpointError",
+    "read_official",
+    "load_official_state_dict",
+    "infer_wrn_config",
+    "validate_replay_buffer",
+    "build_from_official",
+    "official_metadata",
+]
+
+_IMAGE_SIZE = 32
+_LAYER_KEY = re.compile(r"^f\.layer([123])\.(\d+)\.")
+_MAX_LISTED = 20  # keys listed per category in error messages
+
+
+class OfficialCheckpointError(ValueError):
+    """An official JEM checkpoint could not be read, recognised or loaded (the message says why)."""
+
+
+def _listing(names: list[str]) -> str:
+    shown = ", ".join(names[:_MAX_LISTED])
+    more = len(names) - _MAX_LISTED
+    return shown + (f", ... (+{more} more)" if more > 0 else "")
+
+
+def read_official(path: str | os.PathLike) -> Any:
+    """Read an official JEM checkpoint file with ``torch.load(path, map_location="cpu", weights_only=True)``.
+
+    Only tensors, dicts, lists and other plain data are accepted: a file whose unpickling would
+    construct arbitrary objects or run code is refused, never executed.
+
+    Returns:
+        The loaded object (normally a dict; pass it to :func:`build_from_official`).
+
+    Raises:
+        OfficialCheckpointError: the file is missing, unreadable, corrupt, not a torch file, or
+            needs more than ``weights_only`` loading allows. The message has the path and reason.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one clear error type
+        lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+        if isinstance(exc, pickle.UnpicklingError):
+            # torch's own message suggests retrying with weights_only=False: never repeat that advice.
+            detail = next((ln for ln in lines if "global" in ln.lower()), "")
+            reason = ("refused by weights_only=True loading: the file holds objects other than tensors and "
+                      "plain containers, and a checkpoint is never unpickled with arbitrary code"
+                      + (f" ({detail})" if detail else ""))
+        else:
+            reason = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+        raise OfficialCheckpointError(
+            f"could not read official JEM checkpoint {os.fspath(path)!s}: {reason}"
+        ) from exc
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return (isinstance(obj, Mapping) and len(obj) > 0
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()))
+
+
+def _strip_module_prefix(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop a leading ``module.`` (DataParallel / DDP) from the keys when EVERY key has it."""
+    if sd and all(k.startswith("module.") for k in sd):
+        return {k[len("module."):]: v for k, v in sd.items()}
+    return dict(sd)
+
+
+def load_official_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], Any | None]:
+    """Unwrap an official checkpoint object into ``(state_dict, replay_buffer or None)``.
+
+    Accepts ``{"model_state_dict": sd, "replay_buffer": buf}`` (``replay_buffer`` optional) or a
+    bare state dict (a non-empty mapping of str to tensors). A leading ``module.`` prefix
+    (DataParallel) is stripped. The replay buffer is returned as found; it is validated by
+    :func:`validate_replay_buffer` (which :func:`build_from_official` calls).
+
+    Raises:
+        OfficialCheckpointError: ``obj`` is neither form.
+    """
+    buffer = None
+    if isinstance(obj, Mapping) and "model_state_dict" in obj:
+        sd = obj["model_state_dict"]
+        buffer = obj.get("replay_buffer")
+        if not _is_state_dict(sd):
+            raise OfficialCheckpointError(
+                "'model_state_dict' of the checkpoint is not a state dict (a non-empty mapping of names to tensors); "
+                f"got {type(sd).__name__}"
+            )
+    elif _is_state_dict(obj):
+        sd = obj
+    else:
+        if isinstance(obj, Mapping):
+            keys = [repr(k) for k in list(obj)[:10]]
+            what = f"a dict with keys {', '.join(keys)}" if keys else "an empty dict"
+        else:
+            what = f"a {type(obj).__name__}"
+        raise OfficialCheckpointError(
+            "not an official JEM checkpoint: expected a dict with 'model_state_dict' (and optionally "
+            f"'replay_buffer'), or a bare state dict of tensors; got {what}"
+        )
+    return _strip_module_prefix(sd), buffer
+
+
+def infer_wrn_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Infer the official WideResNet's configuration from key names and tensor shapes alone.
+
+    - depth ``= 6n + 4`` with ``n`` = number of blocks in ``f.layer1`` (layer2/3 must agree),
+    - widen_factor ``= f.layer1.0.conv1.weight.shape[0] / 16``,
+    - n_classes ``= class_output.weight.shape[0]``, in_channels ``= f.conv1.weight.shape[1]``,
+    - norm from ``f.bn1``'s keys: ``running_mean`` -> ``"batch"``; ``weight`` without running
+      statistics -> ``"instance"`` (the official ``"layer"`` norm has the same keys and cannot be
+      told apart; override with ``build_from_official(..., norm="layer")``); no keys -> None.
+      ActNorm (``loc``/``scale``) is recognised and refused.
+    - trunk_linear_out ``= f.linear.weight.shape[0]`` (the unused trunk head; 10 officially).
+
+    Works on tensors of any device, including ``meta`` (only shapes are read). A ``module.``
+    prefix is stripped first.
+
+    Returns:
+        ``dict(depth=, widen_factor=, n_classes=, in_channels=, norm=, trunk_linear_out=)``.
+
+    Raises:
+        OfficialCheckpointError: the keys do not look like the official JEM WideResNet.
+    """
+    sd = _strip_module_prefix(state_dict)
+    needed = ["f.conv1.weight", "f.layer1.0.conv1.weight", "class_output.weight"]
+    missing = [k for k in needed if k not in sd]
+    if missing:
+        raise OfficialCheckpointError(
+            "state dict does not look like the official JEM WideResNet (F/CCF from train_wrn_ebm.py): "
+            f"missing {_listing(missing)}; first keys: {_listing(list(sd)[:8])}"
+        )
+    blocks: dict[int, set[int]] = {1: set(), 2: set(), 3: set()}
+    for k in sd:
+        m = _LAYER_KEY.match(k)
+        if m:
+            blocks[int(m.group(1))].add(int(m.group(2)))
+    counts = {s: len(b) for s, b in blocks.items()}
+    for s, b in blocks.items():
+        if b != set(range(len(b))):
+            raise OfficialCheckpointError(f"f.layer{s} has non-contiguous block indices {sorted(b)}")
+    if len(set(counts.values())) != 1 or counts[1] == 0:
+        raise OfficialCheckpointError(
+            "the three WideResNet stages must have the same number of blocks; found "
+            f"layer1={counts[1]}, layer2={counts[2]}, layer3={counts[3]}"
+        )
+    n = counts[1]
+    width_ch = int(sd["f.layer1.0.conv1.weight"].shape[0])
+    if width_ch % 16 != 0:
+        raise OfficialCheckpointError(
+            f"f.layer1.0.conv1.weight has {width_ch} output channels, not a multiple of 16: not an official WideResNet"
+        )
+    bn_keys = {k[len("f.bn1."):] for k in sd if k.startswith("f.bn1.")}
+    if "running_mean" in bn_keys:
+        norm = "batch"
+    elif {"loc", "scale"} & bn_keys:
+        raise OfficialCheckpointError(
+            "this checkpoint uses the official ActNorm (norm='act', keys f.bn1.loc/scale), which is not supported"
+        )
+    elif "weight" in bn_keys:
+        norm = "instance"
+    elif bn_keys:
+        raise OfficialCheckpointError(f"unrecognised normalisation keys f.bn1.{{{', '.join(sorted(bn_keys))}}}")
+    else:
+        norm = None
+    lin = sd.get("f.linear.weight")
+    return {
+        "depth": 6 * n + 4,
+        "widen_factor": width_ch // 16,
+        "n_classes": int(sd["class_output.weight"].shape[0]),
+        "in_channels": int(sd["f.conv1.weight"].shape[1]),
+        "norm": norm,
+        "trunk_linear_out": int(lin.shape[0]) if lin is not None and lin.dim() == 2 else 10,
+    }
+
+
+def validate_replay_buffer(buffer: Any, in_channels: int = 3) -> torch.Tensor | None:
+    """Check an official replay buffer and return it as a CPU float32 tensor ``[N, C, 32, 32]`` in ``[-1, 1]``.
+
+    ``None``, an empty list (the official code's "no buffer") or a tensor with ``N == 0`` give
+    None. Values outside ``[-1, 1]`` (the official SGLD does not clamp) are clamped, with a
+    ``UserWarning`` saying how many.
+
+    Raises:
+        OfficialCheckpointError: not a floating tensor of shape ``[N, in_channels, 32, 32]``, or
+            holds NaN/Inf.
+    """
+    if buffer is None or (isinstance(buffer, (list, tuple)) and len(buffer) == 0):
+        return None
+    if not isinstance(buffer, torch.Tensor):
+        raise OfficialCheckpointError(f"replay_buffer must be a tensor [N, C, 32, 32]; got {type(buffer).__name__}")
+    if not buffer.is_floating_point():
+        raise OfficialCheckpointError(f"replay_buffer must be a floating tensor; got dtype {buffer.dtype}")
+    expected = (in_channels, _IMAGE_SIZE, _IMAGE_SIZE)
+    if buffer.dim() != 4 or tuple(buffer.shape[1:]) != expected:
+        raise OfficialCheckpointError(
+            f"replay_buffer must have shape [N, {in_channels}, 32, 32]; got {list(buffer.shape)}"
+        )
+    if buffer.shape[0] == 0:
+        return None
+    buf = buffer.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    if not torch.isfinite(buf).all():
+        bad = int((~torch.isfinite(buf)).flatten(1).any(1).sum())
+        raise OfficialCheckpointError(f"replay_buffer holds NaN/Inf values in {bad} of {buf.shape[0]} samples")
+    outside = int(((buf < -1) | (buf > 1)).sum())
+    if outside:
+        warnings.warn(
+            f"replay_buffer: {outside} of {buf.numel()} values outside [-1, 1] "
+            f"(min {buf.min().item():.3g}, max {buf.max().item():.3g}); clamped into [-1, 1]",
+            UserWarning, stacklevel=2,
+        )
+        buf = buf.clamp_(-1.0, 1.0)
+    return buf
+
+
+def _check_keys(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    mismatched = [f"{k} (checkpoint {list(sd[k].shape)}, model {list(v.shape)})"
+                  for k, v in expected.items() if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_listing(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_listing(unexpected)}")
+        if mismatched:
+            parts.append(f"shape mismatches: {_listing(mismatched)}")
+        raise OfficialCheckpointError(
+            f"checkpoint does not match the inferred {model.extra_repr()}: " + "; ".join(parts)
+        )
+    nonfinite = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if nonfinite:
+        raise OfficialCheckpointError(f"checkpoint weights hold NaN/Inf in: {_listing(nonfinite)}")
+
+
+_INFER = "infer"
+
+
+def build_from_official(obj: Any, *, norm: str | None = _INFER) -> tuple[WideResNet, dict[str, Any], torch.Tensor | None]:
+    """Rebuild an official JEM model as a :class:`WideResNet` with every key and shape checked.
+
+    Args:
+        obj: what :func:`read_official` returned (a dict with ``"model_state_dict"`` or a bare
+            state dict), or a path, which is then read with :func:`read_official`.
+        norm: ``"infer"`` (default) to take the normalisation from the keys; give ``"layer"``
+            for an official ``--norm layer`` model (its keys equal ``"instance"``'s).
+
+    Returns:
+        ``(model, config, replay_buffer)``: the model on CPU, float32, in eval mode, with all
+        weights loaded; ``config`` from :func:`infer_wrn_config` (``norm`` overridden if asked);
+        the replay buffer ``[N, C, 32, 32]`` float32 in ``[-1, 1]`` or None
+        (see :func:`validate_replay_buffer`).
+
+    Raises:
+        OfficialCheckpointError: unreadable or unrecognised input; missing keys, unexpected keys
+            or shape mismatches (listed by name); NaN/Inf weights; a malformed replay buffer.
+    """
+    if isinstance(obj, (str, os.PathLike)):
+        obj = read_official(obj)
+    sd, raw_buffer = load_official_state_dict(obj)
+    config = infer_wrn_config(sd)
+    if norm != _INFER:
+        if config["norm"] in ("instance", "layer") and norm in ("instance", "layer"):
+            config["norm"] = norm
+        elif norm != config["norm"] and not (norm == "none" and config["norm"] is None):
+            raise OfficialCheckpointError(
+                f"norm={norm!r} was asked for, but the checkpoint's keys say norm={config['norm']!r}"
+            )
+    try:
+        model = WideResNet(depth=config["depth"], widen_factor=config["widen_factor"],
+                           n_classes=config["n_classes"], in_channels=config["in_channels"],
+                           norm=config["norm"], trunk_linear_out=config["trunk_linear_out"])
+    except ValueError as exc:
+        raise OfficialCheckpointError(f"cannot build a WideResNet for inferred config {config}: {exc}") from exc
+    sd = dict(sd)
+    # Checkpoints from PyTorch < 0.4.1 lack BatchNorm's num_batches_tracked; it does not affect outputs.
+    for k, v in model.state_dict().items():
+        if k.endswith(".num_batches_tracked") and k not in sd:
+            sd[k] = torch.zeros_like(v, device="cpu")
+    _check_keys(model, sd)
+    model.load_state_dict(sd, strict=True)
+    model.eval()
+    buffer = validate_replay_buffer(raw_buffer, in_channels=config["in_channels"])
+    return model, config, buffer
+
+
+def official_metadata(config: Mapping[str, Any], source_path: str | os.PathLike) -> dict[str, Any]:
+    """Metadata for our checkpoint format describing an imported official JEM model.
+
+    ``arch_kwargs`` are the :class:`WideResNet` constructor arguments (``trunk_linear_out`` is
+    added only when it is not the official 10), so ``build_model("wrn", in_channels, n_classes,
+    arch_kwargs)`` rebuilds the same module.
+    """
+    k = int(config["n_classes"])
+    arch_kwargs: dict[str, Any] = {
+        "depth": int(config["depth"]),
+        "widen_factor": int(config["widen_factor"]),
+        "norm": config["norm"],
+        "dropout": 0.0,
+    }
+    if int(config.get("trunk_linear_out", 10)) != 10:
+        arch_kwargs["trunk_linear_out"] = int(config["trunk_linear_out"])
+    return {
+        "arch": "wrn",
+        "arch_kwargs": arch_kwargs,
+        "in_channels": int(config.get("in_channels", 3)),
+        "image_size": _IMAGE_SIZE,
+        "n_classes": k,
+        "dataset": {10: "cifar10", 100: "cifar100"}.get(k, "unknown"),
+        "normalization": "[-1, 1]",
+        "objective": "jem",
+        "source": "official JEM checkpoint " + os.fspath(source_path),
+        "train_args": {},
+        "metrics": {},
+    }

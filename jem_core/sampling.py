@@ -1,0 +1,366 @@
+"""SGLD sampling from a JEM: a one-step sampler, a driver, a persistent replay buffer, masks.
+
+Stochastic gradient Langevin dynamics (Welling & Teh, 2011), as used by JEM
+(Grathwohl et al. 2019, eq. 11). Two parameterisations:
+
+- **exact Langevin** (``exact_langevin=True``): ``x <- x - (a/2) dE/dx + eps``, ``eps ~ N(0, a)``,
+  i.e. noise std ``sqrt(a)``; for small ``a`` its stationary law is ``p(x) ∝ exp(-E(x))``.
+- **JEM's practical setting** (default): ``x <- x - step_size * dE/dx + noise_std * N(0, I)``
+  with ``step_size = 1`` and ``noise_std = 0.01``: a biased but much faster sampler.
+
+Optional stabilisers (JEM++, Yang & Ji 2021): ``max_update`` clips each pixel's update
+(gradient plus noise) to ``[-max_update, max_update]``; ``clamp`` keeps samples in ``[-1, 1]``.
+A ``mask`` (True = pixel is sampled, False = kept fixed) gives in-painting.
+
+The sampler exposes one step (:meth:`SGLDSampler.step`) and a driver (:meth:`SGLDSampler.run`)
+that reports every ``k`` steps, so a dashboard can draw live chains without its own loop logic
+(the ``scheduler.step`` / ``update_fn`` split of diffusers and score_sde).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from .energy import class_energy, energy
+
+__all__ = ["SGLDSampler", "SGLDReport", "ReplayBuffer", "ChainState", "init_noise", "half_mask",
+           "patch_mask", "MASK_KINDS", "frozen_parameters"]
+
+MASK_KINDS = ("top", "bottom", "left", "right", "patch")
+
+
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Temporarily set ``requires_grad=False`` on every parameter of ``model``.
+
+    SGLD needs ``dE/dx`` only; without parameter gradients autograd stores less and the
+    model cannot be mutated by a sampler. The previous flags are restored on exit.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def init_noise(n: int, shape: tuple[int, ...], generator: torch.Generator | None = None,
+               device: torch.device | str = "cpu") -> torch.Tensor:
+    """Uniform noise ``U[-1, 1]`` of shape ``[n, *shape]`` float32 (JEM's chain initialisation)."""
+    return torch.rand((n, *shape), generator=generator, device=device).mul_(2).sub_(1)
+
+
+@dataclass
+class SGLDReport:
+    """What the driver reports every ``k`` steps.
+
+    Attributes:
+        step: number of SGLD steps done so far (1-based, after the step).
+        x: ``[N, C, H, W]`` current samples (a view of the chain state: copy it to keep it).
+        energy: ``[N]`` float32, the energy (``E(x)`` or ``E(x, y)``) at the start of the last step.
+        logits: ``[N, K]`` float32 logits at the start of the last step (predictions over steps).
+    """
+
+    step: int
+    x: torch.Tensor
+    energy: torch.Tensor
+    logits: torch.Tensor
+
+
+class SGLDSampler:
+    """SGLD on the energy of a classifier's logits.
+
+    Args:
+        model: module ``[N, C, H, W] -> logits [N, K]``; its parameters are not changed.
+        step_size: ``a`` (exact Langevin) or the gradient step (practical setting); > 0.
+        noise_std: std of the added Gaussian noise in ``[-1, 1]`` pixel units, >= 0; ignored
+            when ``exact_langevin`` (then it is ``sqrt(step_size)``).
+        exact_langevin: use the seed's Langevin equation (see module docstring).
+        clamp: clamp samples to ``[-1, 1]`` after every step.
+        max_update: if set (> 0), clip each pixel's update to ``[-max_update, max_update]``.
+        generator: random source for the noise (must live on the samples' device).
+
+    Raises:
+        ValueError: for a non-positive step size, negative noise std or max_update <= 0.
+    """
+
+    def __init__(self, model: nn.Module, step_size: float = 1.0, noise_std: float = 0.01,
+                 exact_langevin: bool = False, clamp: bool = True, max_update: float | None = None,
+                 generator: torch.Generator | None = None):
+        if not (step_size > 0 and math.isfinite(step_size)):
+            raise ValueError(f"step_size must be a positive number; got {step_size}")
+        if not (noise_std >= 0 and math.isfinite(noise_std)):
+            raise ValueError(f"noise_std must be >= 0; got {noise_std}")
+        if max_update is not None and not max_update > 0:
+            raise ValueError(f"max_update must be > 0 or None; got {max_update}")
+        self.model = model
+        self.step_size = float(step_size)
+        self.exact_langevin = bool(exact_langevin)
+        self.noise_std = math.sqrt(step_size) if exact_langevin else float(noise_std)
+        self.grad_coef = step_size / 2 if exact_langevin else float(step_size)
+        self.clamp = clamp
+        self.max_update = max_update
+        self.generator = generator
+        self._noise: torch.Tensor | None = None
+
+    def describe(self) -> str:
+        """One line saying which SGLD form and settings are used (for logs and model cards)."""
+        form = "exact Langevin (noise std = sqrt(step size))" if self.exact_langevin else "JEM practical (decoupled)"
+        return (f"SGLD {form}: step size {self.step_size:g}, noise std {self.noise_std:g}, "
+                f"clamp {'on' if self.clamp else 'off'}, max update {self.max_update}")
+
+    def energy_and_grad(self, x: torch.Tensor, y: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Energy ``[N]``, its gradient ``dE/dx`` ``[N, C, H, W]`` and the logits ``[N, K]`` at ``x``.
+
+        ``y`` (``[N]`` int64) selects the class-conditional energy ``E(x, y)``; None gives ``E(x)``.
+        The returned tensors are detached.
+        """
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            logits = self.model(xg)
+            e = energy(logits) if y is None else class_energy(logits, y)
+            (grad,) = torch.autograd.grad(e.sum(), xg)
+        return e.detach(), grad, logits.detach()
+
+    def step_(self, x: torch.Tensor, y: torch.Tensor | None = None, mask: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One SGLD step **in place** on ``x``; returns ``(energy [N], logits [N, K])`` at the old ``x``.
+
+        Args:
+            x: ``[N, C, H, W]`` float tensor, modified in place.
+            y: optional ``[N]`` int64 labels for class-conditional sampling.
+            mask: optional bool tensor broadcastable to ``x``; True = pixel is sampled,
+                False = pixel kept as it is (in-painting).
+        """
+        e, grad, logits = self.energy_and_grad(x, y)
+        upd = grad.mul_(-self.grad_coef)
+        if self.noise_std > 0:
+            if self._noise is None or self._noise.shape != x.shape or self._noise.device != x.device:
+                self._noise = torch.empty_like(x)
+            self._noise.normal_(generator=self.generator)
+            upd.add_(self._noise, alpha=self.noise_std)
+        if self.max_update is not None:
+            upd.clamp_(-self.max_update, self.max_update)
+        if mask is not None:
+            upd.mul_(mask)
+        x.add_(upd)
+        if self.clamp:
+            x.clamp_(-1.0, 1.0)
+        return e, logits
+
+    def step(self, x: torch.Tensor, y: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One SGLD step; returns the new samples ``[N, C, H, W]`` (``x`` is not modified)."""
+        out = x.detach().clone()
+        self.step_(out, y, mask)
+        return out
+
+    def run(self, x: torch.Tensor, n_steps: int, y: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+            every: int = 0, callback: Callable[[SGLDReport], bool | None] | None = None) -> torch.Tensor:
+        """Run ``n_steps`` SGLD steps from ``x`` (not modified); returns the final samples.
+
+        Args:
+            x: ``[N, C, H, W]`` start points.
+            n_steps: number of steps, >= 0.
+            y, mask: see :meth:`step_`.
+            every: call ``callback`` every ``every`` steps (and after the last); 0 = never.
+            callback: receives an :class:`SGLDReport`; returning ``False`` stops the run early.
+
+        Raises:
+            ValueError: if ``n_steps < 0`` or ``every < 0``.
+        """
+        if n_steps < 0 or every < 0:
+            raise ValueError(f"n_steps and every must be >= 0; got {n_steps}, {every}")
+        out = x.detach().clone()
+        for t in range(1, n_steps + 1):
+            e, logits = self.step_(out, y, mask)
+            if callback is not None and every and (t % every == 0 or t == n_steps):
+                if callback(SGLDReport(t, out, e, logits)) is False:
+                    break
+        return out
+
+
+class ReplayBuffer:
+    """Persistent replay buffer of SGLD samples (PCD; Tieleman 2008; JEM sec. 4).
+
+    Each draw takes random stored samples and, with probability ``reinit_freq``, replaces a
+    sample by fresh ``U[-1, 1]`` noise. With ``n_classes`` set, the buffer is split into
+    equal per-class blocks so that class-conditional chains continue from their own class.
+
+    Args:
+        size: number of stored samples (>= 1; rounded down to a multiple of ``n_classes``).
+        shape: ``(C, H, W)`` of one sample.
+        reinit_freq: probability in ``[0, 1]`` of restarting a drawn sample from noise.
+        n_classes: None for one shared block, else K per-class blocks.
+        generator: random source (on ``device``).
+        device: where the buffer lives (the model's device: no host copies per step).
+
+    Raises:
+        ValueError: bad size or reinit frequency.
+    """
+
+    def __init__(self, size: int, shape: tuple[int, int, int], reinit_freq: float = 0.05,
+                 n_classes: int | None = None, generator: torch.Generator | None = None,
+                 device: torch.device | str = "cpu"):
+        if not 0.0 <= reinit_freq <= 1.0:
+            raise ValueError(f"reinit_freq must lie in [0, 1]; got {reinit_freq}")
+        if n_classes is not None:
+            size = (size // n_classes) * n_classes
+        if size < 1:
+            raise ValueError(f"buffer size must be >= 1 (and >= n_classes); got {size}")
+        self.shape = tuple(shape)
+        self.reinit_freq = float(reinit_freq)
+        self.n_classes = n_classes
+        self.generator = generator
+        self.device = torch.device(device)
+        self.buffer = init_noise(size, self.shape, generator, self.device)
+
+    def __len__(self) -> int:
+        return self.buffer.shape[0]
+
+    def _indices(self, n: int, y: torch.Tensor | None) -> torch.Tensor:
+        size = len(self)
+        if y is None or self.n_classes is None:
+            return torch.randint(0, size, (n,), generator=self.generator, device=self.device)
+        block = size // self.n_classes
+        off = torch.randint(0, block, (n,), generator=self.generator, device=self.device)
+        return y.to(self.device).long() * block + off
+
+    def sample(self, n: int, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw ``n`` chain starts.
+
+        Args:
+            n: batch size.
+            y: optional ``[n]`` int64 labels: draw from those classes' blocks.
+
+        Returns:
+            ``(x [n, C, H, W]`` float32 (a copy, with ~``reinit_freq`` of rows reset to noise),
+            ``idx [n]`` int64 buffer rows to pass to :meth:`update`).
+        """
+        idx = self._indices(n, y)
+        x = self.buffer[idx]
+        if self.reinit_freq > 0:
+            fresh = torch.rand(n, generator=self.generator, device=self.device) < self.reinit_freq
+            if bool(fresh.any()):
+                x[fresh] = init_noise(int(fresh.sum()), self.shape, self.generator, self.device)
+        return x, idx
+
+    def update(self, idx: torch.Tensor, x: torch.Tensor) -> None:
+        """Write samples ``x`` ``[n, C, H, W]`` back into rows ``idx`` ``[n]`` (in place)."""
+        self.buffer[idx.to(self.device)] = x.detach().to(self.device, self.buffer.dtype)
+
+    def reset_nonfinite(self) -> int:
+        """Replace rows holding NaN/Inf by fresh noise; returns how many were replaced."""
+        bad = ~torch.isfinite(self.buffer.flatten(1)).all(dim=1)
+        k = int(bad.sum())
+        if k:
+            self.buffer[bad] = init_noise(k, self.shape, self.generator, self.device)
+        return k
+
+    def subset(self, n: int) -> torch.Tensor:
+        """``n`` evenly spaced rows (all classes represented when per-class), float32 on the CPU."""
+        n = min(n, len(self))
+        idx = torch.linspace(0, len(self) - 1, n).long()
+        return self.buffer[idx.to(self.device)].detach().cpu().clone()
+
+    def state_dict(self) -> dict:
+        """Serializable state: the buffer tensor and settings."""
+        return {"buffer": self.buffer.detach().cpu(), "reinit_freq": self.reinit_freq, "n_classes": self.n_classes}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from :meth:`state_dict`; the stored tensor must match ``(C, H, W)``."""
+        buf = state["buffer"]
+        if tuple(buf.shape[1:]) != self.shape:
+            raise ValueError(f"replay buffer shape {tuple(buf.shape[1:])} does not match {self.shape}")
+        self.buffer = buf.to(self.device, torch.float32).clone()
+        self.reinit_freq = float(state.get("reinit_freq", self.reinit_freq))
+        self.n_classes = state.get("n_classes", self.n_classes)
+
+
+def half_mask(kind: str, shape: tuple[int, int, int], generator: torch.Generator | None = None,
+              patch_frac: float = 0.5) -> torch.Tensor:
+    """In-painting mask ``[1, C, H, W]`` bool; True marks the pixels to *fill in* (sampled).
+
+    Args:
+        kind: ``"top"``, ``"bottom"``, ``"left"``, ``"right"`` (that half is missing) or
+            ``"patch"`` (a random square of side ``patch_frac * H``).
+        shape: ``(C, H, W)``.
+
+    Raises:
+        ValueError: unknown kind.
+    """
+    c, h, w = shape
+    m = torch.zeros(1, c, h, w, dtype=torch.bool)
+    if kind == "top":
+        m[..., : h // 2, :] = True
+    elif kind == "bottom":
+        m[..., h // 2:, :] = True
+    elif kind == "left":
+        m[..., :, : w // 2] = True
+    elif kind == "right":
+        m[..., :, w // 2:] = True
+    elif kind == "patch":
+        return patch_mask(shape, patch_frac, generator)
+    else:
+        raise ValueError(f"unknown mask {kind!r}; use one of {', '.join(MASK_KINDS)}")
+    return m
+
+
+def patch_mask(shape: tuple[int, int, int], frac: float = 0.5, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A random square patch mask ``[1, C, H, W]`` bool (True = fill in), side ``round(frac * H)``."""
+    c, h, w = shape
+    s = max(1, min(h, int(round(frac * h))))
+    top = int(torch.randint(0, h - s + 1, (1,), generator=generator))
+    left = int(torch.randint(0, w - s + 1, (1,), generator=generator))
+    m = torch.zeros(1, c, h, w, dtype=torch.bool)
+    m[..., top: top + s, left: left + s] = True
+    return m
+
+
+@dataclass
+class ChainState:
+    """Per-user state of live SGLD chains (kept in ``st.session_state`` by the dashboard).
+
+    Attributes:
+        x: ``[N, C, H, W]`` current samples.
+        y: optional ``[N]`` labels (class-conditional chains).
+        mask: optional in-painting mask (True = sampled).
+        steps: SGLD steps done so far.
+        energy_history: one ``[N]`` tensor per report.
+        pred_history: one ``[N]`` int64 tensor of predicted classes per report.
+        step_history: the step number of each report.
+        frames: optional snapshots ``[N, C, H, W]`` (e.g. a class-translation path).
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    steps: int = 0
+    energy_history: list[torch.Tensor] = field(default_factory=list)
+    pred_history: list[torch.Tensor] = field(default_factory=list)
+    step_history: list[int] = field(default_factory=list)
+    frames: list[torch.Tensor] = field(default_factory=list)
+
+    def advance(self, sampler: SGLDSampler, n_steps: int, every: int = 1, keep_frames: bool = False) -> None:
+        """Run ``n_steps`` more steps, recording energies and predictions every ``every`` steps.
+
+        The model's parameters are frozen during the run (cached models are never changed).
+        """
+        def record(r: SGLDReport) -> None:
+            self.step_history.append(self.steps + r.step)
+            self.energy_history.append(r.energy.cpu())
+            self.pred_history.append(r.logits.argmax(1).cpu())
+            if keep_frames:
+                self.frames.append(r.x.detach().cpu().clone())
+
+        with frozen_parameters(sampler.model):
+            self.x = sampler.run(self.x, n_steps, self.y, self.mask, every=max(1, every), callback=record)
+        self.steps += n_steps

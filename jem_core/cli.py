@@ -48,6 +48,11 @@ def _nonneg_float(s: str) -> float:
     return v
 
 
+def _num(v: float, digits: int) -> float | None:
+    """Round for JSON output; NaN/Inf (e.g. no samples in a baseline run) become null."""
+    return round(v, digits) if math.isfinite(v) else None
+
+
 # -- train -------------------------------------------------------------------------------------------
 _TRAIN_HELP = {
     "dataset": "dataset spec: digits, mnist, fashion_mnist, cifar10, cifar100, svhn, npz:PATH, folder:PATH",
@@ -113,26 +118,68 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(cmd="train")
 
 
-def _cmd_train(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from tqdm.auto import tqdm
+#: Set to a folder to make every rank write its final weights there as ``rank{r}.pt`` (tests compare them).
+DUMP_RANK_WEIGHTS_ENV = "JEM_DUMP_RANK_WEIGHTS"
 
-    from .data import data_available, dataset_shape
-    from .training import TrainConfig, Trainer, resume_path
+
+def _init_distributed(cfg: Any) -> bool:
+    """Join the process group when torchrun started more than one process; True if this call joined.
+
+    Backend nccl when the device (``cfg.device``, else CUDA when available) is CUDA, each process
+    taking ``cuda:LOCAL_RANK`` (``cfg.device`` is rewritten to it); else gloo on the CPU.
+
+    Raises:
+        ValueError: CUDA asked for but absent, or fewer CUDA devices than processes on this node.
+    """
+    import os
+
+    import torch.distributed as dist
+
+    from .training import select_device
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if "RANK" not in os.environ or world <= 1 or dist.is_initialized():
+        return False
+    dev = select_device(cfg.device)
+    if dev.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise ValueError(f"process with LOCAL_RANK {local} has no GPU: this node has {torch.cuda.device_count()} "
+                             "CUDA device(s); start at most that many processes per node (--nproc_per_node)")
+        torch.cuda.set_device(local)
+        cfg.device, backend = f"cuda:{local}", "nccl"
+    else:
+        cfg.device, backend = "cpu", "gloo"
+    dist.init_process_group(backend)
+    return True
+
+
+def _cmd_train(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import torch.distributed as dist
+
+    from .data import dataset_shape
+    from .training import TrainConfig
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in vars(a).items() if k in fields})
     cfg.validate()
     dataset_shape(cfg.dataset)  # unknown names fail here, before any work
-    import torch.distributed as dist
+    joined = _init_distributed(cfg)
+    try:
+        return _run_train(a, parser, cfg)
+    finally:
+        if joined and dist.is_initialized():
+            dist.destroy_process_group()
 
-    launched = "RANK" in __import__("os").environ and "WORLD_SIZE" in __import__("os").environ
-    if launched and int(__import__("os").environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
-        dev = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        backend = "nccl" if dev.startswith("cuda") else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(__import__("os").environ.get("LOCAL_RANK", 0)))
-            cfg.device = f"cuda:{int(__import__('os').environ.get('LOCAL_RANK', 0))}"
-        dist.init_process_group(backend)
+
+def _run_train(a: argparse.Namespace, parser: argparse.ArgumentParser, cfg: Any) -> int:
+    import os
+
+    import torch.distributed as dist
+    from tqdm.auto import tqdm
+
+    from .training import Trainer, resume_path
+
     rank = dist.get_rank() if dist.is_initialized() else 0
     bar: list[Any] = [None]
 
@@ -147,8 +194,8 @@ def _cmd_train(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             bar[0] = None
         if rank == 0:
             print(json.dumps({"epoch": m.epoch, "test_accuracy": round(m.test_accuracy, 4), "loss": round(m.loss, 4),
-                              "ce": round(m.ce, 4), "E_data_minus_E_samples": round(m.px, 4),
-                              "energy_data": round(m.energy_data, 3), "energy_samples": round(m.energy_samples, 3),
+                              "ce": _num(m.ce, 4), "E_data_minus_E_samples": _num(m.px, 4),
+                              "energy_data": _num(m.energy_data, 3), "energy_samples": _num(m.energy_samples, 3),
                               "lr": m.lr, "seconds": round(m.seconds, 1), "divergence_events": m.divergence_events}),
                   flush=True)
 
@@ -176,9 +223,12 @@ def _cmd_train(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(json.dumps({"checkpoint": a.out, "epochs": trainer.epoch,
                           "test_accuracy": trainer.history[-1].test_accuracy if trainer.history else None,
                           "divergence_events": len(trainer.events)}))
+    dump = os.environ.get(DUMP_RANK_WEIGHTS_ENV)
+    if dump:
+        Path(dump).mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}, Path(dump) / f"rank{rank}.pt")
     if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+        dist.barrier()  # rank 0 may still be writing; leave together
     return 0
 
 

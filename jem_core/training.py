@@ -232,7 +232,7 @@ class Trainer:
         c, h, _ = self.train_set.shape
         k = self.train_set.n_classes
         arch = config.arch if config.arch != "auto" else ("wrn" if c == 3 and h == 32 else "convnet")
-        arch_kwargs = ({"width": config.width, "norm": config.norm} if arch == "convnet" else
+        arch_kwargs = ({"width": config.width, "norm": config.norm, "image_size": h} if arch == "convnet" else
                        {"depth": config.depth, "widen_factor": config.widen_factor, "norm": config.norm})
         self.arch, self.arch_kwargs = arch, arch_kwargs
         backbone = build_model(arch, c, k, arch_kwargs)
@@ -243,8 +243,17 @@ class Trainer:
         self.model = JEM(backbone).to(self.device)
         self.ddp_model: nn.Module = self.model
         if self.world_size > 1:
+            # DDP broadcasts rank 0's weights here, so the per-rank seeds above do not matter for them.
+            # The WRN's f.linear / energy_output exist for key compatibility only and get no gradient:
+            # DDP must be told, or it fails on the second iteration.
+            unused = _unused_parameters(self.model, (c, h, h), self.device)
+            if unused:
+                self.log(f"DDP: {len(unused)} parameters never reach the loss ({', '.join(unused[:4])}"
+                         f"{' ...' if len(unused) > 4 else ''}); find_unused_parameters=True")
             self.ddp_model = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=bool(unused))
+        self._agreed_stop = False
         self.optimizer = self._make_optimizer()
         self.labelled = (labelled_subset(self.train_set.y, config.labels_per_class, k, seed=config.seed)
                          if config.labels_per_class else None)
@@ -291,6 +300,11 @@ class Trainer:
         """True once a stop was requested."""
         return self._stop.is_set()
 
+    def _halting(self) -> bool:
+        # Under DDP a stop request counts only once all ranks agreed on it after an iteration
+        # (a rank leaving alone would leave the others waiting in a collective).
+        return self._agreed_stop if self.world_size > 1 else self.stopped
+
     def _take_snapshot(self) -> None:
         self._snapshot = {
             "model": copy.deepcopy(self.model.state_dict()),
@@ -323,10 +337,16 @@ class Trainer:
     def _batches(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """Index batches for one epoch: (indices for the p(x)/CE batch, labelled indices or None)."""
         n = len(self.train_set)
-        perm = torch.randperm(n, generator=self.gen)
-        if self.world_size > 1:  # each rank its own slice (DistributedSampler semantics, drop_last)
-            per = n // self.world_size
-            perm = perm[self.rank * per:(self.rank + 1) * per]
+        if self.world_size > 1:
+            # One permutation per (seed, epoch), the same on every rank; each rank takes every W-th index
+            # (disjoint shares of n // W, so all ranks run the same number of iterations).
+            from torch.utils.data import DistributedSampler
+
+            ds = DistributedSampler(range(n), self.world_size, self.rank, shuffle=True, seed=self.cfg.seed, drop_last=True)
+            ds.set_epoch(self.epoch)
+            perm = torch.tensor(list(ds), dtype=torch.long)
+        else:
+            perm = torch.randperm(n, generator=self.gen)
         bs = self.cfg.batch_size
         idx = [perm[i:i + bs] for i in range(0, len(perm) - bs + 1, bs)] or [perm]
         if self.labelled is None:
@@ -421,7 +441,7 @@ class Trainer:
         self.model.train()
         if self._snapshot is None:
             self._take_snapshot()
-        while self.epoch < self.cfg.epochs and not self.stopped:
+        while self.epoch < self.cfg.epochs and not self._halting():
             t0 = time.perf_counter()
             sums: dict[str, float] = {}
             count, events0 = 0, len(self.events)
@@ -429,12 +449,12 @@ class Trainer:
             if self.cfg.max_iters_per_epoch:
                 batches = batches[: self.cfg.max_iters_per_epoch]
             for idx, lab in batches:
-                if self.stopped:
+                if self._halting():
                     break
                 s = self.train_step(idx, lab)
                 reason = self._diverged(s)
-                if self.world_size > 1:
-                    reason = _any_rank(reason)
+                if self.world_size > 1:  # all ranks roll back / stop together, so collectives stay in step
+                    reason, self._agreed_stop = _any_rank(reason, self.stopped, self.device)
                 if reason:
                     self._rollback(reason)
                     continue
@@ -447,10 +467,13 @@ class Trainer:
                     self._take_snapshot()
                 if self.on_iteration:
                     self.on_iteration({"epoch": self.epoch, "iteration": self.iteration, **s})
-            if self.stopped and count < len(batches):
+            if self._halting() and count < len(batches):
                 break
             self.epoch += 1
-            ev = evaluate_classifier(self.model, self.test_set.x, self.test_set.y, device=self.device)
+            if self.world_size > 1:  # each rank scores every W-th test image; sums are combined
+                ev = _evaluate_over_ranks(self.model, self.test_set.x, self.test_set.y, self.device)
+            else:
+                ev = evaluate_classifier(self.model, self.test_set.x, self.test_set.y, device=self.device)
             avg = {k: v / max(1, count) for k, v in sums.items()}
             if self.world_size > 1:
                 avg = _mean_over_ranks(avg, self.device)
@@ -461,8 +484,8 @@ class Trainer:
                              len(self.events) - events0)
             self.history.append(m)
             self._take_snapshot()
-            if self.out is not None and self.rank == 0:
-                self.save(self.out)
+            if self.out is not None:
+                self.save(self.out)  # under DDP every rank takes part (buffer gather); rank 0 writes
             if self.on_epoch:
                 self.on_epoch(m)
         return self.history
@@ -490,10 +513,22 @@ class Trainer:
     def save(self, out: str | os.PathLike) -> None:
         """Write the small checkpoint ``out`` (weights, metadata with reference statistics, a few
         hundred buffer samples) and the full resume state ``out.resume.pt`` (optimizer, counters,
-        whole buffer, RNG), both atomically. Only rank 0 writes."""
+        whole buffer, RNG), both atomically. Only rank 0 writes; under DDP every rank must call this
+        (it gathers each rank's buffer slice and RNG state into rank 0's resume file)."""
+        buf_state = None if self.buffer is None else self.buffer.state_dict()
+        rng = {"torch": torch.get_rng_state(), "gen": self.gen.get_state()}
+        rng_per_rank = None
+        if self.world_size > 1:
+            full, rng_per_rank = _gather_rank_states(None if self.buffer is None else self.buffer.buffer, rng)
+            if buf_state is not None:
+                buf_state["buffer"] = full  # rank slices in rank order; resume() re-slices it
         if self.rank != 0:
             return
         meta = self.metadata()
+        if self.world_size > 1:
+            meta["distributed"] = {"world_size": self.world_size, "batch_size_per_rank": self.cfg.batch_size,
+                                   "global_batch_size": self.cfg.batch_size * self.world_size,
+                                   "buffer_per_rank": len(self.buffer) if self.buffer is not None else 0}
         ref = self.test_set.subset(self.cfg.n_reference)
         meta["reference"] = reference_statistics(self.model, ref.x, device=self.device)
         meta["reference"]["split"] = f"{self.cfg.dataset} test (first {len(ref)})"
@@ -502,8 +537,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "iteration": self.iteration,
             "retries": self.retries, "lr_scale": self.lr_scale, "events": self.events,
             "history": [dataclasses.asdict(h) for h in self.history],
-            "buffer": None if self.buffer is None else self.buffer.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "gen": self.gen.get_state()},
+            "buffer": buf_state, "rng": rng, "world_size": self.world_size, "rng_per_rank": rng_per_rank,
         }
         save_checkpoint(resume_path(out), self.model, meta, None, trainer=trainer_state)
         save_checkpoint(out, self.model, meta, small_buf)
@@ -529,17 +563,29 @@ class Trainer:
         self.retries, self.lr_scale = int(t["retries"]), float(t["lr_scale"])
         self.events = list(t.get("events", []))
         self.history = [EpochMetrics(**h) for h in t.get("history", [])]
+        saved_world = int(t.get("world_size", 1))
         if self.buffer is not None and t.get("buffer") is not None:
-            self.buffer.load_state_dict(t["buffer"])
-        if "rng" in t:
-            torch.set_rng_state(t["rng"]["torch"])
-            self.gen.set_state(t["rng"]["gen"])
+            state = dict(t["buffer"])
+            if saved_world > 1 or self.world_size > 1:  # this rank's share of all ranks' chains
+                state["buffer"] = _reshard_buffer(state["buffer"], saved_world, self.world_size, self.rank,
+                                                  len(self.buffer), state.get("n_classes"))
+            self.buffer.load_state_dict(state)
+        rng = t.get("rng") if saved_world == self.world_size == 1 else None
+        if saved_world == self.world_size > 1 and t.get("rng_per_rank"):
+            rng = t["rng_per_rank"][self.rank]
+        if rng is not None:  # (with another world size the ranks keep their fresh per-rank seeds)
+            torch.set_rng_state(rng["torch"])
+            self.gen.set_state(rng["gen"])
         self._take_snapshot()
         self.log(f"resumed from {src} at epoch {self.epoch}, iteration {self.iteration}")
 
 
 # -- torch.distributed helpers (active only when launched by torchrun) --------------------------------
+# Every helper below except _dist_info/_unused_parameters/_reshard_buffer is a collective: all ranks must
+# call it the same number of times, in the same order (the trainer makes every decision that could
+# break this -- roll back, stop -- the same on all ranks).
 def _dist_info() -> tuple[int, int]:
+    """``(rank, world size)``; ``(0, 1)`` unless a process group is initialised."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -547,19 +593,102 @@ def _dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-def _any_rank(reason: str | None) -> str | None:
+def _unused_parameters(model: nn.Module, shape: tuple[int, int, int], device: torch.device) -> list[str]:
+    """Names of trainable parameters that get no gradient from the logits (one tiny forward/backward)."""
+    was = model.training
+    model.eval()  # no batch-norm statistics updates from the probe
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    try:
+        out = model(torch.zeros(2, *shape, device=device)).float().sum()
+        grads = torch.autograd.grad(out, [p for _, p in named], allow_unused=True)
+    finally:
+        model.train(was)
+    return [n for (n, _), g in zip(named, grads) if g is None]
+
+
+def _any_rank(reason: str | None, stop: bool, device: torch.device) -> tuple[str | None, bool]:
+    """The decision after an iteration, the same on all ranks: ``(divergence reason or None, stop)``,
+    where any rank's divergence or stop request counts for all."""
     import torch.distributed as dist
 
-    flag = torch.tensor([1.0 if reason else 0.0])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return (reason or "divergence on another rank") if flag.item() > 0 else None
+    flags = torch.tensor([1.0 if reason else 0.0, 1.0 if stop else 0.0], device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    diverged, stop_any = bool(flags[0] > 0), bool(flags[1] > 0)
+    return ((reason or "divergence on another rank") if diverged else None), stop_any
 
 
 def _mean_over_ranks(d: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Average each value over ranks (every rank ran the same number of iterations)."""
     import torch.distributed as dist
 
     keys = sorted(d)
-    t = torch.tensor([d[k] for k in keys], dtype=torch.float64)
+    t = torch.tensor([d[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     t /= dist.get_world_size()
     return {k: float(v) for k, v in zip(keys, t)}
+
+
+def _evaluate_over_ranks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> dict[str, float]:
+    """:func:`evaluate_classifier` on the whole test set, each rank scoring every W-th image."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    xs, ys = x[rank::world], y[rank::world]
+    part = evaluate_classifier(model, xs, ys, device=device)
+    n = len(xs)
+    t = torch.tensor([part["accuracy"] * n, part["nll"] * n, float(n)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    total = max(1.0, float(t[2]))
+    return {"accuracy": float(t[0]) / total, "nll": float(t[1]) / total}
+
+
+def _gather_rank_states(buffer: torch.Tensor | None, rng: dict) -> tuple[torch.Tensor | None, list[dict]]:
+    """Every rank's replay buffer (concatenated in rank order, on the CPU; None without one) and RNG states."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    rngs: list[Any] = [None] * world
+    dist.all_gather_object(rngs, rng)
+    if buffer is None:
+        return None, rngs
+    parts = [torch.empty_like(buffer) for _ in range(world)]
+    dist.all_gather(parts, buffer.contiguous())
+    return torch.cat([p.cpu() for p in parts]), rngs
+
+
+def _reshard_buffer(full: torch.Tensor, saved_world: int, world: int, rank: int, rows: int,
+                    n_classes: int | None) -> torch.Tensor:
+    """This rank's ``rows`` rows of a replay buffer saved by ``saved_world`` ranks (slices concatenated
+    in rank order), for a run of ``world`` ranks.
+
+    With the same world size each rank gets back exactly its own chains. Otherwise each rank takes
+    an even contiguous share (per class for a class-conditional buffer, whose slices are laid out
+    as ``n_classes`` blocks), cut to ``rows`` or topped up with fresh U[-1, 1] noise (from the
+    global torch RNG, seeded per rank).
+
+    Returns:
+        ``[rows, C, H, W]`` float32 on the CPU.
+
+    Raises:
+        CheckpointError: a class-conditional buffer whose size does not split into the saved layout.
+    """
+    from .sampling import init_noise
+
+    full = full.detach().cpu().float()
+    shape = tuple(full.shape[1:])
+
+    def share(pool: torch.Tensor, want: int) -> torch.Tensor:
+        p = pool.shape[0]
+        out = pool[rank * p // world:(rank + 1) * p // world][:want]
+        if out.shape[0] < want:
+            out = torch.cat([out, init_noise(want - out.shape[0], shape, None).cpu()])
+        return out
+
+    if not n_classes:
+        return share(full, rows)
+    if full.shape[0] % (saved_world * n_classes):
+        raise CheckpointError(f"class-conditional replay buffer of {full.shape[0]} rows does not split into "
+                              f"{saved_world} rank(s) x {n_classes} classes")
+    block = full.shape[0] // (saved_world * n_classes)
+    pools = full.view(saved_world, n_classes, block, *shape).transpose(0, 1).reshape(n_classes, saved_world * block, *shape)
+    return torch.cat([share(pools[k], rows // n_classes) for k in range(n_classes)])

@@ -1,0 +1,510 @@
+"""Speed benchmarks: SGLD sampling and JEM training against the cost of the network itself.
+
+``python -m jem_core bench --out bench.json`` (a few minutes; not part of the tests, which run the
+tiny ``--quick`` mode only to check the output's keys).
+
+The floor of one SGLD step is one forward pass plus one ``torch.autograd.grad`` of the summed
+energy with respect to the input, with the parameters frozen: the least any sampler can do.
+Everything our sampler and trainer do beyond that is overhead. Every speed figure is a *ratio*
+measured inside one run: the contenders run in interleaved rounds after a warm-up, the order
+rotating from round to round; each round gives one ratio per contender (its time over the floor's
+time in the same round) and the figure is the median over rounds, so machine load that drifts
+over seconds cancels. Latency and frames per second are medians of absolute times, so they depend
+on the machine: the JSON records the thread count, torch version and CPU.
+
+Figures (targets from issue 6):
+
+- ``sgld_step_ratio``: our SGLD (replay-buffer draw, ``SGLDSampler.run`` with frozen parameters,
+  write-back), per step, over the floor; MNIST ConvNet at batch 64 and WRN-28-2 at batch 32 on
+  3x32x32. Target <= 1.05.
+- ``official_style_ratio``: the same for the official JEM loop's style (``sample_q`` of
+  ``train_wrn_ebm.py``: CPU buffer, ``.data`` updates, train/eval toggles, ``retain_graph=True``).
+- ``train_iter_ratio``: one iteration of :meth:`Trainer.fit` (default JEM settings, MNIST-shaped
+  data) over K floor steps plus one forward/backward of the data and sampled batches. Target <= 1.10.
+- ``score_latency_ms``: one 28x28 PNG end to end (decode, preprocess, forward, energy, percentile).
+  Target <= 20 ms.
+- ``chain_fps``: grid refreshes per second of the Langevin page's driver, 64 chains, every 5 steps
+  (``ChainState.advance`` + ``make_grid_image``). Target >= 5.
+- ``time_to_accuracy_s``: wall time of ``train`` on digits with the default JEM settings until the
+  test accuracy reaches 95% (null if it does not within the configured epochs).
+- ``options``: the speed-ups tried (bf16 autocast, ``channels_last``, optionally ``torch.compile``),
+  each as a per-step ratio over the float32 floor in the same rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+__all__ = ["run_benchmarks", "interleaved", "median_ratio", "floor_step", "official_style_sample", "add_cli",
+           "TARGETS"]
+
+#: Issue 6's targets: (comparison, value).
+TARGETS = {"sgld_step_ratio": ("<=", 1.05), "train_iter_ratio": ("<=", 1.10), "score_latency_ms": ("<=", 20.0),
+           "chain_fps": (">=", 5.0), "time_to_accuracy_s": ("report", None)}
+
+DEFAULT_CHECKPOINT = "checkpoints/mnist_jem.pt"
+
+
+# -- measuring ---------------------------------------------------------------------------------------
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Time each function ``repeats`` times in interleaved rounds; returns seconds per call, per name.
+
+    Every function runs ``warmup`` times first (allocator, oneDNN kernels, caches). In round ``r``
+    the order is rotated by ``r`` so that no contender always runs right after the same one.
+    """
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        k = r % len(names)
+        for n in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t0)
+    return times
+
+
+def median_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
+    """Median over rounds of ``times[num][r] / times[den][r]``."""
+    return statistics.median(a / b for a, b in zip(times[num], times[den]))
+
+
+def floor_step(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The floor of one SGLD step: a forward pass and ``dE/dx`` of the summed energy.
+
+    The caller freezes the parameters (``requires_grad=False``), so nothing is stored for them.
+    """
+    xg = x.detach().requires_grad_(True)
+    e = -torch.logsumexp(model(xg), 1)
+    return torch.autograd.grad(e.sum(), xg)[0]
+
+
+def official_style_sample(model: nn.Module, buffer: torch.Tensor, n: int, n_steps: int, step_size: float = 1.0,
+                          noise_std: float = 0.01, reinit_freq: float = 0.05,
+                          device: torch.device | str = "cpu") -> torch.Tensor:
+    """The official JEM sampling loop (``sample_p_0`` + ``sample_q`` of ``train_wrn_ebm.py``), for comparison.
+
+    Its style, kept on purpose: the replay buffer ``[M, C, H, W]`` on the CPU, a noise batch drawn
+    for every row and mixed in by arithmetic, the model toggled to eval and back to train, the
+    parameters left trainable, ``retain_graph=True`` and updates through ``.data``; no clamping.
+    """
+    model.eval()
+    inds = torch.randint(0, len(buffer), (n,))
+    buffer_samples = buffer[inds]
+    random_samples = torch.rand_like(buffer_samples) * 2 - 1
+    choose_random = (torch.rand(n) < reinit_freq).float()[:, None, None, None]
+    samples = choose_random * random_samples + (1 - choose_random) * buffer_samples
+    x_k = samples.to(device).requires_grad_(True)
+    for _ in range(n_steps):
+        f_prime = torch.autograd.grad(model(x_k).logsumexp(1).sum(), [x_k], retain_graph=True)[0]
+        x_k.data += step_size * f_prime + noise_std * torch.randn_like(x_k)
+    model.train()
+    final = x_k.detach()
+    buffer[inds] = final.cpu()
+    return final
+
+
+# -- the figures -------------------------------------------------------------------------------------
+def bench_sgld(model: nn.Module, shape: tuple[int, int, int], batch: int, n_steps: int, repeats: int,
+               bf16: bool = True, channels_last: bool = True, compile_fn: bool = False,
+               buffer_size: int = 10000, seed: int = 0) -> dict[str, Any]:
+    """SGLD per-step ratios over the floor for one model and batch size.
+
+    Contenders (all from the same kind of replay buffer, ``n_steps`` steps per call): ``floor``,
+    ``ours`` (:class:`~jem_core.sampling.ReplayBuffer` draw, :meth:`SGLDSampler.run` inside
+    :func:`frozen_parameters`, write-back; default settings), ``official`` (:func:`official_style_sample`)
+    and the options: ``bf16`` (ours with ``bf16=True``), ``channels_last`` (ours on a
+    ``channels_last`` copy of the model) and ``compile`` (``torch.compile`` of the energy-gradient
+    function, then our update; compile time reported separately).
+    """
+    from .sampling import ReplayBuffer, SGLDSampler, frozen_parameters
+
+    model = model.eval()
+    g = torch.Generator().manual_seed(seed)
+    x_floor = torch.rand((batch, *shape), generator=g) * 2 - 1
+    ours_buf = ReplayBuffer(buffer_size, shape, generator=torch.Generator().manual_seed(seed + 1))
+    official_buf = ours_buf.buffer.clone()
+
+    def our_sampler(m: nn.Module, **kw: Any) -> Callable[[], None]:
+        s = SGLDSampler(m, generator=torch.Generator().manual_seed(seed + 2), **kw)
+
+        def run() -> None:
+            xq, idx = ours_buf.sample(batch)
+            with frozen_parameters(m):
+                xq = s.run(xq, n_steps)
+            ours_buf.update(idx, xq)
+        return run
+
+    def floor() -> None:
+        with frozen_parameters(model):
+            for _ in range(n_steps):
+                floor_step(model, x_floor)
+
+    fns: dict[str, Callable[[], Any]] = {
+        "floor": floor,
+        "ours": our_sampler(model),
+        "official": lambda: official_style_sample(model, official_buf, batch, n_steps),
+    }
+    if bf16:
+        fns["bf16"] = our_sampler(model, bf16=True)
+    if channels_last:
+        model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        s_cl = SGLDSampler(model_cl, generator=torch.Generator().manual_seed(seed + 2))
+
+        def run_cl() -> None:
+            xq, idx = ours_buf.sample(batch)
+            with frozen_parameters(model_cl):
+                xq = s_cl.run(xq.contiguous(memory_format=torch.channels_last), n_steps)
+            ours_buf.update(idx, xq)
+        fns["channels_last"] = run_cl
+    compile_s = None
+    if compile_fn:
+        compiled, compile_s = _compiled_energy_grad(model, x_floor)
+        s_c = SGLDSampler(model, generator=torch.Generator().manual_seed(seed + 2))
+        s_c.energy_and_grad = lambda x, y=None: compiled(x)  # type: ignore[method-assign]
+
+        def run_compiled() -> None:
+            xq, idx = ours_buf.sample(batch)
+            with frozen_parameters(model):
+                xq = s_c.run(xq, n_steps)
+            ours_buf.update(idx, xq)
+        fns["compile"] = run_compiled
+    try:
+        times = interleaved(fns, repeats)
+    finally:
+        model.eval()  # the official loop leaves the model in train mode
+    floor_ms = 1000 * statistics.median(times["floor"]) / n_steps
+    out: dict[str, Any] = {
+        "ours": median_ratio(times, "ours", "floor"),
+        "official": median_ratio(times, "official", "floor"),
+        "options": {k: median_ratio(times, k, "floor") for k in fns if k not in ("floor", "ours", "official")},
+        "floor_ms_per_step": floor_ms,
+        "ours_ms_per_step": 1000 * statistics.median(times["ours"]) / n_steps,
+        "batch": batch, "shape": list(shape), "steps_per_call": n_steps, "rounds": repeats,
+    }
+    if compile_s is not None:
+        out["compile_seconds"] = compile_s
+    return out
+
+
+def _compiled_energy_grad(model: nn.Module, x: torch.Tensor) -> tuple[Callable, float]:
+    """``torch.compile`` of (energy, dE/dx, logits) at ``x``; returns the function and its compile time."""
+    from .sampling import frozen_parameters
+
+    def energy_grad(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        xg = x.detach().requires_grad_(True)
+        logits = model(xg)
+        e = -torch.logsumexp(logits, 1)
+        (grad,) = torch.autograd.grad(e.sum(), xg)
+        return e.detach(), grad, logits.detach()
+
+    fn = torch.compile(energy_grad)
+    t0 = time.perf_counter()
+    with frozen_parameters(model):
+        fn(x)
+    return fn, time.perf_counter() - t0
+
+
+def bench_train_iter(shape: tuple[int, int, int], iters: int, sgld_steps: int, buffer_size: int,
+                     seed: int = 0, **config: Any) -> dict[str, Any]:
+    """One :meth:`Trainer.fit` iteration over the floor of the same work, interleaved.
+
+    The trainer runs its real loop (``fit`` with default JEM settings unless ``config`` says
+    otherwise) on random MNIST-shaped data; the ``on_iteration`` hook times each iteration and then
+    runs one floor iteration on a copy of the model: ``sgld_steps`` floor steps on the sampled
+    batch plus one forward/backward of the data and sampled batches concatenated.
+    The first iteration (epoch set-up, first snapshot) is warm-up and not counted.
+    """
+    from .data import ImageDataset
+    from .sampling import frozen_parameters
+    from .training import TrainConfig, Trainer
+
+    g = torch.Generator().manual_seed(seed)
+    c, h, _ = shape
+    n_train = max(2 * 64, 64 * (iters + 2))
+    train = ImageDataset(torch.rand((n_train, *shape), generator=g) * 2 - 1,
+                         torch.randint(0, 10, (n_train,), generator=g), 10, "random", "train")
+    test = ImageDataset(train.x[:64], train.y[:64], 10, "random", "test")
+    cfg = TrainConfig(dataset="mnist" if h == 28 else "digits", epochs=1, sgld_steps=sgld_steps,
+                      buffer_size=buffer_size, max_iters_per_epoch=iters + 1, n_reference=64, seed=seed, **config)
+    trainer = Trainer(cfg, train_set=train, test_set=test)
+    ref = copy.deepcopy(trainer.model)
+    bs = cfg.batch_size
+    x_data = train.x[:bs].clone()
+    x_q = train.x[bs:2 * bs].clone()
+
+    def floor_iter() -> None:
+        with frozen_parameters(ref):
+            for _ in range(sgld_steps):
+                floor_step(ref, x_q)
+        loss = ref(torch.cat([x_data, x_q])).logsumexp(1).mean()
+        loss.backward()
+        ref.zero_grad(set_to_none=True)
+
+    it_times: list[float] = []
+    floor_times: list[float] = []
+    mark = [0.0]
+
+    def on_iteration(_: dict) -> None:
+        it_times.append(time.perf_counter() - mark[0])
+        t0 = time.perf_counter()
+        floor_iter()
+        floor_times.append(time.perf_counter() - t0)
+        mark[0] = time.perf_counter()
+
+    trainer.on_iteration = on_iteration
+    floor_iter()  # warm-up of the floor's own path
+    mark[0] = time.perf_counter()
+    trainer.fit()
+    times = {"iteration": it_times[1:], "floor": floor_times[1:]}
+    if not times["iteration"]:
+        raise RuntimeError("the trainer ran no counted iteration (diverged?)")
+    return {
+        "ratio": median_ratio(times, "iteration", "floor"),
+        "iteration_ms": 1000 * statistics.median(times["iteration"]),
+        "floor_ms": 1000 * statistics.median(times["floor"]),
+        "sgld_steps": sgld_steps, "batch": bs, "shape": list(shape), "rounds": len(times["iteration"]),
+        "divergence_events": len(trainer.events),
+    }
+
+
+def _digit_png(side: int = 28) -> bytes:
+    """A hand-drawn-looking '7' as a grayscale PNG (light stroke on dark, like MNIST), no dataset needed."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("L", (side, side), 0)
+    d = ImageDraw.Draw(img)
+    s = side / 28
+    d.line([(6 * s, 6 * s), (21 * s, 6 * s), (11 * s, 23 * s)], fill=255, width=max(1, round(3 * s)))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def bench_score_latency(model: nn.Module, metadata: dict[str, Any], repeats: int) -> dict[str, Any]:
+    """Milliseconds to score one uploaded 28x28 PNG end to end: decode, preprocess, forward, energy, percentile."""
+    from .images import prepare_upload
+    from .scoring import score_batch
+
+    png = _digit_png(int(metadata["image_size"]))
+    channels, side = int(metadata["in_channels"]), int(metadata["image_size"])
+    reference = metadata.get("reference") or {"logpx_quantiles": [float(v) for v in torch.linspace(-5, 15, 101)]}
+    names = metadata.get("class_names")
+    dev = next(model.parameters()).device
+
+    def score() -> Any:
+        prep = prepare_upload(png, "digit.png", channels, side)
+        return score_batch(model, prep.tensor[None].to(dev), reference, names)[0]
+
+    times = interleaved({"score": score}, repeats, warmup=3)["score"]
+    r = score()
+    return {"median_ms": 1000 * statistics.median(times), "p90_ms": 1000 * _quantile(times, 0.9),
+            "repeats": repeats, "percentile_computed": r.percentile is not None,
+            "reference": "checkpoint" if metadata.get("reference") else "stand-in quantiles (no checkpoint reference)"}
+
+
+def bench_chain_fps(model: nn.Module, shape: tuple[int, int, int], n_chains: int, every: int, refreshes: int,
+                    start: torch.Tensor | None = None, seed: int = 0) -> dict[str, Any]:
+    """Grid refreshes per second of the Langevin page's driver: ``ChainState.advance(sampler, k, every=k)``
+    then :func:`~jem_core.images.make_grid_image` (8 per row, 3x upscaling, as the page shows 28x28)."""
+    from .images import make_grid_image
+    from .sampling import ChainState, SGLDSampler, init_noise
+
+    g = torch.Generator().manual_seed(seed)
+    x0 = start[:n_chains].clone() if start is not None and len(start) >= n_chains else init_noise(n_chains, shape, g)
+    chain = ChainState(x0)
+    nrow = math.ceil(math.sqrt(n_chains))
+    scale = max(1, round(84 / shape[-1]))
+
+    def refresh() -> Any:
+        chain.advance(SGLDSampler(model, generator=g), every, every=every)
+        return make_grid_image(chain.x, nrow=nrow, scale=scale)
+
+    times = interleaved({"refresh": refresh}, refreshes, warmup=1)["refresh"]
+    return {"fps": 1.0 / statistics.median(times), "refresh_ms": 1000 * statistics.median(times),
+            "chains": n_chains, "steps_per_refresh": every, "refreshes": refreshes,
+            "start": "replay buffer" if start is not None and len(start) >= n_chains else "uniform noise"}
+
+
+def bench_time_to_accuracy(target: float = 0.95, max_epochs: int | None = None,
+                           max_iters_per_epoch: int | None = None, **config: Any) -> dict[str, Any]:
+    """Wall time of ``train`` on digits (default JEM settings unless ``config`` overrides) until the
+    test accuracy reaches ``target``; trains at most the default number of epochs (or ``max_epochs``)."""
+    from .training import TrainConfig, Trainer
+
+    t0 = time.perf_counter()
+    cfg = TrainConfig(dataset="digits", max_iters_per_epoch=max_iters_per_epoch, **config)
+    if max_epochs is not None:
+        cfg.epochs = max_epochs
+    trainer = Trainer(cfg)
+    reached: list[float] = []
+    accs: list[float] = []
+
+    def on_epoch(m: Any) -> None:
+        accs.append(m.test_accuracy)
+        if m.test_accuracy >= target:
+            reached.append(time.perf_counter() - t0)
+            trainer.request_stop()
+
+    trainer.on_epoch = on_epoch
+    trainer.fit()
+    return {"seconds": reached[0] if reached else None, "epochs": len(accs),
+            "test_accuracy": accs[-1] if accs else None, "target_accuracy": target,
+            "sgld_steps": cfg.sgld_steps, "divergence_events": len(trainer.events),
+            "settings": {k: v for k, v in config.items()} or "TrainConfig defaults, dataset digits"}
+
+
+# -- the suite ---------------------------------------------------------------------------------------
+def _quantile(v: list[float], q: float) -> float:
+    s = sorted(v)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+def _load_mnist_model(checkpoint: str | None) -> tuple[nn.Module, dict[str, Any], torch.Tensor | None, str]:
+    """The bundled MNIST JEM, or a freshly initialised 28x28 ConvNet when the checkpoint is absent."""
+    from .checkpoint import load_checkpoint
+    from .energy import JEM
+    from .models import ConvNet
+
+    if checkpoint and Path(checkpoint).is_file():
+        ck = load_checkpoint(checkpoint)
+        return ck.model, ck.metadata, ck.replay_buffer, checkpoint
+    torch.manual_seed(0)
+    meta = {"in_channels": 1, "image_size": 28, "n_classes": 10, "class_names": [str(i) for i in range(10)]}
+    why = f"{checkpoint} not found: " if checkpoint else ""
+    return JEM(ConvNet(1, 10, image_size=28)).eval(), meta, None, why + "freshly initialised ConvNet(1, 10, image_size=28)"
+
+
+def machine_info() -> dict[str, Any]:
+    """Thread count, torch/Python versions and CPU, recorded with every run."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "cpu": cpu, "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "bf16_native": bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())}
+
+
+def run_benchmarks(checkpoint: str | None = DEFAULT_CHECKPOINT, quick: bool = False, repeats: int | None = None,
+                   compile_fn: bool = False, accuracy: bool = True,
+                   log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Run every benchmark and return the JSON-ready results (see the module docstring).
+
+    Args:
+        checkpoint: the MNIST JEM to use (falls back to a fresh ConvNet when absent; the result says so).
+        quick: tiny sizes (seconds): checks the plumbing, the figures mean nothing.
+        repeats: rounds per ratio (default 9, quick 2).
+        compile_fn: also measure ``torch.compile`` of the energy-gradient function (adds about a minute).
+        accuracy: run the time-to-accuracy training (the longest part).
+        log: progress lines.
+    """
+    from .wideresnet import WideResNet
+
+    t_start = time.perf_counter()
+    r = repeats or (2 if quick else 9)
+    model, meta, replay, source = _load_mnist_model(checkpoint)
+    out: dict[str, Any] = {"machine": machine_info(), "mode": "quick" if quick else "full", "model_source": source}
+
+    log("SGLD on the MNIST ConvNet ...")
+    conv = bench_sgld(model, (1, 28, 28), 4 if quick else 64, 2 if quick else 10, r, compile_fn=compile_fn)
+    log("SGLD on WRN-28-2 ...")
+    wrn_model = WideResNet(10, 1) if quick else WideResNet(28, 2)
+    wrn = bench_sgld(wrn_model, (3, 32, 32), 2 if quick else 32, 2 if quick else 3, max(2, r - 2 if not quick else r),
+                     compile_fn=False)
+    wrn_key = "wrn10_1_b2" if quick else "wrn28_2_b32"
+    conv_key = "mnist_convnet_b4" if quick else "mnist_convnet_b64"
+    out["sgld_step_ratio"] = {conv_key: conv["ours"], wrn_key: wrn["ours"]}
+    out["official_style_ratio"] = {conv_key: conv["official"], wrn_key: wrn["official"]}
+    out["options"] = {"sgld_step_ratio_" + k: {conv_key: conv["options"][k], **({wrn_key: wrn["options"][k]}
+                                                                                if k in wrn["options"] else {})}
+                      for k in conv["options"]}
+
+    log("one JEM training iteration ...")
+    tr = bench_train_iter((1, 28, 28), 2 if quick else r, 2 if quick else 20, 100 if quick else 10000)
+    out["train_iter_ratio"] = tr["ratio"]
+
+    log("scoring latency ...")
+    sc = bench_score_latency(model, meta, 5 if quick else 50)
+    out["score_latency_ms"] = sc["median_ms"]
+
+    log("live chains ...")
+    ch = bench_chain_fps(model, (1, 28, 28), 4 if quick else 64, 5, 2 if quick else 12, start=replay)
+    out["chain_fps"] = ch["fps"]
+
+    if accuracy:
+        log("time to 95% test accuracy on digits ...")
+        tta = bench_time_to_accuracy(max_epochs=1 if quick else None, max_iters_per_epoch=2 if quick else None,
+                                     **({"sgld_steps": 2, "buffer_size": 100, "n_reference": 50} if quick else {}))
+        out["time_to_accuracy_s"] = tta["seconds"]
+    else:
+        tta = {"skipped": True}
+        out["time_to_accuracy_s"] = None
+    out["details"] = {"sgld": {conv_key: conv, wrn_key: wrn}, "train_iter": tr, "score_latency": sc, "chain_fps": ch,
+                      "time_to_accuracy": tta}
+    out["targets"] = {k: {"target": f"{c} {v}" if v is not None else "report", "met": _met(out.get(k), c, v)}
+                      for k, (c, v) in TARGETS.items()}
+    out["seconds_total"] = time.perf_counter() - t_start
+    return out
+
+
+def _met(value: Any, cmp: str, target: float | None) -> bool | None:
+    if target is None or value is None:
+        return None
+    vals = list(value.values()) if isinstance(value, dict) else [value]
+    return all(v <= target if cmp == "<=" else v >= target for v in vals)
+
+
+# -- CLI ---------------------------------------------------------------------------------------------
+def add_cli(sub: argparse._SubParsersAction, commands: dict[str, Callable]) -> None:
+    """Register ``python -m jem_core bench`` (called by :mod:`jem_core.cli`)."""
+    p = sub.add_parser("bench", help="speed benchmarks (ratios to the network's own cost); writes JSON",
+                       description="Measure SGLD and JEM training against the cost of the network itself, "
+                                   "scoring latency, live-chain frame rate and time to accuracy; write a JSON file.")
+    p.add_argument("--out", default="bench.json", help="JSON file to write")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
+                   help="MNIST JEM checkpoint (a freshly initialised ConvNet is used when it is absent)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (seconds): checks the plumbing only")
+    p.add_argument("--repeats", type=int, default=None, help="interleaved rounds per ratio (default 9; quick 2)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile of the energy gradient (~1 min more)")
+    p.add_argument("--no-accuracy", action="store_true", help="skip the time-to-accuracy training run")
+    p.set_defaults(cmd="bench")
+    commands["bench"] = _cmd_bench
+
+
+def _cmd_bench(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if a.repeats is not None and a.repeats < 1:
+        parser.error(f"--repeats must be >= 1; got {a.repeats}")
+    if a.threads is not None:
+        if a.threads < 1:
+            parser.error(f"--threads must be >= 1; got {a.threads}")
+        torch.set_num_threads(a.threads)
+    res = run_benchmarks(a.checkpoint, quick=a.quick, repeats=a.repeats, compile_fn=a.compile,
+                         accuracy=not a.no_accuracy, log=lambda s: print(s, file=sys.stderr, flush=True))
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    summary = {k: res[k] for k in ("sgld_step_ratio", "official_style_ratio", "train_iter_ratio", "score_latency_ms",
+                                   "chain_fps", "time_to_accuracy_s")}
+    print(json.dumps({"out": str(out), **summary, "threads": res["machine"]["threads"],
+                      "torch": res["machine"]["torch"], "seconds": round(res["seconds_total"], 1)}))
+    return 0

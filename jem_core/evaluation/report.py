@@ -1,0 +1,742 @@
+"""The evaluation report: every measurement of this package on one checkpoint (and a second one to
+compare with), written as ``report.json`` + ``report.md`` + PNG plots, and the ``evaluate`` CLI command.
+
+``python -m jem_core evaluate --checkpoint checkpoints/mnist_jem.pt --compare checkpoints/mnist_baseline.pt
+--data-root ../shared/data --out reports/mnist``
+
+What is measured, per model (see the modules for the formulas and sources):
+
+- calibration on the first ``n_test`` test images: accuracy, NLL, ECE, MCE, Brier, reliability bins,
+  and the same after temperature scaling fitted on the *last* ``n_calib`` test images (disjoint);
+- OOD detection: AUROC / AUPR / FPR@95TPR of three scores against every OOD set;
+- robustness on the first ``n_attack`` test images: accuracy under L∞ / L2 PGD and FGSM over eps
+  (``[0, 1]`` pixel scale), for the plain and the SGLD-refined classifier (attacked with BPDA + EOT);
+- samples: class-conditional SGLD samples judged by the baseline classifier (accuracy and
+  classifier-feature Fréchet distance).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..checkpoint import LoadedCheckpoint, load_checkpoint
+from ..data import SYNTHETIC_OOD, data_available, load_dataset
+from .calibration import TemperatureScaled, calibration_report, fit_temperature, predict_logits
+from .ood import OOD_SCORES, SCORE_LABELS, is_known_ood_spec, load_ood_set, ood_metrics, ood_score_table, roc_curve_data
+from .robustness import ATTACK_KEYS, RefinedClassifier, default_eps, robustness_curve
+from .samples import sample_quality
+
+__all__ = ["EvalSettings", "evaluate_checkpoint", "write_report", "default_ood_sets", "add_cli", "REPORT_KEYS"]
+
+REPORT_KEYS = ("checkpoint", "dataset", "n_test", "accuracy", "nll", "ece", "mce", "brier", "ood", "robustness", "samples")
+
+# Real OOD datasets used by default when their files are present.
+_DEFAULT_OOD_DATASETS = {"mnist": ["fashion_mnist"], "fashion_mnist": ["mnist"], "cifar10": ["svhn", "cifar100"],
+                         "cifar100": ["svhn", "cifar10"], "svhn": ["cifar10"]}
+
+
+def default_ood_sets(dataset: str, data_root: str | os.PathLike | None = None) -> list[str]:
+    """The synthetic OOD sets plus the usual real OOD datasets for ``dataset`` whose files are present."""
+    real = [s for s in _DEFAULT_OOD_DATASETS.get(dataset, []) if data_available(s, data_root, "test")]
+    return real + list(SYNTHETIC_OOD)
+
+
+class EvalSettings:
+    """Settings of one evaluation run (plain attributes; see :func:`evaluate_checkpoint` for their meaning)."""
+
+    def __init__(self, n_test: int = 5000, n_calib: int = 1000, n_ood: int = 2000, n_attack: int = 200,
+                 attack_steps: int = 10, eps_linf: Sequence[float] | None = None, eps_l2: Sequence[float] | None = None,
+                 eps_fgsm: Sequence[float] | None = None, refine_steps: int = 5, refine_chains: int = 4,
+                 refine_step_size: float = 1.0, refine_noise: float = 0.01, refine_gradient: str = "bpda",
+                 n_per_class: int = 20,
+                 sample_steps: int | None = 100, n_bins: int = 15, temperature: bool = True,
+                 skip: Sequence[str] = (), seed: int = 0, batch_size: int = 250):
+        checks = [(n_test >= 1, f"n_test must be >= 1; got {n_test}"), (n_calib >= 0, f"n_calib must be >= 0; got {n_calib}"),
+                  (n_ood >= 1, f"n_ood must be >= 1; got {n_ood}"), (n_attack >= 1, f"n_attack must be >= 1; got {n_attack}"),
+                  (attack_steps >= 1, f"attack steps must be >= 1; got {attack_steps}"),
+                  (refine_steps >= 0, f"refine steps must be >= 0; got {refine_steps}"),
+                  (refine_chains >= 1, f"refine chains must be >= 1; got {refine_chains}"),
+                  (refine_gradient in ("bpda", "full"), f"refine gradient must be 'bpda' or 'full'; got {refine_gradient!r}"),
+                  (n_per_class >= 1, f"samples per class must be >= 1; got {n_per_class}"),
+                  (n_bins >= 1, f"n_bins must be >= 1; got {n_bins}"),
+                  (set(skip) <= {"calibration", "ood", "robustness", "samples"},
+                   f"skip may name calibration, ood, robustness, samples; got {list(skip)}")]
+        for eps_list in (eps_linf, eps_l2, eps_fgsm):
+            for e in eps_list or []:
+                checks.append((e >= 0 and math.isfinite(e), f"eps values must be >= 0; got {e}"))
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+        self.n_test, self.n_calib, self.n_ood, self.n_attack = int(n_test), int(n_calib), int(n_ood), int(n_attack)
+        self.attack_steps = int(attack_steps)
+        self.eps_linf, self.eps_l2, self.eps_fgsm = eps_linf, eps_l2, eps_fgsm
+        self.refine_steps, self.refine_chains = int(refine_steps), int(refine_chains)
+        self.refine_step_size, self.refine_noise = float(refine_step_size), float(refine_noise)
+        self.refine_gradient = refine_gradient
+        self.n_per_class, self.sample_steps, self.n_bins = int(n_per_class), sample_steps, int(n_bins)
+        self.temperature, self.skip, self.seed, self.batch_size = bool(temperature), tuple(skip), int(seed), int(batch_size)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain dict (for report.json)."""
+        return dict(vars(self), skip=list(self.skip))
+
+
+class _Progress:
+    """Splits one [0, 1] progress bar into weighted stages and reports stage names."""
+
+    def __init__(self, weights: list[tuple[str, float]], progress: Callable[[float], None] | None,
+                 log: Callable[[str], None] | None):
+        self.total = sum(w for _, w in weights) or 1.0
+        self.weights = dict(weights)
+        self.done = 0.0
+        self.progress, self.log = progress, log
+        self.current: tuple[str, float] | None = None
+
+    def stage(self, name: str) -> Callable[[float], None]:
+        self.finish()
+        w = self.weights.get(name, 0.0)
+        self.current = (name, w)
+        if self.log:
+            self.log(name)
+        base = self.done
+
+        def report(frac: float) -> None:
+            if self.progress:
+                self.progress(min(1.0, (base + w * min(max(frac, 0.0), 1.0)) / self.total))
+        return report
+
+    def finish(self) -> None:
+        if self.current is not None:
+            self.done += self.current[1]
+            self.current = None
+            if self.progress:
+                self.progress(min(1.0, self.done / self.total))
+
+
+def _split_test(n_total: int, s: EvalSettings) -> tuple[int, int]:
+    """(n_eval, n_calib): evaluation on the first n_eval, temperature fitting on the last n_calib (disjoint)."""
+    n_calib = s.n_calib if s.temperature and "calibration" not in s.skip else 0
+    if n_calib and n_total < s.n_test + n_calib:
+        n_calib = min(n_calib, max(2, n_total // 4))
+    n_eval = min(s.n_test, n_total - n_calib)
+    if n_eval < 1:
+        raise ValueError(f"the test set has only {n_total} images")
+    return n_eval, n_calib
+
+
+def _rounded(v: Any, nd: int = 5) -> Any:
+    if isinstance(v, float):
+        return v if not math.isfinite(v) else round(v, nd)
+    if isinstance(v, dict):
+        return {k: _rounded(x, nd) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_rounded(x, nd) for x in v]
+    return v
+
+
+def _evaluate_model(ck: LoadedCheckpoint, test_x: torch.Tensor, test_y: torch.Tensor, calib: tuple | None,
+                    ood_x: dict[str, torch.Tensor], judge: tuple[str, torch.nn.Module] | None, s: EvalSettings,
+                    prog: _Progress, tag: str) -> dict[str, Any]:
+    model = ck.model
+    m = ck.metadata
+    res: dict[str, Any] = {"checkpoint": ck.path, "dataset": m.get("dataset"), "objective": m.get("objective"),
+                           "semi_supervised": bool(m.get("semi_supervised", False)), "n_test": int(len(test_x))}
+    times: dict[str, float] = {}
+    art: dict[str, Any] = {}
+    # -- calibration ------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    p = prog.stage(f"{tag}: calibration")
+    logits = predict_logits(model, test_x, s.batch_size, p)
+    rep = calibration_report(torch.softmax(logits, 1), test_y, s.n_bins)
+    res.update(rep.summary())
+    res["reliability"] = rep.bins_as_dicts()
+    if calib is not None and "calibration" not in s.skip:
+        cx, cy = calib
+        t = fit_temperature(predict_logits(model, cx, s.batch_size), cy)
+        rep_t = calibration_report(torch.softmax(logits / t, 1), test_y, s.n_bins)
+        res["temperature_scaled"] = {"temperature": t, "n_calib": int(len(cx)), **rep_t.summary(),
+                                     "reliability": rep_t.bins_as_dicts()}
+    times["calibration"] = time.perf_counter() - t0
+    # -- OOD ----------------------------------------------------------------------------------------
+    if "ood" not in s.skip:
+        t0 = time.perf_counter()
+        p = prog.stage(f"{tag}: OOD scores")
+        total = len(test_x[: s.n_ood]) + sum(len(v) for v in ood_x.values())
+        done = [0]
+
+        def sub(n: int) -> Callable[[float], None]:
+            start = done[0]
+            done[0] += n
+            return lambda f: p((start + f * n) / max(1, total))
+
+        x_in = test_x[: s.n_ood]
+        s_in = ood_score_table(model, x_in, OOD_SCORES, s.batch_size, sub(len(x_in)))
+        res["ood"], res["ood_score_means"] = {}, {"in_distribution": {k: float(v.mean()) for k, v in s_in.items()}}
+        art["roc"] = {}
+        for name, xo in ood_x.items():
+            s_out = ood_score_table(model, xo, OOD_SCORES, s.batch_size, sub(len(xo)))
+            res["ood"][name] = {k: ood_metrics(s_in[k], s_out[k]) for k in OOD_SCORES}
+            res["ood_score_means"][name] = {k: float(v.mean()) for k, v in s_out.items()}
+            art["roc"][name] = {k: roc_curve_data(s_in[k], s_out[k], 100) for k in OOD_SCORES}
+        res["n_ood_in"] = int(len(x_in))
+        times["ood"] = time.perf_counter() - t0
+    else:
+        res["ood"] = None
+    # -- robustness -----------------------------------------------------------------------------------
+    if "robustness" not in s.skip:
+        t0 = time.perf_counter()
+        p = prog.stage(f"{tag}: robustness")
+        side = int(test_x.shape[-1])
+        eps = {"pgd_linf": list(s.eps_linf if s.eps_linf is not None else default_eps("linf", side)),
+               "pgd_l2": list(s.eps_l2 if s.eps_l2 is not None else default_eps("l2", side)),
+               "fgsm": list(s.eps_fgsm if s.eps_fgsm is not None else [e for e in default_eps("linf", side) if e > 0])}
+        eps = {k: v for k, v in eps.items() if v}
+        refined = RefinedClassifier(model, s.refine_steps, s.refine_chains, s.refine_step_size, s.refine_noise,
+                                    s.refine_gradient, seed=s.seed) if s.refine_steps > 0 else None
+        xa, ya = test_x[: s.n_attack], test_y[: s.n_attack]
+        res["robustness"] = robustness_curve(model, xa, ya, eps, s.attack_steps, refined, batch_size=s.batch_size,
+                                             progress=p)
+        for k in ("linf", "l2"):
+            res["robustness"].setdefault(k, [])
+        res["robustness_settings"] = {"n_attack": int(len(xa)), "attack_steps": s.attack_steps,
+                                      "eps_scale": "[0, 1] pixel scale (model inputs are [-1, 1]: model-space eps = 2 * eps)",
+                                      "refined": refined.describe() if refined else None}
+        times["robustness"] = time.perf_counter() - t0
+    else:
+        res["robustness"] = None
+    # -- samples ----------------------------------------------------------------------------------------
+    if "samples" not in s.skip and judge is not None:
+        t0 = time.perf_counter()
+        p = prog.stage(f"{tag}: samples")
+        sq = sample_quality(ck, judge[1], test_x, s.n_per_class, s.sample_steps, s.seed, progress=p, keep_samples=True)
+        art["samples"] = sq.pop("_samples")
+        res["samples"] = {**sq, "judge": judge[0]}
+        times["samples"] = time.perf_counter() - t0
+    else:
+        res["samples"] = None
+    prog.finish()
+    res["seconds"] = {k: round(v, 1) for k, v in times.items()}
+    res["_artifacts"] = art
+    return res
+
+
+def evaluate_checkpoint(path: str | os.PathLike, data_root: str | os.PathLike | None = None,
+                        ood_sets: Sequence[str] | None = None, compare: str | os.PathLike | None = None,
+                        settings: EvalSettings | None = None, device: str | torch.device = "cpu",
+                        progress: Callable[[float], None] | None = None, log: Callable[[str], None] | None = None,
+                        **kwargs: Any) -> dict[str, Any]:
+    """Evaluate a checkpoint (and optionally a second one on the same data) on every measurement.
+
+    Args:
+        path: checkpoint to evaluate.
+        data_root: torchvision data root (offline: nothing is downloaded).
+        ood_sets: OOD set specs (synthetic names or dataset specs); default :func:`default_ood_sets`.
+        compare: a second checkpoint of the same dataset and image shape (e.g. the baseline), evaluated
+            the same way under ``"compare"``.
+        settings: :class:`EvalSettings`; or pass its fields as keyword arguments (``n_test=1000``...).
+            ``n_test`` test images for calibration (first ones); ``n_calib`` held-out test images (last
+            ones) for temperature scaling; ``n_ood`` images per OOD set and of the in-distribution side;
+            ``n_attack`` attacked images; eps lists in the ``[0, 1]`` pixel scale; ``refine_steps`` /
+            ``refine_chains`` for the refined classifier (0 steps = none); ``n_per_class`` /
+            ``sample_steps`` for the sample-quality check; ``skip`` names parts to leave out (their
+            keys are then None).
+        device: where the models run.
+        progress: called with the overall fraction done in ``[0, 1]`` (for ``st.progress`` / tqdm).
+        log: called with the name of each stage as it starts.
+
+    Returns:
+        a dict with at least :data:`REPORT_KEYS` (see ``report.json`` in the README), ``"settings"``,
+        ``"ood_sets"``, ``"compare"`` (same keys, or None), and ``"_artifacts"`` entries (tensors and
+        curves for plots; :func:`write_report` leaves keys starting with ``_`` out of report.json).
+        Samples are judged by the baseline-objective model of the pair (else by the other model;
+        without ``compare`` by the model itself, which is recorded in ``samples.judge``).
+
+    Raises:
+        CheckpointError: unreadable checkpoint; DataUnavailableError: test or OOD data missing;
+        ValueError: bad settings, unknown OOD set, or checkpoints of different data shapes.
+    """
+    s = settings or EvalSettings(**kwargs)
+    if settings is not None and kwargs:
+        raise ValueError("pass either settings or keyword settings, not both")
+    ck = load_checkpoint(path, device=device)
+    ck2 = load_checkpoint(compare, device=device) if compare else None
+    m = ck.metadata
+    shape = (int(m["in_channels"]), int(m["image_size"]), int(m["n_classes"]))
+    if ck2 is not None:
+        m2 = ck2.metadata
+        shape2 = (int(m2["in_channels"]), int(m2["image_size"]), int(m2["n_classes"]))
+        if shape2 != shape or m2.get("dataset") != m.get("dataset"):
+            raise ValueError(f"--compare checkpoint is for {m2.get('dataset')} {shape2} but {path} is for "
+                             f"{m.get('dataset')} {shape}; compare models of the same dataset")
+    dataset = str(m.get("dataset"))
+    ood_sets = list(ood_sets) if ood_sets is not None else default_ood_sets(dataset, data_root)
+    unknown = [o for o in ood_sets if not is_known_ood_spec(o)]
+    if unknown:
+        raise ValueError(f"unknown OOD set(s) {unknown}; use {', '.join(SYNTHETIC_OOD)} or a dataset spec")
+    test = load_dataset(dataset, "test", data_root, download=False)
+    if tuple(test.x.shape[1:]) != shape[:1] + (shape[1], shape[1]):
+        raise ValueError(f"test images of {dataset} are {tuple(test.x.shape[1:])} but the model expects {shape[:2]}")
+    n_eval, n_calib = _split_test(len(test), s)
+    test_x, test_y = test.x[:n_eval], test.y[:n_eval]
+    calib = (test.x[len(test) - n_calib:], test.y[len(test) - n_calib:]) if n_calib else None
+    ood_x: dict[str, torch.Tensor] = {}
+    if "ood" not in s.skip:
+        for i, name in enumerate(ood_sets):
+            ood_x[name] = load_ood_set(name, test_x[: s.n_ood], data_root, n=min(s.n_ood, len(test_x)), seed=s.seed + i)
+    # Judges for the sample-quality check.
+    models = [(str(path), ck)] + ([(str(compare), ck2)] if ck2 is not None else [])
+    baselines = [(p_, c.model) for p_, c in models if c.metadata.get("objective") == "baseline"]
+
+    def judge_for(i: int) -> tuple[str, torch.nn.Module]:
+        if len(models) == 1:
+            return f"{models[0][0]} (self: not an independent judge)", models[0][1].model
+        if len(baselines) == 1:
+            name, jm = baselines[0]
+            return (name if name != models[i][0] else f"{name} (self: not an independent judge)"), jm
+        other = models[1 - i]
+        return other[0], other[1].model
+
+    # Stage weights: rough relative costs, for a smooth progress bar.
+    n_ood_imgs = min(s.n_ood, n_eval) + sum(len(v) for v in ood_x.values())
+    n_eps = sum(len(v) for v in (s.eps_linf or default_eps("linf", shape[1]), s.eps_l2 or default_eps("l2", shape[1]),
+                                 s.eps_fgsm or default_eps("linf", shape[1])[1:]))
+    w_rob = n_eps * min(s.n_attack, n_eval) * s.attack_steps * (1 + s.refine_steps * s.refine_chains) / 10
+    weights = []
+    for tag, _ in models:
+        weights += [(f"{tag}: calibration", n_eval / 20), (f"{tag}: OOD scores", n_ood_imgs / 4),
+                    (f"{tag}: robustness", 0 if "robustness" in s.skip else w_rob),
+                    (f"{tag}: samples", 0 if "samples" in s.skip else shape[2] * s.n_per_class * (s.sample_steps or 100) / 4)]
+    prog = _Progress(weights, progress, log)
+    t_start = time.perf_counter()
+    results = [_evaluate_model(c, test_x, test_y, calib, ood_x, judge_for(i), s, prog, tag)
+               for i, (tag, c) in enumerate(models)]
+    out = results[0]
+    out["compare"] = results[1] if len(results) > 1 else None
+    out["ood_sets"] = list(ood_x)
+    out["ood_set_sizes"] = {k: int(len(v)) for k, v in ood_x.items()}
+    out["test_set_note"] = test.note
+    out["settings"] = s.as_dict()
+    out["seconds_total"] = round(time.perf_counter() - t_start, 1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing: report.json, report.md, PNG plots (drawn with Pillow: no plotting dependency).
+# ---------------------------------------------------------------------------------------------------
+_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127)]
+
+
+def _font(size: int = 13):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def _panel(draw, box: tuple[int, int, int, int], title: str, xlabel: str, ylabel: str,
+           xlim: tuple[float, float], ylim: tuple[float, float],
+           lines: Sequence[tuple[str, Sequence[float], Sequence[float], tuple[int, int, int], bool]] = (),
+           bars: Sequence[tuple[float, float, float, tuple[int, int, int]]] = (), diagonal: bool = False,
+           legend: str = "top") -> None:
+    """Draw one chart: ``lines`` = (label, xs, ys, colour, dashed); ``bars`` = (x0, x1, height, colour)."""
+    x0, y0, x1, y1 = box
+    f, fs = _font(14), _font(11)
+    left, right, top, bottom = x0 + 52, x1 - 10, y0 + 26, y1 - 40
+    draw.text(((x0 + x1) // 2, y0 + 4), title, fill=(0, 0, 0), font=f, anchor="ma")
+    (a, b), (c, d) = xlim, ylim
+
+    def px(x: float, y: float) -> tuple[float, float]:
+        return (left + (x - a) / (b - a or 1) * (right - left), bottom - (y - c) / (d - c or 1) * (bottom - top))
+
+    for i in range(6):  # grid and ticks
+        xv, yv = a + (b - a) * i / 5, c + (d - c) * i / 5
+        gx, _ = px(xv, c)
+        _, gy = px(a, yv)
+        draw.line([(gx, top), (gx, bottom)], fill=(230, 230, 230))
+        draw.line([(left, gy), (right, gy)], fill=(230, 230, 230))
+        draw.text((gx, bottom + 4), f"{xv:.3g}", fill=(60, 60, 60), font=fs, anchor="ma")
+        draw.text((left - 4, gy), f"{yv:.3g}", fill=(60, 60, 60), font=fs, anchor="rm")
+    draw.rectangle([left, top, right, bottom], outline=(0, 0, 0))
+    draw.text(((left + right) // 2, y1 - 18), xlabel, fill=(0, 0, 0), font=fs, anchor="ma")
+    draw.text((x0 + 4, top - 20), ylabel, fill=(0, 0, 0), font=fs)
+    if diagonal:
+        draw.line([px(a, c), px(b, d)], fill=(150, 150, 150), width=1)
+    for bx0, bx1, h, col in bars:
+        if h == h:  # skip NaN (empty bins)
+            p0, p1 = px(bx0, c), px(bx1, h)
+            draw.rectangle([p0[0] + 1, p1[1], p1[0] - 1, p0[1]], fill=col + (170,), outline=col)
+    legend_y = top + 4 if legend == "top" else bottom - 6 - 15 * sum(1 for ln in lines if ln[0])
+    for label, xs, ys, col, dashed in lines:
+        pts = [px(x, y) for x, y in zip(xs, ys) if y is not None and y == y]
+        if len(pts) >= 2:
+            if dashed:
+                for p_, q in zip(pts[:-1], pts[1:]):
+                    n = max(1, int(math.dist(p_, q) // 8))
+                    for k in range(0, n, 2):
+                        draw.line([(p_[0] + (q[0] - p_[0]) * k / n, p_[1] + (q[1] - p_[1]) * k / n),
+                                   (p_[0] + (q[0] - p_[0]) * (k + 1) / n, p_[1] + (q[1] - p_[1]) * (k + 1) / n)],
+                                  fill=col, width=2)
+            else:
+                draw.line(pts, fill=col, width=2)
+        for p_ in pts if len(pts) < 30 else []:
+            draw.ellipse([p_[0] - 3, p_[1] - 3, p_[0] + 3, p_[1] + 3], fill=col)
+        if label:
+            lx = right - 160
+            segs = [(lx, lx + 6), (lx + 10, lx + 16)] if dashed else [(lx, lx + 16)]
+            for sx0, sx1 in segs:
+                draw.line([(sx0, legend_y + 6), (sx1, legend_y + 6)], fill=col, width=3)
+            draw.text((lx + 22, legend_y), label[:24], fill=(0, 0, 0), font=fs)
+            legend_y += 15
+
+
+def _canvas(n_panels: int, w: int = 380, h: int = 320):
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (w * n_panels, h), "white")
+    return img, ImageDraw.Draw(img, "RGBA"), w, h
+
+
+def _short(r: dict) -> str:
+    return f"{Path(str(r['checkpoint'])).stem} ({r.get('objective')})"
+
+
+def _plot_reliability(models: list[dict], path: Path) -> None:
+    panels = [(r, key) for r in models for key in ("", "temperature_scaled") if not key or r.get(key)]
+    img, draw, w, h = _canvas(len(panels))
+    for i, (r, key) in enumerate(panels):
+        bins = r[key]["reliability"] if key else r["reliability"]
+        ece = r[key]["ece"] if key else r["ece"]
+        title = f"{_short(r)}{' T-scaled' if key else ''}: ECE {ece:.3f}"
+        _panel(draw, (i * w, 0, (i + 1) * w, h), title, "confidence", "accuracy", (0, 1), (0, 1),
+               bars=[(b["lo"], b["hi"], b["accuracy"], _COLORS[0]) for b in bins], diagonal=True)
+    img.save(path)
+
+
+def _plot_robustness(models: list[dict], path: Path) -> None:
+    keys = [k for k in ("linf", "l2", "fgsm") if any(r.get("robustness") and r["robustness"].get(k) for r in models)]
+    if not keys:
+        return
+    img, draw, w, h = _canvas(len(keys))
+    for i, k in enumerate(keys):
+        lines, xmax = [], 0.0
+        for j, r in enumerate(models):
+            rows = r["robustness"].get(k, []) if r.get("robustness") else []
+            if not rows:
+                continue
+            xs = [row["eps"] for row in rows]
+            xmax = max(xmax, max(xs))
+            lines.append((Path(str(r["checkpoint"])).stem, xs, [row["accuracy"] for row in rows], _COLORS[j], False))
+            if any(row.get("accuracy_refined") is not None for row in rows):
+                lines.append((Path(str(r["checkpoint"])).stem + " refined", xs,
+                              [row.get("accuracy_refined") for row in rows], _COLORS[j], True))
+        name = {"linf": "PGD L-inf", "l2": "PGD L2", "fgsm": "FGSM (L-inf)"}[k]
+        _panel(draw, (i * w, 0, (i + 1) * w, h), name, "eps ([0, 1] pixel scale)", "accuracy", (0, xmax or 1), (0, 1),
+               lines=lines)
+    img.save(path)
+
+
+def _plot_roc(models: list[dict], path: Path, score: str = "log_px") -> None:
+    models = [r for r in models if r.get("_artifacts", {}).get("roc")]
+    if not models:
+        return
+    img, draw, w, h = _canvas(len(models))
+    for i, r in enumerate(models):
+        roc = r["_artifacts"]["roc"]
+        lines = [(f"{name} {r['ood'][name][score]['auroc']:.3f}", c[score]["fpr"], c[score]["tpr"], _COLORS[j % 8], False)
+                 for j, (name, c) in enumerate(roc.items())]
+        _panel(draw, (i * w, 0, (i + 1) * w, h), f"{_short(r)}: ROC of {SCORE_LABELS[score]}", "FPR (OOD accepted)",
+               "TPR", (0, 1), (0, 1), lines=lines, diagonal=True, legend="bottom")
+    img.save(path)
+
+
+def _fmt(v: Any, nd: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return "nan" if v != v else f"{v:.{nd}f}"
+    return str(v)
+
+
+def _markdown(result: dict, files: dict[str, str], command: str | None) -> str:
+    models = [result] + ([result["compare"]] if result.get("compare") else [])
+    names = [_short(r) for r in models]
+    st = result["settings"]
+    L = [f"# Evaluation report: {Path(str(result['checkpoint'])).name}", ""]
+    if command:
+        L += ["Command:", "", "```", command, "```", ""]
+    L += [f"- dataset: `{result['dataset']}` (test split{'; ' + result['test_set_note'] if result.get('test_set_note') else ''}); "
+          f"models: " + ", ".join(f"`{r['checkpoint']}` ({r.get('objective')}"
+                                     f"{', semi-supervised' if r.get('semi_supervised') else ''})" for r in models),
+          f"- calibration and accuracy on the first {result['n_test']} test images"
+          + (f"; temperature fitted on the last {result['temperature_scaled']['n_calib']} (disjoint)"
+             if result.get("temperature_scaled") else "") + f"; {st['n_bins']} equal-width bins",
+          f"- total time {result.get('seconds_total', '?')} s", ""]
+    # Calibration
+    L += ["## Calibration", "", "| model | accuracy | NLL | ECE | MCE | Brier |", "|---|---|---|---|---|---|"]
+    for r, n in zip(models, names):
+        L.append(f"| {n} | {_fmt(r['accuracy'], 4)} | {_fmt(r['nll'], 4)} | {_fmt(r['ece'], 4)} | {_fmt(r['mce'], 4)} | {_fmt(r['brier'], 4)} |")
+        t = r.get("temperature_scaled")
+        if t:
+            L.append(f"| {n}, temperature-scaled (T = {t['temperature']:.3f}) | {_fmt(t['accuracy'], 4)} | {_fmt(t['nll'], 4)} | "
+                     f"{_fmt(t['ece'], 4)} | {_fmt(t['mce'], 4)} | {_fmt(t['brier'], 4)} |")
+    if "reliability" in files:
+        L += ["", f"![reliability diagrams]({files['reliability']})"]
+    L.append("")
+    # OOD
+    if result.get("ood"):
+        L += ["## OOD detection", "",
+              f"In-distribution: the first {result.get('n_ood_in', '?')} test images (positive class); OOD sets: "
+              + ", ".join(f"`{k}` ({v})" for k, v in result.get("ood_set_sizes", {}).items())
+              + ". Higher score = more in-distribution.", "",
+              "| OOD set | score | " + " | ".join(f"AUROC {n}" for n in names) + " | "
+              + " | ".join(f"AUPR {n}" for n in names) + " | " + " | ".join(f"FPR@95TPR {n}" for n in names) + " |",
+              "|---|---|" + "---|" * (3 * len(models))]
+        for name in result["ood"]:
+            for sc in OOD_SCORES:
+                vals = [[(r.get("ood") or {}).get(name, {}).get(sc, {}).get(k) for r in models] for k in ("auroc", "aupr", "fpr95")]
+                L.append(f"| {name} | {SCORE_LABELS[sc]} | " + " | ".join(_fmt(v) for vs in vals for v in vs) + " |")
+        if "roc" in files:
+            L += ["", f"![ROC curves]({files['roc']})"]
+        L.append("")
+    # Robustness
+    if result.get("robustness"):
+        rs = result.get("robustness_settings", {})
+        L += ["## Adversarial robustness", "",
+              f"Attacked subset: the first {rs.get('n_attack')} test images; untargeted, cross-entropy loss, "
+              f"{rs.get('attack_steps')} PGD steps (captum), eps in the **[0, 1] pixel scale** (model inputs are "
+              f"[-1, 1], so the model-space radius is 2 eps). Refined classifier: {rs.get('refined') or 'not run'}; "
+              "it counts as correct on an image only if it survives both that adaptive attack and the plain "
+              "classifier's adversarial image (per-example worst case; the two parts are in report.json).", ""]
+        for key, title in (("linf", "PGD L∞"), ("l2", "PGD L2"), ("fgsm", "FGSM (L∞)")):
+            if not result["robustness"].get(key):
+                continue
+            L += [f"### {title}", "", "| eps | " + " | ".join(f"{n} | {n} refined" for n in names) + " |",
+                  "|---|" + "---|---|" * len(models)]
+            for i, row in enumerate(result["robustness"][key]):
+                cells = []
+                for r in models:
+                    rr = (r.get("robustness") or {}).get(key, [])
+                    rr = rr[i] if i < len(rr) else {}
+                    cells += [_fmt(rr.get("accuracy")), _fmt(rr.get("accuracy_refined"))]
+                L.append(f"| {row['eps']:g} | " + " | ".join(cells) + " |")
+            L.append("")
+        if "robustness" in files:
+            L += [f"![robustness curves]({files['robustness']})", ""]
+    # Samples
+    if result.get("samples"):
+        L += ["## Samples", "",
+              "Class-conditional SGLD samples on E(x, y), judged by a classifier: its accuracy on them, and the Fréchet "
+              "distance between its penultimate features of the samples and of test images (lower is better; the "
+              "floor is the distance between two disjoint test sets of the same size).", "",
+              "| model | judge | samples | SGLD steps (init) | conditional accuracy | classifier FID | FID floor |",
+              "|---|---|---|---|---|---|---|"]
+        for r, n in zip(models, names):
+            sq = r.get("samples")
+            if sq:
+                L.append(f"| {n} | `{sq['judge']}` | {sq['n_samples']} | {sq['steps']} ({sq['init']}) | "
+                         f"{_fmt(sq['conditional_accuracy'])} | {_fmt(sq['classifier_fid'], 2)} | {_fmt(sq['classifier_fid_floor'], 2)} |")
+        for r in models:
+            key = f"samples_{Path(str(r['checkpoint'])).stem}"
+            if key in files:
+                L += ["", f"{_short(r)} (one row per class):", "", f"![samples]({files[key]})"]
+        L.append("")
+    L += ["## Time per part (seconds)", "", "| model | " + " | ".join(["calibration", "ood", "robustness", "samples"]) + " |",
+          "|---|---|---|---|---|"]
+    for r, n in zip(models, names):
+        L.append(f"| {n} | " + " | ".join(_fmt(r.get("seconds", {}).get(k), 1) for k in ("calibration", "ood", "robustness", "samples")) + " |")
+    L.append("")
+    return "\n".join(L)
+
+
+def _strip_private(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _strip_private(x) for k, x in v.items() if not str(k).startswith("_")}
+    if isinstance(v, list):
+        return [_strip_private(x) for x in v]
+    return v
+
+
+def _json_safe(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_json_safe(x) for x in v]
+    return v
+
+
+def write_report(result: dict[str, Any], out_dir: str | os.PathLike, command: str | None = None,
+                 plots: bool = True) -> dict[str, Path]:
+    """Write ``report.json``, ``report.md`` and PNG plots (reliability, ROC, robustness, sample grids).
+
+    Args:
+        result: from :func:`evaluate_checkpoint`.
+        out_dir: folder (created).
+        command: the command line that produced the result (quoted in report.md).
+        plots: draw the PNG files.
+
+    Returns:
+        ``{"json": path, "markdown": path, <plot name>: path, ...}``.
+    """
+    from ..images import save_grid_png
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    models = [result] + ([result["compare"]] if result.get("compare") else [])
+    files: dict[str, str] = {}
+    if plots:
+        _plot_reliability(models, out / "reliability.png")
+        files["reliability"] = "reliability.png"
+        if any(r.get("_artifacts", {}).get("roc") for r in models):
+            _plot_roc(models, out / "ood_roc.png")
+            files["roc"] = "ood_roc.png"
+        if any(r.get("robustness") for r in models):
+            _plot_robustness(models, out / "robustness.png")
+            files["robustness"] = "robustness.png"
+        for r in models:
+            smp = r.get("_artifacts", {}).get("samples")
+            if smp is not None:
+                name = f"samples_{Path(str(r['checkpoint'])).stem}"
+                side = smp["x"].shape[-1]
+                save_grid_png(smp["x"], out / f"{name}.png", nrow=len(smp["x"]) // max(1, int(smp["y"].max()) + 1),
+                              scale=max(1, 56 // side))
+                files[name] = f"{name}.png"
+    data = _json_safe(_rounded(_strip_private(result), 6))
+    (out / "report.json").write_text(json.dumps(data, indent=1) + "\n")
+    (out / "report.md").write_text(_markdown(data, files, command))
+    return {"json": out / "report.json", "markdown": out / "report.md", **{k: out / v for k, v in files.items()}}
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------
+def _nonneg_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
+    if not (v >= 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0; got {s}")
+    return v
+
+
+def _int_at_least(lo: int) -> Callable[[str], int]:
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {s!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}; got {v}")
+        return v
+    return parse
+
+
+def add_cli(sub: argparse._SubParsersAction, commands: dict[str, Callable]) -> None:
+    """Register ``python -m jem_core evaluate`` on the CLI's sub-parsers (called by :mod:`jem_core.cli`)."""
+    p = sub.add_parser(
+        "evaluate", help="calibration, OOD detection, adversarial robustness and sample quality; writes a report",
+        description="Evaluate a checkpoint (and optionally a second one to compare with) and write "
+                    "OUT/report.json, OUT/report.md and PNG plots. eps values are in the [0, 1] pixel scale.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint to evaluate")
+    p.add_argument("--compare", default=None, help="a second checkpoint of the same dataset (e.g. the baseline)")
+    p.add_argument("--data-root", default=None, help="torchvision data root (default $JEM_DATA_ROOT or ~/.cache/jem_explorer/data)")
+    p.add_argument("--ood", nargs="+", default=None, metavar="SET",
+                   help="OOD sets: dataset specs (fashion_mnist, cifar10, npz:PATH, folder:PATH) and/or synthetic "
+                        f"sets ({', '.join(SYNTHETIC_OOD)}). Default: the usual OOD dataset when present "
+                        "(fashion_mnist for MNIST) plus all synthetic sets")
+    p.add_argument("--eps", nargs="+", type=_nonneg_float, default=None, metavar="EPS",
+                   help="L∞ eps values for PGD ([0, 1] pixel scale; default 0 0.05 0.1 0.2 0.3)")
+    p.add_argument("--eps-l2", nargs="+", type=_nonneg_float, default=None, metavar="EPS",
+                   help="L2 eps values for PGD ([0, 1] pixel scale; default 0 0.5 1 2 for 28x28, 0 0.25 0.5 1 for 8x8)")
+    p.add_argument("--eps-fgsm", nargs="*", type=_nonneg_float, default=None, metavar="EPS",
+                   help="FGSM eps values (default: the non-zero L∞ ones; give none to skip FGSM)")
+    p.add_argument("--n-test", type=_int_at_least(1), default=5000, help="test images for accuracy and calibration")
+    p.add_argument("--n-calib", type=_int_at_least(0), default=1000,
+                   help="held-out test images (the last ones) for temperature scaling; 0 = no temperature scaling")
+    p.add_argument("--n-ood", type=_int_at_least(1), default=2000, help="images per OOD set (and in-distribution side)")
+    p.add_argument("--n-attack", type=_int_at_least(1), default=200, help="attacked test images")
+    p.add_argument("--attack-steps", type=_int_at_least(1), default=10, help="PGD steps")
+    p.add_argument("--refine-steps", type=_int_at_least(0), default=5,
+                   help="SGLD steps of the refined classifier (0 = no refined classifier)")
+    p.add_argument("--refine-chains", type=_int_at_least(1), default=4, help="noisy chains averaged by the refined classifier")
+    p.add_argument("--refine-gradient", choices=["bpda", "full"], default="bpda",
+                   help="how the refined classifier is attacked: BPDA + EOT (identity backward) or full "
+                        "back-propagation through the SGLD steps (slower)")
+    p.add_argument("--n-per-class", type=_int_at_least(1), default=20, help="class-conditional samples per class")
+    p.add_argument("--sample-steps", type=_int_at_least(0), default=100, help="SGLD steps per sample")
+    p.add_argument("--bins", type=_int_at_least(1), default=15, help="calibration bins")
+    p.add_argument("--skip", nargs="+", default=[], choices=["calibration", "ood", "robustness", "samples"],
+                   help="parts to leave out (their report keys are null)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
+    p.add_argument("--threads", type=_int_at_least(1), default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is often fastest for these small models "
+                        "on a busy machine)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(cmd="evaluate")
+    commands["evaluate"] = _cmd_evaluate
+
+
+def _cmd_evaluate(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from tqdm.auto import tqdm
+
+    from ..training import select_device
+
+    for spec in a.ood or []:
+        if not is_known_ood_spec(spec):
+            parser.error(f"--ood: unknown set {spec!r}; use {', '.join(SYNTHETIC_OOD)} or a dataset spec "
+                         "(fashion_mnist, mnist, cifar10, cifar100, svhn, npz:PATH, folder:PATH)")
+        if spec not in SYNTHETIC_OOD and not (data_available(spec, a.data_root, "test")
+                                              or data_available(spec, a.data_root, "all")):
+            parser.error(f"--ood: the files of {spec!r} are not in the data root "
+                         f"({a.data_root or 'default'}); pass --data-root or drop it")
+    settings = EvalSettings(n_test=a.n_test, n_calib=a.n_calib, n_ood=a.n_ood, n_attack=a.n_attack,
+                            attack_steps=a.attack_steps, eps_linf=a.eps, eps_l2=a.eps_l2, eps_fgsm=a.eps_fgsm,
+                            refine_steps=a.refine_steps, refine_chains=a.refine_chains,
+                            refine_gradient=a.refine_gradient, n_per_class=a.n_per_class,
+                            sample_steps=a.sample_steps, n_bins=a.bins, temperature=a.n_calib > 0, skip=a.skip,
+                            seed=a.seed)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    bar = None if a.quiet else tqdm(total=1000, desc="evaluate", file=sys.stderr,
+                                    bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
+
+    def progress(f: float) -> None:
+        if bar is not None:
+            bar.update(int(f * 1000) - bar.n)
+
+    def log(stage: str) -> None:
+        if bar is not None:
+            bar.set_description(stage)
+
+    try:
+        result = evaluate_checkpoint(a.checkpoint, a.data_root, a.ood, a.compare, settings,
+                                     device=select_device(a.device), progress=progress, log=log)
+    finally:
+        if bar is not None:
+            bar.close()
+    command = "python -m jem_core " + " ".join(shlex.quote(x) for x in sys.argv[1:]) if sys.argv[1:2] == ["evaluate"] else None
+    paths = write_report(result, a.out, command=command)
+    summary = {k: result[k] for k in ("checkpoint", "accuracy", "ece", "nll")}
+    if result.get("compare"):
+        summary["compare"] = {k: result["compare"][k] for k in ("checkpoint", "accuracy", "ece", "nll")}
+    print(json.dumps({"report": str(paths["json"]), "markdown": str(paths["markdown"]),
+                      "seconds": result["seconds_total"], **_rounded(summary, 4)}))
+    return 0

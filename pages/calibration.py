@@ -1,0 +1,74 @@
+"""Calibration: confidence histograms, reliability diagrams and a table of accuracy, ECE, MCE, NLL, Brier.
+
+Widgets -> :func:`jem_core.evaluation.calibration_report` on ``p(y|x)`` of the test split -> plotly figures.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from app import ui
+from jem_core.evaluation import TemperatureScaled, calibration_report, fit_temperature, predict_logits, predict_proba
+
+
+def main(ctx: ui.Context) -> None:
+    test = ui.need_test_set(ctx)
+    if test is None:
+        return
+    a, b, c, d = st.columns(4)
+    with d:
+        temperature = st.toggle("Add the temperature-scaled baseline", key="cal_temp", disabled=ctx.baseline is None,
+                                help="the stronger standard reference: softmax(f(x) / T), T fitted on the last 20% "
+                                     "of the test split (then left out of the evaluation)", **ui.PERSIST)
+    temperature = temperature and ctx.baseline is not None
+    n_cal = max(2, len(test) // 5) if temperature else 0
+    with a:
+        n = ui.n_test_control(len(test) - n_cal, 2000, key="cal_n")
+    n_bins = b.slider("Number of bins", 5, 30, 15, key="cal_bins", **ui.PERSIST)
+    layout = c.radio("Layout", ["Overlaid", "Side by side"], key="cal_layout", horizontal=True, **ui.PERSIST)
+    y = test.y[:n]
+    reports = {name: calibration_report(ui.test_probabilities(ctx, name, ck, key, n), y, n_bins)
+               for name, ck, key in ctx.models()}
+    if temperature:
+        bname, bck, bkey = ctx.models()[1]
+        xc, yc = test.x[len(test) - n_cal:], test.y[len(test) - n_cal:]
+        t = ui.cached(("temperature", bkey, ctx.dataset, str(ctx.data_root), n_cal),
+                      lambda p: fit_temperature(predict_logits(bck.model, xc, progress=p), yc),
+                      f"Fitting the temperature on {n_cal} held-out test images...")
+        probs = ui.cached(("proba_t", bkey, ctx.dataset, str(ctx.data_root), n, t),
+                          lambda p: predict_proba(TemperatureScaled(bck.model, t), test.x[:n], progress=p),
+                          "Classifying with the temperature-scaled baseline...")
+        reports[f"{bname} + temperature T={t:.2f}"] = calibration_report(probs, y, n_bins)
+
+    table = pd.DataFrame([{"model": name, "accuracy": r.accuracy, "ECE": r.ece, "MCE": r.mce, "NLL": r.nll,
+                           "Brier": r.brier, "test images": n, "bins": n_bins} for name, r in reports.items()])
+    st.subheader(f"Calibration on the first {n} {ctx.dataset} test images")
+    st.dataframe(table, hide_index=True, column_config={k: st.column_config.NumberColumn(format="%.4f")
+                                                        for k in ("accuracy", "ECE", "MCE", "NLL", "Brier")})
+    ui.download_table(table, f"calibration_{ctx.name}", key="cal_table")
+
+    conf = {name: r.confidences for name, r in reports.items()}
+    if layout == "Overlaid":
+        left, right = st.columns(2)
+        with left:
+            ui.show_chart(ui.fig_histograms(conf, "Confidence histogram", "confidence max p(y|x)", n_bins,
+                                            value_range=(0.0, 1.0)), key="cal_hist")
+        with right:
+            ui.show_chart(ui.fig_reliability(reports), key="cal_rel")
+    else:
+        for i, (col, (name, r)) in enumerate(zip(st.columns(len(reports)), reports.items())):
+            with col:
+                color = [ui.COLORS[i % len(ui.COLORS)]]
+                ui.show_chart(ui.fig_histograms({name: r.confidences}, f"Confidence: {name}", "confidence", n_bins,
+                                                colors=color, value_range=(0.0, 1.0)), key=f"cal_hist_{i}")
+                ui.show_chart(ui.fig_reliability({name: r}, f"Reliability: {name}"), key=f"cal_rel_{i}")
+
+    bins = pd.DataFrame([{"model": name, **b} for name, r in reports.items() for b in r.bins_as_dicts()])
+    with st.expander("Reliability bins (per-bin confidence, accuracy and counts)"):
+        st.dataframe(bins, hide_index=True)
+        ui.download_table(bins, f"reliability_bins_{ctx.name}", key="cal_bins_table")
+
+
+ui.run_page(main, "Calibration", "Is the model's confidence its accuracy? JEM versus the standard classifier "
+            "on the test split (ECE with equal-width bins, Guo et al. 2017).")

@@ -1,0 +1,285 @@
+"""Langevin chains: live SGLD chains from the model's energy, in-painting and class translation.
+
+Widgets -> :class:`jem_core.sampling.ChainState` / :class:`~jem_core.sampling.SGLDSampler` -> image grids
+and plotly traces. The live chains advance ``k`` steps per tick of an ``st.fragment``; the chain state
+is per user (``st.session_state``).
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+import torch
+
+from app import ui
+from jem_core.evaluation import predict_logits
+from jem_core.generation import chain_starts
+from jem_core.sampling import MASK_KINDS, ChainState, SGLDSampler, half_mask, init_noise
+
+STEP_SIZES = [0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 2.0]
+NOISES = [0.0, 0.001, 0.003, 0.005, 0.01, 0.02, 0.05, 0.1]
+MAX_UPDATES = ["off", 0.01, 0.02, 0.05, 0.1, 0.2]
+INITS = {"noise": "uniform noise", "buffer": "replay buffer", "test": "test data"}
+LIVE = "lg_live"          # session_state: the live chains
+INPAINT = "lg_inpaint"    # session_state: the last in-painting result
+TRANSLATE = "lg_translate"
+
+
+def sgld_settings() -> None:
+    """The sampler settings shared by the three tools (read back through session_state)."""
+    with st.expander("SGLD settings (all tools)", expanded=True):
+        a, b, c, d, e = st.columns(5)
+        exact = a.toggle("Exact Langevin", key="lg_exact", help="noise std = sqrt(step size), gradient step "
+                         "= step size / 2: the Langevin equation itself (use a small step size, e.g. 0.001)",
+                         **ui.PERSIST)
+        b.select_slider("Step size", STEP_SIZES, value=1.0, key="lg_step_size", **ui.PERSIST)
+        c.select_slider("Noise std", NOISES, value=0.01, key="lg_noise", disabled=exact, **ui.PERSIST)
+        d.select_slider("Max update per pixel", MAX_UPDATES, value="off", key="lg_max_update",
+                        help="clip every pixel's update (JEM++ stabiliser); samples are always clamped to [-1, 1]",
+                        **ui.PERSIST)
+        e.number_input("Seed", 0, 10_000, 0, key="lg_seed", **ui.PERSIST)
+
+
+def make_sampler(ctx: ui.Context, generator: torch.Generator) -> SGLDSampler:
+    ss = st.session_state
+    mu = ss.get("lg_max_update", "off")
+    return SGLDSampler(ctx.model.model, float(ss.get("lg_step_size", 1.0)), float(ss.get("lg_noise", 0.01)),
+                       exact_langevin=bool(ss.get("lg_exact", False)), clamp=True,
+                       max_update=None if mu == "off" else float(mu), generator=generator)
+
+
+def class_choice(ctx: ui.Context, label: str, key: str, unconditional: bool, default: int = 0) -> int | None:
+    names = ctx.class_names
+    options = (["unconditional"] if unconditional else []) + list(range(len(names)))
+    v = st.selectbox(label, options, index=min(default, len(options) - 1), key=key,
+                     format_func=lambda o: o if isinstance(o, str) else f"class {names[o]}", **ui.PERSIST)
+    return None if isinstance(v, str) else int(v)
+
+
+# ------------------------------------------------------------------------------------ live chains
+def start_chains() -> None:
+    ctx = ui.context()
+    if ctx is None:
+        return
+    ss = st.session_state
+    n, init, label = int(ss["lg_n"]), ss["lg_init"], ss.get("lg_class")
+    g = torch.Generator().manual_seed(int(ss.get("lg_seed", 0)))
+    c, h, w = ctx.shape
+    if init == "buffer":
+        x, _ = chain_starts(ctx.model, n, "buffer", g)
+    elif init == "test":
+        test = ctx.test_set()
+        x = test.x[torch.randint(len(test), (n,), generator=g)].clone()
+    else:
+        x = init_noise(n, (c, h, w), g)
+    y = None if label in (None, "unconditional") else torch.full((n,), int(label), dtype=torch.long)
+    ss[LIVE] = {"chain": ChainState(x=x, y=y), "gen": g, "running": True, "model": ctx.key,
+                "init": INITS[init], "label": None if y is None else int(label)}
+
+
+def pause_chains() -> None:
+    if LIVE in st.session_state:
+        st.session_state[LIVE]["running"] = False
+
+
+def resume_chains() -> None:
+    if LIVE in st.session_state:
+        st.session_state[LIVE]["running"] = True
+
+
+def reset_chains() -> None:
+    st.session_state.pop(LIVE, None)
+
+
+def live_view(ctx: ui.Context) -> None:
+    """One tick: advance the running chains by k steps, then draw grid, energies and predictions."""
+    ss = st.session_state
+    s = ss.get(LIVE)
+    if s is None:
+        st.info("Press **Start** to run SGLD chains; the grid and the traces update live.")
+        return
+    chain: ChainState = s["chain"]
+    target = int(ss.get("lg_steps", 200))
+    if s["running"]:
+        k = min(int(ss.get("lg_every", 10)), target - chain.steps)
+        if k > 0:
+            chain.advance(make_sampler(ctx, s["gen"]), k, every=1)
+        if chain.steps >= target:
+            s["running"] = False
+            st.rerun()  # a full rerun stops the timer and updates the buttons
+    what = "E(x)" if s["label"] is None else f"E(x, y={ctx.class_names[s['label']]})"
+    a, b, c = st.columns(3)
+    a.metric("SGLD steps done", f"{chain.steps} / {target}")
+    mean_e = float(chain.energy_history[-1].mean()) if chain.energy_history else float("nan")
+    b.metric(f"Mean energy {what}", f"{mean_e:.3f}")
+    c.metric("Status", "running" if s["running"] else ("finished" if chain.steps >= target else "paused"))
+    left, right = st.columns([2, 3])
+    with left:
+        n = chain.x.shape[0]
+        ui.show_grid(chain.x, f"{n} chains from {s['init']}, {what}, after {chain.steps} steps", key="lg_grid",
+                     file_name=f"{ctx.name}_chains_step{chain.steps}.png")
+    with right:
+        if chain.step_history:
+            energies = torch.stack(chain.energy_history)
+            ui.show_chart(ui.fig_chain_energy(chain.step_history, energies, f"Energy {what} of each chain"),
+                          key="lg_energy")
+            ui.show_chart(ui.fig_chain_predictions(chain.step_history, torch.stack(chain.pred_history),
+                                                   ctx.class_names, "Classifier's prediction for each chain"),
+                          key="lg_preds")
+    st.caption(make_sampler(ctx, s["gen"]).describe())
+
+
+def chains_tab(ctx: ui.Context) -> None:
+    ss = st.session_state
+    inits = ["noise"] + (["buffer"] if ctx.model.replay_buffer is not None else []) + \
+            (["test"] if ctx.test_set() is not None else [])
+    if ss.get("lg_init") not in inits:
+        ss.pop("lg_init", None)
+    a, b, c, d, e = st.columns(5)
+    a.slider("SGLD steps", 10, 2000, 200, step=10, key="lg_steps", **ui.PERSIST)
+    b.slider("Number of chains", 1, 64, 16, key="lg_n", **ui.PERSIST)
+    c.slider("Refresh every k steps", 1, 50, 10, key="lg_every", **ui.PERSIST)
+    d.radio("Start from", inits, format_func=INITS.get, key="lg_init", **ui.PERSIST)
+    with e:
+        class_choice(ctx, "Sample", "lg_class", unconditional=True)
+    s = ss.get(LIVE)
+    if s is not None and s["model"] != ctx.key:
+        reset_chains()
+        s = None
+        st.info("The model changed: the chains were reset.")
+    running = bool(s and s["running"])
+    can_resume = bool(s and not running and s["chain"].steps < int(ss.get("lg_steps", 200)))
+    cols = st.columns(4)
+    cols[0].button("Start", key="lg_start", on_click=start_chains, type="primary",
+                   help="new chains with the settings above (restarts running chains)")
+    cols[1].button("Pause", key="lg_pause", on_click=pause_chains, disabled=not running)
+    cols[2].button("Resume", key="lg_resume", on_click=resume_chains, disabled=not can_resume)
+    cols[3].button("Reset", key="lg_reset", on_click=reset_chains, disabled=s is None)
+
+    @st.fragment(run_every=ui.LIVE_INTERVAL if running else None)
+    def live() -> None:
+        live_view(ctx)
+
+    live()
+
+
+# ------------------------------------------------------------------------------------ in-painting
+def source_images(ctx: ui.Context, n: int, g: torch.Generator, label: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+    """``n`` start images: test images (of class ``label``), else replay-buffer samples (predicted as it)."""
+    test = ctx.test_set()
+    if test is not None:
+        pool = torch.arange(len(test)) if label is None else torch.nonzero(test.y == label).flatten()
+        idx = pool[torch.randperm(len(pool), generator=g)[:n]]
+        return test.x[idx].clone(), test.y[idx].clone(), "test images"
+    buf = ctx.model.replay_buffer
+    if buf is None:
+        raise ValueError("needs the test set or a checkpoint with a replay buffer")
+    pred = predict_logits(ctx.model.model, buf).argmax(1)
+    pool = torch.arange(len(buf)) if label is None else torch.nonzero(pred == label).flatten()
+    if len(pool) == 0:
+        raise ValueError(f"no replay-buffer sample is classified as {label}; load the test set instead")
+    idx = pool[torch.randperm(len(pool), generator=g)[:n]]
+    return buf[idx].clone(), pred[idx].clone(), "replay-buffer samples"
+
+
+def run_chunks(ctx: ui.Context, chain: ChainState, steps: int, chunks: int, g: torch.Generator,
+               label: str) -> list[torch.Tensor]:
+    """Advance ``chain`` in ``chunks`` pieces with a progress bar; returns the state after each piece."""
+    sampler = make_sampler(ctx, g)
+    frames = []
+    bar = st.progress(0.0, text=label)
+    done = 0
+    for i in range(chunks):
+        k = (steps * (i + 1)) // chunks - done
+        if k > 0:
+            chain.advance(sampler, k, every=1)
+            done += k
+        frames.append(chain.x.clone())
+        bar.progress((i + 1) / chunks, text=f"{label} {done}/{steps} steps")
+    bar.empty()
+    return frames
+
+
+def inpaint_tab(ctx: ui.Context) -> None:
+    a, b, c, d = st.columns(4)
+    n = a.slider("Images", 1, 16, 8, key="lp_n", **ui.PERSIST)
+    kind = b.selectbox("Missing part", MASK_KINDS, key="lp_mask", format_func=lambda k: f"{k} half" if k != "patch"
+                       else "random patch", **ui.PERSIST)
+    steps = c.slider("In-painting steps", 10, 1000, 100, step=10, key="lp_steps", **ui.PERSIST)
+    cond = d.toggle("Condition on the label", key="lp_cond", help="sample E(x, y) with the image's label "
+                    "(or its predicted class) instead of E(x)", **ui.PERSIST)
+    if st.button("Run in-painting", key="lp_run", type="primary"):
+        g = torch.Generator().manual_seed(int(st.session_state.get("lg_seed", 0)))
+        x, y, src = source_images(ctx, n, g)
+        mask = half_mask(kind, ctx.shape, g)
+        x0 = torch.where(mask, init_noise(len(x), ctx.shape, g), x)  # masked pixels start from noise
+        chain = ChainState(x=x0.clone(), y=y if cond else None, mask=mask)
+        run_chunks(ctx, chain, steps, 10, g, "In-painting...")
+        st.session_state[INPAINT] = {"x": x, "x0": x0, "chain": chain, "src": src, "kind": kind, "model": ctx.key}
+    r = st.session_state.get(INPAINT)
+    if r is None or r["model"] != ctx.key:
+        st.info("Choose what is missing and press **Run in-painting**: SGLD then samples only the masked pixels.")
+        return
+    chain = r["chain"]
+    cols = st.columns(3)
+    for col, (x, cap, key) in zip(cols, [(r["x"], f"original {r['src']}", "lp_orig"),
+                                         (r["x0"], f"{r['kind']} replaced by noise", "lp_masked"),
+                                         (chain.x, f"in-painted after {chain.steps} steps", "lp_result")]):
+        with col:
+            ui.show_grid(x, cap, key=key, nrow=4, file_name=f"{ctx.name}_inpaint_{key}.png")
+    if chain.step_history:
+        ui.show_chart(ui.fig_chain_energy(chain.step_history, torch.stack(chain.energy_history),
+                                          "Energy while in-painting"), key="lp_energy")
+
+
+# ------------------------------------------------------------------------------ class translation
+def translate_tab(ctx: ui.Context) -> None:
+    names = ctx.class_names
+    a, b, c, d, e = st.columns(5)
+    with a:
+        src = class_choice(ctx, "From class", "ct_from", unconditional=False)
+    with b:
+        dst = class_choice(ctx, "To class", "ct_to", unconditional=False, default=1)
+    n = c.slider("Images", 1, 8, 4, key="ct_n", **ui.PERSIST)
+    steps = d.slider("Translation steps", 10, 1000, 200, step=10, key="ct_steps", **ui.PERSIST)
+    frames = e.slider("Frames on the path", 2, 12, 8, key="ct_frames", **ui.PERSIST)
+    if st.button("Run class translation", key="ct_run", type="primary"):
+        g = torch.Generator().manual_seed(int(st.session_state.get("lg_seed", 0)))
+        x, _, where = source_images(ctx, n, g, label=src)
+        chain = ChainState(x=x.clone(), y=torch.full((len(x),), int(dst), dtype=torch.long))
+        path = run_chunks(ctx, chain, steps, frames, g, "Translating...")
+        st.session_state[TRANSLATE] = {"x": x, "path": path, "chain": chain, "src": src, "dst": dst,
+                                       "where": where, "model": ctx.key}
+    r = st.session_state.get(TRANSLATE)
+    if r is None or r["model"] != ctx.key:
+        st.info("Pick a source and a target class and press **Run class translation**: conditional SGLD on "
+                "E(x, y=target) starts from images of the source class.")
+        return
+    chain = r["chain"]
+    k = len(r["path"]) + 1
+    tiles = torch.stack([r["x"]] + r["path"], dim=1).flatten(0, 1)  # row = one image's path
+    ui.show_grid(tiles, f"{names[r['src']]} -> {names[r['dst']]}: each row starts from one of the {r['where']} "
+                 f"(left) and shows {k - 1} frames of {chain.steps} steps", key="ct_path", nrow=k,
+                 file_name=f"{ctx.name}_translate_{r['src']}_to_{r['dst']}.png")
+    left, right = st.columns(2)
+    with left:
+        ui.show_chart(ui.fig_chain_energy(chain.step_history, torch.stack(chain.energy_history),
+                                          f"Energy E(x, y={names[r['dst']]})"), key="ct_energy")
+    with right:
+        ui.show_chart(ui.fig_chain_predictions(chain.step_history, torch.stack(chain.pred_history), names,
+                                               "Classifier's prediction along the path"), key="ct_preds")
+
+
+def main(ctx: ui.Context) -> None:
+    sgld_settings()
+    chains, inpaint, translate = st.tabs(["Chains", "In-painting", "Class translation"])
+    with chains:
+        chains_tab(ctx)
+    with inpaint:
+        inpaint_tab(ctx)
+    with translate:
+        translate_tab(ctx)
+
+
+ui.run_page(main, "Langevin chains", "SGLD on the model's energy: x <- x - step * dE/dx + noise. "
+            "Chains from noise, the replay buffer or test images; in-painting; class translation.")

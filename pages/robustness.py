@@ -1,0 +1,145 @@
+"""Robustness: PGD (L∞, L2) and FGSM from captum.robust; accuracy versus eps for the baseline, JEM and JEM
+with SGLD refinement before classifying; a gallery of clean / adversarial / difference images.
+
+Widgets -> :func:`jem_core.evaluation.robustness_curve` and :func:`~jem_core.evaluation.attack` -> plotly.
+Attack results are per user (``st.session_state``).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from app import ui
+from jem_core.evaluation import RefinedClassifier, attack, calibration_report, predict_logits, robustness_curve
+from jem_core.evaluation.robustness import default_eps
+
+ATTACKS = {"pgd_linf": "PGD L∞", "pgd_l2": "PGD L2", "fgsm": "FGSM (L∞)"}
+RESULT = "rb_result"
+N_GALLERY = 8
+# robustness_curve takes a PGD step size only in newer library versions; the control follows it.
+CURVE_HAS_STEP_SIZE = "step_size" in inspect.signature(robustness_curve).parameters
+
+
+def settings(ctx: ui.Context, total: int) -> dict:
+    side = ctx.shape[-1]
+    a, b, c, d = st.columns(4)
+    kind = a.radio("Attack", list(ATTACKS), format_func=ATTACKS.get, key="rb_attack", **ui.PERSIST)
+    norm = "l2" if kind == "pgd_l2" else "linf"
+    top = default_eps(norm, side)[-1]
+    with b:
+        eps_max = st.slider(f"Largest eps ({'L2' if norm == 'l2' else 'L∞'}, [0, 1] pixel scale)", 0.0,
+                            round(2 * top, 2), float(top), step=0.01 if norm == "linf" else 0.05, key=f"rb_eps_{norm}",
+                            **ui.PERSIST)
+        points = st.slider("Eps values on the curve", 2, 8, 4, key="rb_points", **ui.PERSIST)
+    with c:
+        steps = st.slider("PGD steps", 1, 50, 10, key="rb_steps", disabled=kind == "fgsm", **ui.PERSIST)
+        step_size = st.number_input("PGD step size (0 = auto, 2.5·eps/steps)", 0.0, 1.0, 0.0, step=0.005,
+                                    format="%.3f", key="rb_step_size", disabled=kind == "fgsm", **ui.PERSIST)
+        random_start = st.toggle("Random start", key="rb_random_start", disabled=kind == "fgsm", **ui.PERSIST)
+    with d:
+        n = ui.n_test_control(total, 100, key="rb_n")
+        refine = st.toggle("Also JEM with SGLD refinement", value=True, key="rb_refine",
+                           help="run SGLD on E(x) from the input before classifying; attacked with BPDA + EOT",
+                           **ui.PERSIST)
+        r1, r2 = st.columns(2)
+        refine_steps = r1.number_input("Refinement steps", 1, 50, 5, key="rb_refine_steps", disabled=not refine,
+                                       **ui.PERSIST)
+        refine_chains = r2.number_input("Chains", 1, 8, 2, key="rb_refine_chains", disabled=not refine, **ui.PERSIST)
+    eps = [0.0] if eps_max == 0 else [round(float(e), 4) for e in np.linspace(0.0, eps_max, points)]
+    return {"kind": kind, "eps": eps, "steps": int(steps), "step_size": float(step_size) or None,
+            "random_start": bool(random_start), "n": int(n), "refine": bool(refine),
+            "refine_steps": int(refine_steps), "refine_chains": int(refine_chains),
+            "models": [k for _, _, k in ctx.models()], "dataset": ctx.dataset}
+
+
+def run_attacks(ctx: ui.Context, s: dict) -> dict:
+    test = ctx.test_set()
+    x, y = test.x[: s["n"]], test.y[: s["n"]]
+    models = ctx.models()
+    extra = {"step_size": s["step_size"]} if CURVE_HAS_STEP_SIZE else {}
+    curves: dict[str, list[dict]] = {}
+    bar = st.progress(0.0, text="Attacking...")
+    for i, (name, ck, _) in enumerate(models):
+        refined = (RefinedClassifier(ck.model, s["refine_steps"], s["refine_chains"], seed=0)
+                   if s["refine"] and i == 0 else None)
+
+        def progress(f: float, i: int = i, name: str = name) -> None:
+            bar.progress(min(1.0, (i + f) / len(models)), text=f"Attacking {name} ({s['n']} images)...")
+
+        out = robustness_curve(ck.model, x, y, {s["kind"]: s["eps"]}, s["steps"], refined,
+                               random_start=s["random_start"], progress=progress, **extra)
+        rows = next(iter(out.values()))
+        curves[name] = [r["accuracy"] for r in rows]
+        if refined is not None:
+            curves[f"{name} + SGLD refinement"] = [r["accuracy_refined"] for r in rows]
+    bar.empty()
+    return {"settings": s, "curves": curves}
+
+
+def gallery(ctx: ui.Context, r: dict) -> None:
+    s = r["settings"]
+    test = ctx.test_set()
+    x, y = test.x[:N_GALLERY], test.y[:N_GALLERY]
+    names = {name: (ck, key) for name, ck, key in ctx.models()}
+    a, b = st.columns(2)
+    who = a.selectbox("Attacked model", list(names), key="rb_gallery_model")
+    eps = b.select_slider("Gallery eps", s["eps"], value=s["eps"][-1], key="rb_gallery_eps")
+    ck, key = names[who]
+    xa = ui.cached(("adv", key, ctx.dataset, s["kind"], eps, s["steps"], s["step_size"], s["random_start"]),
+                   lambda p: attack(ck.model, x, y, s["kind"], eps, s["steps"], s["step_size"], s["random_start"]),
+                   f"Attacking {N_GALLERY} images at eps {eps}...")
+    labels = ctx.class_names
+    clean_pred = predict_logits(ck.model, x).argmax(1).tolist()
+    adv_pred = predict_logits(ck.model, xa).argmax(1).tolist()
+    cols = st.columns(3)
+    for col, (imgs, cap, k) in zip(cols, [
+            (x, "clean, predicted: " + " ".join(labels[p] for p in clean_pred), "rb_clean"),
+            (xa, f"adversarial (eps {eps}), predicted: " + " ".join(labels[p] for p in adv_pred), "rb_adv"),
+            (ui.difference_images(xa, x), "difference (scaled to full contrast)", "rb_diff")]):
+        with col:
+            ui.show_grid(imgs, cap, key=k, nrow=4, file_name=f"{ctx.name}_{k}_eps{eps}.png")
+    st.caption(f"True labels: {' '.join(labels[int(v)] for v in y)} · changed by the attack: "
+               f"{sum(p != q for p, q in zip(clean_pred, adv_pred))} of {N_GALLERY}")
+
+
+def main(ctx: ui.Context) -> None:
+    test = ui.need_test_set(ctx)
+    if test is None:
+        return
+    s = settings(ctx, len(test))
+    if not CURVE_HAS_STEP_SIZE and s["step_size"] is not None:
+        st.caption("The accuracy curve uses the automatic step size (this library version's robustness_curve "
+                   "takes none); the gallery uses the one set here.")
+    if st.button("Run attacks", key="rb_run", type="primary"):
+        st.session_state[RESULT] = run_attacks(ctx, s)
+    r = st.session_state.get(RESULT)
+    if r is None or r["settings"]["models"] != s["models"] or r["settings"]["dataset"] != ctx.dataset:
+        st.info("Choose the attack and press **Run attacks** (a few seconds for 100 digits; MNIST with "
+                "refinement takes longer: start with fewer test images).")
+        return
+    if r["settings"] != s:
+        st.warning("The settings changed since the last run: press **Run attacks** to update the results below.")
+    rs = r["settings"]
+    clean = {name: calibration_report(ui.test_probabilities(ctx, name, ck, key, rs["n"]), test.y[: rs["n"]], 15)
+             .accuracy for name, ck, key in ctx.models()}
+    cols = st.columns(len(clean))
+    for col, (name, acc) in zip(cols, clean.items()):
+        col.metric(f"Clean accuracy: {name}", f"{acc:.4f}")
+    colors = {name: ui.COLORS[i % len(ui.COLORS)] for i, name in enumerate(r["curves"])}
+    ui.show_chart(ui.fig_lines(rs["eps"], r["curves"], f"{ATTACKS[rs['kind']]}: accuracy under attack "
+                               f"({rs['n']} test images, {rs['steps']} steps)", "eps ([0, 1] pixel scale)",
+                               "accuracy", yrange=(0, 1.02), colors=colors), key="rb_curve")
+    table = pd.DataFrame({"eps": rs["eps"], **{f"accuracy: {k}": v for k, v in r["curves"].items()}})
+    st.subheader("Accuracy under attack")
+    st.dataframe(table, hide_index=True)
+    ui.download_table(table, f"robustness_{ctx.name}_{rs['kind']}", key="rb_table")
+    st.subheader("Gallery")
+    gallery(ctx, r)
+
+
+ui.run_page(main, "Robustness", "Adversarial attacks from captum.robust; eps in the [0, 1] pixel scale "
+            "(MNIST eps 0.3 = 30% of the pixel range). SGLD refinement is attacked with BPDA + EOT.")

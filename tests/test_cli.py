@@ -1,0 +1,73 @@
+"""The CLI on real checkpoints: train, sample, score; bad input gives argparse-style errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, check=True):
+    r = subprocess.run([sys.executable, "-m", "jem_core", *map(str, args)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    if check and r.returncode != 0:
+        raise AssertionError(f"exit {r.returncode}\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def test_train_writes_checkpoint_and_resume_continues(tmp_path):
+    out = tmp_path / "m.pt"
+    r = run_cli("train", "--dataset", "digits", "--epochs", "1", "--max-iters-per-epoch", "3", "--sgld-steps", "2",
+                "--buffer-size", "100", "--keep-buffer", "10", "--out", out, "--quiet")
+    lines = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
+    assert lines[0]["epoch"] == 1 and lines[-1]["checkpoint"] == str(out)
+    assert out.exists() and Path(str(out) + ".resume.pt").exists()
+    r = run_cli("train", "--dataset", "digits", "--epochs", "2", "--max-iters-per-epoch", "3", "--sgld-steps", "2",
+                "--buffer-size", "100", "--keep-buffer", "10", "--out", out, "--quiet", "--resume")
+    assert json.loads(r.stdout.splitlines()[-1])["epochs"] == 2
+
+
+def test_sample_writes_a_png_grid(tiny_jem, tmp_path):
+    png = tmp_path / "s.png"
+    r = run_cli("sample", "--checkpoint", tiny_jem, "--out", png, "--n", "9", "--steps", "3", "--label", "4")
+    img = Image.open(png)
+    assert img.size[0] > 3 * 8 and json.loads(r.stdout.splitlines()[-1])["steps"] == 3
+
+
+def test_score_prints_one_json_line_per_image_and_survives_bad_files(tiny_jem, tmp_path):
+    good = tmp_path / "digit.png"
+    arr = np.zeros((28, 28), np.uint8)
+    arr[6:22, 12:16] = 255  # a light "1" on dark
+    Image.fromarray(arr).save(good)
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    r = run_cli("score", "--checkpoint", tiny_jem, good, bad, tmp_path / "missing.png")
+    rows = [json.loads(l) for l in r.stdout.splitlines()]
+    assert [row["image"] for row in rows] == [str(good), str(bad), str(tmp_path / "missing.png")]
+    ok = rows[0]
+    assert 0 <= ok["label"] < 10 and abs(sum(ok["probabilities"]) - 1) < 1e-5
+    assert 0 <= ok["percentile"] <= 100 and ok["log_px"] == pytest.approx(-ok["energy"])
+    assert "error" in rows[1] and "error" in rows[2]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--dataset", "digits", "--sgld-steps", "-3", "--out", "x.pt"], "--sgld-steps: must be >= 0"),
+    (["train", "--dataset", "nope", "--out", "x.pt"], "unknown dataset 'nope'"),
+    (["train", "--dataset", "svhn", "--data-root", "/nonexistent", "--out", "x.pt", "--epochs", "1"], "Put the files at"),
+    (["sample", "--checkpoint", "missing.pt", "--out", "x.png"], "does not exist"),
+    (["train", "--dataset", "digits", "--lr", "-1", "--out", "x.pt"], "--lr: must be a positive number"),
+])
+def test_bad_arguments_give_argparse_errors_not_tracebacks(args, message, tmp_path, monkeypatch):
+    r = run_cli(*args, check=False)
+    assert r.returncode == 2
+    assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sample_label_out_of_range_is_refused(tiny_jem, tmp_path):
+    r = run_cli("sample", "--checkpoint", tiny_jem, "--out", tmp_path / "x.png", "--label", "12", check=False)
+    assert r.returncode == 2 and "--label must lie in [0, 10)" in r.stderr

@@ -1,0 +1,109 @@
+"""SGLD and the replay buffer: the sampler reaches known distributions and keeps its promises."""
+
+import pytest
+import torch
+
+from jem_core.energy import JEM
+from jem_core.models import ConvNet
+from jem_core.sampling import ChainState, ReplayBuffer, SGLDSampler, half_mask
+
+
+class GaussianLogit(torch.nn.Module):
+    """A one-logit 'classifier' with E(x) = ||x - mu||^2 / (2 sigma^2): p(x) = N(mu, sigma^2)."""
+
+    def __init__(self, mu, sigma):
+        super().__init__()
+        self.mu, self.sigma = mu, sigma
+
+    def forward(self, x):
+        return (-0.5 * ((x - self.mu) / self.sigma) ** 2).flatten(1).sum(1, keepdim=True)
+
+
+def test_exact_langevin_reaches_gaussian_mean_and_variance():
+    mu, sigma = 0.3, 0.2
+    g = torch.Generator().manual_seed(0)
+    s = SGLDSampler(GaussianLogit(mu, sigma), step_size=0.002, exact_langevin=True, clamp=False, generator=g)
+    x = s.run(torch.full((4000, 1, 1, 2), -0.8), 1500)
+    assert abs(x.mean().item() - mu) < 0.01
+    assert abs(x.std().item() - sigma) / sigma < 0.05
+
+
+def test_exact_langevin_ties_noise_to_step_size_and_practical_decouples():
+    m = GaussianLogit(0.0, 1.0)
+    assert SGLDSampler(m, step_size=0.04, noise_std=0.5, exact_langevin=True).noise_std == pytest.approx(0.2)
+    assert SGLDSampler(m, step_size=1.0, noise_std=0.01).noise_std == pytest.approx(0.01)
+
+
+def test_zero_noise_step_is_gradient_descent_on_energy():
+    s = SGLDSampler(GaussianLogit(0.0, 1.0), step_size=0.1, noise_std=0.0, clamp=False)
+    x = torch.full((2, 1, 1, 1), 0.5)
+    # E = x^2/2, dE/dx = x; x <- x - 0.1 * x
+    assert torch.allclose(s.step(x), torch.full_like(x, 0.45))
+    assert torch.equal(x, torch.full_like(x, 0.5)), "step() must not modify its input"
+
+
+def test_clamp_mask_and_max_update():
+    s = SGLDSampler(GaussianLogit(5.0, 0.1), step_size=1.0, noise_std=0.0, clamp=True)
+    x = torch.zeros(1, 1, 4, 4)
+    mask = half_mask("top", (1, 4, 4))
+    out = s.step(x, mask=mask)
+    assert out[..., :2, :].eq(1.0).all(), "masked-in pixels move and are clamped to 1"
+    assert out[..., 2:, :].eq(0.0).all(), "pixels outside the mask stay fixed"
+    s2 = SGLDSampler(GaussianLogit(5.0, 0.1), step_size=1.0, noise_std=0.0, clamp=False, max_update=0.05)
+    assert torch.allclose(s2.step(x), torch.full_like(x, 0.05))
+
+
+def test_same_seed_same_chain():
+    model = JEM(ConvNet(1, 10, image_size=8)).eval()
+    x0 = torch.rand(4, 1, 8, 8) * 2 - 1
+    runs = [SGLDSampler(model, generator=torch.Generator().manual_seed(3)).run(x0, 5) for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_sampler_does_not_change_or_accumulate_parameter_gradients():
+    model = JEM(ConvNet(1, 10, image_size=8)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ChainState(torch.rand(3, 1, 8, 8) * 2 - 1).advance(SGLDSampler(model), 4, every=2)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters()), "flags are restored after sampling"
+
+
+def test_chain_state_records_every_k_steps():
+    model = JEM(ConvNet(1, 10, image_size=8)).eval()
+    st = ChainState(torch.rand(5, 1, 8, 8) * 2 - 1)
+    st.advance(SGLDSampler(model), 10, every=4)
+    assert st.steps == 10 and st.step_history == [4, 8, 10]
+    assert st.energy_history[0].shape == (5,) and st.pred_history[0].dtype == torch.int64
+
+
+def test_replay_buffer_reinit_frequency_is_respected():
+    buf = ReplayBuffer(1000, (1, 2, 2), reinit_freq=0.2, generator=torch.Generator().manual_seed(0))
+    buf.buffer.fill_(5.0)  # anything still 5.0 was not re-initialised
+    n_fresh = 0
+    for _ in range(50):
+        x, _ = buf.sample(200)
+        n_fresh += int((x.flatten(1) != 5.0).all(1).sum())
+    assert abs(n_fresh / (50 * 200) - 0.2) < 0.02
+
+
+def test_replay_buffer_update_is_in_place_and_per_class_blocks():
+    buf = ReplayBuffer(100, (1, 2, 2), reinit_freq=0.0, n_classes=10, generator=torch.Generator().manual_seed(0))
+    storage = buf.buffer.data_ptr()
+    x, idx = buf.sample(8, y=torch.full((8,), 3))
+    assert ((idx >= 30) & (idx < 40)).all(), "class 3 draws from its own block"
+    buf.update(idx, torch.full_like(x, 0.5))
+    assert buf.buffer.data_ptr() == storage
+    assert torch.equal(buf.buffer[idx], torch.full_like(x, 0.5))
+
+
+def test_bad_sampler_settings_are_refused():
+    m = GaussianLogit(0.0, 1.0)
+    with pytest.raises(ValueError, match="step_size"):
+        SGLDSampler(m, step_size=0)
+    with pytest.raises(ValueError, match="noise_std"):
+        SGLDSampler(m, noise_std=-1)
+    with pytest.raises(ValueError, match="reinit_freq"):
+        ReplayBuffer(10, (1, 2, 2), reinit_freq=1.5)
+    with pytest.raises(ValueError, match="n_steps"):
+        SGLDSampler(m).run(torch.zeros(1, 1, 1, 1), -1)

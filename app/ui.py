@@ -14,7 +14,6 @@ bar while it computes. Per-user state (chains, attack results, training runs) li
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
@@ -60,6 +59,7 @@ _UPLOADS = "_jem_upload_bytes"      # digest -> bytes of uploaded checkpoints
 _UPLOAD_ERRORS = "_jem_upload_errors"
 _NEXT_MODEL = "_jem_select_next"    # a label to select in the picker on the next run
 _DEFAULT_NOTE = "_jem_default_note"
+TRAIN_RUN = "tr_run"                # the Train page's current run (a dict filled by its background thread)
 
 
 # ------------------------------------------------------------------------------------ data root
@@ -119,6 +119,15 @@ def add_session_entry(entry: ModelEntry, select: bool = False) -> None:
         extra.append(entry)
     if select:
         st.session_state[_NEXT_MODEL] = entry.label
+
+
+def register_finished_training() -> None:
+    """Put the checkpoint of a finished (or stopped) training run of this session into the picker."""
+    run = st.session_state.get(TRAIN_RUN)
+    if run and run["status"] != "running" and not run["registered"]:
+        run["registered"] = True
+        if Path(run["out"]).is_file():
+            add_session_entry(ModelEntry(f"{run['name']} (trained here)", "trained", run["out"]))
 
 
 def _mtime(path: str) -> int:
@@ -285,7 +294,8 @@ def _default_pair(entries: list[ModelEntry], root: Path) -> tuple[str | None, st
     else:
         why = (f"MNIST is not in the data root {root} (the MNIST models still work without it: "
                "choose them in the picker; pages that need test images will say so)")
-    return dm or db, db if dm else None, f"Opened on the digits pair (scikit-learn's 8x8 digits, always available): {why}."
+    note = f"Opened on the digits pair (scikit-learn's 8x8 digits, always available): {why}."
+    return dm or db, db if dm else None, note
 
 
 def _handle_uploads(entries_now: list[ModelEntry]) -> None:
@@ -325,13 +335,15 @@ def _model_card(ck: LoadedCheckpoint, title: str) -> None:
     acc_text = f"**{acc * 100:.2f}%**" if isinstance(acc, (int, float)) else "not recorded"
     st.markdown(f"**{title}**  \ndataset: `{m.get('dataset', '?')}` · objective: `{objective}`  \n"
                 f"test accuracy: {acc_text}")
+    nll = metrics.get("test_nll")
     extra = {"architecture": f"{m.get('arch')} {m.get('arch_kwargs') or ''}", "parameters": m.get("parameters"),
              "input": "x".join(str(v) for v in shape_of(ck)), "epochs": metrics.get("epochs"),
-             "test NLL": metrics.get("test_nll"), "SGLD": m.get("sgld"),
+             "test NLL": f"{nll:.4f}" if isinstance(nll, (int, float)) else None, "SGLD": m.get("sgld"),
              "divergence events": len(m.get("divergence_events") or []),
              "replay buffer": None if ck.replay_buffer is None else f"{len(ck.replay_buffer)} samples",
              "library version": m.get("version")}
-    st.caption(" · ".join(f"{k}: {v}" for k, v in extra.items() if v not in (None, "")))
+    with st.expander(f"Details: {title.split(': ')[-1]}"):
+        st.caption("  \n".join(f"{k}: {v}" for k, v in extra.items() if v not in (None, "")))
 
 
 def sidebar() -> Context | None:
@@ -341,12 +353,14 @@ def sidebar() -> Context | None:
     sb.markdown("### Model")
     picker = sb.container()
     bundled = bundled_entries()
+    register_finished_training()
     _handle_uploads(bundled + session_entries())
     data_box = sb.expander("Data root")
     with data_box:
         detected, why = detected_data_root()
         root_text = st.text_input("Data root", value=str(detected), key="sb_data_root",
-                                  help="torchvision-style folder with MNIST/, FashionMNIST/, ... (nothing is downloaded)")
+                                  help="torchvision-style folder with MNIST/, FashionMNIST/, ... "
+                                       "(nothing is downloaded)")
     root = Path(root_text.strip() or str(detected)).expanduser()
     why = why if root == detected else "set in the sidebar"
 
@@ -397,10 +411,10 @@ def sidebar() -> Context | None:
         dataset = st.selectbox("Dataset", options, key="sb_dataset",
                                help="test images used by the evaluation pages (the model's own dataset first)")
         ok = _dataset_ok(dataset, root)
+        st.info(st.session_state.get(_DEFAULT_NOTE, ""))
         _model_card(ck, f"Model card: {entry.name}")
         if base_ck is not None and base_entry is not None:
             _model_card(base_ck, f"Baseline: {base_entry.name}")
-        st.info(st.session_state.get(_DEFAULT_NOTE, ""))
     for b in broken:
         sb.warning(f"Skipped a checkpoint that does not load: {b}")
     with data_box:
@@ -536,7 +550,8 @@ def show_chart(fig: go.Figure, key: str) -> None:
 # ----------------------------------------------------------------------------------- figures
 def _layout(fig: go.Figure, title: str, xlabel: str, ylabel: str, height: int = 360) -> go.Figure:
     fig.update_layout(title=title, xaxis_title=xlabel, yaxis_title=ylabel, height=height,
-                      margin=dict(l=10, r=10, t=50, b=10), legend=dict(orientation="h", y=-0.2))
+                      margin=dict(l=10, r=10, t=50, b=10),
+                      legend=dict(orientation="h", yanchor="top", y=-0.28, xanchor="left", x=0))
     return fig
 
 
@@ -545,7 +560,8 @@ def _np(v: Any) -> np.ndarray:
 
 
 def fig_histograms(values: dict[str, Any], title: str, xlabel: str, nbins: int = 40, overlay: bool = True,
-                   colors: Sequence[str] | None = None, value_range: tuple[float, float] | None = None) -> go.Figure:
+                   colors: Sequence[str] | None = None, value_range: tuple[float, float] | None = None,
+                   log_y: bool = False) -> go.Figure:
     """Histograms (as fractions of each set) of several sets of values, overlaid or grouped.
 
     All sets share the same ``nbins`` bins over ``value_range`` (default: the range of all values).
@@ -564,6 +580,8 @@ def fig_histograms(values: dict[str, Any], title: str, xlabel: str, nbins: int =
                           xbins=dict(start=value_range[0], end=value_range[1] + 1e-9, size=size),
                           marker_color=colors[i % len(colors)])
     fig.update_layout(barmode="overlay" if overlay else "group")
+    if log_y:
+        fig.update_yaxes(type="log")
     return _layout(fig, title, xlabel, "fraction of images")
 
 
@@ -661,17 +679,22 @@ def fig_probabilities(probs: Sequence[float], names: Sequence[str], title: str =
     return _layout(fig, title, "class", "probability", 260)
 
 
-def fig_maps(maps: dict[str, Any], title: str, signed: dict[str, bool] | None = None, height: int = 260) -> go.Figure:
-    """Side-by-side heat maps of 2-D arrays (attribution maps, differences), image orientation."""
+def fig_maps(maps: dict[str, Any], title: str, signed: dict[str, bool] | None = None, height: int = 260,
+             fixed: dict[str, tuple[float, float]] | None = None) -> go.Figure:
+    """Side-by-side heat maps of 2-D arrays (attribution maps, differences), image orientation.
+
+    Signed maps use a diverging scale centred on 0 (red = positive); others grey from their minimum to
+    maximum, or over ``fixed[name]`` (e.g. ``(0, 1)`` for a picture).
+    """
     names = list(maps)
     fig = make_subplots(rows=1, cols=len(names), subplot_titles=names, horizontal_spacing=0.04)
     for i, name in enumerate(names, start=1):
         z = _np(maps[name])
         is_signed = (signed or {}).get(name, bool(np.nanmin(z) < 0))
         lim = float(np.nanmax(np.abs(z))) or 1.0
-        fig.add_heatmap(z=z, row=1, col=i, colorscale="RdBu_r" if is_signed else "Gray",
-                        zmin=-lim if is_signed else float(np.nanmin(z)), zmax=lim, showscale=False,
-                        hovertemplate="row %{y}, col %{x}: %{z:.3g}<extra></extra>")
+        lo, hi = (fixed or {}).get(name, (-lim if is_signed else float(np.nanmin(z)), lim))
+        fig.add_heatmap(z=z, row=1, col=i, colorscale="RdBu_r" if is_signed else "Gray", zmin=lo, zmax=hi,
+                        showscale=False, hovertemplate="row %{y}, col %{x}: %{z:.3g}<extra></extra>")
         fig.update_yaxes(autorange="reversed", scaleanchor=f"x{i if i > 1 else ''}", showticklabels=False,
                          row=1, col=i)
         fig.update_xaxes(showticklabels=False, row=1, col=i)

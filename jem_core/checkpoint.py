@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,15 +63,77 @@ class LoadedCheckpoint:
     raw: dict[str, Any]
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (``os.umask`` would race with other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # exists (another user's) or cannot tell: keep its file
+    return True
+
+
+#: A temp file without a writer's pid in its name (written before pids were recorded) counts as
+#: stale once it is this old (seconds).
+_STALE_TEMP_AGE = 600.0
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete temp files of ``path`` (``.NAME.PID.XXXXXXXX.tmp``) left by writers killed mid-write.
+
+    Only this target's temp files, and only those whose writer (the pid in the name) no longer runs;
+    temp files of live processes, this one included, are left alone. Best effort: errors are ignored.
+    """
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:(\d+)\.)?[a-z0-9_]{{8}}\.tmp")
+    try:
+        names = [n for n in os.listdir(path.parent) if n.endswith(".tmp")]
+    except OSError:
+        return
+    for n in names:
+        m = pattern.fullmatch(n)
+        if m is None:
+            continue
+        f = path.parent / n
+        try:
+            if m.group(1) is not None:
+                pid = int(m.group(1))
+                if pid == os.getpid() or _pid_alive(pid):
+                    continue
+            elif time.time() - f.stat().st_mtime < _STALE_TEMP_AGE:
+                continue
+            f.unlink()
+        except OSError:
+            pass
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``.
 
-    A crash at any point leaves either the old file or the new one, never a partial file.
+    A crash at any point leaves either the old file or the new one, never a partial file. The temp
+    file is ``.NAME.PID.XXXX.tmp``; a process killed mid-write leaves it behind, and the next
+    successful save of the same target deletes it (temp files of live writers are kept). The file
+    gets the usual permissions (``0o666`` less the umask), not ``mkstemp``'s ``0o600``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())
+        except (AttributeError, OSError):  # no fchmod (Windows) or a file system without modes
+            pass
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -89,6 +153,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         except OSError:
             pass
         raise
+    _remove_stale_temps(path)
 
 
 def _plain(v: Any) -> Any:
@@ -138,6 +203,30 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, metadata: dict[st
     atomic_torch_save(obj, path)
 
 
+def _file_head(source: str | os.PathLike | bytes, n: int = 8) -> bytes:
+    if isinstance(source, (bytes, bytearray)):
+        return bytes(source[:n])
+    try:
+        with open(source, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return b""
+
+
+_MAGIC = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+          (b"%PDF", "a PDF document"), (b"BM", "a BMP image"), (b"\x1f\x8b", "a gzip file"))
+
+
+def _file_kind(head: bytes) -> str | None:
+    """What a file that is not a checkpoint looks like, from its first bytes (None: no idea)."""
+    if not head:
+        return "an empty file"
+    kind = next((k for magic, k in _MAGIC if head.startswith(magic)), None)
+    if kind is None and all(32 <= c < 127 or c in b"\t\r\n" for c in head):
+        kind = "a text file"
+    return kind
+
+
 def read_checkpoint(source: str | os.PathLike | bytes, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint file (or its bytes) safely and check its structure; no model is built.
 
@@ -152,12 +241,23 @@ def read_checkpoint(source: str | os.PathLike | bytes, map_location: str | torch
         f = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
         obj = torch.load(f, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types here (UnpicklingError, RuntimeError, EOFError...)
-        msg = str(e).split("\n")[0][:300]
-        if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
+        text = str(e)
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        # torch's weights_only message starts with generic advice (never follow it: it says to load
+        # unsafely); the specific reason is the line naming the global or the opcode.
+        msg = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else "")[:300]
+        if not lines or isinstance(e, (KeyError, EOFError)):
+            msg = f"{type(e).__name__}: {msg}".rstrip(": ")
+        head = _file_head(source)
+        # A refused global, or a raw pickle stream (protocol 2+ starts with 0x80) that the safe
+        # unpickler cannot parse: either could run code if loaded unsafely.
+        if "GLOBAL" in text or "Unsupported global" in text or ("Unsupported operand" in text and head[:1] == b"\x80"):
             raise CheckpointError(
                 f"{name} was refused: it contains Python objects that could run code when unpickled "
                 f"(only tensors and plain values are accepted). Re-save it as a state dict. Detail: {msg}") from e
-        raise CheckpointError(f"{name} is not a readable checkpoint (corrupt, truncated or another format): {msg}") from e
+        kind = _file_kind(head)
+        raise CheckpointError(f"{name} is not a readable checkpoint (corrupt, truncated or another format"
+                              f"{'; it is ' + kind if kind else ''}): {msg}") from e
     if not isinstance(obj, dict) or "state_dict" not in obj or "metadata" not in obj:
         keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
         hint = (" It looks like an official JEM checkpoint: convert it with "

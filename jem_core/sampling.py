@@ -29,7 +29,7 @@ from torch import nn
 
 from .energy import class_energy, energy
 
-__all__ = ["SGLDSampler", "SGLDReport", "ReplayBuffer", "ChainState", "init_noise", "half_mask",
+__all__ = ["SGLDSampler", "SGLDReport", "ReplayBuffer", "ClassGaussians", "ChainState", "init_noise", "half_mask",
            "patch_mask", "MASK_KINDS", "frozen_parameters"]
 
 MASK_KINDS = ("top", "bottom", "left", "right", "patch")
@@ -197,6 +197,95 @@ class SGLDSampler:
         return out
 
 
+def _ppca(x: torch.Tensor, r: int, min_var: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Probabilistic PCA of rows ``x`` ``[n, D]`` (n >= 2): mean ``[D]``, factor ``[D, r]``, residual std ``[]``.
+
+    The maximum-likelihood solution (Tipping & Bishop 1999): the residual variance is the mean of the
+    discarded eigenvalues, and the kept directions carry the rest of their variance.
+    """
+    n, d = x.shape
+    mu = x.mean(0)
+    xc = x - mu
+    total = xc.pow(2).sum() / (n - 1)  # the covariance's trace
+    if d <= 1024:  # exact eigen-decomposition of the D x D covariance
+        evals, evecs = torch.linalg.eigh(xc.T @ xc / (n - 1))
+        evals, evecs = evals.flip(0)[:r].clamp_min(0), evecs.flip(1)[:, :r]
+    else:  # randomised SVD: the top directions without a D x D eigenproblem
+        q = min(r, n)
+        _, sv, evecs = torch.svd_lowrank(xc, q=q)
+        evals = torch.nn.functional.pad(sv.pow(2) / (n - 1), (0, r - q))
+        evecs = torch.nn.functional.pad(evecs, (0, r - q))
+    resid = ((total - evals.sum()) / max(1, d - r)).clamp_min(0)
+    return mu, evecs * (evals - resid).clamp_min(0).sqrt(), resid.clamp_min(min_var).sqrt()
+
+
+class ClassGaussians:
+    """Per-class Gaussians fitted to training images: JEM++'s informative start for SGLD chains.
+
+    JEM++ (Yang & Ji 2021, sec. 3.3) starts chains from ``N(mu_y, Sigma_y)`` of the training images
+    of a class ``y`` instead of ``U[-1, 1]`` noise: chains start near the data, so 5-10 clipped SGLD
+    steps do the work of 20 and training stays stable. Each covariance is kept as probabilistic PCA
+    (Tipping & Bishop 1999): the top ``rank`` principal directions plus one variance for the rest,
+    exact when ``rank >= C*H*W`` and ``K * rank * C*H*W`` floats otherwise.
+
+    Args:
+        mean: ``[K, D]`` class means (``D = C*H*W``).
+        factor: ``[K, D, R]``, so that ``Sigma_k ~= factor_k factor_k^T + residual_std_k^2 I``.
+        residual_std: ``[K]``.
+        shape: ``(C, H, W)``.
+    """
+
+    def __init__(self, mean: torch.Tensor, factor: torch.Tensor, residual_std: torch.Tensor,
+                 shape: tuple[int, int, int]):
+        self.mean, self.factor, self.residual_std, self.shape = mean, factor, residual_std, tuple(shape)
+
+    @classmethod
+    def fit(cls, x: torch.Tensor, y: torch.Tensor, n_classes: int, rank: int = 64,
+            min_var: float = 1e-4) -> "ClassGaussians":
+        """Fit to images ``x`` ``[N, C, H, W]`` in ``[-1, 1]`` with labels ``y`` ``[N]`` int64.
+
+        ``min_var`` floors the residual variance (JEM++ adds ``1e-4 I``); a class with fewer than
+        two images gets the Gaussian of all images.
+        """
+        flat = x.detach().flatten(1)
+        r = max(1, min(rank, flat.shape[1]))
+        y = y.to(flat.device)
+        everything = None
+        parts = []
+        for k in range(n_classes):
+            xk = flat[y == k]
+            if len(xk) < 2:
+                if everything is None:
+                    everything = _ppca(flat.double(), r, min_var)
+                parts.append(everything)
+            else:
+                parts.append(_ppca(xk.double(), r, min_var))
+        mean, factor, std = (torch.stack([p[i] for p in parts]).float() for i in range(3))
+        return cls(mean, factor, std, tuple(x.shape[1:]))
+
+    @property
+    def n_classes(self) -> int:
+        return self.mean.shape[0]
+
+    def to(self, device: torch.device | str) -> "ClassGaussians":
+        """The same Gaussians on ``device``."""
+        return ClassGaussians(self.mean.to(device), self.factor.to(device), self.residual_std.to(device), self.shape)
+
+    def sample(self, n: int, y: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` draws ``[n, C, H, W]`` clamped to ``[-1, 1]``, from classes ``y`` ``[n]`` (None: random classes)."""
+        dev = self.mean.device
+        if y is None:
+            y = torch.randint(0, self.n_classes, (n,), generator=generator, device=dev)
+        y = y.to(dev).long()
+        out = torch.randn((n, self.mean.shape[1]), generator=generator, device=dev)
+        z = torch.randn((n, self.factor.shape[2]), generator=generator, device=dev)
+        for k in y.unique().tolist():  # one matmul per class present, not a [n, D, R] gather
+            rows = y == k
+            out[rows] = torch.addmm(torch.addcmul(self.mean[k], out[rows], self.residual_std[k]), z[rows],
+                                    self.factor[k].T)
+        return out.clamp_(-1.0, 1.0).view(n, *self.shape)
+
+
 class ReplayBuffer:
     """Persistent replay buffer of SGLD samples (PCD; Tieleman 2008; JEM sec. 4).
 
@@ -211,6 +300,8 @@ class ReplayBuffer:
         n_classes: None for one shared block, else K per-class blocks.
         generator: random source (on ``device``).
         device: where the buffer lives (the model's device: no host copies per step).
+        init: None for ``U[-1, 1]`` noise (JEM), or :class:`ClassGaussians` to start and restart
+            chains from the data's class Gaussians (JEM++; per-class blocks from their own class).
 
     Raises:
         ValueError: bad size or reinit frequency.
@@ -218,7 +309,7 @@ class ReplayBuffer:
 
     def __init__(self, size: int, shape: tuple[int, int, int], reinit_freq: float = 0.05,
                  n_classes: int | None = None, generator: torch.Generator | None = None,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", init: ClassGaussians | None = None):
         if not 0.0 <= reinit_freq <= 1.0:
             raise ValueError(f"reinit_freq must lie in [0, 1]; got {reinit_freq}")
         if n_classes is not None:
@@ -230,7 +321,20 @@ class ReplayBuffer:
         self.n_classes = n_classes
         self.generator = generator
         self.device = torch.device(device)
-        self.buffer = init_noise(size, self.shape, generator, self.device)
+        if init is not None and init.shape != self.shape:
+            raise ValueError(f"class Gaussians of shape {init.shape} for a buffer of shape {self.shape}")
+        self.init = None if init is None else init.to(self.device)
+        rows = torch.arange(size, device=self.device)
+        self.buffer = self._fresh(rows, None if n_classes is None else rows // (size // n_classes))
+
+    def _fresh(self, rows: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """New chain starts for buffer ``rows``: U[-1, 1] noise, or draws from the class Gaussians
+        (of classes ``y``; else of the rows' blocks when per-class; else of random classes)."""
+        if self.init is None:
+            return init_noise(len(rows), self.shape, self.generator, self.device)
+        if y is None and self.n_classes is not None:
+            y = rows // (len(self) // self.n_classes)
+        return self.init.sample(len(rows), y, self.generator)
 
     def __len__(self) -> int:
         return self.buffer.shape[0]
@@ -259,7 +363,7 @@ class ReplayBuffer:
         if self.reinit_freq > 0:
             fresh = torch.rand(n, generator=self.generator, device=self.device) < self.reinit_freq
             if bool(fresh.any()):
-                x[fresh] = init_noise(int(fresh.sum()), self.shape, self.generator, self.device)
+                x[fresh] = self._fresh(idx[fresh], None if y is None else y.to(self.device)[fresh])
         return x, idx
 
     def update(self, idx: torch.Tensor, x: torch.Tensor) -> None:
@@ -271,7 +375,7 @@ class ReplayBuffer:
         bad = ~torch.isfinite(self.buffer.flatten(1)).all(dim=1)
         k = int(bad.sum())
         if k:
-            self.buffer[bad] = init_noise(k, self.shape, self.generator, self.device)
+            self.buffer[bad] = self._fresh(bad.nonzero().squeeze(1))
         return k
 
     def subset(self, n: int) -> torch.Tensor:

@@ -13,8 +13,9 @@ Semi-supervised (``labels_per_class``): CE sees the labelled subset only; the p(
 images (the seed's "train on unlabeled data" claim). Both objectives run the same number of
 iterations per epoch (one pass of the full training set), so they see the same number of updates.
 
-The divergence guard: after every iteration, a non-finite loss, gradient or energy, or an energy
-magnitude above ``divergence_threshold`` counts as divergence; the trainer rolls back to the last
+The divergence guard: after every iteration, a non-finite loss, gradient or energy, an energy
+magnitude above ``divergence_threshold``, or SGLD samples that are non-finite or beyond
+``SAMPLE_ABS_LIMIT`` (data lie in [-1, 1]) count as divergence; the trainer rolls back to the last
 good snapshot (model, optimizer, buffer), multiplies the learning rate by ``lr_backoff`` and goes
 on. After ``max_retries`` recoveries it stops with :class:`TrainingDiverged`; the checkpoints on
 disk are only ever written from healthy states.
@@ -40,7 +41,7 @@ from .checkpoint import CheckpointError, atomic_torch_save, load_checkpoint, rea
 from .data import ImageDataset, augment, labelled_subset, load_dataset
 from .energy import JEM, log_px_unnormalized
 from .models import build_model, count_parameters
-from .sampling import ReplayBuffer, SGLDSampler
+from .sampling import ClassGaussians, ReplayBuffer, SGLDSampler
 
 __all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "EpochMetrics", "reference_statistics",
            "evaluate_classifier", "resume_path", "select_device"]
@@ -48,6 +49,12 @@ __all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "EpochMetrics", "refere
 
 class TrainingDiverged(RuntimeError):
     """Training diverged more often than the guard's retry limit allows."""
+
+
+#: The divergence guard's bound on SGLD samples: data lie in [-1, 1], so a sample with a pixel beyond
+#: +-SAMPLE_ABS_LIMIT (or a non-finite one) means the sampler exploded (e.g. a far too large step size
+#: without clamping), even while the energies still look finite.
+SAMPLE_ABS_LIMIT = 100.0
 
 
 def select_device(device: str | None = None) -> torch.device:
@@ -93,6 +100,9 @@ class TrainConfig:
     exact_langevin: bool = False
     sgld_clamp: bool = True
     sgld_max_update: float | None = None
+    sgld_bf16: bool = False             # SGLD gradients under bf16 autocast (faster on bf16 CPUs/GPUs)
+    sgld_init: str = "uniform"          # chain (re)starts: "uniform" U[-1, 1] (JEM) or "gaussian" (JEM++ class Gaussians)
+    channels_last: bool = False         # weights in channels_last layout (faster oneDNN convolutions on CPUs)
     buffer_size: int = 10000
     reinit_freq: float = 0.05
     data_noise: float = 0.03
@@ -131,6 +141,7 @@ class TrainConfig:
             (self.max_retries >= 0, f"max retries must be >= 0; got {self.max_retries}"),
             (0 < self.lr_backoff < 1, f"lr backoff must lie in (0, 1); got {self.lr_backoff}"),
             (self.energy_l2 >= 0, f"energy L2 penalty must be >= 0; got {self.energy_l2}"),
+            (self.sgld_init in ("uniform", "gaussian"), f"SGLD init must be 'uniform' or 'gaussian'; got {self.sgld_init!r}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -240,7 +251,8 @@ class Trainer:
             src = load_checkpoint(config.init_from)
             backbone.load_state_dict(src.model.f.state_dict())
             self.log(f"initialised weights from {config.init_from}")
-        self.model = JEM(backbone).to(self.device)
+        self.model = JEM(backbone).to(self.device,
+                                      memory_format=torch.channels_last if config.channels_last else torch.preserve_format)
         self.ddp_model: nn.Module = self.model
         if self.world_size > 1:
             # DDP broadcasts rank 0's weights here, so the per-rank seeds above do not matter for them.
@@ -261,12 +273,18 @@ class Trainer:
         self.flip = config.flip if config.flip is not None else config.dataset.startswith("cifar")
         if config.objective == "jem":
             per_rank = max(1, config.buffer_size // self.world_size)
+            init = None
+            if config.sgld_init == "gaussian":  # fitted to the labelled images only (semi-supervised)
+                lab = self.labelled if self.labelled is not None else slice(None)
+                init = ClassGaussians.fit(self.train_set.x[lab], self.train_set.y[lab], k)
             self.buffer: ReplayBuffer | None = ReplayBuffer(
                 per_rank, (c, h, h), config.reinit_freq, n_classes=k if config.pxy_weight > 0 else None,
-                generator=torch.Generator(self.device).manual_seed(config.seed + 7 + self.rank), device=self.device)
+                generator=torch.Generator(self.device).manual_seed(config.seed + 7 + self.rank), device=self.device,
+                init=init)
             self.sampler: SGLDSampler | None = SGLDSampler(
                 self.model, config.sgld_step_size, config.sgld_noise, config.exact_langevin, config.sgld_clamp,
-                config.sgld_max_update, generator=torch.Generator(self.device).manual_seed(config.seed + 11 + self.rank))
+                config.sgld_max_update, generator=torch.Generator(self.device).manual_seed(config.seed + 11 + self.rank),
+                bf16=config.sgld_bf16)
         else:
             self.buffer, self.sampler = None, None
         self._has_train_mode_layers = any(isinstance(m, (nn.BatchNorm2d, nn.Dropout)) for m in self.model.modules())
@@ -409,7 +427,7 @@ class Trainer:
             if c.energy_l2 > 0:
                 loss = loss + c.energy_l2 * (lse_d.pow(2).mean() + lse_q.pow(2).mean())
             out.update(ce=float(ce.detach()), px=float(px.detach()), energy_data=float(-lse_d.detach().mean()),
-                       energy_samples=float(-lse_q.detach().mean()))
+                       energy_samples=float(-lse_q.detach().mean()), sample_absmax=float(x_q.detach().abs().max()))
             logits = logits_lab
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -429,6 +447,10 @@ class Trainer:
                 return f"non-finite {k.replace('_', ' ')}"
             if abs(v) > self.cfg.divergence_threshold:
                 return f"|{k.replace('_', ' ')}| = {abs(v):.3g} above {self.cfg.divergence_threshold:g}"
+        m = s.get("sample_absmax")
+        if m is not None and not m <= SAMPLE_ABS_LIMIT:  # (NaN fails the comparison too)
+            return (f"SGLD samples left the data range (max |x| = {m:.3g}, limit {SAMPLE_ABS_LIMIT:g}; data lie in "
+                    "[-1, 1]): the SGLD step size is too large")
         return None
 
     # -- the loop --------------------------------------------------------------------------------
@@ -539,8 +561,11 @@ class Trainer:
             "history": [dataclasses.asdict(h) for h in self.history],
             "buffer": buf_state, "rng": rng, "world_size": self.world_size, "rng_per_rank": rng_per_rank,
         }
-        save_checkpoint(resume_path(out), self.model, meta, None, trainer=trainer_state)
+        # The checkpoint first, the resume state second: a kill between the two leaves the resume state
+        # one epoch behind, so `--resume` redoes that epoch and rewrites both (the other order could
+        # leave a finished run whose checkpoint lacks its last epoch, with nothing left to rewrite it).
         save_checkpoint(out, self.model, meta, small_buf)
+        save_checkpoint(resume_path(out), self.model, meta, None, trainer=trainer_state)
         self.log(f"saved {out} (epoch {self.epoch})")
 
     def resume(self, path: str | os.PathLike) -> None:

@@ -18,9 +18,10 @@ def main(ctx: ui.Context) -> None:
         return
     a, b, c, d = st.columns(4)
     with d:
-        temperature = st.toggle("Add the temperature-scaled baseline", key="cal_temp", disabled=ctx.baseline is None,
+        temperature = st.toggle("Temperature-scaled baseline", key="cal_temp", disabled=ctx.baseline is None,
                                 help="the stronger standard reference: softmax(f(x) / T), T fitted on the last 20% "
                                      "of the test split (then left out of the evaluation)", **ui.PERSIST)
+        log_y = st.toggle("Log scale histograms", value=True, key="cal_log", **ui.PERSIST)
     temperature = temperature and ctx.baseline is not None
     n_cal = max(2, len(test) // 5) if temperature else 0
     with a:
@@ -53,7 +54,7 @@ def main(ctx: ui.Context) -> None:
         left, right = st.columns(2)
         with left:
             ui.show_chart(ui.fig_histograms(conf, "Confidence histogram", "confidence max p(y|x)", n_bins,
-                                            value_range=(0.0, 1.0)), key="cal_hist")
+                                            value_range=(0.0, 1.0), log_y=log_y), key="cal_hist")
         with right:
             ui.show_chart(ui.fig_reliability(reports), key="cal_rel")
     else:
@@ -61,7 +62,8 @@ def main(ctx: ui.Context) -> None:
             with col:
                 color = [ui.COLORS[i % len(ui.COLORS)]]
                 ui.show_chart(ui.fig_histograms({name: r.confidences}, f"Confidence: {name}", "confidence", n_bins,
-                                                colors=color, value_range=(0.0, 1.0)), key=f"cal_hist_{i}")
+                                                colors=color, value_range=(0.0, 1.0), log_y=log_y),
+                              key=f"cal_hist_{i}")
                 ui.show_chart(ui.fig_reliability({name: r}, f"Reliability: {name}"), key=f"cal_rel_{i}")
 
     bins = pd.DataFrame([{"model": name, **b} for name, r in reports.items() for b in r.bins_as_dicts()])

@@ -41,7 +41,7 @@ def settings(ctx: ui.Context, total: int) -> dict:
                                     format="%.3f", key="rb_step_size", disabled=kind == "fgsm", **ui.PERSIST)
         random_start = st.toggle("Random start", key="rb_random_start", disabled=kind == "fgsm", **ui.PERSIST)
     with d:
-        n = ui.n_test_control(total, 100, key="rb_n")
+        n = ui.n_test_control(total, 100 if side <= 8 else 50, key="rb_n")
         refine = st.toggle("Also JEM with SGLD refinement", value=True, key="rb_refine",
                            help="run SGLD on E(x) from the input before classifying; attacked with BPDA + EOT",
                            **ui.PERSIST)

@@ -1,2 +1,125 @@
+"""Score an image: upload PNG/JPEG files and see what the model sees, its class probabilities, the energy,
+the ``log p(x)`` percentile against the test set with an "unusual input" verdict, and captum attributions
+for the predicted class and for the energy.
+
+Widgets -> :func:`jem_core.images.prepare_uploads` -> :func:`jem_core.scoring.score_batch` and
+:func:`jem_core.evaluation.attribution_maps` -> pictures, plotly charts, a table.
+Works offline without the dataset: the percentile uses the checkpoint's reference statistics.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
 import streamlit as st
-st.title("score")
+import torch
+
+from app import ui
+from jem_core.evaluation import attribution_maps
+from jem_core.images import prepare_uploads
+from jem_core.scoring import UNUSUAL_PERCENTILE, score_batch
+
+INVERT = {"Auto": None, "Invert": True, "Don't invert": False}
+METHODS = {"saliency": "saliency |∂/∂x|", "integrated_gradients": "integrated gradients"}
+N_EXAMPLES = 4
+
+
+def inputs(ctx: ui.Context) -> tuple[list[str], torch.Tensor | None, list[list[str]]]:
+    """(names, images [N, C, H, W], preprocessing notes) from the uploads and, optionally, test examples."""
+    c, h, _ = ctx.shape
+    files = st.file_uploader("Upload images (PNG/JPEG)", type=["png", "jpg", "jpeg", "gif", "bmp", "webp", "tif",
+                                                               "tiff"], accept_multiple_files=True, key="score_upload",
+                             help=f"any size or colour: converted to {c}x{h}x{h} like the model's training data")
+    a, b, d = st.columns(3)
+    invert = a.radio("Colour inversion", list(INVERT), key="score_invert", horizontal=True,
+                     help="the model expects light strokes on a dark background; Auto inverts photos of "
+                          "dark-on-light digits", **ui.PERSIST)
+    b.radio("Attribution method", list(METHODS), format_func=METHODS.get, key="score_method", horizontal=True,
+            **ui.PERSIST)
+    examples = d.toggle(f"Add {N_EXAMPLES} test images as examples", key="score_examples",
+                        disabled=ctx.test_set() is None, **ui.PERSIST)
+    names, tensors, notes = [], [], []
+    if files:
+        prepared, errors = prepare_uploads([(f.name, f.getvalue()) for f in files], c, h, INVERT[invert])
+        for _, msg in errors:
+            st.error(msg)
+        for p in prepared:
+            names.append(p.name)
+            tensors.append(p.tensor)
+            notes.append(p.notes)
+    test = ctx.test_set()
+    if examples and test is not None:
+        for i in range(min(N_EXAMPLES, len(test))):
+            names.append(f"test image {i} (label {ctx.class_names[int(test.y[i])]})")
+            tensors.append(test.x[i])
+            notes.append([f"from the {ctx.dataset} test split, as stored"])
+    return names, (torch.stack(tensors) if tensors else None), notes
+
+
+def verdict(r, dataset: str) -> None:
+    if r.percentile is None:
+        st.info("This checkpoint carries no reference statistics, so there is no percentile.")
+    elif r.unusual:
+        st.warning(f"Unusual input: log p(x) is at the {r.percentile:.1f}th percentile of the {dataset} test set "
+                   f"(below {UNUSUAL_PERCENTILE:g}%).")
+    else:
+        st.success(f"Typical input: log p(x) is at the {r.percentile:.1f}th percentile of the {dataset} test set.")
+
+
+def main(ctx: ui.Context) -> None:
+    names, x, notes = inputs(ctx)
+    if x is None:
+        st.info("Upload one or more images (a photo of a handwritten digit works; so does anything else, which "
+                "the energy should flag as unusual).")
+        return
+    ck = ctx.model
+    method = st.session_state.get("score_method", "saliency")
+    results = score_batch(ck.model, x, ck.metadata.get("reference"), ctx.class_names)
+    base = (score_batch(ctx.baseline.model, x, ctx.baseline.metadata.get("reference"), ctx.class_names)
+            if ctx.baseline is not None else None)
+    cls_maps = attribution_maps(ck.model, x, "class", method)
+    energy_maps = attribution_maps(ck.model, x, "energy", method)
+    dataset = str(ck.metadata.get("dataset"))
+    rows = []
+    for i, (name, r) in enumerate(zip(names, results)):
+        row = {"image": name, "predicted label": r.label, "class": r.label_name,
+               "p(predicted)": r.probabilities[r.label], "energy E(x)": r.energy, "log p(x)": r.log_px,
+               "log p(x) percentile": r.percentile, "unusual": r.unusual}
+        if base is not None:
+            row["baseline predicted label"] = base[i].label
+        rows.append(row)
+        with st.container(border=True):
+            st.markdown(f"#### {name}")
+            left, mid, right = st.columns([1, 2, 3])
+            with left:
+                st.image(ui.grid(x[i:i + 1]), caption="as the model sees it")
+                st.markdown(f"Predicted label: **{r.label}**" + (f" ({r.label_name})" if r.label_name != str(r.label)
+                                                                   else ""))
+                if base is not None:
+                    st.caption(f"baseline {ctx.baseline_entry.name} predicts {base[i].label} "
+                               f"(p = {base[i].probabilities[base[i].label]:.3f})")
+            with mid:
+                ui.show_chart(ui.fig_probabilities(r.probabilities, ctx.class_names, "class probabilities p(y|x)"),
+                              key=f"score_probs_{i}")
+            with right:
+                maps = {"input": ui.image_map(x[i]), f"class {r.label_name}": cls_maps[i],
+                        "energy -E(x)": energy_maps[i]}
+                signed = {f"class {r.label_name}": method != "saliency", "energy -E(x)": method != "saliency"}
+                ui.show_chart(ui.fig_maps(maps, f"Attributions ({METHODS[method]})", signed, fixed={"input": (0, 1)}),
+                              key=f"score_maps_{i}")
+            m1, m2, m3, v = st.columns([1, 1, 1, 3])
+            m1.metric("Energy E(x)", f"{r.energy:.3f}")
+            m2.metric("log p(x)", f"{r.log_px:.3f}", help="unnormalised: logsumexp of the logits = -E(x)")
+            m3.metric("Percentile", "n/a" if r.percentile is None else f"{r.percentile:.1f}",
+                      help=f"of log p(x) among the {dataset} test images (checkpoint's reference statistics)")
+            with v:
+                verdict(r, dataset)
+            with st.expander("Preprocessing steps"):
+                st.write("\n".join(f"- {n}" for n in notes[i]) or "none")
+    table = pd.DataFrame(rows)
+    st.subheader("All images")
+    st.dataframe(table, hide_index=True)
+    ui.download_table(table, f"scores_{ctx.name}", key="score_table")
+
+
+ui.run_page(main, "Score an image", "Upload images and see the prediction, the energy and whether the "
+            "model finds the input unusual; works offline from the checkpoint alone.")

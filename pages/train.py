@@ -1,2 +1,236 @@
+"""Train: a JEM, a baseline or a semi-supervised JEM in a background thread, with live loss, accuracy and
+E(data) - E(samples) curves, a refreshing sample grid, divergence-recovery events and a Stop button.
+The result joins the model picker (this session only) and can be downloaded or saved into a folder.
+
+Widgets -> :class:`jem_core.training.Trainer` (``fit`` in a ``threading.Thread``, ``request_stop``) ->
+plotly curves of what its callbacks recorded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
 import streamlit as st
-st.title("train")
+
+from app import ui
+from jem_core.data import BUILTIN_DATASETS, data_available
+from jem_core.training import TrainConfig, Trainer, TrainingDiverged
+
+RUN = ui.TRAIN_RUN  # session_state: the current (or last) training run
+OBJECTIVES = {"jem": "JEM", "baseline": "Baseline (cross-entropy)", "semi": "Semi-supervised JEM"}
+MAX_POINTS = 1500  # points per curve drawn
+
+
+def train_worker(run: dict, cfg: TrainConfig, out: Path) -> None:
+    """Runs in the background thread: never touches Streamlit, only the ``run`` dict."""
+    try:
+        trainer = Trainer(cfg, out=out, on_iteration=run["iterations"].append,
+                          on_epoch=lambda m: run["epochs"].append(dataclasses.asdict(m)), log=run["log"].append)
+        run["trainer"] = trainer
+        if run["stop"]:
+            trainer.request_stop()
+        trainer.fit()
+        if trainer.iteration > 0:
+            trainer.save(out)  # the latest state, also after a stop in the middle of an epoch
+        run["status"] = "stopped" if trainer.stopped else "finished"
+    except TrainingDiverged as e:
+        run["status"], run["error"] = "diverged", str(e)
+    except Exception as e:  # noqa: BLE001 - reported in the page
+        run["status"], run["error"] = "error", f"{type(e).__name__}: {e}"
+    finally:
+        run["ended"] = time.time()
+
+
+def datasets(root: Path) -> list[str]:
+    return ["digits"] + [d for d in BUILTIN_DATASETS if d != "digits" and data_available(d, root, "train")]
+
+
+def settings(ctx: ui.Context, disabled: bool) -> tuple[TrainConfig, str]:
+    ss = st.session_state
+    a, b, c, d = st.columns(4)
+    dataset = a.selectbox("Dataset", datasets(ctx.data_root), key="tr_dataset", disabled=disabled, **ui.PERSIST)
+    objective = b.radio("Objective", list(OBJECTIVES), format_func=OBJECTIVES.get, key="tr_objective",
+                        disabled=disabled, **ui.PERSIST)
+    labels = b.number_input("Labels per class", 1, 1000, 10, key="tr_labels", disabled=disabled or objective != "semi",
+                            help="semi-supervised: cross-entropy sees this many labelled images per class, the p(x) "
+                                 "term sees all", **ui.PERSIST)
+    small = dataset == "digits"
+    epochs = c.slider("Epochs", 1, 50, 10 if small else 1, key=f"tr_epochs_{small}", disabled=disabled, **ui.PERSIST)
+    cap = c.number_input("Iterations per epoch (0 = a full pass)", 0, 100_000, 0, key="tr_max_iters",
+                         disabled=disabled, **ui.PERSIST)
+    lr = d.select_slider("Learning rate", [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3], value=1e-3 if small else 1e-4,
+                         key=f"tr_lr_{small}", disabled=disabled, **ui.PERSIST)
+    batch = d.select_slider("Batch size", [16, 32, 64, 128, 256], value=64, key="tr_batch", disabled=disabled,
+                            **ui.PERSIST)
+    jem = objective != "baseline"
+    with st.expander("SGLD and stabilisers", expanded=jem):
+        e, f, g, h, i = st.columns(5)
+        steps = e.slider("SGLD steps per iteration", 1, 40, 10 if small else 5, key=f"tr_sgld_steps_{small}",
+                         disabled=disabled or not jem, **ui.PERSIST)
+        step_size = f.select_slider("SGLD step size", [0.01, 0.1, 0.3, 1.0, 2.0], value=1.0, key="tr_sgld_step",
+                                    disabled=disabled or not jem, **ui.PERSIST)
+        noise = g.select_slider("SGLD noise std", [0.0, 0.001, 0.005, 0.01, 0.02, 0.05], value=0.01,
+                                key="tr_sgld_noise", disabled=disabled or not jem, **ui.PERSIST)
+        max_update = h.select_slider("Max update per pixel", ["off", 0.01, 0.02, 0.05, 0.1],
+                                     value="off" if small else 0.05, key=f"tr_max_update_{small}",
+                                     disabled=disabled or not jem, **ui.PERSIST)
+        l2 = i.select_slider("Energy L2 penalty", [0.0, 0.001, 0.01, 0.1], value=0.0 if small else 0.01,
+                             key=f"tr_l2_{small}", disabled=disabled or not jem, **ui.PERSIST)
+        buf = e.select_slider("Replay buffer size", [500, 1000, 2000, 5000, 10000], value=2000 if small else 10000,
+                              key=f"tr_buffer_{small}", disabled=disabled or not jem, **ui.PERSIST)
+        reinit = f.select_slider("Reinit frequency", [0.0, 0.01, 0.05, 0.1, 0.2], value=0.05, key="tr_reinit",
+                                 disabled=disabled or not jem, **ui.PERSIST)
+        seed = g.number_input("Seed", 0, 10_000, 0, key="tr_seed", disabled=disabled, **ui.PERSIST)
+    run = ss.get(RUN)
+    n_runs = ss.get("tr_count", 0) + (0 if disabled else 1)  # while a run trains, its own number
+    name = st.text_input("Run name", value=run["name"] if disabled and run else f"run{n_runs}_{dataset}_{objective}",
+                         key=f"tr_name_{n_runs}", disabled=disabled)
+    cfg = TrainConfig(dataset=dataset, objective="baseline" if objective == "baseline" else "jem", epochs=int(epochs),
+                      batch_size=int(batch), lr=float(lr), warmup_iters=100 if small else 500, sgld_steps=int(steps),
+                      sgld_step_size=float(step_size), sgld_noise=float(noise),
+                      sgld_max_update=None if max_update == "off" else float(max_update), energy_l2=float(l2),
+                      buffer_size=int(buf), reinit_freq=float(reinit), crop_padding=1 if small else -1,
+                      labels_per_class=int(labels) if objective == "semi" else None, seed=int(seed),
+                      data_root=str(ctx.data_root), max_iters_per_epoch=int(cap) or None, device="cpu",
+                      keep_buffer=400, n_reference=2000)
+    return cfg, "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name.strip()) or f"run{n_runs}"
+
+
+def start(cfg: TrainConfig, name: str) -> None:
+    ss = st.session_state
+    ss["tr_count"] = ss.get("tr_count", 0) + 1
+    out = Path(tempfile.mkdtemp(prefix="jem_explorer_train_")) / f"{name}.pt"
+    run = {"name": name, "config": dataclasses.asdict(cfg), "out": str(out), "status": "running", "stop": False,
+           "iterations": [], "epochs": [], "log": [], "trainer": None, "error": None, "started": time.time(),
+           "ended": None, "registered": False}
+    run["thread"] = threading.Thread(target=train_worker, args=(run, cfg, out), daemon=True, name=f"train-{name}")
+    ss[RUN] = run
+    run["thread"].start()
+
+
+def stop() -> None:
+    run = st.session_state.get(RUN)
+    if run is not None:
+        run["stop"] = True
+        if run["trainer"] is not None:
+            run["trainer"].request_stop()
+
+
+def thin(rows: list) -> list:
+    return rows[:: max(1, len(rows) // MAX_POINTS)]
+
+
+def curves(run: dict) -> None:
+    its = thin(list(run["iterations"]))
+    epochs = list(run["epochs"])
+    if not its:
+        st.info("Loading data and building the model..." if run["status"] == "running" else "No iteration ran.")
+        return
+    x = [r["iteration"] for r in its]
+    ends, total = [], 0
+    for m in epochs:
+        total += m["iterations"]
+        ends.append(total)
+    a, b, c = st.columns(3)
+    with a:
+        ui.show_chart(ui.fig_lines(x, {"loss": [r["loss"] for r in its], "cross-entropy": [r["ce"] for r in its]},
+                                   "Loss", "iteration", "loss", markers=False, height=300), key="tr_loss")
+    with b:
+        fig = ui.fig_lines({"train batch accuracy": x, "test accuracy (epoch end)": ends},
+                           {"train batch accuracy": [r["accuracy"] for r in its],
+                            "test accuracy (epoch end)": [m["test_accuracy"] for m in epochs]},
+                           "Accuracy", "iteration", "accuracy", markers=False, yrange=(0, 1.02), height=300)
+        fig.update_traces(mode="lines+markers", selector=dict(name="test accuracy (epoch end)"))
+        ui.show_chart(fig, key="tr_acc")
+    with c:
+        if run["config"]["objective"] == "jem":
+            ui.show_chart(ui.fig_lines(x, {"E(data) - E(samples)": [r["px"] for r in its],
+                                           "E(data)": [r["energy_data"] for r in its],
+                                           "E(samples)": [r["energy_samples"] for r in its]},
+                                       "Energies", "iteration", "energy", markers=False, height=300), key="tr_energy")
+        else:
+            ui.show_chart(ui.fig_lines(x, {"E(data)": [r["energy_data"] for r in its]}, "Energy of the data",
+                                       "iteration", "energy", markers=False, height=300), key="tr_energy")
+
+
+def live_view() -> None:
+    run = st.session_state.get(RUN)
+    if run is None:
+        st.info("Choose the settings and press **Start training**; curves and samples refresh while it runs.")
+        return
+    if run["status"] != "running" and not run["registered"]:
+        st.rerun()  # full rerun: stops the timer; the sidebar puts the new model into the picker
+    cfg, last = run["config"], (run["iterations"][-1] if run["iterations"] else None)
+    elapsed = (run["ended"] or time.time()) - run["started"]
+    a, b, c, d = st.columns(4)
+    a.metric("Status", run["status"])
+    b.metric("Epoch", f"{len(run['epochs'])} / {cfg['epochs']}")
+    c.metric("Iteration", last["iteration"] if last else 0)
+    d.metric("Test accuracy (last epoch)", f"{run['epochs'][-1]['test_accuracy']:.4f}" if run["epochs"] else "n/a")
+    st.caption(f"{run['name']}: {OBJECTIVES['semi' if cfg['labels_per_class'] else cfg['objective']]} on "
+               f"{cfg['dataset']}, {elapsed:.0f} s")
+    if run["error"]:
+        st.error(run["error"])
+    curves(run)
+    trainer = run["trainer"]
+    left, right = st.columns([2, 3])
+    with left:
+        if trainer is not None and trainer.buffer is not None:
+            ui.show_grid(trainer.buffer.subset(36), "samples in the replay buffer", key="tr_samples", nrow=6,
+                         file_name=f"{run['name']}_samples.png")
+    with right:
+        events = list(trainer.events) if trainer is not None else []
+        st.markdown(f"**Divergence-recovery events: {len(events)}**")
+        if events:
+            st.dataframe(pd.DataFrame(events), hide_index=True)
+        else:
+            st.caption("none so far (the guard rolls back to the last good state and lowers the learning rate)")
+        with st.expander("Log"):
+            st.code("\n".join(run["log"][-30:]) or "(empty)")
+
+
+def result(run: dict) -> None:
+    out = Path(run["out"])
+    if run["status"] == "running" or not out.is_file():
+        return
+    st.success(f"{run['name']} is in the model picker (sidebar) as “{run['name']} (trained here)”.")
+    a, b = st.columns([1, 2])
+    a.download_button("Download checkpoint (.pt)", out.read_bytes(), file_name=out.name,
+                      mime="application/octet-stream", key="tr_download", on_click="ignore")
+    with b:
+        folder = st.text_input("Save into folder", value=str(Path.home() / "jem_models"), key="tr_save_dir")
+        if st.button("Save", key="tr_save"):
+            target = Path(folder).expanduser().resolve()
+            if target == ui.CHECKPOINT_DIR.resolve():
+                st.error("checkpoints/ holds the bundled models: choose another folder.")
+            else:
+                target.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(out, target / out.name)
+                st.success(f"Saved {target / out.name}")
+
+
+def main(ctx: ui.Context) -> None:
+    run = st.session_state.get(RUN)
+    running = bool(run and run["status"] == "running")
+    cfg, name = settings(ctx, disabled=running)
+    a, b, _ = st.columns([1, 1, 4])
+    a.button("Start training", key="tr_start", type="primary", disabled=running, on_click=start, args=(cfg, name))
+    b.button("Stop training", key="tr_stop", disabled=not running, on_click=stop)
+
+    @st.fragment(run_every=1.0 if running else None)
+    def live() -> None:
+        live_view()
+
+    live()
+    if run is not None:
+        result(run)
+
+
+ui.run_page(main, "Train", "Train in the background; the page stays usable and curves refresh every second. "
+            "Digits trains in about a minute; MNIST takes several minutes per epoch on a CPU.")

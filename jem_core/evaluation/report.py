@@ -13,6 +13,24 @@ What is measured, per model (see the modules for the formulas and sources):
   (``[0, 1]`` pixel scale), for the plain and the SGLD-refined classifier (attacked with BPDA + EOT);
 - samples: class-conditional SGLD samples judged by the baseline classifier (accuracy and
   classifier-feature Fréchet distance).
+
+``report.json`` (accuracies, ECE etc. in ``[0, 1]``; NLL in nats; eps in the ``[0, 1]`` pixel scale)::
+
+    {"checkpoint", "dataset", "objective", "semi_supervised", "n_test",
+     "accuracy", "nll", "ece", "mce", "brier", "reliability": [{"lo", "hi", "confidence", "accuracy", "count"}],
+     "temperature_scaled": {"temperature", "n_calib", "accuracy", "nll", "ece", "mce", "brier", "reliability"},
+     "ood": {SET: {"log_px" | "max_prob" | "neg_grad_norm": {"auroc", "aupr", "fpr95"}}},
+     "ood_score_means": {"in_distribution" | SET: {SCORE: mean}}, "n_ood_in",
+     "robustness": {"linf" | "l2" | "fgsm": [{"eps", "accuracy", "accuracy_refined",
+                    "accuracy_refined_adaptive", "accuracy_refined_transfer"}]},
+     "robustness_settings": {"n_attack", "attack_steps", "eps_scale", "refined"},
+     "samples": {"conditional_accuracy", "classifier_fid", "classifier_fid_floor", "n_samples",
+                 "n_reference", "steps", "init", "judge"},
+     "seconds": {part: seconds},
+     "compare": {... the same keys for the --compare model ...} or null,
+     "ood_sets", "ood_set_sizes", "test_set_note", "settings", "seconds_total"}
+
+A part left out with ``--skip`` has the value null.
 """
 
 from __future__ import annotations
@@ -31,9 +49,9 @@ import torch
 
 from ..checkpoint import LoadedCheckpoint, load_checkpoint
 from ..data import SYNTHETIC_OOD, data_available, load_dataset
-from .calibration import TemperatureScaled, calibration_report, fit_temperature, predict_logits
+from .calibration import calibration_report, fit_temperature, predict_logits
 from .ood import OOD_SCORES, SCORE_LABELS, is_known_ood_spec, load_ood_set, ood_metrics, ood_score_table, roc_curve_data
-from .robustness import ATTACK_KEYS, RefinedClassifier, default_eps, robustness_curve
+from .robustness import RefinedClassifier, default_eps, robustness_curve
 from .samples import sample_quality
 
 __all__ = ["EvalSettings", "evaluate_checkpoint", "write_report", "default_ood_sets", "add_cli", "REPORT_KEYS"]
@@ -255,7 +273,7 @@ def evaluate_checkpoint(path: str | os.PathLike, data_root: str | os.PathLike | 
         log: called with the name of each stage as it starts.
 
     Returns:
-        a dict with at least :data:`REPORT_KEYS` (see ``report.json`` in the README), ``"settings"``,
+        a dict with at least :data:`REPORT_KEYS` (layout in the module docstring), ``"settings"``,
         ``"ood_sets"``, ``"compare"`` (same keys, or None), and ``"_artifacts"`` entries (tensors and
         curves for plots; :func:`write_report` leaves keys starting with ``_`` out of report.json).
         Samples are judged by the baseline-objective model of the pair (else by the other model;
@@ -350,12 +368,12 @@ def _panel(draw, box: tuple[int, int, int, int], title: str, xlabel: str, ylabel
            xlim: tuple[float, float], ylim: tuple[float, float],
            lines: Sequence[tuple[str, Sequence[float], Sequence[float], tuple[int, int, int], bool]] = (),
            bars: Sequence[tuple[float, float, float, tuple[int, int, int]]] = (), diagonal: bool = False,
-           legend: str = "top") -> None:
-    """Draw one chart: ``lines`` = (label, xs, ys, colour, dashed); ``bars`` = (x0, x1, height, colour)."""
+           legend: str = "top", under: Sequence[tuple[float, float, float, tuple[int, int, int]]] = ()) -> None:
+    """Draw one chart: ``lines`` = (label, xs, ys, colour, dashed); ``bars``/``under`` = (x0, x1, height, colour)."""
     x0, y0, x1, y1 = box
-    f, fs = _font(14), _font(11)
-    left, right, top, bottom = x0 + 52, x1 - 10, y0 + 26, y1 - 40
-    draw.text(((x0 + x1) // 2, y0 + 4), title, fill=(0, 0, 0), font=f, anchor="ma")
+    f, fs = _font(13), _font(11)
+    left, right, top, bottom = x0 + 52, x1 - 10, y0 + 40, y1 - 40
+    draw.text(((left + right) // 2, y0 + 4), title, fill=(0, 0, 0), font=f, anchor="ma")
     (a, b), (c, d) = xlim, ylim
 
     def px(x: float, y: float) -> tuple[float, float]:
@@ -371,13 +389,17 @@ def _panel(draw, box: tuple[int, int, int, int], title: str, xlabel: str, ylabel
         draw.text((left - 4, gy), f"{yv:.3g}", fill=(60, 60, 60), font=fs, anchor="rm")
     draw.rectangle([left, top, right, bottom], outline=(0, 0, 0))
     draw.text(((left + right) // 2, y1 - 18), xlabel, fill=(0, 0, 0), font=fs, anchor="ma")
-    draw.text((x0 + 4, top - 20), ylabel, fill=(0, 0, 0), font=fs)
+    draw.text((x0 + 4, top - 16), ylabel, fill=(0, 0, 0), font=fs)
     if diagonal:
         draw.line([px(a, c), px(b, d)], fill=(150, 150, 150), width=1)
     for bx0, bx1, h, col in bars:
-        if h == h:  # skip NaN (empty bins)
+        if h is not None and h == h:  # skip NaN / None (empty bins)
             p0, p1 = px(bx0, c), px(bx1, h)
             draw.rectangle([p0[0] + 1, p1[1], p1[0] - 1, p0[1]], fill=col + (170,), outline=col)
+    for bx0, bx1, h, col in under:  # a second, translucent bar series (e.g. bin counts)
+        if h is not None and h == h and h > 0:
+            p0, p1 = px(bx0, c), px(bx1, h)
+            draw.rectangle([p0[0] + 3, p1[1], p1[0] - 3, p0[1]], fill=col + (200,))
     legend_y = top + 4 if legend == "top" else bottom - 6 - 15 * sum(1 for ln in lines if ln[0])
     for label, xs, ys, col, dashed in lines:
         pts = [px(x, y) for x, y in zip(xs, ys) if y is not None and y == y]
@@ -420,8 +442,10 @@ def _plot_reliability(models: list[dict], path: Path) -> None:
         bins = r[key]["reliability"] if key else r["reliability"]
         ece = r[key]["ece"] if key else r["ece"]
         title = f"{_short(r)}{' T-scaled' if key else ''}: ECE {ece:.3f}"
-        _panel(draw, (i * w, 0, (i + 1) * w, h), title, "confidence", "accuracy", (0, 1), (0, 1),
-               bars=[(b["lo"], b["hi"], b["accuracy"], _COLORS[0]) for b in bins], diagonal=True)
+        n = max(1, sum(b["count"] for b in bins))
+        _panel(draw, (i * w, 0, (i + 1) * w, h), title, "confidence (grey: share of images per bin)", "accuracy",
+               (0, 1), (0, 1), bars=[(b["lo"], b["hi"], b["accuracy"], _COLORS[0]) for b in bins], diagonal=True,
+               under=[(b["lo"], b["hi"], b["count"] / n, (90, 90, 90)) for b in bins])
     img.save(path)
 
 
@@ -507,7 +531,8 @@ def _markdown(result: dict, files: dict[str, str], command: str | None) -> str:
         for name in result["ood"]:
             for sc in OOD_SCORES:
                 vals = [[(r.get("ood") or {}).get(name, {}).get(sc, {}).get(k) for r in models] for k in ("auroc", "aupr", "fpr95")]
-                L.append(f"| {name} | {SCORE_LABELS[sc]} | " + " | ".join(_fmt(v) for vs in vals for v in vs) + " |")
+                label = SCORE_LABELS[sc].replace("|", "\\|")  # a bare | would split the table cell
+                L.append(f"| {name} | {label} | " + " | ".join(_fmt(v) for vs in vals for v in vs) + " |")
         if "roc" in files:
             L += ["", f"![ROC curves]({files['roc']})"]
         L.append("")
@@ -665,24 +690,24 @@ def add_cli(sub: argparse._SubParsersAction, commands: dict[str, Callable]) -> N
                    help="L2 eps values for PGD ([0, 1] pixel scale; default 0 0.5 1 2 for 28x28, 0 0.25 0.5 1 for 8x8)")
     p.add_argument("--eps-fgsm", nargs="*", type=_nonneg_float, default=None, metavar="EPS",
                    help="FGSM eps values (default: the non-zero L∞ ones; give none to skip FGSM)")
-    p.add_argument("--n-test", type=_int_at_least(1), default=5000, help="test images for accuracy and calibration")
+    p.add_argument("--n-test", type=_int_at_least(1), default=5000, help="test images for accuracy and calibration (default %(default)s)")
     p.add_argument("--n-calib", type=_int_at_least(0), default=1000,
-                   help="held-out test images (the last ones) for temperature scaling; 0 = no temperature scaling")
-    p.add_argument("--n-ood", type=_int_at_least(1), default=2000, help="images per OOD set (and in-distribution side)")
-    p.add_argument("--n-attack", type=_int_at_least(1), default=200, help="attacked test images")
-    p.add_argument("--attack-steps", type=_int_at_least(1), default=10, help="PGD steps")
+                   help="held-out test images (the last ones) for temperature scaling; 0 = no temperature scaling (default %(default)s)")
+    p.add_argument("--n-ood", type=_int_at_least(1), default=2000, help="images per OOD set (and in-distribution side) (default %(default)s)")
+    p.add_argument("--n-attack", type=_int_at_least(1), default=200, help="attacked test images (default %(default)s)")
+    p.add_argument("--attack-steps", type=_int_at_least(1), default=10, help="PGD steps (default %(default)s)")
     p.add_argument("--refine-steps", type=_int_at_least(0), default=5,
-                   help="SGLD steps of the refined classifier (0 = no refined classifier)")
-    p.add_argument("--refine-chains", type=_int_at_least(1), default=4, help="noisy chains averaged by the refined classifier")
+                   help="SGLD steps of the refined classifier (0 = no refined classifier) (default %(default)s)")
+    p.add_argument("--refine-chains", type=_int_at_least(1), default=4, help="noisy chains averaged by the refined classifier (default %(default)s)")
     p.add_argument("--refine-gradient", choices=["bpda", "full"], default="bpda",
                    help="how the refined classifier is attacked: BPDA + EOT (identity backward) or full "
-                        "back-propagation through the SGLD steps (slower)")
-    p.add_argument("--n-per-class", type=_int_at_least(1), default=20, help="class-conditional samples per class")
-    p.add_argument("--sample-steps", type=_int_at_least(0), default=100, help="SGLD steps per sample")
-    p.add_argument("--bins", type=_int_at_least(1), default=15, help="calibration bins")
+                        "back-propagation through the SGLD steps (slower) (default %(default)s)")
+    p.add_argument("--n-per-class", type=_int_at_least(1), default=20, help="class-conditional samples per class (default %(default)s)")
+    p.add_argument("--sample-steps", type=_int_at_least(0), default=100, help="SGLD steps per sample (default %(default)s)")
+    p.add_argument("--bins", type=_int_at_least(1), default=15, help="calibration bins (default %(default)s)")
     p.add_argument("--skip", nargs="+", default=[], choices=["calibration", "ood", "robustness", "samples"],
                    help="parts to leave out (their report keys are null)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
     p.add_argument("--threads", type=_int_at_least(1), default=None,
                    help="torch CPU threads (default: torch's choice; 1 is often fastest for these small models "

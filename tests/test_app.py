@@ -1,0 +1,270 @@
+"""AppTest tests of the dashboard on the bundled digits models: every page renders, and its main control
+changes what is shown (more SGLD steps lower the chains' energy, eps = 0 leaves accuracy unchanged, ...).
+
+The digits pair is selected with ``JEM_EXPLORER_DEFAULT=digits`` so that the tests stay fast; sizes are
+kept small (tens of test images, tens of SGLD steps).
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parents[1]
+HOME = str(ROOT / "app" / "Home.py")
+DIGITS = [ROOT / "checkpoints" / "digits_jem.pt", ROOT / "checkpoints" / "digits_baseline.pt"]
+PAGES = ["home", "langevin", "calibration", "robustness", "ood", "score", "train"]
+TIMEOUT = 120  # seconds per script run: generous for loaded CI machines; a run takes well under a second here
+
+pytestmark = pytest.mark.skipif(not all(p.is_file() for p in DIGITS),
+                                reason="the bundled digits checkpoints are not in checkpoints/")
+
+
+@pytest.fixture(autouse=True)
+def digits_default(monkeypatch):
+    monkeypatch.setenv("JEM_EXPLORER_DEFAULT", "digits")
+
+
+def open_page(page: str):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(HOME, default_timeout=TIMEOUT).run()
+    assert not at.exception, at.exception
+    if page != "home":
+        at.switch_page(f"../pages/{page}.py").run()
+    assert not at.exception, at.exception
+    return at
+
+
+def errors(at) -> list[str]:
+    return [e.value for e in at.error]
+
+
+def metric(at, label: str) -> str:
+    values = [m.value for m in at.metric if m.label == label]
+    assert values, f"no metric {label!r}; have {[m.label for m in at.metric]}"
+    return values[0]
+
+
+def png(draw_seven: bool = True) -> bytes:
+    img = Image.new("RGB", (120, 100), (235, 232, 225))  # a photo-like dark-on-light digit
+    if draw_seven:
+        d = ImageDraw.Draw(img)
+        d.line([(35, 15), (85, 15)], fill=(20, 20, 25), width=9)
+        d.line([(85, 15), (50, 90)], fill=(20, 20, 25), width=9)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_renders_without_exception(page):
+    at = open_page(page)
+    assert at.title, "page has no title"
+    assert not errors(at)
+
+
+def test_opens_on_the_digits_pair_with_a_note_and_model_cards():
+    at = open_page("home")
+    assert at.sidebar.selectbox(key="sb_model").value == "digits_jem.pt (bundled)"
+    assert at.sidebar.selectbox(key="sb_baseline").value == "digits_baseline.pt (bundled)"
+    assert any("digits" in i.value for i in at.sidebar.info)
+    assert any("Data root in use" in c.value for c in at.sidebar.caption)
+    assert "%" in metric(at, "Test accuracy (model card)")
+    assert float(metric(at, "ECE (360 digits test images)")) >= 0
+
+
+def test_default_pair_prefers_mnist_when_its_data_is_there(tmp_path, monkeypatch):
+    from app import ui
+
+    monkeypatch.delenv("JEM_EXPLORER_DEFAULT")
+    entries = [ui.ModelEntry(f"{n} (bundled)", "bundled", f"/x/{n}") for n in
+               ("digits_baseline.pt", "digits_jem.pt", "mnist_baseline.pt", "mnist_jem.pt")]
+    model, base, note = ui._default_pair(entries, tmp_path)
+    assert (model, base) == ("digits_jem.pt (bundled)", "digits_baseline.pt (bundled)")
+    assert "MNIST is not in the data root" in note
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "t10k-images-idx3-ubyte").write_bytes(b"")
+    model, base, note = ui._default_pair(entries, tmp_path)
+    assert (model, base) == ("mnist_jem.pt (bundled)", "mnist_baseline.pt (bundled)")
+    assert "MNIST" in note
+    # Without the MNIST JEM the digits pair stays the default, and the note says why.
+    model, base, note = ui._default_pair(entries[:3], tmp_path)
+    assert model == "digits_jem.pt (bundled)" and "not bundled yet" in note
+
+
+def test_bad_upload_keeps_the_previous_model_and_a_good_one_is_selected():
+    at = open_page("home")
+    at.sidebar.file_uploader(key="sb_upload").set_value(("broken.pt", b"not a checkpoint", "application/octet-stream"))
+    at.run()
+    assert not at.exception
+    assert any("Could not load broken.pt" in e.value for e in at.sidebar.error)
+    assert at.sidebar.selectbox(key="sb_model").value == "digits_jem.pt (bundled)"
+    at.sidebar.file_uploader(key="sb_upload").set_value(("mine.pt", DIGITS[1].read_bytes(), "application/octet-stream"))
+    at.run()
+    assert not at.exception
+    assert at.sidebar.selectbox(key="sb_model").value.startswith("mine.pt (uploaded")
+
+
+def test_langevin_more_steps_lower_the_mean_energy_and_buttons_follow_the_state():
+    at = open_page("langevin")
+    at.slider(key="lg_steps").set_value(40)
+    at.slider(key="lg_every").set_value(10)
+    at.slider(key="lg_n").set_value(8)
+    at.radio(key="lg_init").set_value("noise")
+    at.run()
+    assert at.button(key="lg_pause").disabled and at.button(key="lg_reset").disabled
+    at.button(key="lg_start").click().run()  # the live fragment runs once per script run: 10 steps
+    assert metric(at, "SGLD steps done") == "10 / 40"
+    assert not at.button(key="lg_pause").disabled
+    early = float(metric(at, "Mean energy E(x)"))
+    at.button(key="lg_pause").click().run()
+    assert metric(at, "Status") == "paused" and metric(at, "SGLD steps done") == "10 / 40"
+    at.button(key="lg_resume").click().run()
+    while metric(at, "Status") == "running":
+        at.run()
+    assert metric(at, "SGLD steps done") == "40 / 40" and metric(at, "Status") == "finished"
+    late = float(metric(at, "Mean energy E(x)"))
+    assert late < early, (early, late)
+    assert at.button(key="lg_pause").disabled and at.button(key="lg_resume").disabled
+    at.button(key="lg_reset").click().run()
+    assert not [m for m in at.metric if m.label == "SGLD steps done"]
+    assert not errors(at)
+
+
+def test_langevin_inpainting_and_class_translation_show_results():
+    at = open_page("langevin")
+    at.slider(key="lp_n").set_value(2)
+    at.slider(key="lp_steps").set_value(10)
+    at.button(key="lp_run").click().run()
+    assert not at.exception and not errors(at)
+    captions = [c for img in at.image for c in img.captions]
+    assert any("in-painted after 10 steps" in c for c in captions), captions
+    at.slider(key="ct_n").set_value(2)
+    at.slider(key="ct_steps").set_value(10)
+    at.slider(key="ct_frames").set_value(2)
+    at.button(key="ct_run").click().run()
+    assert not at.exception and not errors(at)
+    captions = [c for img in at.image for c in img.captions]
+    assert any(c.startswith("0 -> 1") for c in captions), captions
+
+
+def test_calibration_table_and_bin_count():
+    at = open_page("calibration")
+    table = at.dataframe[0].value
+    assert list(table["model"]) == ["digits_jem", "digits_baseline"]
+    assert {"accuracy", "ECE", "MCE", "NLL", "Brier"} <= set(table.columns)
+    assert (table["ECE"] >= 0).all() and (table["ECE"] <= 1).all()
+    assert len(at.dataframe[1].value) == 2 * 15
+    at.slider(key="cal_bins").set_value(5).run()
+    assert len(at.dataframe[1].value) == 2 * 5
+    at.radio(key="cal_layout").set_value("Side by side").run()
+    assert not at.exception and not errors(at)
+
+
+def test_robustness_eps_zero_leaves_accuracy_unchanged_and_fgsm_lowers_it():
+    at = open_page("robustness")
+    at.radio(key="rb_attack").set_value("fgsm").run()
+    at.slider(key="rb_n").set_value(30)
+    at.toggle(key="rb_refine").set_value(False)
+    at.slider(key="rb_eps_linf").set_value(0.0)
+    at.run()
+    at.button(key="rb_run").click().run()
+    assert not at.exception and not errors(at)
+    table = at.dataframe[0].value
+    assert list(table["eps"]) == [0.0]
+    for name in ("digits_jem", "digits_baseline"):
+        clean = float(metric(at, f"Clean accuracy: {name}"))  # shown with 4 decimals
+        assert table[f"accuracy: {name}"][0] == pytest.approx(clean, abs=1e-4)
+    at.slider(key="rb_eps_linf").set_value(0.3)
+    at.slider(key="rb_points").set_value(2)
+    at.run()
+    at.button(key="rb_run").click().run()
+    table = at.dataframe[0].value
+    assert list(table["eps"]) == [0.0, 0.3]
+    acc = table["accuracy: digits_baseline"]
+    assert acc[1] < acc[0]
+    assert not errors(at)
+
+
+def test_ood_score_choice_and_sets_change_the_table():
+    at = open_page("ood")
+    at.slider(key="ood_n").set_value(50)
+    at.multiselect(key="ood_sets").set_value(["uniform", "inverted"])
+    at.multiselect(key="ood_scores").set_value(["log_px"])
+    at.run()
+    table = at.dataframe[1].value
+    assert set(table["score"]) == {"log p(x)"}
+    assert set(table["OOD set"]) == {"uniform noise", "inverted images"}
+    jem_uniform = table[(table["model"] == "digits_jem") & (table["OOD set"] == "uniform noise")]
+    assert float(jem_uniform["AUROC"].iloc[0]) > 0.9  # noise is far from the data under log p(x)
+    at.multiselect(key="ood_scores").set_value(["max_prob", "neg_grad_norm"]).run()
+    assert set(at.dataframe[1].value["score"]) == {"max p(y|x)", "-||∇x log p(x)||"}
+    at.file_uploader(key="ood_upload").set_value([("a.png", png(), "image/png"), ("b.png", png(False), "image/png")])
+    at.run()
+    assert "uploaded images" in set(at.dataframe[1].value["OOD set"])
+    assert not at.exception and not errors(at)
+
+
+def test_score_upload_shows_prediction_and_a_bad_file_an_error():
+    at = open_page("score")
+    at.file_uploader(key="score_upload").set_value([("seven.png", png(), "image/png"),
+                                                    ("notes.png", b"hello, not an image", "image/png")])
+    at.run()
+    assert not at.exception
+    assert any("notes.png" in e and "text file" in e for e in errors(at))
+    lines = [m.value for m in at.markdown if m.value.startswith("Predicted label:")]
+    assert len(lines) == 1 and lines[0].replace("*", "").split(":")[1].strip()[0].isdigit()
+    assert len(at.dataframe[0].value) == 1
+    auto_energy = metric(at, "Energy E(x)")
+    at.radio(key="score_invert").set_value("Don't invert").run()  # the model now sees dark-on-light
+    assert metric(at, "Energy E(x)") != auto_energy
+    at.radio(key="score_method").set_value("integrated_gradients").run()
+    assert not at.exception
+
+
+def test_train_in_the_background_stop_and_the_model_joins_the_picker():
+    at = open_page("train")
+    at.radio(key="tr_objective").set_value("jem")
+    at.slider(key="tr_epochs_True").set_value(50)
+    at.number_input(key="tr_max_iters").set_value(2)
+    at.slider(key="tr_sgld_steps_True").set_value(2)
+    at.select_slider(key="tr_buffer_True").set_value(500)
+    at.run()
+    at.button(key="tr_start").click().run()
+    assert not at.exception and not errors(at)
+    assert not at.button(key="tr_stop").disabled
+    deadline = time.time() + 120
+    while metric(at, "Iteration") in ("0",) and time.time() < deadline:
+        time.sleep(0.3)
+        at.run()
+    at.button(key="tr_stop").click().run()
+    while metric(at, "Status") == "running" and time.time() < deadline:
+        time.sleep(0.3)
+        at.run()
+    assert metric(at, "Status") == "stopped"
+    at.run()
+    assert any(o.endswith("(trained here)") for o in at.sidebar.selectbox(key="sb_model").options)
+    assert any("model picker" in s.value for s in at.success)
+    assert not errors(at)
+
+
+@pytest.mark.skipif(not (ROOT / "checkpoints" / "mnist_jem.pt").is_file(), reason="no bundled MNIST JEM")
+def test_an_mnist_model_scores_uploads_without_its_dataset(monkeypatch, tmp_path):
+    monkeypatch.delenv("JEM_EXPLORER_DEFAULT")
+    monkeypatch.setenv("JEM_DATA_ROOT", str(tmp_path))  # an empty data root: no MNIST files anywhere
+    at = open_page("score")
+    assert at.sidebar.selectbox(key="sb_model").value == "digits_jem.pt (bundled)"
+    assert any("MNIST is not in the data root" in i.value for i in at.sidebar.info)
+    at.sidebar.selectbox(key="sb_model").set_value("mnist_jem.pt (bundled)").run()
+    at.file_uploader(key="score_upload").set_value(("seven.png", png(), "image/png")).run()
+    assert not at.exception and not errors(at)
+    assert [m for m in at.markdown if m.value.startswith("Predicted label:")]
+    assert metric(at, "Percentile") != "n/a"  # from the checkpoint's reference statistics
+    at.switch_page("../pages/calibration.py").run()
+    assert any("needs the `mnist` test set" in i.value for i in at.info)

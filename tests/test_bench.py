@@ -1,0 +1,124 @@
+"""The benchmark suite runs end to end in its tiny mode and writes every figure the issue asks for."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from jem_core.bench import floor_step, interleaved, median_ratio, official_style_sample
+from jem_core.energy import JEM
+from jem_core.models import ConvNet
+from jem_core.sampling import SGLDSampler, frozen_parameters
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = ("sgld_step_ratio", "official_style_ratio", "train_iter_ratio", "score_latency_ms", "chain_fps",
+        "time_to_accuracy_s")
+
+
+def _numbers(v):
+    return list(v.values()) if isinstance(v, dict) else [v]
+
+
+@pytest.mark.slow
+def test_quick_bench_writes_every_key_with_positive_finite_ratios(tmp_path):
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "jem_core", "bench", "--quick", "--out", str(out),
+                        "--checkpoint", str(tmp_path / "absent.pt")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert set(KEYS) <= set(res)
+    ratios = [x for k in ("sgld_step_ratio", "official_style_ratio", "train_iter_ratio") for x in _numbers(res[k])]
+    ratios += [x for v in res["options"].values() for x in _numbers(v)]
+    ratios += [res["score_latency_ms"], res["chain_fps"]]
+    assert ratios and all(isinstance(x, float) and math.isfinite(x) and x > 0 for x in ratios), ratios
+    assert res["machine"]["threads"] >= 1 and res["machine"]["torch"] == torch.__version__
+    assert "freshly initialised" in res["model_source"], "a missing checkpoint is said so in the JSON"
+    assert json.loads(r.stdout.splitlines()[-1])["out"] == str(out)
+
+
+def test_interleaved_rounds_and_median_ratio():
+    calls = []
+    t = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
+    assert len(t["a"]) == len(t["b"]) == 3
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"], "warm-up, then the order rotates every round"
+    assert median_ratio({"x": [2.0, 4.0, 9.0], "y": [1.0, 2.0, 3.0]}, "x", "y") == 2.0
+
+
+def test_floor_and_official_style_match_our_sampler_update():
+    """The comparison is fair: all three compute the same gradient and (without noise) the same update."""
+    model = JEM(ConvNet(1, 10, image_size=8)).eval()
+    x = torch.rand(3, 1, 8, 8) * 2 - 1
+    with frozen_parameters(model):
+        g = floor_step(model, x)
+        _, ours, _ = SGLDSampler(model).energy_and_grad(x)
+    assert torch.allclose(g, ours)
+    x1 = x[:1].clone()
+    buf = x1.clone()  # one row: the official loop draws row 0
+    out = official_style_sample(model, buf, 1, 1, noise_std=0.0, reinit_freq=0.0)
+    expected = SGLDSampler(model.eval(), noise_std=0.0, clamp=False).step(x1)
+    assert torch.allclose(out, expected, atol=1e-6) and torch.allclose(buf, expected, atol=1e-6)
+    assert all(p.grad is None for p in model.parameters())
+
+
+# -- the speed options keep their promises ------------------------------------------------------------
+def test_bf16_sampler_gradient_is_close_to_float32_and_energies_stay_float32():
+    torch.manual_seed(0)
+    model = JEM(ConvNet(1, 10, image_size=8)).eval()
+    x = torch.rand(16, 1, 8, 8) * 2 - 1
+    with frozen_parameters(model):
+        e32, g32, _ = SGLDSampler(model).energy_and_grad(x)
+        s16 = SGLDSampler(model, bf16=True)
+        e16, g16, logits = s16.energy_and_grad(x)
+    assert e16.dtype == logits.dtype == g16.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(g16.flatten(), g32.flatten(), dim=0) > 0.99
+    assert torch.allclose(e16, e32, atol=0.05 * e32.abs().max().item())
+    assert "bf16" in s16.describe() and "bf16" not in SGLDSampler(model).describe()
+
+
+def test_class_gaussians_recover_each_class_mean_and_covariance():
+    from jem_core.sampling import ClassGaussians
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3000, 16, generator=g) * 0.1 + 0.2
+    b = torch.randn(3000, 16, generator=g) @ (torch.randn(16, 16, generator=g) * 0.05).T - 0.3
+    x, y = torch.cat([a, b]).view(-1, 1, 4, 4), torch.cat([torch.zeros(3000), torch.ones(3000)]).long()
+    cg = ClassGaussians.fit(x, y, 2)
+    s = cg.sample(20000, torch.ones(20000, dtype=torch.long), g).flatten(1)
+    assert (s.mean(0) - b.mean(0)).abs().max() < 0.01
+    assert (torch.cov(s.T) - torch.cov(b.T)).abs().max() < 0.005
+    low = ClassGaussians.fit(x, y, 2, rank=4).sample(20000, torch.zeros(20000, dtype=torch.long), g).flatten(1)
+    assert abs(torch.cov(low.T).trace() / torch.cov(a.T).trace() - 1) < 0.05, "rank 4 keeps the total variance"
+
+
+def test_replay_buffer_starts_and_restarts_chains_from_class_gaussians():
+    from jem_core.sampling import ClassGaussians, ReplayBuffer
+
+    x = torch.cat([torch.full((50, 1, 2, 2), -0.5), torch.full((50, 1, 2, 2), 0.5)])
+    x = x + 0.01 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    y = torch.cat([torch.zeros(50), torch.ones(50)]).long()
+    buf = ReplayBuffer(100, (1, 2, 2), reinit_freq=1.0, n_classes=2, generator=torch.Generator().manual_seed(0),
+                       init=ClassGaussians.fit(x, y, 2))
+    assert (buf.buffer[:50] - -0.5).abs().max() < 0.1 and (buf.buffer[50:] - 0.5).abs().max() < 0.1
+    buf.buffer.fill_(0.0)
+    starts, idx = buf.sample(8, y=torch.ones(8, dtype=torch.long))
+    assert (idx >= 50).all() and (starts - 0.5).abs().max() < 0.1, "restarts come from the class's Gaussian"
+
+
+def test_trainer_runs_with_every_speed_option():
+    from jem_core.data import load_dataset
+    from jem_core.training import TrainConfig, Trainer
+
+    tr, te = load_dataset("digits", "train"), load_dataset("digits", "test")
+    cfg = TrainConfig(dataset="digits", epochs=1, max_iters_per_epoch=3, sgld_steps=2, buffer_size=200,
+                      n_reference=50, sgld_bf16=True, channels_last=True, sgld_init="gaussian", sgld_max_update=0.05)
+    t = Trainer(cfg, train_set=tr, test_set=te)
+    hist = t.fit()
+    assert hist[-1].iterations == 3 and math.isfinite(hist[-1].loss)
+    assert "bf16" in t.metadata()["sgld"]
+    with pytest.raises(ValueError, match="SGLD init"):
+        TrainConfig(sgld_init="normal").validate()

@@ -302,7 +302,9 @@ def _handle_uploads(entries_now: list[ModelEntry]) -> None:
     """The 'Add a model' box: upload a .pt or name a file on disk; bad files show an error only."""
     errors = st.session_state.setdefault(_UPLOAD_ERRORS, {})
     with st.sidebar.expander("Add a model (upload or file)"):
-        up = st.file_uploader("Upload a checkpoint (.pt)", type=["pt", "pth"], key="sb_upload")
+        up = st.file_uploader("Upload a checkpoint (.pt)", type=["pt", "pth"], key="sb_upload",
+                              help=f"up to {st.get_option('server.maxUploadSize')} MB "
+                                   "(server.maxUploadSize in .streamlit/config.toml)")
         if up is not None:
             data = up.getvalue()
             digest = hashlib.sha256(data).hexdigest()

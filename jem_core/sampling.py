@@ -427,6 +427,21 @@ def half_mask(kind: str, shape: tuple[int, int, int], generator: torch.Generator
     return m
 
 
+def inpaint_start(x: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """In-painting chain start: the pixels to fill in (``mask`` True) become U[-1, 1] noise, the rest is ``x``.
+
+    Args:
+        x: ``[N, C, H, W]`` float32 in ``[-1, 1]``.
+        mask: bool, broadcastable to ``x`` (e.g. from :func:`half_mask`); True = fill in.
+        generator: random source for the noise.
+
+    Returns:
+        ``[N, C, H, W]`` float32, a new tensor.
+    """
+    noise = init_noise(x.shape[0], tuple(x.shape[1:]), generator, x.device)
+    return torch.where(mask.to(x.device), noise, x)
+
+
 def patch_mask(shape: tuple[int, int, int], frac: float = 0.5, generator: torch.Generator | None = None) -> torch.Tensor:
     """A random square patch mask ``[1, C, H, W]`` bool (True = fill in), side ``round(frac * H)``."""
     c, h, w = shape

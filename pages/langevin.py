@@ -13,7 +13,7 @@ import torch
 from app import ui
 from jem_core.evaluation import predict_logits
 from jem_core.generation import chain_starts
-from jem_core.sampling import MASK_KINDS, ChainState, SGLDSampler, half_mask, init_noise
+from jem_core.sampling import MASK_KINDS, ChainState, SGLDSampler, half_mask, init_noise, inpaint_start
 
 STEP_SIZES = [0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 2.0]
 NOISES = [0.0, 0.001, 0.003, 0.005, 0.01, 0.02, 0.05, 0.1]
@@ -212,7 +212,7 @@ def inpaint_tab(ctx: ui.Context) -> None:
         g = torch.Generator().manual_seed(int(st.session_state.get("lg_seed", 0)))
         x, y, src = source_images(ctx, n, g)
         mask = half_mask(kind, ctx.shape, g)
-        x0 = torch.where(mask, init_noise(len(x), ctx.shape, g), x)  # masked pixels start from noise
+        x0 = inpaint_start(x, mask, g)  # masked pixels start from noise
         chain = ChainState(x=x0.clone(), y=y if cond else None, mask=mask)
         run_chunks(ctx, chain, steps, 10, g, "In-painting...")
         st.session_state[INPAINT] = {"x": x, "x0": x0, "chain": chain, "src": src, "kind": kind, "model": ctx.key}

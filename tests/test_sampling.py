@@ -107,3 +107,13 @@ def test_bad_sampler_settings_are_refused():
         ReplayBuffer(10, (1, 2, 2), reinit_freq=1.5)
     with pytest.raises(ValueError, match="n_steps"):
         SGLDSampler(m).run(torch.zeros(1, 1, 1, 1), -1)
+
+
+def test_inpaint_start_keeps_known_pixels_and_noises_the_rest():
+    from jem_core.sampling import inpaint_start
+
+    x = torch.full((2, 1, 4, 4), 0.25)
+    mask = half_mask("left", (1, 4, 4))
+    out = inpaint_start(x, mask, torch.Generator().manual_seed(0))
+    assert torch.equal(out[..., 2:], x[..., 2:])
+    assert (out[..., :2] != 0.25).all() and out.abs().max() <= 1

@@ -337,10 +337,14 @@ def bench_score_latency(model: nn.Module, metadata: dict[str, Any], repeats: int
 
 
 def bench_chain_fps(model: nn.Module, shape: tuple[int, int, int], n_chains: int, every: int, refreshes: int,
-                    start: torch.Tensor | None = None, seed: int = 0,
-                    clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
+                    start: torch.Tensor | None = None, seed: int = 0, clock: Callable[[], float] = time.perf_counter,
+                    bf16: bool = False, channels_last: bool = False) -> dict[str, Any]:
     """Grid refreshes per second of the Langevin page's driver: ``ChainState.advance(sampler, k, every=k)``
-    then :func:`~jem_core.images.make_grid_image` (8 per row, 3x upscaling, as the page shows 28x28)."""
+    then :func:`~jem_core.images.make_grid_image` (8 per row, 3x upscaling, as the page shows 28x28).
+
+    ``bf16`` and ``channels_last`` time the options: the sampler's bf16 autocast, and a copy of the
+    model in ``channels_last`` layout (what the app would load once).
+    """
     from .images import make_grid_image
     from .sampling import ChainState, SGLDSampler, init_noise
 
@@ -350,8 +354,11 @@ def bench_chain_fps(model: nn.Module, shape: tuple[int, int, int], n_chains: int
     nrow = math.ceil(math.sqrt(n_chains))
     scale = max(1, round(84 / shape[-1]))
 
+    if channels_last:
+        model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+
     def refresh() -> Any:
-        chain.advance(SGLDSampler(model, generator=g), every, every=every)
+        chain.advance(SGLDSampler(model, generator=g, bf16=bf16), every, every=every)
         return make_grid_image(chain.x, nrow=nrow, scale=scale)
 
     times = interleaved({"refresh": refresh}, refreshes, warmup=1, clock=clock)["refresh"]
@@ -365,7 +372,7 @@ def bench_time_to_accuracy(target: float = 0.95, max_epochs: int | None = None,
                            **config: Any) -> dict[str, Any]:
     """Wall time of ``train`` on digits (default JEM settings unless ``config`` overrides) until the
     test accuracy reaches ``target``; trains at most the default number of epochs (or ``max_epochs``)."""
-    from .training import TrainConfig, Trainer
+    from .training import TrainConfig, Trainer, TrainingDiverged
 
     t0 = clock()
     cfg = TrainConfig(dataset="digits", max_iters_per_epoch=max_iters_per_epoch, **config)
@@ -382,10 +389,14 @@ def bench_time_to_accuracy(target: float = 0.95, max_epochs: int | None = None,
             trainer.request_stop()
 
     trainer.on_epoch = on_epoch
-    trainer.fit()
+    diverged = None
+    try:
+        trainer.fit()
+    except TrainingDiverged as e:  # a result too: these settings are not stable
+        diverged = str(e).split(";")[0]
     return {"seconds": reached[0] if reached else None, "epochs": len(accs),
             "test_accuracy": accs[-1] if accs else None, "target_accuracy": target,
-            "sgld_steps": cfg.sgld_steps, "divergence_events": len(trainer.events),
+            "sgld_steps": cfg.sgld_steps, "divergence_events": len(trainer.events), "gave_up": diverged,
             "settings": {k: v for k, v in config.items()} or "TrainConfig defaults, dataset digits"}
 
 
@@ -441,7 +452,7 @@ ACCURACY_OPTIONS: dict[str, dict[str, Any]] = {
 
 #: Sizes of the full run and of the tiny ``--quick`` run (which checks the plumbing only).
 SIZES = {
-    "full": {"conv_batch": 64, "conv_steps": 10, "wrn": (28, 2), "wrn_batch": 32, "wrn_steps": 3, "repeats": 9,
+    "full": {"conv_batch": 64, "conv_steps": 5, "wrn": (28, 2), "wrn_batch": 32, "wrn_steps": 2, "repeats": 11,
              "train_steps": 20, "train_buffer": 10000, "score_repeats": 50, "chains": 64, "refreshes": 12},
     "quick": {"conv_batch": 4, "conv_steps": 2, "wrn": (10, 1), "wrn_batch": 2, "wrn_steps": 2, "repeats": 2,
               "train_steps": 2, "train_buffer": 100, "score_repeats": 5, "chains": 4, "refreshes": 2},
@@ -456,7 +467,7 @@ def run_benchmarks(checkpoint: str | None = DEFAULT_CHECKPOINT, quick: bool = Fa
     Args:
         checkpoint: the MNIST JEM to use (falls back to a fresh ConvNet when absent; the result says so).
         quick: tiny sizes (seconds): checks the plumbing, the figures mean nothing.
-        repeats: interleaved rounds per ratio (default 9; quick 2).
+        repeats: interleaved rounds per ratio (default 11; quick 2).
         compile_fn: also measure ``torch.compile`` of the energy-gradient function (adds a minute or two).
         accuracy: run the time-to-accuracy training (the longest part).
         accuracy_options: also time :data:`ACCURACY_OPTIONS` to accuracy (about a minute more).
@@ -501,6 +512,9 @@ def run_benchmarks(checkpoint: str | None = DEFAULT_CHECKPOINT, quick: bool = Fa
     log("live chains ...")
     ch = bench_chain_fps(model, (1, 28, 28), z["chains"], 5, z["refreshes"], start=replay, clock=tick)
     out["chain_fps"] = ch["fps"]
+    ch_opt = bench_chain_fps(model, (1, 28, 28), z["chains"], 5, z["refreshes"], start=replay, clock=tick,
+                             bf16=True, channels_last=True)
+    out["options"]["chain_fps_bf16_channels_last"] = ch_opt["fps"]
 
     tta: dict[str, Any] = {"skipped": True}
     tta_opts: dict[str, Any] = {}
@@ -515,7 +529,8 @@ def run_benchmarks(checkpoint: str | None = DEFAULT_CHECKPOINT, quick: bool = Fa
             out["options"][f"time_to_accuracy_s_{name}"] = tta_opts[name]["seconds"]
     out["time_to_accuracy_s"] = tta.get("seconds")
     out["details"] = {"sgld": {conv_key: conv, wrn_key: wrn}, "train_iter": tr, "train_iter_options": tr_opts,
-                      "score_latency": sc, "chain_fps": ch, "time_to_accuracy": tta,
+                      "score_latency": sc, "chain_fps": ch, "chain_fps_options": {"bf16_channels_last": ch_opt},
+                      "time_to_accuracy": tta,
                       "time_to_accuracy_options": tta_opts}
     out["targets"] = {k: {"target": f"{c} {v}" if v is not None else "report", "met": _met(out.get(k), c, v)}
                       for k, (c, v) in TARGETS.items()}
@@ -551,7 +566,7 @@ def add_cli(sub: argparse._SubParsersAction, commands: dict[str, Callable]) -> N
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
                    help="MNIST JEM checkpoint (a freshly initialised ConvNet is used when it is absent)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (seconds): checks the plumbing only")
-    p.add_argument("--repeats", type=int, default=None, help="interleaved rounds per ratio (default 9; quick 2)")
+    p.add_argument("--repeats", type=int, default=None, help="interleaved rounds per ratio (default 11; quick 2)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile of the energy gradient (~1 min more)")
     p.add_argument("--no-accuracy", action="store_true", help="skip the time-to-accuracy training run")

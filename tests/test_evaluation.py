@@ -261,6 +261,26 @@ def test_accuracy_does_not_rise_with_eps_and_attacks_stay_in_the_ball(model, dig
         attack(model, x, y, "cw", 0.1)
 
 
+class _Sharpened(nn.Module):
+    """Logits x1000: the softmax saturates in float32, as with a JEM whose logits reach several hundred."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 1000.0 * self.model(x)
+
+
+def test_margin_loss_attacks_a_saturated_classifier_where_cross_entropy_is_masked(model, digits_test):
+    x, y = digits_test.x[:60], digits_test.y[:60]
+    sharp = _Sharpened(model)
+    clean = accuracy(sharp, x, y)
+    ce = accuracy(sharp, attack(sharp, x, y, "pgd_linf", 0.2, steps=10, loss="ce"), y)
+    margin = accuracy(sharp, attack(sharp, x, y, "pgd_linf", 0.2, steps=10, loss="margin"), y)
+    assert margin < 0.2 and ce > margin + 0.3 and clean > 0.8  # CE's gradient underflows for most images
+
+
 def test_refined_classifier_with_zero_steps_is_the_plain_classifier(model, digits_test):
     x = digits_test.x[:20]
     with torch.no_grad():

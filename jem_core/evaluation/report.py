@@ -74,7 +74,8 @@ class EvalSettings:
 
     def __init__(self, n_test: int = 5000, n_calib: int = 1000, n_ood: int = 2000, n_attack: int = 200,
                  attack_steps: int = 10, eps_linf: Sequence[float] | None = None, eps_l2: Sequence[float] | None = None,
-                 eps_fgsm: Sequence[float] | None = None, refine_steps: int = 5, refine_chains: int = 4,
+                 eps_fgsm: Sequence[float] | None = None, attack_loss: str = "margin", refine_steps: int = 5,
+                 refine_chains: int = 2,
                  refine_step_size: float = 1.0, refine_noise: float = 0.01, refine_gradient: str = "bpda",
                  n_per_class: int = 20,
                  sample_steps: int | None = 100, n_bins: int = 15, temperature: bool = True,
@@ -82,6 +83,7 @@ class EvalSettings:
         checks = [(n_test >= 1, f"n_test must be >= 1; got {n_test}"), (n_calib >= 0, f"n_calib must be >= 0; got {n_calib}"),
                   (n_ood >= 1, f"n_ood must be >= 1; got {n_ood}"), (n_attack >= 1, f"n_attack must be >= 1; got {n_attack}"),
                   (attack_steps >= 1, f"attack steps must be >= 1; got {attack_steps}"),
+                  (attack_loss in ("margin", "ce"), f"attack loss must be 'margin' or 'ce'; got {attack_loss!r}"),
                   (refine_steps >= 0, f"refine steps must be >= 0; got {refine_steps}"),
                   (refine_chains >= 1, f"refine chains must be >= 1; got {refine_chains}"),
                   (refine_gradient in ("bpda", "full"), f"refine gradient must be 'bpda' or 'full'; got {refine_gradient!r}"),
@@ -96,7 +98,7 @@ class EvalSettings:
             if not ok:
                 raise ValueError(msg)
         self.n_test, self.n_calib, self.n_ood, self.n_attack = int(n_test), int(n_calib), int(n_ood), int(n_attack)
-        self.attack_steps = int(attack_steps)
+        self.attack_steps, self.attack_loss = int(attack_steps), attack_loss
         self.eps_linf, self.eps_l2, self.eps_fgsm = eps_linf, eps_l2, eps_fgsm
         self.refine_steps, self.refine_chains = int(refine_steps), int(refine_chains)
         self.refine_step_size, self.refine_noise = float(refine_step_size), float(refine_noise)
@@ -223,10 +225,11 @@ def _evaluate_model(ck: LoadedCheckpoint, test_x: torch.Tensor, test_y: torch.Te
                                     s.refine_gradient, seed=s.seed) if s.refine_steps > 0 else None
         xa, ya = test_x[: s.n_attack], test_y[: s.n_attack]
         res["robustness"] = robustness_curve(model, xa, ya, eps, s.attack_steps, refined, batch_size=s.batch_size,
-                                             progress=p)
+                                             progress=p, loss=s.attack_loss)
         for k in ("linf", "l2"):
             res["robustness"].setdefault(k, [])
         res["robustness_settings"] = {"n_attack": int(len(xa)), "attack_steps": s.attack_steps,
+                                      "attack_loss": {"margin": "Carlini-Wagner margin", "ce": "cross-entropy"}[s.attack_loss],
                                       "eps_scale": "[0, 1] pixel scale (model inputs are [-1, 1]: model-space eps = 2 * eps)",
                                       "refined": refined.describe() if refined else None}
         times["robustness"] = time.perf_counter() - t0
@@ -540,7 +543,7 @@ def _markdown(result: dict, files: dict[str, str], command: str | None) -> str:
     if result.get("robustness"):
         rs = result.get("robustness_settings", {})
         L += ["## Adversarial robustness", "",
-              f"Attacked subset: the first {rs.get('n_attack')} test images; untargeted, cross-entropy loss, "
+              f"Attacked subset: the first {rs.get('n_attack')} test images; untargeted, {rs.get('attack_loss', 'margin')} loss, "
               f"{rs.get('attack_steps')} PGD steps (captum), eps in the **[0, 1] pixel scale** (model inputs are "
               f"[-1, 1], so the model-space radius is 2 eps). Refined classifier: {rs.get('refined') or 'not run'}; "
               "it counts as correct on an image only if it survives both that adaptive attack and the plain "
@@ -696,9 +699,12 @@ def add_cli(sub: argparse._SubParsersAction, commands: dict[str, Callable]) -> N
     p.add_argument("--n-ood", type=_int_at_least(1), default=2000, help="images per OOD set (and in-distribution side) (default %(default)s)")
     p.add_argument("--n-attack", type=_int_at_least(1), default=200, help="attacked test images (default %(default)s)")
     p.add_argument("--attack-steps", type=_int_at_least(1), default=10, help="PGD steps (default %(default)s)")
+    p.add_argument("--attack-loss", choices=["margin", "ce"], default="margin",
+                   help="loss the attacks maximise: Carlini-Wagner margin (does not saturate on a JEM's large "
+                        "logits) or cross-entropy (default %(default)s)")
     p.add_argument("--refine-steps", type=_int_at_least(0), default=5,
                    help="SGLD steps of the refined classifier (0 = no refined classifier) (default %(default)s)")
-    p.add_argument("--refine-chains", type=_int_at_least(1), default=4, help="noisy chains averaged by the refined classifier (default %(default)s)")
+    p.add_argument("--refine-chains", type=_int_at_least(1), default=2, help="noisy chains averaged by the refined classifier (default %(default)s)")
     p.add_argument("--refine-gradient", choices=["bpda", "full"], default="bpda",
                    help="how the refined classifier is attacked: BPDA + EOT (identity backward) or full "
                         "back-propagation through the SGLD steps (slower) (default %(default)s)")
@@ -709,9 +715,9 @@ def add_cli(sub: argparse._SubParsersAction, commands: dict[str, Callable]) -> N
                    help="parts to leave out (their report keys are null)")
     p.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
-    p.add_argument("--threads", type=_int_at_least(1), default=None,
-                   help="torch CPU threads (default: torch's choice; 1 is often fastest for these small models "
-                        "on a busy machine)")
+    p.add_argument("--threads", type=_int_at_least(1), default=1,
+                   help="torch CPU threads (default %(default)s: on shared 2-core machines 2 threads ran these "
+                        "small models 10-100x slower than 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(cmd="evaluate")
@@ -733,11 +739,12 @@ def _cmd_evaluate(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int
                          f"({a.data_root or 'default'}); pass --data-root or drop it")
     settings = EvalSettings(n_test=a.n_test, n_calib=a.n_calib, n_ood=a.n_ood, n_attack=a.n_attack,
                             attack_steps=a.attack_steps, eps_linf=a.eps, eps_l2=a.eps_l2, eps_fgsm=a.eps_fgsm,
+                            attack_loss=a.attack_loss,
                             refine_steps=a.refine_steps, refine_chains=a.refine_chains,
                             refine_gradient=a.refine_gradient, n_per_class=a.n_per_class,
                             sample_steps=a.sample_steps, n_bins=a.bins, temperature=a.n_calib > 0, skip=a.skip,
                             seed=a.seed)
-    if a.threads:
+    if a.threads and (a.device or "cpu").startswith("cpu"):
         torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     bar = None if a.quiet else tqdm(total=1000, desc="evaluate", file=sys.stderr,

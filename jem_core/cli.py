@@ -203,21 +203,15 @@ def _run_train(a: argparse.Namespace, parser: argparse.ArgumentParser, cfg: Any)
         if rank == 0:
             (tqdm.write if bar[0] is not None else print)(s, file=sys.stderr)
 
-    trainer = Trainer(cfg, out=a.out, on_iteration=on_iter, on_epoch=on_epoch, log=log)
+    def on_epoch_start(epoch: int, n: int) -> None:  # one progress bar per epoch
+        if not a.quiet and rank == 0:
+            bar[0] = tqdm(total=n, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr)
+
+    trainer = Trainer(cfg, out=a.out, on_iteration=on_iter, on_epoch=on_epoch, on_epoch_start=on_epoch_start, log=log)
     if a.resume:
         if not resume_path(a.out).exists():
             parser.error(f"--resume: no resume state {resume_path(a.out)} (train once without --resume first)")
         trainer.resume(a.out)
-    orig_fit_epoch = trainer._batches
-
-    def batches_with_bar():  # one progress bar per epoch
-        b = orig_fit_epoch()
-        n = min(len(b), cfg.max_iters_per_epoch or len(b))
-        if not a.quiet and rank == 0:
-            bar[0] = tqdm(total=n, desc=f"epoch {trainer.epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr)
-        return b
-
-    trainer._batches = batches_with_bar  # type: ignore[method-assign]
     trainer.fit()
     if rank == 0:
         print(json.dumps({"checkpoint": a.out, "epochs": trainer.epoch,

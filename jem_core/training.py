@@ -217,6 +217,7 @@ class Trainer:
         train_set, test_set: optional preloaded datasets (else loaded from ``config.dataset``).
         on_iteration: called with a dict (iteration, loss terms, lr) after every iteration.
         on_epoch: called with :class:`EpochMetrics` after every epoch.
+        on_epoch_start: called with ``(epoch index, iterations planned)`` before every epoch (progress bars).
         log: called with human-readable lines (divergence events, checkpoints).
 
     Raises:
@@ -227,11 +228,12 @@ class Trainer:
                  train_set: ImageDataset | None = None, test_set: ImageDataset | None = None,
                  on_iteration: Callable[[dict], None] | None = None,
                  on_epoch: Callable[[EpochMetrics], None] | None = None,
+                 on_epoch_start: Callable[[int, int], None] | None = None,
                  log: Callable[[str], None] | None = None):
         config.validate()
         self.cfg = config
         self.out = Path(out) if out else None
-        self.on_iteration, self.on_epoch = on_iteration, on_epoch
+        self.on_iteration, self.on_epoch, self.on_epoch_start = on_iteration, on_epoch, on_epoch_start
         self.log = log or (lambda s: None)
         self._stop = threading.Event()
         self.device = select_device(config.device)
@@ -470,6 +472,8 @@ class Trainer:
             batches = self._batches()
             if self.cfg.max_iters_per_epoch:
                 batches = batches[: self.cfg.max_iters_per_epoch]
+            if self.on_epoch_start:
+                self.on_epoch_start(self.epoch, len(batches))
             for idx, lab in batches:
                 if self._halting():
                     break

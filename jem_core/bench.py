@@ -35,6 +35,10 @@ Figures (targets from issue 6):
   ``time_to_accuracy_s_*`` for bf16 + channels_last and for JEM++-style settings (5 or 10 clipped steps from class
   Gaussians, :class:`~jem_core.sampling.ClassGaussians`).
 
+``floor_step_ratio_tuned_malloc`` times :func:`jem_core.perf.tune_malloc` (glibc's allocator
+thresholds) on the ConvNet's floor step in fresh processes, alternating with and without it: the
+allocator's behaviour depends on what the process freed before, so it cannot be measured in-process.
+
 On a machine shared with other work, ``--threads 1 --clock cpu`` measures this process's CPU time,
 which the other processes do not inflate.
 """
@@ -157,15 +161,17 @@ def bench_sgld(model: nn.Module, shape: tuple[int, int, int], batch: int, n_step
     ours_buf = ReplayBuffer(buffer_size, shape, generator=torch.Generator().manual_seed(seed + 1))
     official_buf = ours_buf.buffer.clone()
 
-    def our_sampler(m: nn.Module, **kw: Any) -> Callable[[], None]:
-        s = SGLDSampler(m, generator=torch.Generator().manual_seed(seed + 2), **kw)
-
+    def ours(s: SGLDSampler) -> Callable[[], None]:
+        """The trainer's sampling: buffer draw, ``n_steps`` steps with frozen parameters, write-back."""
         def run() -> None:
             xq, idx = ours_buf.sample(batch)
-            with frozen_parameters(m):
+            with frozen_parameters(s.model):
                 xq = s.run(xq, n_steps)
             ours_buf.update(idx, xq)
         return run
+
+    def sampler(m: nn.Module, **kw: Any) -> SGLDSampler:
+        return SGLDSampler(m, generator=torch.Generator().manual_seed(seed + 2), **kw)
 
     def floor() -> None:
         with frozen_parameters(model):
@@ -174,33 +180,19 @@ def bench_sgld(model: nn.Module, shape: tuple[int, int, int], batch: int, n_step
 
     fns: dict[str, Callable[[], Any]] = {
         "floor": floor,
-        "ours": our_sampler(model),
+        "ours": ours(sampler(model)),
         "official": lambda: official_style_sample(model, official_buf, batch, n_steps),
     }
     if bf16:
-        fns["bf16"] = our_sampler(model, bf16=True)
-    if channels_last:
-        model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
-        s_cl = SGLDSampler(model_cl, generator=torch.Generator().manual_seed(seed + 2))
-
-        def run_cl() -> None:
-            xq, idx = ours_buf.sample(batch)
-            with frozen_parameters(model_cl):
-                xq = s_cl.run(xq.contiguous(memory_format=torch.channels_last), n_steps)
-            ours_buf.update(idx, xq)
-        fns["channels_last"] = run_cl
+        fns["bf16"] = ours(sampler(model, bf16=True))
+    if channels_last:  # the weights' layout is what matters (a 1-channel input is both layouts at once)
+        fns["channels_last"] = ours(sampler(copy.deepcopy(model).to(memory_format=torch.channels_last)))
     compile_s = None
     if compile_fn:
         compiled, compile_s = _compiled_energy_grad(model, x_floor)
-        s_c = SGLDSampler(model, generator=torch.Generator().manual_seed(seed + 2))
+        s_c = sampler(model)
         s_c.energy_and_grad = lambda x, y=None: compiled(x)  # type: ignore[method-assign]
-
-        def run_compiled() -> None:
-            xq, idx = ours_buf.sample(batch)
-            with frozen_parameters(model):
-                xq = s_c.run(xq, n_steps)
-            ours_buf.update(idx, xq)
-        fns["compile"] = run_compiled
+        fns["compile"] = ours(s_c)
     try:
         times = interleaved(fns, repeats, clock=clock)
     finally:
@@ -400,6 +392,56 @@ def bench_time_to_accuracy(target: float = 0.95, max_epochs: int | None = None,
             "settings": {k: v for k, v in config.items()} or "TrainConfig defaults, dataset digits"}
 
 
+_FRESH_FLOOR = """
+import statistics, sys, time, torch
+from jem_core.bench import CLOCKS, floor_step
+from jem_core.energy import JEM
+from jem_core.models import ConvNet
+from jem_core.perf import tune_malloc
+from jem_core.sampling import frozen_parameters
+threads, clock, batch, steps, tuned = int(sys.argv[1]), CLOCKS[sys.argv[2]], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
+torch.set_num_threads(threads)
+applied = tune_malloc() if tuned else False
+model, x = JEM(ConvNet(1, 10, image_size=28)).eval(), torch.rand(batch, 1, 28, 28) * 2 - 1
+times = []
+with frozen_parameters(model):
+    for i in range(steps + 3):
+        t0 = clock()
+        floor_step(model, x)
+        if i >= 3:
+            times.append(clock() - t0)
+print(statistics.median(times), applied)
+"""
+
+
+def bench_malloc(batch: int, steps: int, rounds: int = 2, clock: str = "wall") -> dict[str, Any]:
+    """Floor-step time of the MNIST ConvNet in fresh processes, with and without :func:`jem_core.perf.tune_malloc`.
+
+    glibc's allocator behaves according to the process's history (its mmap threshold follows the
+    blocks freed so far), so each measurement starts a new Python process that does nothing else;
+    the two kinds alternate ``rounds`` times and the ratio is the median of per-round ratios.
+    """
+    import subprocess
+
+    def one(tuned: bool) -> tuple[float, bool]:
+        args = [str(torch.get_num_threads()), clock, str(batch), str(steps), "1" if tuned else "0"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+        r = subprocess.run([sys.executable, "-c", _FRESH_FLOOR, *args], capture_output=True, text=True, env=env,
+                           cwd=Path(__file__).resolve().parents[1], timeout=600, check=True)
+        t, applied = r.stdout.split()
+        return float(t), applied == "True"
+
+    times: dict[str, list[float]] = {"default": [], "tuned": []}
+    applied = False
+    for _ in range(rounds):
+        times["default"].append(one(False)[0])
+        t, applied = one(True)
+        times["tuned"].append(t)
+    return {"ratio": median_ratio(times, "tuned", "default"), "applied": applied,
+            "default_ms": 1000 * statistics.median(times["default"]), "tuned_ms": 1000 * statistics.median(times["tuned"]),
+            "batch": batch, "steps": steps, "rounds": rounds}
+
+
 # -- the suite ---------------------------------------------------------------------------------------
 def _quantile(v: list[float], q: float) -> float:
     s = sorted(v)
@@ -452,28 +494,35 @@ ACCURACY_OPTIONS: dict[str, dict[str, Any]] = {
 
 #: Sizes of the full run and of the tiny ``--quick`` run (which checks the plumbing only).
 SIZES = {
-    "full": {"conv_batch": 64, "conv_steps": 5, "wrn": (28, 2), "wrn_batch": 32, "wrn_steps": 2, "repeats": 11,
+    "full": {"conv_batch": 64, "conv_steps": 5, "conv_repeats": 25, "wrn": (28, 2), "wrn_batch": 32, "wrn_steps": 2,
+             "repeats": 11,
              "train_steps": 20, "train_buffer": 10000, "score_repeats": 50, "chains": 64, "refreshes": 12},
-    "quick": {"conv_batch": 4, "conv_steps": 2, "wrn": (10, 1), "wrn_batch": 2, "wrn_steps": 2, "repeats": 2,
+    "quick": {"conv_batch": 4, "conv_steps": 2, "conv_repeats": 2, "wrn": (10, 1), "wrn_batch": 2, "wrn_steps": 2,
+              "repeats": 2,
               "train_steps": 2, "train_buffer": 100, "score_repeats": 5, "chains": 4, "refreshes": 2},
 }
 
 
 def run_benchmarks(checkpoint: str | None = DEFAULT_CHECKPOINT, quick: bool = False, repeats: int | None = None,
                    compile_fn: bool = False, accuracy: bool = True, accuracy_options: bool = False,
-                   clock: str = "wall", log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+                   clock: str = "wall", tune_allocator: bool = True,
+                   log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Run every benchmark and return the JSON-ready results (see the module docstring).
 
     Args:
         checkpoint: the MNIST JEM to use (falls back to a fresh ConvNet when absent; the result says so).
         quick: tiny sizes (seconds): checks the plumbing, the figures mean nothing.
-        repeats: interleaved rounds per ratio (default 11; quick 2).
+        repeats: interleaved rounds per ratio (default 11, and 25 for the cheap ConvNet SGLD; quick 2).
         compile_fn: also measure ``torch.compile`` of the energy-gradient function (adds a minute or two).
         accuracy: run the time-to-accuracy training (the longest part).
         accuracy_options: also time :data:`ACCURACY_OPTIONS` to accuracy (about a minute more).
         clock: ``"wall"`` or ``"cpu"`` (see :data:`CLOCKS`).
+        tune_allocator: call :func:`jem_core.perf.tune_malloc` first, as the CLI and the app do: with
+            glibc's default thresholds each contender's timing depends on the order of its allocations
+            (page faults), which adds run-to-run offsets of 5-15% at 2 threads.
         log: progress lines.
     """
+    from .perf import tune_malloc
     from .wideresnet import WideResNet
 
     t_start = time.perf_counter()
@@ -483,11 +532,13 @@ def run_benchmarks(checkpoint: str | None = DEFAULT_CHECKPOINT, quick: bool = Fa
     tick = CLOCKS[clock]
     model, meta, replay, source = _load_mnist_model(checkpoint)
     out: dict[str, Any] = {"machine": machine_info(), "clock": clock, "mode": mode, "model_source": source}
+    out["machine"]["malloc_tuned"] = tune_malloc() if tune_allocator else False
 
     conv_key = f"mnist_convnet_b{z['conv_batch']}"
     wrn_key = f"wrn{z['wrn'][0]}_{z['wrn'][1]}_b{z['wrn_batch']}"
     log(f"SGLD on the MNIST ConvNet ({conv_key}) ...")
-    conv = bench_sgld(model, (1, 28, 28), z["conv_batch"], z["conv_steps"], r, compile_fn=compile_fn, clock=tick)
+    conv = bench_sgld(model, (1, 28, 28), z["conv_batch"], z["conv_steps"], repeats or z["conv_repeats"],
+                      compile_fn=compile_fn, clock=tick)
     log(f"SGLD on the WideResNet ({wrn_key}) ...")
     wrn = bench_sgld(WideResNet(*z["wrn"]), (3, 32, 32), z["wrn_batch"], z["wrn_steps"], r, clock=tick)
     out["sgld_step_ratio"] = {conv_key: conv["ours"], wrn_key: wrn["ours"]}
@@ -528,10 +579,14 @@ def run_benchmarks(checkpoint: str | None = DEFAULT_CHECKPOINT, quick: bool = Fa
             tta_opts[name] = bench_time_to_accuracy(clock=tick, **{**tiny, **kw})
             out["options"][f"time_to_accuracy_s_{name}"] = tta_opts[name]["seconds"]
     out["time_to_accuracy_s"] = tta.get("seconds")
+
+    log("allocator tuning, in fresh processes ...")
+    mal = bench_malloc(z["conv_batch"], 3 * r, 1 if quick else 3, clock=clock)
+    out["options"]["floor_step_ratio_tuned_malloc"] = mal["ratio"]
     out["details"] = {"sgld": {conv_key: conv, wrn_key: wrn}, "train_iter": tr, "train_iter_options": tr_opts,
-                      "score_latency": sc, "chain_fps": ch, "chain_fps_options": {"bf16_channels_last": ch_opt},
-                      "time_to_accuracy": tta,
-                      "time_to_accuracy_options": tta_opts}
+                      "score_latency": sc, "chain_fps": ch,
+                      "chain_fps_options": {"bf16_channels_last": ch_opt},
+                      "time_to_accuracy": tta, "time_to_accuracy_options": tta_opts, "malloc": mal}
     out["targets"] = {k: {"target": f"{c} {v}" if v is not None else "report", "met": _met(out.get(k), c, v)}
                       for k, (c, v) in TARGETS.items()}
     out["seconds_total"] = time.perf_counter() - t_start
@@ -566,12 +621,14 @@ def add_cli(sub: argparse._SubParsersAction, commands: dict[str, Callable]) -> N
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
                    help="MNIST JEM checkpoint (a freshly initialised ConvNet is used when it is absent)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (seconds): checks the plumbing only")
-    p.add_argument("--repeats", type=int, default=None, help="interleaved rounds per ratio (default 11; quick 2)")
+    p.add_argument("--repeats", type=int, default=None, help="interleaved rounds per ratio (default 11, 25 for the ConvNet's SGLD; quick 2)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile of the energy gradient (~1 min more)")
     p.add_argument("--no-accuracy", action="store_true", help="skip the time-to-accuracy training run")
     p.add_argument("--accuracy-options", action="store_true",
                    help="also time bf16/channels_last and JEM++-style settings to accuracy (about a minute more)")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="keep glibc's default allocator thresholds (default: jem_core.perf.tune_malloc first)")
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                    help="wall time (default) or this process's CPU time, which other processes on a shared "
                         "machine do not inflate (use it with --threads 1)")
@@ -588,6 +645,7 @@ def _cmd_bench(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         torch.set_num_threads(a.threads)
     res = run_benchmarks(a.checkpoint, quick=a.quick, repeats=a.repeats, compile_fn=a.compile,
                          accuracy=not a.no_accuracy, accuracy_options=a.accuracy_options, clock=a.clock,
+                         tune_allocator=not a.default_malloc,
                          log=lambda s: print(s, file=sys.stderr, flush=True))
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -122,3 +122,15 @@ def test_trainer_runs_with_every_speed_option():
     assert "bf16" in t.metadata()["sgld"]
     with pytest.raises(ValueError, match="SGLD init"):
         TrainConfig(sgld_init="normal").validate()
+
+
+def test_tune_malloc_applies_once_and_leaves_a_user_choice_alone():
+    code = "from jem_core.perf import tune_malloc; print(tune_malloc(), tune_malloc())"
+    run = lambda env: subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                                     env=env, timeout=120).stdout.split()
+    import os
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+    if sys.platform.startswith("linux"):
+        assert run(base) == ["True", "True"]
+    assert run({**base, "MALLOC_TRIM_THRESHOLD_": "131072"}) == ["False", "False"]

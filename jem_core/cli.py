@@ -71,6 +71,9 @@ _TRAIN_HELP = {
     "divergence_threshold": "|energy| above this counts as divergence",
     "max_retries": "divergence recoveries before giving up", "keep_buffer": "buffer samples stored in the checkpoint",
     "init_from": "start from this checkpoint's weights", "max_iters_per_epoch": "cap iterations per epoch (smoke runs)",
+    "sgld_bf16": "SGLD gradients under bf16 autocast (faster where bf16 is native; see bench/README.md)",
+    "sgld_init": "chain (re)starts: uniform U[-1, 1] noise (JEM) or gaussian, per-class Gaussians fitted to the data (JEM++)",
+    "channels_last": "channels_last memory layout for the model (faster oneDNN convolutions on some CPUs)",
     "crop_padding": "pad-crop augmentation in pixels (-1 = auto: 4 for 32x32)", "flip": "horizontal flips (default: on for CIFAR)",
 }
 
@@ -114,6 +117,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             kw["choices"] = ["adam", "sgd"]
         if f.name == "arch":
             kw["choices"] = ["auto", "convnet", "wrn"]
+        if f.name == "sgld_init":
+            kw["choices"] = ["uniform", "gaussian"]
         p.add_argument(flag, **kw)
     p.set_defaults(cmd="train")
 

@@ -41,7 +41,7 @@ from .checkpoint import CheckpointError, atomic_torch_save, load_checkpoint, rea
 from .data import ImageDataset, augment, labelled_subset, load_dataset
 from .energy import JEM, log_px_unnormalized
 from .models import build_model, count_parameters
-from .sampling import ClassGaussians, ReplayBuffer, SGLDSampler
+from .sampling import ClassGaussians, ReplayBuffer, SGLDSampler, frozen_parameters
 
 __all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "EpochMetrics", "reference_statistics",
            "evaluate_classifier", "resume_path", "select_device"]
@@ -397,18 +397,16 @@ class Trainer:
         else:
             assert self.buffer is not None and self.sampler is not None
             n = x.shape[0]
-            y_cond = ds.y[idx].to(self.device) if c.pxy_weight > 0 else None
-            x_q, buf_idx = self.buffer.sample(n, y_cond if c.pxy_weight > 0 else None)
+            # p(x|y) chains are conditioned on the labelled batch's labels: in semi-supervised mode the
+            # labels of the unlabelled images must never be seen.
+            y_cond = y_lab[:n] if c.pxy_weight > 0 else None
+            x_q, buf_idx = self.buffer.sample(n, y_cond)
             if self._has_train_mode_layers:
                 self.model.eval()
-            # Sampling does not need parameter gradients: freezing them saves work and memory.
-            for p in self.model.parameters():
-                p.requires_grad_(False)
             try:
-                x_q = self.sampler.run(x_q, c.sgld_steps, y=y_cond)
+                with frozen_parameters(self.model):  # SGLD needs dE/dx only
+                    x_q = self.sampler.run(x_q, c.sgld_steps, y=y_cond)
             finally:
-                for p in self.model.parameters():
-                    p.requires_grad_(True)
                 if self._has_train_mode_layers:
                     self.model.train()
             self.buffer.update(buf_idx, x_q)
@@ -423,8 +421,7 @@ class Trainer:
             px = lse_q.mean() - lse_d.mean()  # = E(data) - E(samples)
             loss = ce + c.px_weight * px
             if c.pxy_weight > 0:
-                yq = y_cond
-                pxy = logits_q.gather(1, yq[:, None]).mean() - logits_data.gather(1, yq[:, None]).mean()
+                pxy = logits_q.gather(1, y_cond[:, None]).mean() - logits_lab[:n].gather(1, y_cond[:, None]).mean()
                 loss = loss + c.pxy_weight * pxy
             if c.energy_l2 > 0:
                 loss = loss + c.energy_l2 * (lse_d.pow(2).mean() + lse_q.pow(2).mean())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,9 @@ CHECKPOINTS = ROOT / "checkpoints"
 
 
 def pytest_configure(config):
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # One torch thread: the test models are tiny, and on shared 2-core machines a 2-thread OpenMP pool
+    # was measured 10-100x slower whenever another process was busy.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

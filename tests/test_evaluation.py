@@ -27,13 +27,6 @@ from jem_core.evaluation.samples import classifier_fid, sample_quality
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: these models are tiny, and on shared CPUs 2 threads ran 10-100x slower here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _train(tmp: Path, objective: str) -> Path:

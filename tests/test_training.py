@@ -123,3 +123,16 @@ def test_bad_config_is_refused():
         _cfg(sgld_steps=-1).validate()
     with pytest.raises(ValueError, match="objective"):
         _cfg(objective="gan").validate()
+
+
+def test_semi_supervised_pxy_chains_see_only_the_labelled_labels(digits):
+    tr, te = digits
+    t = Trainer(_cfg(labels_per_class=3, pxy_weight=1.0, max_iters_per_epoch=2), train_set=tr, test_set=te)
+    seen, drawn = [], []
+    real_step, real_sample = t.train_step, t.buffer.sample
+    t.train_step = lambda idx, lab: (seen.append(lab), real_step(idx, lab))[1]
+    t.buffer.sample = lambda n, y=None: (drawn.append(y), real_sample(n, y))[1]
+    t.fit()
+    assert len(drawn) == len(seen) == 2
+    for lab, y in zip(seen, drawn):
+        assert torch.equal(y, tr.y[lab]), "conditioning labels come from the labelled batch, not the unlabelled one"

@@ -1,4 +1,4 @@
-"""The command-line interface: ``python -m jem_core train | sample | score | evaluate | bench | import-official``.
+"""The command-line interface: ``python -m jem_core train | sample | inpaint | translate | score | evaluate | bench | import-official``.
 
 Every command reports bad input argparse-style (``error: ...`` and exit status 2), never a traceback.
 """
@@ -242,14 +242,19 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label", type=int, default=None, help="class to condition on (E(x, y)); default unconditional")
     p.add_argument("--init", choices=["auto", "buffer", "noise"], default="auto",
                    help="chain start: the checkpoint's replay buffer or U[-1, 1] noise (auto: buffer when present)")
-    p.add_argument("--step-size", type=_pos_float, default=1.0)
-    p.add_argument("--noise-std", type=_nonneg_float, default=0.01)
+    _add_sgld_args(p)
+    p.set_defaults(cmd="sample")
+
+
+def _add_sgld_args(p: argparse.ArgumentParser) -> None:
+    """The SGLD and output options shared by sample, inpaint and translate."""
+    p.add_argument("--step-size", type=_pos_float, default=1.0, help="SGLD step size on dE/dx ([-1, 1] pixel units)")
+    p.add_argument("--noise-std", type=_nonneg_float, default=0.01, help="SGLD noise std ([-1, 1] pixel units)")
     p.add_argument("--exact-langevin", action="store_true", help="noise std = sqrt(step size)")
-    p.add_argument("--max-update", type=_pos_float, default=None)
+    p.add_argument("--max-update", type=_pos_float, default=None, help="clip each SGLD pixel update to +-this")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=_pos_int, default=None, help="pixel upscaling of the PNG (default: 3 for 28x28, 8 for 8x8)")
     p.add_argument("--device", default=None)
-    p.set_defaults(cmd="sample")
 
 
 def _cmd_sample(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -270,6 +275,105 @@ def _cmd_sample(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     side = int(ck.metadata["image_size"])
     save_grid_png(x, a.out, scale=a.scale or max(1, 84 // side))
     print(json.dumps({"out": a.out, **info}))
+    return 0
+
+
+# -- inpaint / translate -----------------------------------------------------------------------------
+def _add_inpaint(sub: argparse._SubParsersAction) -> None:
+    from .sampling import MASK_KINDS
+
+    p = sub.add_parser("inpaint", help="hide part of test images and fill it in by SGLD; PNG rows: original, "
+                       "masked, in-painted")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--mask", choices=MASK_KINDS, default="bottom", help="the part to fill in")
+    p.add_argument("--n", type=_pos_int, default=8, help="number of images")
+    p.add_argument("--steps", type=_nonneg_int, default=100, help="SGLD steps")
+    p.add_argument("--conditional", action="store_true", help="sample E(x, y) with each image's label")
+    p.add_argument("--data-root", default=None, help="where the test set lies (else the checkpoint's replay buffer)")
+    _add_sgld_args(p)
+    p.set_defaults(cmd="inpaint")
+
+
+def _add_translate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("translate", help="class translation: conditional SGLD on E(x, y=TO) from images of class "
+                       "FROM; PNG rows are paths")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--from", dest="source", type=int, required=True, help="class of the start images")
+    p.add_argument("--to", dest="target", type=int, required=True, help="class to translate into")
+    p.add_argument("--n", type=_pos_int, default=4, help="number of images")
+    p.add_argument("--steps", type=_nonneg_int, default=200, help="SGLD steps")
+    p.add_argument("--frames", type=_pos_int, default=8, help="snapshots along each path")
+    p.add_argument("--data-root", default=None, help="where the test set lies (else the checkpoint's replay buffer)")
+    _add_sgld_args(p)
+    p.set_defaults(cmd="translate")
+
+
+def _sources(a: argparse.Namespace, label: int | None = None):
+    """Checkpoint, sampler, generator and start images for inpaint/translate."""
+    from .checkpoint import load_checkpoint
+    from .data import DataUnavailableError, load_dataset
+    from .generation import source_images
+    from .sampling import SGLDSampler
+    from .training import select_device
+
+    dev = select_device(a.device)
+    ck = load_checkpoint(a.checkpoint, device=dev)
+    k = int(ck.metadata["n_classes"])
+    for flag, v in (("--from", label), ("--to", getattr(a, "target", None))):
+        if v is not None and not 0 <= v < k:
+            raise ValueError(f"{flag} must lie in [0, {k}) for this {k}-class model; got {v}")
+    test = None
+    try:
+        test = load_dataset(ck.metadata.get("dataset", ""), "test", a.data_root)
+    except (DataUnavailableError, ValueError) as e:
+        print(f"note: no test set ({e}); starting from the checkpoint's replay buffer", file=sys.stderr)
+    g = torch.Generator().manual_seed(a.seed)
+    x, y, where = source_images(ck, a.n, g, label=label, test_set=test)
+    sampler = SGLDSampler(ck.model, a.step_size, a.noise_std, a.exact_langevin, clamp=True, max_update=a.max_update,
+                          generator=torch.Generator(dev).manual_seed(a.seed + 1))
+    return ck, sampler, g, x.to(dev), y.to(dev), where
+
+
+def _bar(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, leave=False)
+    return bar, lambda i, done: bar.update(done - bar.n)
+
+
+def _cmd_inpaint(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .generation import inpaint
+    from .images import save_grid_png
+
+    ck, sampler, g, x, y, where = _sources(a)
+    bar, tick = _bar(a.steps, "in-painting")
+    x0, chain = inpaint(ck, x, a.mask, sampler, a.steps, y if a.conditional else None, g, tick)
+    bar.close()
+    side = int(ck.metadata["image_size"])
+    save_grid_png(torch.cat([x, x0, chain.x]).cpu(), a.out, nrow=len(x), scale=a.scale or max(1, 84 // side))
+    err = float((chain.x - x).abs().mean())
+    print(json.dumps({"out": a.out, "source": where, "mask": a.mask, "steps": a.steps, "conditional": a.conditional,
+                      "mean_abs_error": round(err, 4), "sampler": sampler.describe()}))
+    return 0
+
+
+def _cmd_translate(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .generation import class_translation
+    from .images import save_grid_png
+
+    ck, sampler, g, x, _, where = _sources(a, label=a.source)
+    bar, tick = _bar(a.steps, "translating")
+    frames, chain = class_translation(ck, x, a.target, sampler, a.steps, a.frames, tick)
+    bar.close()
+    tiles = torch.stack([x] + frames, dim=1).flatten(0, 1).cpu()  # one row per image: start, then its path
+    side = int(ck.metadata["image_size"])
+    save_grid_png(tiles, a.out, nrow=a.frames + 1, scale=a.scale or max(1, 84 // side))
+    final = chain.pred_history[-1] if chain.pred_history else torch.empty(0, dtype=torch.long)
+    print(json.dumps({"out": a.out, "source": where, "from": a.source, "to": a.target, "steps": a.steps,
+                      "reached_target": float((final == a.target).float().mean()) if len(final) else None,
+                      "sampler": sampler.describe()}))
     return 0
 
 
@@ -307,8 +411,8 @@ def _cmd_score(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 1 if failures == len(a.images) else 0
 
 
-_COMMANDS.update(train=_cmd_train, sample=_cmd_sample, score=_cmd_score)
-_ADDERS = [_add_train, _add_sample, _add_score]
+_COMMANDS.update(train=_cmd_train, sample=_cmd_sample, inpaint=_cmd_inpaint, translate=_cmd_translate, score=_cmd_score)
+_ADDERS = [_add_train, _add_sample, _add_inpaint, _add_translate, _add_score]
 
 
 def build_parser() -> argparse.ArgumentParser:

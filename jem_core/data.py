@@ -412,7 +412,7 @@ def synthetic_ood(kind: str, reference: torch.Tensor, n: int | None = None,
 
 
 def augment(x: torch.Tensor, crop_padding: int = 0, flip: bool = False, noise_std: float = 0.0,
-            generator: torch.Generator | None = None) -> torch.Tensor:
+            generator: torch.Generator | None = None, clamp: tuple[float, float] | None = None) -> torch.Tensor:
     """Training augmentation for a batch: random pad-and-crop, horizontal flip, Gaussian noise.
 
     JEM adds N(0, 0.03^2) noise to data (Grathwohl et al. 2019, appendix); CIFAR uses
@@ -422,8 +422,11 @@ def augment(x: torch.Tensor, crop_padding: int = 0, flip: bool = False, noise_st
         x: ``[N, C, H, W]`` float32 in ``[-1, 1]``.
         crop_padding: pixels of reflection padding before the random crop (0 = none).
         flip: random horizontal flips with probability 0.5.
-        noise_std: std of added Gaussian noise in ``[-1, 1]`` units (not clamped, as in JEM).
+        noise_std: std of added Gaussian noise in ``[-1, 1]`` units.
         generator: random source.
+        clamp: ``(low, high)`` to clamp the result to (after the noise), or None to leave it
+            unclamped as the official JEM code does. JEM training passes ``(-1, 1)`` whenever its SGLD
+            chains are clamped, so data and samples live in the same domain.
 
     Returns:
         ``[N, C, H, W]`` float32, a new tensor.
@@ -444,4 +447,6 @@ def augment(x: torch.Tensor, crop_padding: int = 0, flip: bool = False, noise_st
         out = torch.where(m[:, None, None, None], out.flip(-1), out)
     if noise_std > 0:
         out = out + noise_std * torch.randn(out.shape, generator=generator)
+    if clamp is not None:
+        out = out.clamp(clamp[0], clamp[1])
     return out if out is not x else x.clone()

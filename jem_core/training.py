@@ -379,11 +379,16 @@ class Trainer:
         """One optimisation step on the batch ``idx`` (and labelled batch ``lab_idx``); returns its numbers."""
         c = self.cfg
         ds = self.train_set
-        x = augment(ds.x[idx], self.crop, self.flip, c.data_noise, self.gen).to(self.device, non_blocking=True)
+        # With clamped chains the samples can never leave [-1, 1], so noisy data must not either: MNIST's
+        # background sits at -1 and unclamped N(0, 0.03^2) noise puts half of it below -1, a feature the
+        # energy learns to reward ("pixels below -1 = data") and the sampler can never reproduce; E(data)
+        # then drifts without bound and classification suffers (docs/RESULTS.md, "the clamp shortcut").
+        lo_hi = (-1.0, 1.0) if c.objective == "jem" and c.sgld_clamp else None
+        x = augment(ds.x[idx], self.crop, self.flip, c.data_noise, self.gen, clamp=lo_hi).to(self.device, non_blocking=True)
         if lab_idx is None:
             x_lab, y_lab = x, ds.y[idx].to(self.device)
         else:
-            x_lab = augment(ds.x[lab_idx], self.crop, self.flip, c.data_noise, self.gen).to(self.device)
+            x_lab = augment(ds.x[lab_idx], self.crop, self.flip, c.data_noise, self.gen, clamp=lo_hi).to(self.device)
             y_lab = ds.y[lab_idx].to(self.device)
         lr = self.current_lr()
         for g in self.optimizer.param_groups:

@@ -11,9 +11,8 @@ import streamlit as st
 import torch
 
 from app import ui
-from jem_core.evaluation import predict_logits
-from jem_core.generation import chain_starts
-from jem_core.sampling import MASK_KINDS, ChainState, SGLDSampler, half_mask, init_noise, inpaint_start
+from jem_core.generation import chain_starts, class_translation, inpaint, source_images
+from jem_core.sampling import MASK_KINDS, ChainState, SGLDSampler
 
 STEP_SIZES = [0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 2.0]
 NOISES = [0.0, 0.001, 0.003, 0.005, 0.01, 0.02, 0.05, 0.1]
@@ -63,14 +62,8 @@ def start_chains() -> None:
     ss = st.session_state
     n, init, label = int(ss["lg_n"]), ss["lg_init"], ss.get("lg_class")
     g = torch.Generator().manual_seed(int(ss.get("lg_seed", 0)))
-    c, h, w = ctx.shape
-    if init == "buffer":
-        x, _ = chain_starts(ctx.model, n, "buffer", g)
-    elif init == "test":
-        test = ctx.test_set()
-        x = test.x[torch.randint(len(test), (n,), generator=g)].clone()
-    else:
-        x = init_noise(n, (c, h, w), g)
+    test = ctx.test_set() if init == "test" else None
+    x, _ = chain_starts(ctx.model, n, "data" if init == "test" else init, g, data=None if test is None else test.x)
     y = None if label in (None, "unconditional") else torch.full((n,), int(label), dtype=torch.long)
     ss[LIVE] = {"chain": ChainState(x=x, y=y), "gen": g, "running": True, "model": ctx.key,
                 "init": INITS[init], "label": None if y is None else int(label)}
@@ -163,41 +156,14 @@ def chains_tab(ctx: ui.Context) -> None:
 
 
 # ------------------------------------------------------------------------------------ in-painting
-def source_images(ctx: ui.Context, n: int, g: torch.Generator, label: int | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor | None, str]:
-    """``n`` start images: test images (of class ``label``), else replay-buffer samples (predicted as it)."""
-    test = ctx.test_set()
-    if test is not None:
-        pool = torch.arange(len(test)) if label is None else torch.nonzero(test.y == label).flatten()
-        idx = pool[torch.randperm(len(pool), generator=g)[:n]]
-        return test.x[idx].clone(), test.y[idx].clone(), "test images"
-    buf = ctx.model.replay_buffer
-    if buf is None:
-        raise ValueError("needs the test set or a checkpoint with a replay buffer")
-    pred = predict_logits(ctx.model.model, buf).argmax(1)
-    pool = torch.arange(len(buf)) if label is None else torch.nonzero(pred == label).flatten()
-    if len(pool) == 0:
-        raise ValueError(f"no replay-buffer sample is classified as {label}; load the test set instead")
-    idx = pool[torch.randperm(len(pool), generator=g)[:n]]
-    return buf[idx].clone(), pred[idx].clone(), "replay-buffer samples"
-
-
-def run_chunks(ctx: ui.Context, chain: ChainState, steps: int, chunks: int, g: torch.Generator,
-               label: str) -> list[torch.Tensor]:
-    """Advance ``chain`` in ``chunks`` pieces with a progress bar; returns the state after each piece."""
-    sampler = make_sampler(ctx, g)
-    frames = []
+def progress_bar(label: str, steps: int, n_frames: int) -> tuple[st.delta_generator.DeltaGenerator, object]:
+    """A streamlit progress bar and the ``on_frame`` callback that moves it."""
     bar = st.progress(0.0, text=label)
-    done = 0
-    for i in range(chunks):
-        k = (steps * (i + 1)) // chunks - done
-        if k > 0:
-            chain.advance(sampler, k, every=1)
-            done += k
-        frames.append(chain.x.clone())
-        bar.progress((i + 1) / chunks, text=f"{label} {done}/{steps} steps")
-    bar.empty()
-    return frames
+    return bar, lambda i, done: bar.progress((i + 1) / n_frames, text=f"{label} {done}/{steps} steps")
+
+
+def sources(ctx: ui.Context, n: int, g: torch.Generator, label: int | None = None):
+    return source_images(ctx.model, n, g, label=label, test_set=ctx.test_set())
 
 
 def inpaint_tab(ctx: ui.Context) -> None:
@@ -210,11 +176,10 @@ def inpaint_tab(ctx: ui.Context) -> None:
                     "(or its predicted class) instead of E(x)", **ui.PERSIST)
     if st.button("Run in-painting", key="lp_run", type="primary"):
         g = torch.Generator().manual_seed(int(st.session_state.get("lg_seed", 0)))
-        x, y, src = source_images(ctx, n, g)
-        mask = half_mask(kind, ctx.shape, g)
-        x0 = inpaint_start(x, mask, g)  # masked pixels start from noise
-        chain = ChainState(x=x0.clone(), y=y if cond else None, mask=mask)
-        run_chunks(ctx, chain, steps, 10, g, "In-painting...")
+        x, y, src = sources(ctx, n, g)
+        bar, tick = progress_bar("In-painting...", steps, 10)
+        x0, chain = inpaint(ctx.model, x, kind, make_sampler(ctx, g), steps, y if cond else None, g, tick)
+        bar.empty()
         st.session_state[INPAINT] = {"x": x, "x0": x0, "chain": chain, "src": src, "kind": kind, "model": ctx.key}
     r = st.session_state.get(INPAINT)
     if r is None or r["model"] != ctx.key:
@@ -245,9 +210,10 @@ def translate_tab(ctx: ui.Context) -> None:
     frames = e.slider("Frames on the path", 2, 12, 8, key="ct_frames", **ui.PERSIST)
     if st.button("Run class translation", key="ct_run", type="primary"):
         g = torch.Generator().manual_seed(int(st.session_state.get("lg_seed", 0)))
-        x, _, where = source_images(ctx, n, g, label=src)
-        chain = ChainState(x=x.clone(), y=torch.full((len(x),), int(dst), dtype=torch.long))
-        path = run_chunks(ctx, chain, steps, frames, g, "Translating...")
+        x, _, where = sources(ctx, n, g, label=src)
+        bar, tick = progress_bar("Translating...", steps, frames)
+        path, chain = class_translation(ctx.model, x, int(dst), make_sampler(ctx, g), steps, frames, tick)
+        bar.empty()
         st.session_state[TRANSLATE] = {"x": x, "path": path, "chain": chain, "src": src, "dst": dst,
                                        "where": where, "model": ctx.key}
     r = st.session_state.get(TRANSLATE)

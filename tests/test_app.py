@@ -135,6 +135,9 @@ def test_langevin_more_steps_lower_the_mean_energy_and_buttons_follow_the_state(
     at.button(key="lg_reset").click().run()
     assert not [m for m in at.metric if m.label == "SGLD steps done"]
     assert not errors(at)
+    at.radio(key="lg_init").set_value("test").run()  # chains from test images (digits load offline)
+    at.button(key="lg_start").click().run()
+    assert not at.exception and not errors(at) and metric(at, "SGLD steps done") == "10 / 40"
 
 
 def test_langevin_inpainting_and_class_translation_show_results():

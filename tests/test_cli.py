@@ -71,3 +71,27 @@ def test_bad_arguments_give_argparse_errors_not_tracebacks(args, message, tmp_pa
 def test_sample_label_out_of_range_is_refused(tiny_jem, tmp_path):
     r = run_cli("sample", "--checkpoint", tiny_jem, "--out", tmp_path / "x.png", "--label", "12", check=False)
     assert r.returncode == 2 and "--label must lie in [0, 10)" in r.stderr
+
+
+def test_translate_turns_threes_into_eights_on_the_bundled_digits_jem(tmp_path):
+    png = tmp_path / "t.png"
+    r = run_cli("translate", "--checkpoint", ROOT / "checkpoints" / "digits_jem.pt", "--from", "3", "--to", "8",
+                "--n", "4", "--steps", "100", "--frames", "4", "--out", png)
+    info = json.loads(r.stdout.splitlines()[-1])
+    assert info["source"] == "test images" and info["reached_target"] >= 0.75  # measured: 1.0
+    assert Image.open(png).size[0] > Image.open(png).size[1]  # 4 rows of 5 tiles
+
+
+def test_inpaint_writes_original_masked_and_filled_rows(tiny_jem, tmp_path):
+    png = tmp_path / "i.png"
+    r = run_cli("inpaint", "--checkpoint", tiny_jem, "--mask", "left", "--n", "4", "--steps", "5", "--out", png)
+    info = json.loads(r.stdout.splitlines()[-1])
+    assert info["mask"] == "left" and info["steps"] == 5 and 0 < info["mean_abs_error"] < 2
+    w, h = Image.open(png).size
+    assert w > h  # three rows (original, masked, filled) of four
+
+
+def test_translate_refuses_a_class_the_model_lacks(tiny_jem, tmp_path):
+    r = run_cli("translate", "--checkpoint", tiny_jem, "--from", "11", "--to", "1", "--out", tmp_path / "x.png",
+                check=False)
+    assert r.returncode == 2 and "--from must lie in [0, 10)" in r.stderr and "Traceback" not in r.stderr

@@ -1,5 +1,7 @@
 """SGLD and the replay buffer: the sampler reaches known distributions and keeps its promises."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -117,3 +119,35 @@ def test_inpaint_start_keeps_known_pixels_and_noises_the_rest():
     out = inpaint_start(x, mask, torch.Generator().manual_seed(0))
     assert torch.equal(out[..., 2:], x[..., 2:])
     assert (out[..., :2] != 0.25).all() and out.abs().max() <= 1
+
+
+def test_generation_helpers_keep_pixels_and_classes_where_they_belong():
+    from jem_core.checkpoint import load_checkpoint
+    from jem_core.data import load_dataset
+    from jem_core.generation import chain_starts, class_translation, inpaint, source_images
+
+    ck = load_checkpoint(Path(__file__).resolve().parents[1] / "checkpoints" / "digits_jem.pt")
+    test = load_dataset("digits", "test")
+    g = torch.Generator().manual_seed(0)
+    # buffer-only sources are the rows the model classifies as the label asked for
+    x, y, where = source_images(ck, 5, g, label=7)
+    assert where == "replay-buffer samples" and (y == 7).all()
+    assert (ck.model(x).argmax(1) == 7).all()
+    x, y, where = source_images(ck, 6, g, label=2, test_set=test)
+    assert where == "test images" and (y == 2).all() and len(x) == 6
+    # data-initialised chain starts are rows of the data
+    s, used = chain_starts(ck, 4, "data", g, data=test.x)
+    assert used == "data" and all(any(torch.equal(r, t) for t in test.x) for r in s)
+    with pytest.raises(ValueError, match="needs images"):
+        chain_starts(ck, 4, "data", g)
+    sampler = SGLDSampler(ck.model, 1.0, 0.01, generator=torch.Generator().manual_seed(1))
+    # in-painting changes only the masked half
+    x0, chain = inpaint(ck, x, "top", sampler, steps=10, generator=g)
+    h = x.shape[-2] // 2
+    assert torch.equal(chain.x[..., h:, :], x[..., h:, :]) and not torch.equal(chain.x[..., :h, :], x[..., :h, :])
+    # translation is conditional SGLD on the target: the target's energy falls along the path
+    frames, chain = class_translation(ck, x, 5, sampler, steps=40, n_frames=4)
+    assert len(frames) == 4 and chain.steps == 40 and (chain.y == 5).all()
+    assert chain.energy_history[-1].mean() < chain.energy_history[0].mean()
+    with pytest.raises(ValueError, match=r"target class must lie in \[0, 10\)"):
+        class_translation(ck, x, 10, sampler)

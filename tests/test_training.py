@@ -136,3 +136,21 @@ def test_semi_supervised_pxy_chains_see_only_the_labelled_labels(digits):
     assert len(drawn) == len(seen) == 2
     for lab, y in zip(seen, drawn):
         assert torch.equal(y, tr.y[lab]), "conditioning labels come from the labelled batch, not the unlabelled one"
+
+
+@pytest.mark.parametrize("sgld_clamp", [True, False])
+def test_jem_data_share_the_chains_domain(digits, sgld_clamp):
+    """Clamped chains cannot go below -1, so neither may the noisy data in the p(x) term (the clamp shortcut)."""
+    tr, te = digits
+    t = Trainer(_cfg(data_noise=0.3, sgld_clamp=sgld_clamp, sgld_steps=1, max_iters_per_epoch=1), train_set=tr, test_set=te)
+    inputs = []
+    handle = t.model.f.register_forward_pre_hook(lambda mod, args: inputs.append(args[0].detach().clone()))
+    t.fit()
+    handle.remove()
+    batch = [x for x in inputs if x.shape[0] == 2 * t.cfg.batch_size][0]  # data + samples in one forward pass
+    data = batch[:t.cfg.batch_size]
+    if sgld_clamp:
+        assert data.min() >= -1.0 and data.max() <= 1.0
+        assert (data == -1.0).float().mean() > 0.2  # the digits' background, clamped, not shifted
+    else:
+        assert data.min() < -1.0  # the official code's unclamped noise

@@ -451,8 +451,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .data import DataUnavailableError
     from .training import TrainingDiverged
 
+    from .perf import tune_malloc
+
     parser = build_parser()
     a = parser.parse_args(argv)
+    tune_malloc()  # SGLD activations stay in the heap instead of fresh mmap pages (jem_core.perf, bench/README.md)
     try:
         return _COMMANDS[a.cmd](a, parser)
     except (CheckpointError, DataUnavailableError, ValueError) as e:

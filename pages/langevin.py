@@ -7,6 +7,8 @@ is per user (``st.session_state``).
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import streamlit as st
 import torch
 
@@ -156,13 +158,14 @@ def chains_tab(ctx: ui.Context) -> None:
 
 
 # ------------------------------------------------------------------------------------ in-painting
-def progress_bar(label: str, steps: int, n_frames: int) -> tuple[st.delta_generator.DeltaGenerator, object]:
-    """A streamlit progress bar and the ``on_frame`` callback that moves it."""
+def progress_bar(label: str, steps: int, n_frames: int) -> tuple[Any, Callable[[int, int], None]]:
+    """A streamlit progress bar and the ``on_frame(frame index, steps done)`` callback that moves it."""
     bar = st.progress(0.0, text=label)
     return bar, lambda i, done: bar.progress((i + 1) / n_frames, text=f"{label} {done}/{steps} steps")
 
 
 def sources(ctx: ui.Context, n: int, g: torch.Generator, label: int | None = None):
+    """Start images: test images when the test set loads, else replay-buffer rows (jem_core.generation)."""
     return source_images(ctx.model, n, g, label=label, test_set=ctx.test_set())
 
 

@@ -8,8 +8,9 @@ JEM objective (Grathwohl et al. 2019, eq. 8-9)::
          + energy_l2  * mean(E(x_data)^2 + E(x_sample)^2)       # stabiliser (Du & Mordatch 2019)
 
 ``x_sample`` come from SGLD chains continued from a persistent replay buffer (PCD) with
-``reinit_freq`` restarts from noise. ``baseline`` is CE only, same architecture.
-Semi-supervised (``labels_per_class``): CE sees the labelled subset only; the p(x) term sees all
+``reinit_freq`` restarts from noise; when the chains are clamped to ``[-1, 1]``, so is the noisy data
+(else the energy learns to reward pixels outside the range no sample can reach).
+``baseline`` is CE only, same architecture. Semi-supervised (``labels_per_class``): CE sees the labelled subset only; the p(x) term sees all
 images (the seed's "train on unlabeled data" claim). Both objectives run the same number of
 iterations per epoch (one pass of the full training set), so they see the same number of updates.
 
@@ -382,7 +383,7 @@ class Trainer:
         # With clamped chains the samples can never leave [-1, 1], so noisy data must not either: MNIST's
         # background sits at -1 and unclamped N(0, 0.03^2) noise puts half of it below -1, a feature the
         # energy learns to reward ("pixels below -1 = data") and the sampler can never reproduce; E(data)
-        # then drifts without bound and classification suffers (docs/RESULTS.md, "the clamp shortcut").
+        # then drifts without bound and classification suffers (checkpoints/README.md, "The clamp shortcut").
         lo_hi = (-1.0, 1.0) if c.objective == "jem" and c.sgld_clamp else None
         x = augment(ds.x[idx], self.crop, self.flip, c.data_noise, self.gen, clamp=lo_hi).to(self.device, non_blocking=True)
         if lab_idx is None:

@@ -272,26 +272,38 @@ def read_checkpoint(source: str | os.PathLike | bytes, map_location: str | torch
     return obj
 
 
+def list_names(names: list[str], limit: int = 20) -> str:
+    """``"a, b, c"``, cut after ``limit`` names with ``", ... (+N more)"`` (for error messages)."""
+    more = len(names) - limit
+    return ", ".join(names[:limit]) + (f", ... (+{more} more)" if more > 0 else "")
+
+
+def state_dict_mismatch(expected: dict[str, torch.Tensor], state: dict[str, Any]) -> str | None:
+    """How ``state`` differs from ``expected`` (a model's ``state_dict()``), or None when it fits exactly.
+
+    Returns:
+        ``"missing keys: ...; unexpected keys: ...; shape mismatches: k (checkpoint [..], model [..])"``
+        with only the parts that apply.
+    """
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} (checkpoint {list(state[k].shape) if torch.is_tensor(state[k]) else type(state[k]).__name__}, "
+              f"model {list(v.shape)})"
+              for k, v in expected.items() if k in state and (not torch.is_tensor(state[k]) or state[k].shape != v.shape)]
+    parts = [f"{what}: {list_names(names)}" for what, names in
+             (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if names]
+    return "; ".join(parts) or None
+
+
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], name: str = "checkpoint") -> None:
     """Check that ``state`` fits ``model`` exactly, key by key and shape by shape.
 
     Raises:
         CheckpointError: naming missing keys, unexpected keys and shape mismatches.
     """
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and (not torch.is_tensor(state[k]) or state[k].shape != own[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:10]}{' ...' if len(missing) > 10 else ''}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
-        if shapes:
-            parts.append(f"shape mismatches {shapes[:10]}")
-        raise CheckpointError(f"{name} does not fit the architecture in its metadata: " + "; ".join(parts))
+    problem = state_dict_mismatch(model.state_dict(), state)
+    if problem:
+        raise CheckpointError(f"{name} does not fit the architecture in its metadata: {problem}")
 
 
 def load_checkpoint(source: str | os.PathLike | bytes, device: str | torch.device = "cpu") -> LoadedCheckpoint:

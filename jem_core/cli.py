@@ -253,7 +253,7 @@ def _add_sgld_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exact-langevin", action="store_true", help="noise std = sqrt(step size)")
     p.add_argument("--max-update", type=_pos_float, default=None, help="clip each SGLD pixel update to +-this")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scale", type=_pos_int, default=None, help="pixel upscaling of the PNG (default: 3 for 28x28, 8 for 8x8)")
+    p.add_argument("--scale", type=_pos_int, default=None, help="pixel upscaling of the PNG (default: 3 for 28x28, 10 for 8x8)")
     p.add_argument("--device", default=None)
 
 
@@ -272,10 +272,14 @@ def _cmd_sample(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     x, info = draw_samples(ck, a.n, steps=a.steps, label=a.label, init=a.init, step_size=a.step_size,
                            noise_std=a.noise_std, exact_langevin=a.exact_langevin, max_update=a.max_update,
                            seed=a.seed, progress=True)
-    side = int(ck.metadata["image_size"])
-    save_grid_png(x, a.out, scale=a.scale or max(1, 84 // side))
+    save_grid_png(x, a.out, scale=_png_scale(a, ck))
     print(json.dumps({"out": a.out, **info}))
     return 0
+
+
+def _png_scale(a: argparse.Namespace, ck) -> int:
+    """``--scale``, or the upscaling that makes a tile about 84 pixels wide (3 for 28x28, 10 for 8x8)."""
+    return a.scale or max(1, 84 // int(ck.metadata["image_size"]))
 
 
 # -- inpaint / translate -----------------------------------------------------------------------------
@@ -349,10 +353,9 @@ def _cmd_inpaint(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     ck, sampler, g, x, y, where = _sources(a)
     bar, tick = _bar(a.steps, "in-painting")
-    x0, chain = inpaint(ck, x, a.mask, sampler, a.steps, y if a.conditional else None, g, tick)
+    x0, chain = inpaint(x, a.mask, sampler, a.steps, y if a.conditional else None, g, tick)
     bar.close()
-    side = int(ck.metadata["image_size"])
-    save_grid_png(torch.cat([x, x0, chain.x]).cpu(), a.out, nrow=len(x), scale=a.scale or max(1, 84 // side))
+    save_grid_png(torch.cat([x, x0, chain.x]).cpu(), a.out, nrow=len(x), scale=_png_scale(a, ck))
     err = float((chain.x - x).abs().mean())
     print(json.dumps({"out": a.out, "source": where, "mask": a.mask, "steps": a.steps, "conditional": a.conditional,
                       "mean_abs_error": round(err, 4), "sampler": sampler.describe()}))
@@ -368,8 +371,7 @@ def _cmd_translate(a: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     frames, chain = class_translation(ck, x, a.target, sampler, a.steps, a.frames, tick)
     bar.close()
     tiles = torch.stack([x] + frames, dim=1).flatten(0, 1).cpu()  # one row per image: start, then its path
-    side = int(ck.metadata["image_size"])
-    save_grid_png(tiles, a.out, nrow=a.frames + 1, scale=a.scale or max(1, 84 // side))
+    save_grid_png(tiles, a.out, nrow=a.frames + 1, scale=_png_scale(a, ck))
     final = chain.pred_history[-1] if chain.pred_history else torch.empty(0, dtype=torch.long)
     print(json.dumps({"out": a.out, "source": where, "from": a.source, "to": a.target, "steps": a.steps,
                       "reached_target": float((final == a.target).float().mean()) if len(final) else None,
@@ -449,9 +451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (2 for bad input, as argparse does)."""
     from .checkpoint import CheckpointError
     from .data import DataUnavailableError
-    from .training import TrainingDiverged
-
     from .perf import tune_malloc
+    from .training import TrainingDiverged
 
     parser = build_parser()
     a = parser.parse_args(argv)

@@ -127,9 +127,9 @@ def source_images(ck: LoadedCheckpoint, n: int, generator: torch.Generator | Non
         buf = ck.replay_buffer
         if buf is None or not len(buf):
             raise ValueError("needs a test set or a checkpoint that stores a replay buffer")
-        with torch.inference_mode():
-            dev = next(ck.model.parameters()).device
-            ys = ck.model(buf.to(dev)).argmax(1).cpu()
+        from .evaluation.calibration import predict_logits  # (evaluation imports this module)
+
+        ys = predict_logits(ck.model, buf).argmax(1)
         pool = torch.arange(len(buf)) if label is None else torch.nonzero(ys == label).flatten()
         where, xs = "replay-buffer samples", buf
     if len(pool) == 0:
@@ -165,16 +165,15 @@ def advance_in_frames(chain: ChainState, sampler: SGLDSampler, steps: int, n_fra
     return frames
 
 
-def inpaint(ck: LoadedCheckpoint, x: torch.Tensor, mask: torch.Tensor | str, sampler: SGLDSampler, steps: int = 100,
+def inpaint(x: torch.Tensor, mask: torch.Tensor | str, sampler: SGLDSampler, steps: int = 100,
             y: torch.Tensor | None = None, generator: torch.Generator | None = None,
             on_frame: Callable[[int, int], None] | None = None, n_frames: int = 10) -> tuple[torch.Tensor, ChainState]:
     """Fill in the masked pixels of ``x`` by SGLD on ``E(x)`` (or ``E(x, y)``), the rest held fixed.
 
     Args:
-        ck: the checkpoint whose model ``sampler`` runs.
         x: ``[N, C, H, W]`` float32 in ``[-1, 1]``.
         mask: bool broadcastable to ``x``, True = fill in, or a :data:`~jem_core.sampling.MASK_KINDS` name.
-        sampler: an :class:`~jem_core.sampling.SGLDSampler` on ``ck.model``.
+        sampler: an :class:`~jem_core.sampling.SGLDSampler` on the model.
         steps: SGLD steps.
         y: optional ``[N]`` int64 labels for conditional in-painting.
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from .checkpoint import list_names, state_dict_mismatch
 from .wideresnet import WideResNet
 
 __all__ = [
@@ -48,17 +49,10 @@ __all__ = [
 
 _IMAGE_SIZE = 32
 _LAYER_KEY = re.compile(r"^f\.layer([123])\.(\d+)\.")
-_MAX_LISTED = 20  # keys listed per category in error messages
 
 
 class OfficialCheckpointError(ValueError):
     """An official JEM checkpoint could not be read, recognised or loaded (the message says why)."""
-
-
-def _listing(names: list[str]) -> str:
-    shown = ", ".join(names[:_MAX_LISTED])
-    more = len(names) - _MAX_LISTED
-    return shown + (f", ... (+{more} more)" if more > 0 else "")
 
 
 def read_official(path: str | os.PathLike) -> Any:
@@ -165,7 +159,7 @@ def infer_wrn_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     if missing:
         raise OfficialCheckpointError(
             "state dict does not look like the official JEM WideResNet (F/CCF from train_wrn_ebm.py): "
-            f"missing {_listing(missing)}; first keys: {_listing(list(sd)[:8])}"
+            f"missing {list_names(missing)}; first keys: {list_names(list(sd)[:8])}"
         )
     blocks: dict[int, set[int]] = {1: set(), 2: set(), 3: set()}
     for k in sd:
@@ -251,25 +245,12 @@ def validate_replay_buffer(buffer: Any, in_channels: int = 3) -> torch.Tensor | 
 
 
 def _check_keys(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> None:
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    mismatched = [f"{k} (checkpoint {list(sd[k].shape)}, model {list(v.shape)})"
-                  for k, v in expected.items() if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_listing(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_listing(unexpected)}")
-        if mismatched:
-            parts.append(f"shape mismatches: {_listing(mismatched)}")
-        raise OfficialCheckpointError(
-            f"checkpoint does not match the inferred {model.extra_repr()}: " + "; ".join(parts)
-        )
+    problem = state_dict_mismatch(model.state_dict(), dict(sd))
+    if problem:
+        raise OfficialCheckpointError(f"checkpoint does not match the inferred {model.extra_repr()}: {problem}")
     nonfinite = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if nonfinite:
-        raise OfficialCheckpointError(f"checkpoint weights hold NaN/Inf in: {_listing(nonfinite)}")
+        raise OfficialCheckpointError(f"checkpoint weights hold NaN/Inf in: {list_names(nonfinite)}")
 
 
 _INFER = "infer"

@@ -181,7 +181,7 @@ def inpaint_tab(ctx: ui.Context) -> None:
         g = torch.Generator().manual_seed(int(st.session_state.get("lg_seed", 0)))
         x, y, src = sources(ctx, n, g)
         bar, tick = progress_bar("In-painting...", steps, 10)
-        x0, chain = inpaint(ctx.model, x, kind, make_sampler(ctx, g), steps, y if cond else None, g, tick)
+        x0, chain = inpaint(x, kind, make_sampler(ctx, g), steps, y if cond else None, g, tick)
         bar.empty()
         st.session_state[INPAINT] = {"x": x, "x0": x0, "chain": chain, "src": src, "kind": kind, "model": ctx.key}
     r = st.session_state.get(INPAINT)

@@ -142,7 +142,7 @@ def test_generation_helpers_keep_pixels_and_classes_where_they_belong():
         chain_starts(ck, 4, "data", g)
     sampler = SGLDSampler(ck.model, 1.0, 0.01, generator=torch.Generator().manual_seed(1))
     # in-painting changes only the masked half
-    x0, chain = inpaint(ck, x, "top", sampler, steps=10, generator=g)
+    x0, chain = inpaint(x, "top", sampler, steps=10, generator=g)
     h = x.shape[-2] // 2
     assert torch.equal(chain.x[..., h:, :], x[..., h:, :]) and not torch.equal(chain.x[..., :h, :], x[..., :h, :])
     # translation is conditional SGLD on the target: the target's energy falls along the path

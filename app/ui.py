@@ -729,6 +729,8 @@ PAGE_SPECS = [
      "Upload images: prediction, energy, unusual-input verdict, attributions."),
     ("train.py", "Train", ":material/model_training:",
      "Train a JEM or baseline in the background with live curves."),
+    ("playground.py", "2-D playground", ":material/scatter_plot:",
+     "JEM vs baseline on 2-D points: regions, exact p(x), energy, live SGLD particles."),
 ]
 _PAGES: dict[str, Any] = {}
 

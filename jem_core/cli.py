@@ -55,11 +55,13 @@ def _num(v: float, digits: int) -> float | None:
 
 # -- train -------------------------------------------------------------------------------------------
 _TRAIN_HELP = {
-    "dataset": "dataset spec: digits, mnist, fashion_mnist, cifar10, cifar100, svhn, npz:PATH, folder:PATH",
+    "dataset": "dataset spec: digits, mnist, fashion_mnist, cifar10, cifar100, svhn, npz:PATH, folder:PATH, "
+               "toy:moons|circles|gaussians8|spirals[?n=2000&noise=0.08&seed=0], toy:csv:PATH (2-D points)",
     "objective": "jem (CE + contrastive p(x) term) or baseline (CE only)",
     "lr": "peak learning rate", "warmup_iters": "linear warm-up iterations",
     "decay_epochs": "epochs after which the learning rate is multiplied by --decay-rate",
-    "arch": "auto (convnet for 1-channel data, wrn for 3x32x32), convnet or wrn",
+    "arch": "auto (mlp for 2-D points, convnet for 1-channel data, wrn for 3x32x32), convnet, wrn or mlp",
+    "mlp_hidden": "hidden units of each of the mlp's two hidden layers",
     "px_weight": "weight of the p(x) term", "pxy_weight": "weight of the optional p(x|y) term",
     "energy_l2": "L2 penalty on data and sample energies (stabiliser; 0 = off)",
     "sgld_steps": "SGLD steps per training iteration", "sgld_step_size": "SGLD step size",
@@ -116,7 +118,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         if f.name == "optimizer":
             kw["choices"] = ["adam", "sgd"]
         if f.name == "arch":
-            kw["choices"] = ["auto", "convnet", "wrn"]
+            kw["choices"] = ["auto", "convnet", "wrn", "mlp"]
         if f.name == "sgld_init":
             kw["choices"] = ["uniform", "gaussian"]
         p.add_argument(flag, **kw)

@@ -12,6 +12,8 @@ A *dataset spec* names a data source everywhere (CLI, app, checkpoints):
 ``npz:PATH``           a ``.npz`` with ``x`` (uint8, N x H x W or N x H x W x 3) and ``y``
                        (int labels); or ``x_train``/``y_train``/``x_test``/``y_test``
 ``folder:PATH``        an image folder, one sub-folder per class (torchvision ImageFolder)
+``toy:NAME``           2-D points (moons, circles, gaussians8, spirals, csv:PATH), stored as
+                       ``[N, 2, 1, 1]`` in the box ``[-1, 1]^2``; see :mod:`jem_core.toy`
 =====================  ==============================================================
 
 The torchvision datasets read from a data root: ``--data-root``, else the environment
@@ -142,6 +144,11 @@ def _parse(spec: str) -> tuple[str, str | None]:
         return "npz", spec[4:]
     if spec.startswith("folder:"):
         return "folder", spec[7:]
+    if spec[:4].lower() == "toy:":
+        from .toy import parse_toy_spec
+
+        parse_toy_spec(spec)  # raises ValueError saying what is wrong
+        return "toy", spec
     name = spec.lower().replace("-", "_")
     if name == "fashionmnist":
         name = "fashion_mnist"
@@ -153,8 +160,18 @@ def _parse(spec: str) -> tuple[str, str | None]:
 
 
 def dataset_shape(spec: str) -> tuple[int, int, int] | None:
-    """``(channels, side, n_classes)`` of a built-in dataset without loading it; None for npz/folder."""
-    name, _ = _parse(spec)
+    """``(channels, side, n_classes)`` of a built-in dataset without loading it; None for npz/folder/toy:csv.
+
+    Generated ``toy:`` sets give ``(2, 1, K)`` (points as ``[N, 2, 1, 1]``).
+
+    Raises:
+        ValueError: unknown or malformed spec.
+    """
+    name, path = _parse(spec)
+    if name == "toy":
+        from .toy import toy_shape
+
+        return toy_shape(spec)
     return _SHAPES.get(name)
 
 
@@ -166,6 +183,11 @@ def data_available(spec: str, data_root: str | os.PathLike | None = None, split:
         return False
     if name == "digits":
         return True
+    if name == "toy":
+        from .toy import parse_toy_spec
+
+        s = parse_toy_spec(spec)
+        return s.kind != "csv" or Path(s.path).expanduser().is_file()
     if path is not None:
         return Path(path).exists()
     root = resolve_data_root(data_root)
@@ -312,7 +334,7 @@ def load_dataset(spec: str, split: str = "train", data_root: str | os.PathLike |
 
     Args:
         spec: dataset spec (see module docstring).
-        split: ``"train"``, ``"test"`` or ``"all"`` (npz / folder / digits only; for npz and
+        split: ``"train"``, ``"test"`` or ``"all"`` (npz / folder / digits / toy only; for npz, toy and
             folder without explicit splits, train/test are a fixed 80/20 split).
         data_root: folder for torchvision datasets (default :func:`default_data_root`).
         download: try to download a missing torchvision dataset.
@@ -335,6 +357,10 @@ def load_dataset(spec: str, split: str = "train", data_root: str | os.PathLike |
         return _load_npz(path, split, spec)  # type: ignore[arg-type]
     if name == "folder":
         return _load_folder(path, split, spec, channels, size)  # type: ignore[arg-type]
+    if name == "toy":
+        from .toy import load_toy
+
+        return load_toy(spec, split)
     if split == "all":
         raise ValueError(f"split 'all' is only for digits, npz: and folder: specs; use 'train' or 'test' for {name}")
     return _load_torchvision(name, split, resolve_data_root(data_root), download)

@@ -116,6 +116,29 @@ class SGLDSampler:
         self.bf16 = bool(bf16)
         self._noise: torch.Tensor | None = None
 
+    def configure(self, step_size: float | None = None, noise_std: float | None = None,
+                  exact_langevin: bool | None = None, clamp: bool | None = None) -> None:
+        """Change settings between steps (live sliders); None keeps a setting.
+
+        Keeps the constructor's invariants: with ``exact_langevin`` the noise std is ``sqrt(step_size)``
+        and the gradient step ``step_size / 2``; otherwise the gradient step is ``step_size``.
+
+        Raises:
+            ValueError: for a non-positive step size or a negative noise std.
+        """
+        step = self.step_size if step_size is None else float(step_size)
+        noise = self.noise_std if noise_std is None else float(noise_std)
+        exact = self.exact_langevin if exact_langevin is None else bool(exact_langevin)
+        if not (step > 0 and math.isfinite(step)):
+            raise ValueError(f"step_size must be a positive number; got {step}")
+        if not (noise >= 0 and math.isfinite(noise)):
+            raise ValueError(f"noise_std must be >= 0; got {noise}")
+        self.step_size, self.exact_langevin = step, exact
+        self.noise_std = math.sqrt(step) if exact else noise
+        self.grad_coef = step / 2 if exact else step
+        if clamp is not None:
+            self.clamp = bool(clamp)
+
     def describe(self) -> str:
         """One line saying which SGLD form and settings are used (for logs and model cards)."""
         form = "exact Langevin (noise std = sqrt(step size))" if self.exact_langevin else "JEM practical (decoupled)"

@@ -87,8 +87,9 @@ class TrainConfig:
     warmup_iters: int = 100
     decay_epochs: list[int] = field(default_factory=list)
     decay_rate: float = 0.3
-    arch: str = "auto"                  # "auto" -> convnet for 1-channel data, wrn for 3-channel
+    arch: str = "auto"                  # "auto" -> mlp for 2-D points, convnet for 1-channel data, wrn for 3x32x32
     width: int = 32                     # convnet width
+    mlp_hidden: int = 128               # mlp hidden units (two hidden layers)
     depth: int = 28                     # wrn depth
     widen_factor: int = 2               # wrn width
     norm: str | None = None
@@ -143,6 +144,7 @@ class TrainConfig:
             (0 < self.lr_backoff < 1, f"lr backoff must lie in (0, 1); got {self.lr_backoff}"),
             (self.energy_l2 >= 0, f"energy L2 penalty must be >= 0; got {self.energy_l2}"),
             (self.sgld_init in ("uniform", "gaussian"), f"SGLD init must be 'uniform' or 'gaussian'; got {self.sgld_init!r}"),
+            (self.mlp_hidden >= 1, f"mlp hidden units must be >= 1; got {self.mlp_hidden}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -245,8 +247,9 @@ class Trainer:
         self.test_set = test_set or load_dataset(config.dataset, "test", config.data_root)
         c, h, _ = self.train_set.shape
         k = self.train_set.n_classes
-        arch = config.arch if config.arch != "auto" else ("wrn" if c == 3 and h == 32 else "convnet")
+        arch = config.arch if config.arch != "auto" else ("mlp" if h == 1 else "wrn" if c == 3 and h == 32 else "convnet")
         arch_kwargs = ({"width": config.width, "norm": config.norm, "image_size": h} if arch == "convnet" else
+                       {"hidden": config.mlp_hidden, "depth": 2, "image_size": h} if arch == "mlp" else
                        {"depth": config.depth, "widen_factor": config.widen_factor, "norm": config.norm})
         self.arch, self.arch_kwargs = arch, arch_kwargs
         backbone = build_model(arch, c, k, arch_kwargs)
@@ -458,6 +461,34 @@ class Trainer:
                     "[-1, 1]): the SGLD step size is too large")
         return None
 
+    def guarded_step(self, idx: torch.Tensor, lab_idx: torch.Tensor | None) -> dict[str, float] | None:
+        """One iteration under the divergence guard: :meth:`train_step`, then either the optimizer step
+        (returns the step's numbers) or, on divergence, a roll-back to the last good snapshot (returns None).
+
+        Takes a snapshot every ``guard_every`` iterations. :meth:`fit` calls this for every batch;
+        a caller driving training step by step (the 2-D playground) calls it directly, after taking
+        a first snapshot with :meth:`take_snapshot`.
+
+        Raises:
+            TrainingDiverged: after ``max_retries`` recoveries.
+        """
+        s = self.train_step(idx, lab_idx)
+        reason = self._diverged(s)
+        if self.world_size > 1:  # all ranks roll back / stop together, so collectives stay in step
+            reason, self._agreed_stop = _any_rank(reason, self.stopped, self.device)
+        if reason:
+            self._rollback(reason)
+            return None
+        self.optimizer.step()
+        self.iteration += 1
+        if self.iteration % self.cfg.guard_every == 0:
+            self._take_snapshot()
+        return s
+
+    def take_snapshot(self) -> None:
+        """Remember the current model, optimizer and buffer as the state a divergence rolls back to."""
+        self._take_snapshot()
+
     # -- the loop --------------------------------------------------------------------------------
     def fit(self) -> list[EpochMetrics]:
         """Train for ``config.epochs`` epochs (continuing from a resumed state); returns per-epoch metrics.
@@ -480,20 +511,12 @@ class Trainer:
             for idx, lab in batches:
                 if self._halting():
                     break
-                s = self.train_step(idx, lab)
-                reason = self._diverged(s)
-                if self.world_size > 1:  # all ranks roll back / stop together, so collectives stay in step
-                    reason, self._agreed_stop = _any_rank(reason, self.stopped, self.device)
-                if reason:
-                    self._rollback(reason)
+                s = self.guarded_step(idx, lab)
+                if s is None:
                     continue
-                self.optimizer.step()
-                self.iteration += 1
                 count += 1
                 for k in ("loss", "ce", "px", "energy_data", "energy_samples", "accuracy"):
                     sums[k] = sums.get(k, 0.0) + s[k]
-                if self.iteration % self.cfg.guard_every == 0:
-                    self._take_snapshot()
                 if self.on_iteration:
                     self.on_iteration({"epoch": self.epoch, "iteration": self.iteration, **s})
             if self._halting() and count < len(batches):

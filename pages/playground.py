@@ -1,0 +1,368 @@
+"""2-D playground: a JEM and a baseline trained on the same 2-D points with the same seed, side by side:
+decision regions with the data, the density p(x) normalised by quadrature, the energy, replay-buffer
+particles and fresh SGLD chains with trails, and exact numbers over training time.
+
+Widgets -> :class:`jem_core.toy.ToyTrainer` (``apply`` settings, ``train`` a few guarded iterations per
+tick of an ``st.fragment``, ``advance_chains``, ``measure``) -> plotly figures. The trained pair the page
+opens with is trained once per server (``st.cache_resource``) and copied into each session; per-session
+memory is bounded by the trainer (capped history and trails).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import plotly.graph_objects as go
+import streamlit as st
+import torch
+
+from app import ui
+from jem_core.toy import (DIVERGE_PRESET, TOY_DATASETS, ToySettings, ToyTrainer, ais_log_z, histogram_distance,
+                          pretrained_pair)
+
+STATE = "pg_state"             # session_state: {"jem", "base", "running", "spec", "seed", "grids"}
+DEFAULT_SPEC = "toy:moons"
+PRETRAIN_ITERS = 400
+ITERS_PER_TICK = 10            # training iterations per model per tick (and per Step)
+TICK_BUDGET_S = 0.25           # ... or fewer, when they take longer than this
+CHAIN_STEPS = 5                # SGLD steps of the display chains per tick
+RESOLUTION = 64                # display / measurement grid (the error of log Z is stated)
+STEP_SIZES = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0]
+NOISES = [0.0, 0.001, 0.003, 0.01, 0.03, 0.1]
+PX_WEIGHTS = [0.0, 0.1, 0.3, 1.0, 3.0, 10.0]
+LRS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
+KEYS = {"sgld_steps": "pg_steps", "step_size": "pg_step_size", "noise": "pg_noise", "exact_langevin": "pg_exact",
+        "px_weight": "pg_px", "lr": "pg_lr", "clamp": "pg_clamp"}
+
+
+@st.cache_resource(show_spinner="Training a JEM and a baseline on the 2-D points (about 10 s, once per server)...",
+                   max_entries=8)
+def trained_pair(spec: str, seed: int) -> tuple[ToyTrainer, ToyTrainer]:
+    """Shared and never mutated: sessions work on clones."""
+    return pretrained_pair(spec, seed, PRETRAIN_ITERS)
+
+
+# ------------------------------------------------------------------------------------ state
+def settings_from_widgets() -> ToySettings:
+    ss = st.session_state
+    d = ToySettings()
+    return ToySettings(**{f: type(getattr(d, f))(ss.get(k, getattr(d, f))) for f, k in KEYS.items()})
+
+
+def set_widgets(s: ToySettings) -> None:
+    for f, k in KEYS.items():
+        st.session_state[k] = getattr(s, f)
+
+
+def data_spec() -> str:
+    ss = st.session_state
+    name = ss.get("pg_data", "moons")
+    if name == "csv":
+        return ss.get("pg_csv_spec") or DEFAULT_SPEC
+    noise = ss.get("pg_noise_data", TOY_DATASETS[name][0])
+    spec = f"toy:{name}?noise={noise:g}&n={int(ss.get('pg_n', 2000))}"
+    return spec + (f"&k={int(ss.get('pg_k', 3))}" if name == "spirals" else "")
+
+
+def load_pair(fresh: bool) -> None:
+    """The session's pair: trained (a clone of the shared one) or fresh (iteration 0) for the chosen data."""
+    ss = st.session_state
+    spec, seed = data_spec(), int(ss.get("pg_seed", 0))
+    if fresh:
+        jem = ToyTrainer(spec, "jem", seed, settings_from_widgets())
+        base = ToyTrainer(spec, "baseline", seed, settings_from_widgets(), data=(jem.trainer.train_set, jem.trainer.test_set))
+        for t in (jem, base):
+            t.measure(RESOLUTION)
+    else:
+        shared = trained_pair(spec, seed)
+        jem, base = shared[0].clone(), shared[1].clone()
+        set_widgets(jem.settings)
+    ss[STATE] = {"jem": jem, "base": base, "running": False, "spec": spec, "seed": seed, "grids": {}}
+
+
+def on_reset() -> None:
+    load_pair(fresh=True)
+
+
+def on_trained() -> None:
+    load_pair(fresh=False)
+
+
+def on_run(running: bool) -> None:
+    st.session_state[STATE]["running"] = running
+
+
+def on_preset(diverge: bool) -> None:
+    set_widgets(DIVERGE_PRESET if diverge else ToySettings())
+
+
+def on_step() -> None:
+    s = st.session_state[STATE]
+    s["running"] = False
+    train_tick(s, budget=math.inf)
+
+
+def on_ais() -> None:
+    s = st.session_state[STATE]
+    for name in ("jem", "base"):
+        t: ToyTrainer = s[name]
+        est = ais_log_z(t.model, n_temps=100, n_chains=64, seed=t.iteration)
+        if est is not None and t.history:
+            t.history[-1]["ais_log_z"], t.history[-1]["ais_se"] = est
+
+
+def on_upload() -> None:
+    f = st.session_state.get("pg_upload")
+    if f is None:
+        return
+    data = f.getvalue()
+    path = Path(tempfile.gettempdir()) / f"jem_toy_{hashlib.sha256(data).hexdigest()[:16]}.csv"
+    path.write_bytes(data)
+    st.session_state["pg_csv_spec"] = f"toy:csv:{path}"
+
+
+# ------------------------------------------------------------------------------------ computing
+def train_tick(s: dict, budget: float = TICK_BUDGET_S) -> None:
+    """Train both models a few iterations (with the widgets' settings), then measure them."""
+    cfg = settings_from_widgets()
+    t0 = time.perf_counter()
+    for name in ("jem", "base"):
+        t: ToyTrainer = s[name]
+        t.apply(cfg)
+        for _ in range(ITERS_PER_TICK):
+            if t.train(1) == 0 or time.perf_counter() - t0 > budget:
+                break
+        t.measure(RESOLUTION)
+
+
+def grid_of(s: dict, name: str):
+    t: ToyTrainer = s[name]
+    hit = s["grids"].get(name)
+    if hit is None or hit[0] != t.iteration:
+        from jem_core.toy import density_grid
+
+        hit = (t.iteration, density_grid(t.model, RESOLUTION))
+        s["grids"][name] = hit
+    return hit[1]
+
+
+# ------------------------------------------------------------------------------------ figures
+def _square(fig: go.Figure, title: str, height: int = 340) -> go.Figure:
+    fig.update_layout(title=title, height=height, margin=dict(l=10, r=10, t=40, b=10), showlegend=False)
+    fig.update_xaxes(range=[-1, 1], constrain="domain")
+    fig.update_yaxes(range=[-1, 1], scaleanchor="x", scaleratio=1)
+    return fig
+
+
+def fig_regions(t: ToyTrainer, grid) -> go.Figure:
+    k = grid.probs.shape[-1]
+    pred = grid.probs.argmax(-1)
+    conf = grid.probs.max(-1)
+    colors = ui.CLASS_COLORS
+    scale = [[i / max(1, k - 1), colors[i % len(colors)]] for i in range(k)] if k > 1 else [[0, colors[0]], [1, colors[0]]]
+    fig = go.Figure(go.Heatmap(x=grid.xs, y=grid.xs, z=pred, zmin=0, zmax=k - 1, colorscale=scale, opacity=0.35,
+                               showscale=False, customdata=conf, hovertemplate="class %{z}, p(y|x) %{customdata:.2f}<extra></extra>"))
+    fig.add_contour(x=grid.xs, y=grid.xs, z=conf, contours=dict(start=0.6, end=0.9, size=0.3, coloring="none"),
+                    line=dict(width=1, color="#444"), showscale=False, hoverinfo="skip")
+    test = t.trainer.test_set
+    p = test.x.reshape(-1, 2).numpy()
+    fig.add_scatter(x=p[:, 0], y=p[:, 1], mode="markers", hoverinfo="skip",
+                    marker=dict(size=4, color=[colors[int(c) % len(colors)] for c in test.y], line=dict(width=0.5, color="white")))
+    return _square(fig, "p(y|x): regions (lines at 0.6 and 0.9) and test points")
+
+
+def fig_density(t: ToyTrainer, grid, log_scale: bool) -> go.Figure:
+    z = grid.log_p if log_scale else np.exp(grid.log_p)
+    zmin = float(np.percentile(z, 2)) if log_scale else 0.0
+    fig = go.Figure(go.Heatmap(x=grid.xs, y=grid.xs, z=z, zmin=zmin, colorscale="Viridis", showscale=False,
+                               hovertemplate=("log p(x) %{z:.2f} nats" if log_scale else "p(x) %{z:.3g}") + "<extra></extra>"))
+    fig.add_contour(x=grid.xs, y=grid.xs, z=grid.log_p, ncontours=8, contours=dict(coloring="none"),
+                    line=dict(width=1, color="rgba(255,255,255,0.6)"), showscale=False, hoverinfo="skip")
+    buf = t.buffer_points(300)
+    if buf is not None:
+        b = buf.numpy()
+        fig.add_scatter(x=b[:, 0], y=b[:, 1], mode="markers", marker=dict(size=3, color="rgba(255,255,255,0.7)"),
+                        hoverinfo="skip", name="replay buffer")
+    if t.trail:
+        trail = torch.stack(list(t.trail))  # [T, n, 2]
+        xs, ys = [], []
+        for i in range(trail.shape[1]):
+            xs += trail[:, i, 0].tolist() + [None]
+            ys += trail[:, i, 1].tolist() + [None]
+        fig.add_scatter(x=xs, y=ys, mode="lines", line=dict(width=1, color="rgba(255,80,80,0.7)"), hoverinfo="skip")
+        last = trail[-1].numpy()
+        fig.add_scatter(x=last[:, 0], y=last[:, 1], mode="markers", marker=dict(size=6, color="#ff4b4b"),
+                        hoverinfo="skip", name="SGLD chains")
+    return _square(fig, f"{'log ' if log_scale else ''}p(x), log Z = {grid.log_z:.3f} ± {grid.log_z_error:.1e}")
+
+
+def fig_energy(grid, surface: bool) -> go.Figure:
+    if surface:
+        fig = go.Figure(go.Surface(x=grid.xs, y=grid.xs, z=grid.energy, colorscale="RdBu_r", showscale=False))
+        fig.update_layout(title="E(x) surface", height=340, margin=dict(l=0, r=0, t=40, b=0),
+                          scene=dict(xaxis_title="x1", yaxis_title="x2", zaxis_title="E"))
+        return fig
+    fig = go.Figure(go.Contour(x=grid.xs, y=grid.xs, z=grid.energy, colorscale="RdBu_r", ncontours=20, showscale=False,
+                               hovertemplate="E(x) %{z:.2f}<extra></extra>"))
+    return _square(fig, "energy E(x) = -logsumexp f(x)")
+
+
+def fig_history(jem: ToyTrainer, base: ToyTrainer, key: str, title: str, ylabel: str) -> go.Figure:
+    fig = go.Figure()
+    for i, (name, t) in enumerate((("JEM", jem), ("baseline", base))):
+        h = t.history
+        fig.add_scatter(x=[r["iteration"] for r in h], y=[r[key] for r in h], name=name, mode="lines",
+                        line=dict(color=ui.COLORS[i]))
+        if key == "log_z":
+            pts = [r for r in h if "ais_log_z" in r]
+            if pts:
+                fig.add_scatter(x=[r["iteration"] for r in pts], y=[r["ais_log_z"] for r in pts], mode="markers",
+                                name=f"{name} AIS ± 2 SE", marker=dict(color=ui.COLORS[i], symbol="x", size=9),
+                                error_y=dict(type="data", array=[2 * r["ais_se"] for r in pts]))
+    fig.update_layout(title=title, xaxis_title="iteration", yaxis_title=ylabel, height=260,
+                      margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h", y=-0.3))
+    return fig
+
+
+# ------------------------------------------------------------------------------------ page
+def controls(s: dict) -> None:
+    a, b, c, e = st.columns(4)
+    a.selectbox("Data", list(TOY_DATASETS) + ["csv"], key="pg_data", **ui.PERSIST,
+                format_func=lambda n: "your CSV (upload)" if n == "csv" else f"toy:{n}",
+                help="applies on Reset or Trained pair")
+    name = st.session_state.get("pg_data", "moons")
+    if name == "csv":
+        b.file_uploader("CSV: x1, x2, label per row", type=["csv", "txt"], key="pg_upload", on_change=on_upload)
+    else:
+        b.select_slider("Data noise (box units)", [0.0, 0.02, 0.04, 0.08, 0.12, 0.2], value=TOY_DATASETS[name][0],
+                        key="pg_noise_data", **ui.PERSIST)
+        if name == "spirals":
+            b.slider("Arms", 2, 8, 3, key="pg_k", **ui.PERSIST)
+    c.select_slider("Points", [200, 500, 1000, 2000, 5000], value=2000, key="pg_n", **ui.PERSIST)
+    e.number_input("Seed (both models)", 0, 10_000, 0, key="pg_seed", **ui.PERSIST)
+    st.caption(f"Showing `{s['spec']}`, seed {s['seed']}: points in the box [-1, 1]^2 (20% held out as the test "
+               "set). New data or seed applies on **Reset** (untrained) or **Trained pair** (trained once per server).")
+    f, g, h, i, j, k, m = st.columns(7)
+    f.slider("SGLD steps / iteration", 0, 60, key=KEYS["sgld_steps"], **ui.PERSIST)
+    exact = i.toggle("Exact Langevin", key=KEYS["exact_langevin"], **ui.PERSIST,
+                     help="noise std = sqrt(step size), gradient step = step size / 2: samples p(x) for small steps")
+    g.select_slider("SGLD step size", STEP_SIZES, key=KEYS["step_size"], **ui.PERSIST)
+    h.select_slider("SGLD noise std", NOISES, key=KEYS["noise"], disabled=exact, **ui.PERSIST)
+    j.select_slider("p(x) weight", PX_WEIGHTS, key=KEYS["px_weight"], **ui.PERSIST)
+    k.select_slider("Learning rate", LRS, key=KEYS["lr"], **ui.PERSIST)
+    m.toggle("Clamp to box", key=KEYS["clamp"], **ui.PERSIST,
+             help="clamp chains (and noisy data) to [-1, 1]^2 after every step")
+
+
+def buttons(s: dict) -> None:
+    cols = st.columns(8)
+    running = s["running"]
+    if running:
+        cols[0].button("Pause", key="pg_pause", on_click=on_run, args=(False,), type="primary")
+    else:
+        cols[0].button("Train", key="pg_train", on_click=on_run, args=(True,), type="primary")
+    cols[1].button("Step", key="pg_step", on_click=on_step, help=f"{ITERS_PER_TICK} iterations of both models")
+    cols[2].button("Reset", key="pg_reset", on_click=on_reset, help="untrained models on the chosen data and seed")
+    cols[3].button("Trained pair", key="pg_trained", on_click=on_trained,
+                   help=f"{PRETRAIN_ITERS} iterations on the chosen data and seed, computed once per server")
+    cols[4].button("Make it diverge", key="pg_diverge", on_click=on_preset, args=(True,),
+                   help="p(x) weight 10, JEM's image sampler (step 1, noise 0.01), no clamping")
+    cols[5].button("Stable defaults", key="pg_defaults", on_click=on_preset, args=(False,))
+    cols[6].button("AIS estimate", key="pg_ais", on_click=on_ais,
+                   help="log Z by annealed importance sampling (100 temperatures, 64 chains) beside the quadrature")
+    cols[7].toggle("log p(x)", key="pg_log", **ui.PERSIST)
+    st.toggle("3-D energy surface", key="pg_3d", **ui.PERSIST)
+
+
+def live_view(s: dict) -> None:
+    jem, base = s["jem"], s["base"]
+    if s["running"]:
+        train_tick(s)
+        if jem.diverged and base.diverged:
+            s["running"] = False
+    for t in (jem, base):
+        t.advance_chains(CHAIN_STEPS)
+    hj, hb = jem.history[-1], base.history[-1]
+    cols = st.columns(8)
+    cols[0].metric("Iteration", jem.iteration)
+    cols[1].metric("JEM test accuracy", f"{hj['accuracy']:.3f}")
+    cols[2].metric("Baseline test accuracy", f"{hb['accuracy']:.3f}")
+    cols[3].metric("JEM test log p(x)", f"{hj['test_log_px']:.3f}", help="exact, nats per point; uniform on the box: -1.386")
+    cols[4].metric("Baseline test log p(x)", f"{hb['test_log_px']:.3f}")
+    cols[5].metric("JEM ECE", f"{hj['ece']:.3f}")
+    cols[6].metric("E(data) - E(samples)", "n/a" if math.isnan(hj["gap"]) else f"{hj['gap']:.3f}")
+    cols[7].metric("Guard roll-backs", len(jem.events))
+    if jem.diverged:
+        st.error(f"JEM: the divergence guard gave up: {jem.diverged} Press **Reset** or **Trained pair**.")
+    elif jem.events:
+        st.warning(f"JEM: {len(jem.events)} divergence roll-back(s); last: {jem.events[-1]['reason']} (learning rate "
+                   f"now x{jem.trainer.lr_scale:g}). The guard restored the last good state each time.")
+    log_scale, surface = bool(st.session_state.get("pg_log", True)), bool(st.session_state.get("pg_3d", False))
+    left, right = st.columns(2)
+    for col, (title, t, key) in zip((left, right), (("JEM", jem, "jem"), ("Baseline (cross-entropy only)", base, "base"))):
+        grid = grid_of(s, key)
+        with col:
+            st.markdown(f"**{title}**")
+            ui.show_chart(fig_regions(t, grid), key=f"pg_regions_{key}")
+            ui.show_chart(fig_density(t, grid, log_scale), key=f"pg_density_{key}")
+            ui.show_chart(fig_energy(grid, surface), key=f"pg_energy_{key}")
+            buf = t.buffer_points(2000)
+            tv = histogram_distance(torch.stack(list(t.trail))[-1], grid, 8) if t.trail else math.nan
+            st.caption(f"Histogram distance (TV, 8x8 bins) to p(x): live chains {tv:.2f}"
+                       + (f", replay buffer {histogram_distance(buf, grid, 8):.2f}" if buf is not None else
+                          " (no replay buffer: the baseline never samples)")
+                       + f". Grid {RESOLUTION}x{RESOLUTION}; log Z error {grid.log_z_error:.1e} nats.")
+    a, b, c, d = st.columns(4)
+    with a:
+        ui.show_chart(fig_history(jem, base, "accuracy", "Test accuracy", "accuracy"), key="pg_h_acc")
+    with b:
+        ui.show_chart(fig_history(jem, base, "test_log_px", "Exact test log p(x)", "nats"), key="pg_h_logp")
+    with c:
+        ui.show_chart(fig_history(jem, base, "log_z", "log Z: quadrature (line), AIS (x)", "nats"), key="pg_h_logz")
+    with d:
+        ui.show_chart(fig_history(jem, base, "ece", "ECE (15 bins)", "ECE"), key="pg_h_ece")
+    ui.show_chart(fig_history(jem, base, "gap", "E(data) - E(samples), JEM (mean of the last 25 iterations)", "energy"),
+                  key="pg_h_gap")
+
+
+def main() -> None:
+    ss = st.session_state
+    for k, v in [*((KEYS[f], getattr(ToySettings(), f)) for f in KEYS), ("pg_log", True), ("pg_3d", False)]:
+        ss.setdefault(k, v)
+    if STATE not in ss:
+        load_pair(fresh=False)
+    s = ss[STATE]
+    controls(s)
+    buttons(s)
+    st.caption("What to watch: the JEM's p(x) (middle row) follows the data while the baseline's logsumexp "
+               "spreads mass where there is none (compare the exact test log p(x)); red dots are fresh SGLD chains "
+               "with trails, white dots the replay buffer. Exact Langevin with a small step samples p(x); JEM's image "
+               "setting (step 1, noise 0.01) overshoots in 2-D and piles particles on the walls. **Make it diverge** "
+               "then **Train**: the guard rolls back and halves the learning rate, then gives up.")
+
+    @st.fragment(run_every=ui.LIVE_INTERVAL if s["running"] else None)
+    def live() -> None:
+        was = s["running"]
+        live_view(s)
+        if was and not s["running"]:
+            st.rerun()
+
+    live()
+
+
+st.title("2-D playground")
+st.caption("One network is both a classifier and a density: in two dimensions both fit on one screen and p(x) "
+           "is exact (log Z by quadrature on a grid over the box).")
+try:
+    main()
+except Exception as e:  # noqa: BLE001 - show any failure in the page, keep the app alive
+    import traceback
+
+    st.error(f"This page hit an error: {type(e).__name__}: {e}")
+    with st.expander("Details"):
+        st.code("".join(traceback.format_exception(e)))

@@ -725,6 +725,8 @@ PAGE_SPECS = [
      "PGD and FGSM attacks, accuracy versus eps, SGLD refinement."),
     ("ood.py", "OOD detection", ":material/travel_explore:",
      "log p(x), max p(y|x) and gradient-norm scores against OOD sets."),
+    ("likelihood.py", "Likelihood", ":material/functions:",
+     "Normalised log p(x): log Z by annealed importance sampling, test log p(x) in nats and bits/dim."),
     ("score.py", "Score an image", ":material/image_search:",
      "Upload images: prediction, energy, unusual-input verdict, attributions."),
     ("train.py", "Train", ":material/model_training:",

@@ -313,3 +313,21 @@ def test_cli_likelihood_on_mnist_runs_end_to_end(data_root, tmp_path, capsys):
     assert s["uniform_bits_per_dim"] == pytest.approx(8.0)
     assert len(s["published_mnist_bits_per_dim_other_model_classes"]) >= 2
     capsys.readouterr()
+
+
+def test_likelihood_page_shows_the_estimate_on_first_load(monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    if not (CHECKPOINTS / "digits_jem.pt").is_file():
+        pytest.skip("the bundled digits checkpoints are not in checkpoints/")
+    monkeypatch.setenv("JEM_EXPLORER_DEFAULT", "digits")
+    home = str(Path(__file__).resolve().parents[1] / "app" / "Home.py")
+    at = AppTest.from_file(home, default_timeout=180).run()
+    at.switch_page("../pages/likelihood.py").run()
+    assert not at.exception, at.exception
+    assert not [e.value for e in at.error]
+    values = {m.label: m.value for m in at.metric}
+    log_z = float(values["log Ẑ (forward AIS)"].split(" ± ")[0])
+    assert abs(log_z - 64 * math.log(2)) < 1.0  # the digits JEM: within a nat of the uniform box
+    assert float(values["Test bits/dim"]) < math.log2(17)
+    assert "Reverse log Ẑ (diagnostic)" in values

@@ -32,9 +32,10 @@ import torch
 from plotly.subplots import make_subplots
 from PIL import Image
 
+from app import share
 from jem_core.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
 from jem_core.data import (BUILTIN_DATASETS, DataUnavailableError, ImageDataset, data_available, dataset_shape,
-                           default_data_root, load_dataset)
+                           default_data_root, demo_pack_file, load_dataset)
 from jem_core.images import make_grid_image, png_bytes
 from jem_core.perf import tune_malloc
 
@@ -274,10 +275,10 @@ def context() -> Context | None:
 
 
 def _default_pair(entries: list[ModelEntry], root: Path) -> tuple[str | None, str | None, str]:
-    """(model label, baseline label, note): the MNIST pair when MNIST is there, else the digits pair."""
+    """(model label, baseline label, note): the MNIST pair when MNIST test images are there (in the data
+    root or the bundled demo pack), else the digits pair; ``JEM_EXPLORER_DEFAULT=digits|mnist`` forces one."""
     names = {Path(e.path).name: e.label for e in entries if e.path}
     forced = os.environ.get("JEM_EXPLORER_DEFAULT", "").strip().lower()
-    mnist_data = data_available("mnist", root, "test")
 
     def pair(family: str) -> tuple[str | None, str | None]:
         return names.get(f"{family}_jem.pt"), names.get(f"{family}_baseline.pt")
@@ -286,17 +287,22 @@ def _default_pair(entries: list[ModelEntry], root: Path) -> tuple[str | None, st
         m, b = pair(forced)
         return m or b, b if m else None, f"Opened on the {forced} models because JEM_EXPLORER_DEFAULT={forced}."
     m, b = pair("mnist")
-    if m and mnist_data:
-        return m, b, f"Opened on the MNIST pair: MNIST test data was found in the data root {root}."
+    in_root = (root / "MNIST" / "raw" / "t10k-images-idx3-ubyte").is_file()
+    if m and (in_root or demo_pack_file("mnist") is not None):
+        where = (f"the data root {root}" if in_root else
+                 "the bundled demo pack (the 10,000-image MNIST test split; training on MNIST needs the training "
+                 "split in a data root, which the Train page can download)")
+        return m, b, f"Opened on the MNIST pair, with MNIST test images from {where}."
     dm, db = pair("digits")
     if not (dm or db):
         first = entries[0].label if entries else None
         return first, None, "No bundled digits or MNIST models were found; opened on the first model available."
     if not m:
-        why = "the MNIST JEM checkpoint (checkpoints/mnist_jem.pt) is not bundled yet"
+        why = "the MNIST JEM checkpoint (checkpoints/mnist_jem.pt) is not bundled"
     else:
-        why = (f"MNIST is not in the data root {root} (the MNIST models still work without it: "
-               "choose them in the picker; pages that need test images will say so)")
+        why = (f"no MNIST test images were found (not in the data root {root}, and the demo pack "
+               "jem_core/demo_data/ is missing); the MNIST models still work from the picker for sampling and "
+               "scoring uploads")
     note = f"Opened on the digits pair (scikit-learn's 8x8 digits, always available): {why}."
     return dm or db, db if dm else None, note
 
@@ -364,8 +370,9 @@ def sidebar() -> Context | None:
     with data_box:
         detected, why = detected_data_root()
         root_text = st.text_input("Data root", value=str(detected), key="sb_data_root",
-                                  help="torchvision-style folder with MNIST/, FashionMNIST/, ... "
-                                       "(nothing is downloaded)")
+                                  help="torchvision-style folder with MNIST/, FashionMNIST/, ... Without it, the "
+                                       "MNIST and Fashion-MNIST test images come from the bundled demo pack; the "
+                                       "Train page can download MNIST's training split here")
     root = Path(root_text.strip() or str(detected)).expanduser()
     why = why if root == detected else "set in the sidebar"
 
@@ -385,11 +392,14 @@ def sidebar() -> Context | None:
         labels = list(loaded)
         if _DEFAULT_NOTE not in st.session_state:
             m_label, b_label, note = _default_pair([e for e, _ in loaded.values()], root)
-            st.session_state[_DEFAULT_NOTE] = note
+            st.session_state[_DEFAULT_NOTE] = {"note": note, "model": m_label, "baseline": b_label or "(none)"}
             if m_label in loaded:
                 st.session_state["sb_model"] = m_label
             if b_label in loaded:
                 st.session_state["sb_baseline"] = b_label
+        publish = share.sync([share.Param("sb_model", share.choice(labels)),
+                              share.Param("sb_baseline", share.choice(["(none)", *labels])),
+                              share.Param("sb_dataset", share.choice(BUILTIN_DATASETS))], share.SHARED_SCOPE)
         nxt = st.session_state.pop(_NEXT_MODEL, None)
         if nxt in loaded:
             st.session_state["sb_model"] = nxt
@@ -416,7 +426,13 @@ def sidebar() -> Context | None:
         dataset = st.selectbox("Dataset", options, key="sb_dataset",
                                help="test images used by the evaluation pages (the model's own dataset first)")
         ok = _dataset_ok(dataset, root)
-        st.info(st.session_state.get(_DEFAULT_NOTE, ""))
+        publish()
+        opened = st.session_state[_DEFAULT_NOTE]
+        if (model_label, base_label) == (opened["model"], opened["baseline"]):
+            st.info(opened["note"])
+        else:
+            vs = f" against **{base_entry.name}**" if base_entry is not None else " (no baseline)"
+            st.info(f"Showing **{entry.name}**{vs}, chosen in the picker or the link. {opened['note']}")
         _model_card(ck, f"Model card: {entry.name}")
         if base_ck is not None and base_entry is not None:
             _model_card(base_ck, f"Baseline: {base_entry.name}")
@@ -424,11 +440,14 @@ def sidebar() -> Context | None:
         sb.warning(f"Skipped a checkpoint that does not load: {b}")
     with data_box:
         st.caption(f"In use: `{root}` ({why}).")
-    sb.caption(f"Data root in use: `{root}` ({why}). " + (f"`{dataset}` test data found." if ok else
-               f"`{dataset}` test data is not there: pages that need test images say so; scoring uploads and "
-               "sampling still work from the checkpoint alone."))
     ctx = Context(ck, entry, base_ck, base_entry, dataset, root, ok,
                   "" if ok else f"The {dataset} test set is not in the data root {root}.")
+    test = ctx.test_set() if ok else None
+    sb.caption(f"Data root in use: `{root}` ({why}). " + (
+        f"`{dataset}` test images: {len(test):,}" + (f", from {test.note}." if test.note else " from the data root.")
+        if test is not None else
+        f"`{dataset}` test data is not there: pages that need test images say so; scoring uploads and "
+        "sampling still work from the checkpoint alone."))
     st.session_state[_CTX] = ctx
     return ctx
 
@@ -747,10 +766,12 @@ def make_pages() -> list[Any]:
     return pages
 
 
-def page_link(file: str) -> None:
-    """A link to another page with its description."""
+def page_link(file: str, number: int | None = None, description: str | None = None) -> None:
+    """A link to another page with its description (``description`` replaces the menu's one-liner;
+    ``number`` prefixes a step number)."""
     spec = next(s for s in PAGE_SPECS if s[0] == file)
-    st.page_link(_PAGES.get(file, str(PAGES_DIR / file)), label=f"{spec[1]}: {spec[3]}", icon=spec[2])
+    label = f"{f'{number}. ' if number else ''}{spec[1]}: {description or spec[3]}"
+    st.page_link(_PAGES.get(file, str(PAGES_DIR / file)), label=label, icon=spec[2])
 
 
 def test_probabilities(ctx: Context, name: str, ck: LoadedCheckpoint, key: str, n: int) -> torch.Tensor:

@@ -22,6 +22,11 @@ offline they raise :class:`DataUnavailableError` saying where to put the files. 
 may also hold the reduced test files ``fashion_mnist_test_2000.npz`` / ``cifar10_test_1000.npz``,
 which serve the ``test`` split when the full dataset is absent.
 
+The *demo pack* (``jem_core/demo_data/``: the whole MNIST test split and the first 2,000
+Fashion-MNIST test images, with their licences) serves the ``test`` split of ``mnist`` and
+``fashion_mnist`` when no data root holds them, before any download is tried, so that a fresh
+offline machine evaluates the bundled MNIST models. Training splits always come from a data root.
+
 Pixel ``p`` in ``0..255`` maps to ``p / 127.5 - 1`` (JEM's normalisation).
 """
 
@@ -30,6 +35,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -39,10 +45,13 @@ __all__ = [
     "DataUnavailableError",
     "BUILTIN_DATASETS",
     "SYNTHETIC_OOD",
+    "DEMO_PACK_DIR",
+    "demo_pack_file",
     "default_data_root",
     "resolve_data_root",
     "dataset_shape",
     "load_dataset",
+    "download_dataset",
     "data_available",
     "synthetic_ood",
     "uint8_to_unit",
@@ -63,6 +72,9 @@ _SHAPES = {
     "svhn": (3, 32, 10),
 }
 _REDUCED_TEST_FILES = {"fashion_mnist": "fashion_mnist_test_2000.npz", "cifar10": "cifar10_test_1000.npz"}
+#: Folder of the bundled demo pack (test splits only; see the module docstring).
+DEMO_PACK_DIR = Path(__file__).resolve().parent / "demo_data"
+_DEMO_PACK_FILES = {"mnist": "mnist_test.npz", "fashion_mnist": "fashion_mnist_test_2000.npz"}
 _TV_FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "cifar-10-batches-py",
                "cifar100": "cifar-100-python", "svhn": "SVHN"}
 
@@ -198,7 +210,27 @@ def data_available(spec: str, data_root: str | os.PathLike | None = None, split:
             return True
     elif (root / _TV_FOLDERS[name]).exists():
         return True
-    return split == "test" and name in _REDUCED_TEST_FILES and (root / _REDUCED_TEST_FILES[name]).exists()
+    if split != "test":
+        return False
+    reduced = name in _REDUCED_TEST_FILES and (root / _REDUCED_TEST_FILES[name]).exists()
+    return reduced or demo_pack_file(name) is not None
+
+
+def demo_pack_file(spec: str) -> Path | None:
+    """The demo-pack ``.npz`` that serves ``spec``'s test split, or None when the pack has none.
+
+    Args:
+        spec: a dataset spec (``"mnist"``, ``"fashion_mnist"``; any other spec gives None).
+
+    Returns:
+        Path of an existing file with ``x`` (N x 28 x 28 uint8) and ``y`` (int64), or None.
+    """
+    try:
+        name, _ = _parse(spec)
+    except ValueError:
+        return None
+    f = DEMO_PACK_DIR / _DEMO_PACK_FILES.get(name, "-")
+    return f if f.is_file() else None
 
 
 def _split_indices(n: int, split: str, seed: int = 0) -> np.ndarray:
@@ -305,11 +337,17 @@ def _load_torchvision(name: str, split: str, root: Path, download: bool) -> Imag
         ds = build(False)
     except (RuntimeError, OSError) as first:
         reduced = root / _REDUCED_TEST_FILES.get(name, "-")
-        if split == "test" and reduced.is_file():
-            out = _load_npz(str(reduced), "all", name)
-            out.split, out.note = "test", f"reduced test set {reduced.name} ({len(out)} images)"
+        pack = demo_pack_file(name)
+        if split == "test" and (reduced.is_file() or pack is not None):
+            src = reduced if reduced.is_file() else pack
+            out = _load_npz(str(src), "all", name)
+            where = "the data root's reduced" if src == reduced else "the bundled demo pack's"
+            full = name == "mnist" and src == pack
+            out.split = "test"
+            out.note = f"{where} test set {src.name} ({len(out)} images{', the whole test split' if full else ''})"
             out.n_classes = _SHAPES[name][2]
-            out.class_names = [str(i) for i in range(out.n_classes)]
+            names = {"mnist": datasets.MNIST.classes, "fashion_mnist": datasets.FashionMNIST.classes}.get(name)
+            out.class_names = list(names) if names else [str(i) for i in range(out.n_classes)]
             return out
         if not download:
             raise DataUnavailableError(_offline_message(name, root, first)) from first
@@ -364,6 +402,56 @@ def load_dataset(spec: str, split: str = "train", data_root: str | os.PathLike |
     if split == "all":
         raise ValueError(f"split 'all' is only for digits, npz: and folder: specs; use 'train' or 'test' for {name}")
     return _load_torchvision(name, split, resolve_data_root(data_root), download)
+
+
+def download_dataset(spec: str, data_root: str | os.PathLike | None = None,
+                     progress: Callable[[float, str], None] | None = None) -> Path:
+    """Download MNIST or Fashion-MNIST (train and test) into a data root, file by file.
+
+    The same files, mirrors and md5 checks as ``torchvision.datasets.MNIST.download``, with a progress
+    callback per file so that a page can show a bar. Files already there are checked and kept.
+
+    Args:
+        spec: ``"mnist"`` or ``"fashion_mnist"``.
+        data_root: the data root (default :func:`default_data_root`); files go to
+            ``ROOT/MNIST/raw`` or ``ROOT/FashionMNIST/raw``.
+        progress: called as ``progress(fraction done in [0, 1], file name)`` after each file.
+
+    Returns:
+        The raw folder that now holds the uncompressed IDX files.
+
+    Raises:
+        ValueError: another spec.
+        DataUnavailableError: a file could not be fetched from any mirror (offline); the message says
+            where to put the files by hand.
+    """
+    from urllib.error import URLError
+
+    from torchvision import datasets
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    name, _ = _parse(spec)
+    classes = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST}
+    if name not in classes:
+        raise ValueError(f"download_dataset handles mnist and fashion_mnist; got {spec!r} (torchvision downloads "
+                         "the others on first use when online)")
+    root = resolve_data_root(data_root)
+    raw = root / _TV_FOLDERS[name] / "raw"
+    resources = classes[name].resources
+    for i, (filename, md5) in enumerate(resources):
+        errors = []
+        for mirror in classes[name].mirrors:
+            try:
+                raw.mkdir(parents=True, exist_ok=True)
+                download_and_extract_archive(f"{mirror}{filename}", download_root=str(raw), filename=filename, md5=md5)
+                break
+            except (RuntimeError, URLError, OSError) as e:  # network errors and failed md5 checks
+                errors.append(e)
+        else:
+            raise DataUnavailableError(_offline_message(name, root, errors[-1]))
+        if progress is not None:
+            progress((i + 1) / len(resources), filename)
+    return raw
 
 
 def labelled_subset(y: torch.Tensor, labels_per_class: int, n_classes: int, seed: int = 0) -> torch.Tensor:

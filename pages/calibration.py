@@ -8,14 +8,18 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from app import ui
+from app import share, ui
 from jem_core.evaluation import TemperatureScaled, calibration_report, fit_temperature, predict_logits, predict_proba
+from jem_core.evaluation.verdicts import calibration_verdict
 
 
 def main(ctx: ui.Context) -> None:
     test = ui.need_test_set(ctx)
     if test is None:
         return
+    publish = share.sync([share.Param("cal_n", share.number(int, 1, len(test))),
+                          share.Param("cal_bins", share.number(int, 5, 30)),
+                          share.Param("cal_temp", share.flag, share.format_flag)], "calibration")
     a, b, c, d = st.columns(4)
     with d:
         temperature = st.toggle("Temperature-scaled baseline", key="cal_temp", disabled=ctx.baseline is None,
@@ -28,6 +32,7 @@ def main(ctx: ui.Context) -> None:
         n = ui.n_test_control(len(test) - n_cal, 2000, key="cal_n")
     n_bins = b.slider("Number of bins", 5, 30, 15, key="cal_bins", **ui.PERSIST)
     layout = c.radio("Layout", ["Overlaid", "Side by side"], key="cal_layout", horizontal=True, **ui.PERSIST)
+    publish()
     y = test.y[:n]
     reports = {name: calibration_report(ui.test_probabilities(ctx, name, ck, key, n), y, n_bins)
                for name, ck, key in ctx.models()}
@@ -42,6 +47,11 @@ def main(ctx: ui.Context) -> None:
                           "Classifying with the temperature-scaled baseline...")
         reports[f"{bname} + temperature T={t:.2f}"] = calibration_report(probs, y, n_bins)
 
+    if len(reports) >= 2:
+        (na, ra), (nb, rb) = list(reports.items())[:2]
+        st.markdown("**What these numbers show.** " + calibration_verdict(
+            na, ra, nb, rb, f"the first {n:,} {ctx.dataset} test images") + " The reliability diagram below shows "
+            "where: bars below the diagonal are over-confident bins, bars above it under-confident ones.")
     table = pd.DataFrame([{"model": name, "accuracy": r.accuracy, "ECE": r.ece, "MCE": r.mce, "NLL": r.nll,
                            "Brier": r.brier, "test images": n, "bins": n_bins} for name, r in reports.items()])
     st.subheader(f"Calibration on the first {n} {ctx.dataset} test images")

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import streamlit as st
 import torch
 
-from app import ui
+from app import share, ui
 from jem_core.generation import chain_starts, class_translation, inpaint, source_images
 from jem_core.sampling import MASK_KINDS, ChainState, SGLDSampler
 
@@ -23,6 +23,7 @@ INITS = {"noise": "uniform noise", "buffer": "replay buffer", "test": "test data
 LIVE = "lg_live"          # session_state: the live chains
 INPAINT = "lg_inpaint"    # session_state: the last in-painting result
 TRANSLATE = "lg_translate"
+AUTOSTARTED = "lg_autostarted"  # session_state: the model whose chains started by themselves
 
 
 def sgld_settings() -> None:
@@ -90,7 +91,7 @@ def live_view(ctx: ui.Context) -> None:
     ss = st.session_state
     s = ss.get(LIVE)
     if s is None:
-        st.info("Press **Start** to run SGLD chains; the grid and the traces update live.")
+        st.info("Press **Start** to run SGLD chains again; the grid and the traces update live.")
         return
     chain: ChainState = s["chain"]
     target = int(ss.get("lg_steps", 200))
@@ -125,8 +126,9 @@ def live_view(ctx: ui.Context) -> None:
 
 def chains_tab(ctx: ui.Context) -> None:
     ss = st.session_state
-    inits = ["noise"] + (["buffer"] if ctx.model.replay_buffer is not None else []) + \
-            (["test"] if ctx.test_set() is not None else [])
+    # The replay buffer first: chains from it show the model's own samples at once.
+    inits = (["buffer"] if ctx.model.replay_buffer is not None else []) + \
+            (["test"] if ctx.test_set() is not None else []) + ["noise"]
     if ss.get("lg_init") not in inits:
         ss.pop("lg_init", None)
     a, b, c, d, e = st.columns(5)
@@ -140,7 +142,12 @@ def chains_tab(ctx: ui.Context) -> None:
     if s is not None and s["model"] != ctx.key:
         reset_chains()
         s = None
-        st.info("The model changed: the chains were reset.")
+        st.info("The model changed: the chains were restarted.")
+    if s is None and ss.get(AUTOSTARTED) != ctx.key:
+        # The page's point before any click: chains start by themselves once per model and session.
+        ss[AUTOSTARTED] = ctx.key
+        start_chains()
+        s = ss.get(LIVE)
     running = bool(s and s["running"])
     can_resume = bool(s and not running and s["chain"].steps < int(ss.get("lg_steps", 200)))
     cols = st.columns(4)
@@ -239,7 +246,22 @@ def translate_tab(ctx: ui.Context) -> None:
                                                "Classifier's prediction along the path"), key="ct_preds")
 
 
+def url_params(ctx: ui.Context) -> list[share.Param]:
+    """The settings a link reproduces: sampler, chains, start and class."""
+    P = share.Param
+    return [P("lg_seed", share.number(int, 0, 10_000)),
+            P("lg_step_size", share.choice(STEP_SIZES)),
+            P("lg_noise", share.choice(NOISES)),
+            P("lg_exact", share.flag, share.format_flag),
+            P("lg_max_update", share.choice(MAX_UPDATES)),
+            P("lg_steps", share.number(int, 10, 2000)),
+            P("lg_n", share.number(int, 1, 64)),
+            P("lg_init", share.choice(list(INITS))),
+            P("lg_class", share.choice(["unconditional", *range(len(ctx.class_names))]))]
+
+
 def main(ctx: ui.Context) -> None:
+    publish = share.sync(url_params(ctx), "langevin")
     sgld_settings()
     chains, inpaint, translate = st.tabs(["Chains", "In-painting", "Class translation"])
     with chains:
@@ -248,6 +270,7 @@ def main(ctx: ui.Context) -> None:
         inpaint_tab(ctx)
     with translate:
         translate_tab(ctx)
+    publish()
 
 
 ui.run_page(main, "Langevin chains", "SGLD on the model's energy: x <- x - step * dE/dx + noise. "

@@ -11,11 +11,12 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from app import ui
+from app import share, ui
 from jem_core.data import SYNTHETIC_OOD
 from jem_core.evaluation import load_ood_set, ood_metrics, ood_score_table, roc_curve_data
 from jem_core.evaluation.ood import OOD_SCORES, SCORE_LABELS
 from jem_core.evaluation.report import default_ood_sets
+from jem_core.evaluation.verdicts import auroc_bootstrap, ood_verdict
 from jem_core.images import prepare_uploads
 
 UPLOADED = "uploaded images"
@@ -32,6 +33,18 @@ def scores_for(ctx: ui.Context, name: str, ck, key: str, set_name: str, x: torch
     return ui.cached(("ood", key, data_key, len(x), scores),
                      lambda p: ood_score_table(ck.model, x, scores, progress=p),
                      f"Scoring {len(x)} images of {set_name} with {name}...")
+
+
+def verdict(ctx: ui.Context, per_model: dict, set_name: str, score: str, n: int) -> str:
+    """The AUROC comparison of the models for one OOD set and score, with intervals (shared cache)."""
+    keys = tuple(k for _, _, k in ctx.models())
+
+    def compute(progress) -> str:
+        aurocs = {name: auroc_bootstrap(s_in[score], s_out[set_name][score], n_boot=500)
+                  for name, (s_in, s_out) in per_model.items()}
+        return ood_verdict(aurocs, set_name, SCORE_LABELS[score])
+    return ui.cached(("ood_verdict", keys, ctx.dataset, str(ctx.data_root), set_name, score, n), compute,
+                     f"Bootstrapping AUROC intervals for {set_name}...")
 
 
 def uploaded_set(ctx: ui.Context) -> tuple[torch.Tensor | None, str]:
@@ -56,6 +69,9 @@ def main(ctx: ui.Context) -> None:
     if test is None:
         return
     available = default_ood_sets(ctx.dataset, ctx.data_root)
+    publish = share.sync([share.Param("ood_scores", share.several(list(OOD_SCORES)), share.format_several),
+                          share.Param("ood_sets", share.several(available), share.format_several),
+                          share.Param("ood_n", share.number(int, 1, len(test)))], "ood")
     a, b, c = st.columns([2, 3, 2])
     chosen_scores = a.multiselect("Scores", list(OOD_SCORES), default=list(OOD_SCORES), key="ood_scores",
                                   format_func=SCORE_LABELS.get, help="higher = more in-distribution for every score",
@@ -64,6 +80,7 @@ def main(ctx: ui.Context) -> None:
                          format_func=lambda s: SET_LABELS.get(s, f"{s} (test split)"), **ui.PERSIST)
     with c:
         n = ui.n_test_control(len(test), 500, key="ood_n", label="Number of test images (and per OOD set)")
+    publish()
     with st.expander("Upload a folder of images as an extra OOD set"):
         x_up, up_key = uploaded_set(ctx)
     if not chosen_scores:
@@ -99,6 +116,8 @@ def main(ctx: ui.Context) -> None:
     glance = table.pivot_table(index="OOD set", columns=["score", "model"], values="AUROC", sort=False)
     glance.columns = [f"AUROC {sc} · {m}" for sc, m in glance.columns]
     st.dataframe(glance, column_config={c: st.column_config.NumberColumn(format="%.3f") for c in glance.columns})
+    st.markdown(f"**What these numbers show** ({SCORE_LABELS[scores[0]]}; 95% bootstrap intervals):")
+    st.markdown("\n".join(f"- {verdict(ctx, per_model, set_name, scores[0], n)}" for set_name in ood_x))
     st.dataframe(table, hide_index=True, column_config={k: st.column_config.NumberColumn(format="%.4f")
                                                         for k in ("AUROC", "AUPR", "FPR@95TPR")})
     ui.download_table(table, f"ood_{ctx.name}", key="ood_table")

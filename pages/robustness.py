@@ -13,9 +13,10 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from app import ui
+from app import share, ui
 from jem_core.evaluation import RefinedClassifier, attack, calibration_report, predict_logits, robustness_curve
 from jem_core.evaluation.robustness import default_eps
+from jem_core.evaluation.verdicts import robustness_verdict
 
 ATTACKS = {"pgd_linf": "PGD L∞", "pgd_l2": "PGD L2", "fgsm": "FGSM (L∞)"}
 RESULT = "rb_result"
@@ -42,9 +43,10 @@ def settings(ctx: ui.Context, total: int) -> dict:
         random_start = st.toggle("Random start", key="rb_random_start", disabled=kind == "fgsm", **ui.PERSIST)
     with d:
         n = ui.n_test_control(total, 100 if side <= 8 else 50, key="rb_n")
-        refine = st.toggle("Also JEM with SGLD refinement", value=True, key="rb_refine",
-                           help="run SGLD on E(x) from the input before classifying; attacked with BPDA + EOT",
-                           **ui.PERSIST)
+        refine = st.toggle("Also JEM with SGLD refinement", value=False, key="rb_refine",
+                           help="run SGLD on E(x) from the input before classifying; attacked with BPDA + EOT. "
+                                "Each attack step then costs (1 + refinement steps) x chains forward-backward "
+                                "passes: 12x with the defaults", **ui.PERSIST)
         r1, r2 = st.columns(2)
         refine_steps = r1.number_input("Refinement steps", 1, 50, 5, key="rb_refine_steps", disabled=not refine,
                                        **ui.PERSIST)
@@ -56,28 +58,32 @@ def settings(ctx: ui.Context, total: int) -> dict:
             "models": [k for _, _, k in ctx.models()], "dataset": ctx.dataset}
 
 
-def run_attacks(ctx: ui.Context, s: dict) -> dict:
+def run_attacks(ctx: ui.Context, s: dict, progress) -> dict:
+    """Accuracy-versus-eps curves of every model (and the refined JEM) for settings ``s``."""
     test = ctx.test_set()
     x, y = test.x[: s["n"]], test.y[: s["n"]]
     models = ctx.models()
     extra = {"step_size": s["step_size"]} if CURVE_HAS_STEP_SIZE else {}
     curves: dict[str, list[dict]] = {}
-    bar = st.progress(0.0, text="Attacking...")
     for i, (name, ck, _) in enumerate(models):
         refined = (RefinedClassifier(ck.model, s["refine_steps"], s["refine_chains"], seed=0)
                    if s["refine"] and i == 0 else None)
-
-        def progress(f: float, i: int = i, name: str = name) -> None:
-            bar.progress(min(1.0, (i + f) / len(models)), text=f"Attacking {name} ({s['n']} images)...")
-
         out = robustness_curve(ck.model, x, y, {s["kind"]: s["eps"]}, s["steps"], refined,
-                               random_start=s["random_start"], progress=progress, **extra)
+                               random_start=s["random_start"],
+                               progress=lambda f, i=i: progress((i + f) / len(models)), **extra)
         rows = next(iter(out.values()))
         curves[name] = [r["accuracy"] for r in rows]
         if refined is not None:
             curves[f"{name} + SGLD refinement"] = [r["accuracy_refined"] for r in rows]
-    bar.empty()
     return {"settings": s, "curves": curves}
+
+
+def attack_results(ctx: ui.Context, s: dict) -> dict:
+    """The curves for settings ``s``, shared by every session (computed once per model pair and settings)."""
+    key = ("robustness", tuple(s["models"]), ctx.dataset, str(ctx.data_root),
+           tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(s.items()) if k != "models"))
+    return ui.cached(key, lambda p: run_attacks(ctx, s, p),
+                     f"Attacking {s['n']} test images with {ATTACKS[s['kind']]} at {len(s['eps'])} eps values...")
 
 
 def gallery(ctx: ui.Context, r: dict) -> None:
@@ -106,21 +112,35 @@ def gallery(ctx: ui.Context, r: dict) -> None:
                f"{sum(p != q for p, q in zip(clean_pred, adv_pred))} of {N_GALLERY}")
 
 
+def url_params(ctx: ui.Context, total: int) -> list[share.Param]:
+    """The settings a link reproduces: attack, eps, steps, images, refinement."""
+    P = share.Param
+    side = ctx.shape[-1]
+    return [P("rb_attack", share.choice(list(ATTACKS))),
+            P("rb_eps_linf", share.number(float, 0.0, round(2 * default_eps("linf", side)[-1], 2))),
+            P("rb_eps_l2", share.number(float, 0.0, round(2 * default_eps("l2", side)[-1], 2))),
+            P("rb_points", share.number(int, 2, 8)),
+            P("rb_steps", share.number(int, 1, 50)),
+            P("rb_n", share.number(int, 1, total)),
+            P("rb_refine", share.flag, share.format_flag)]
+
+
 def main(ctx: ui.Context) -> None:
     test = ui.need_test_set(ctx)
     if test is None:
         return
+    publish = share.sync(url_params(ctx, len(test)), "robustness")
     s = settings(ctx, len(test))
+    publish()
     if not CURVE_HAS_STEP_SIZE and s["step_size"] is not None:
         st.caption("The accuracy curve uses the automatic step size (this library version's robustness_curve "
                    "takes none); the gallery uses the one set here.")
-    if st.button("Run attacks", key="rb_run", type="primary"):
-        st.session_state[RESULT] = run_attacks(ctx, s)
+    clicked = st.button("Run attacks", key="rb_run", type="primary")
     r = st.session_state.get(RESULT)
-    if r is None or r["settings"]["models"] != s["models"] or r["settings"]["dataset"] != ctx.dataset:
-        st.info("Choose the attack and press **Run attacks** (a few seconds for 100 digits; MNIST with "
-                "refinement takes longer: start with fewer test images).")
-        return
+    first = r is None or r["settings"]["models"] != s["models"] or r["settings"]["dataset"] != ctx.dataset
+    if clicked or first:
+        # The first visit computes the attack with the settings shown, so the page makes its point at once.
+        r = st.session_state[RESULT] = attack_results(ctx, s)
     if r["settings"] != s:
         st.warning("The settings changed since the last run: press **Run attacks** to update the results below.")
     rs = r["settings"]
@@ -133,6 +153,13 @@ def main(ctx: ui.Context) -> None:
     ui.show_chart(ui.fig_lines(rs["eps"], r["curves"], f"{ATTACKS[rs['kind']]}: accuracy under attack "
                                f"({rs['n']} test images, {rs['steps']} steps)", "eps ([0, 1] pixel scale)",
                                "accuracy", yrange=(0, 1.02), colors=colors), key="rb_curve")
+    st.markdown("**What these numbers show.**")
+    st.markdown("\n".join(
+        "- " + robustness_verdict({k: v[j] for k, v in r["curves"].items()}, rs["n"], e, ATTACKS[rs["kind"]])
+        for j, e in enumerate(rs["eps"]) if e > 0) or "- eps 0 only: no attack ran.")
+    if not rs["refine"]:
+        st.caption("Turn on **Also JEM with SGLD refinement** to attack the JEM that first moves its input "
+                   "towards low energy (the paper's robustness claim is about this refined classifier).")
     table = pd.DataFrame({"eps": rs["eps"], **{f"accuracy: {k}": v for k, v in r["curves"].items()}})
     st.subheader("Accuracy under attack")
     st.dataframe(table, hide_index=True)

@@ -14,13 +14,14 @@ import streamlit as st
 import torch
 
 from app import ui
-from jem_core.evaluation import attribution_maps
+from jem_core.data import data_available, synthetic_ood
+from jem_core.evaluation import attribution_maps, load_ood_set
 from jem_core.images import prepare_uploads
 from jem_core.scoring import UNUSUAL_PERCENTILE, score_batch
 
 INVERT = {"Auto": None, "Invert": True, "Don't invert": False}
 METHODS = {"saliency": "saliency |∂/∂x|", "integrated_gradients": "integrated gradients"}
-N_EXAMPLES = 4
+N_EXAMPLES = 2
 
 
 def inputs(ctx: ui.Context) -> tuple[list[str], torch.Tensor | None, list[list[str]]]:
@@ -35,8 +36,9 @@ def inputs(ctx: ui.Context) -> tuple[list[str], torch.Tensor | None, list[list[s
                           "dark-on-light digits", **ui.PERSIST)
     b.radio("Attribution method", list(METHODS), format_func=METHODS.get, key="score_method", horizontal=True,
             **ui.PERSIST)
-    examples = d.toggle(f"Add {N_EXAMPLES} test images as examples", key="score_examples",
-                        disabled=ctx.test_set() is None, **ui.PERSIST)
+    examples = d.toggle("Show example inputs", value=True, key="score_examples", disabled=ctx.test_set() is None,
+                        help=f"{N_EXAMPLES} test images, a Fashion-MNIST item (when available) and uniform noise, "
+                             "scored like uploads", **ui.PERSIST)
     names, tensors, notes = [], [], []
     if files:
         prepared, errors = prepare_uploads([(f.name, f.getvalue()) for f in files], c, h, INVERT[invert])
@@ -48,11 +50,24 @@ def inputs(ctx: ui.Context) -> tuple[list[str], torch.Tensor | None, list[list[s
             notes.append(p.notes)
     test = ctx.test_set()
     if examples and test is not None:
-        for i in range(min(N_EXAMPLES, len(test))):
-            names.append(f"test image {i} (label {ctx.class_names[int(test.y[i])]})")
-            tensors.append(test.x[i])
-            notes.append([f"from the {ctx.dataset} test split, as stored"])
+        for name, x, note in example_inputs(ctx, test):
+            names.append(name)
+            tensors.append(x)
+            notes.append([note])
     return names, (torch.stack(tensors) if tensors else None), notes
+
+
+def example_inputs(ctx: ui.Context, test) -> list[tuple[str, torch.Tensor, str]]:
+    """(name, image [C, H, W], where it came from): test images, one Fashion-MNIST item, uniform noise."""
+    out = [(f"test image {i} (label {ctx.class_names[int(test.y[i])]})", test.x[i],
+            f"from the {ctx.dataset} test split, as stored") for i in range(min(N_EXAMPLES, len(test)))]
+    if ctx.dataset != "fashion_mnist" and data_available("fashion_mnist", ctx.data_root, "test"):
+        fm = load_ood_set("fashion_mnist", test.x[:1], ctx.data_root, n=1)
+        out.append(("Fashion-MNIST test image 0", fm[0],
+                    f"the first Fashion-MNIST test image, converted to {tuple(fm.shape[1:])} like the model's input"))
+    noise = synthetic_ood("uniform", test.x[:1], 1, torch.Generator().manual_seed(0))
+    out.append(("uniform noise", noise[0], "U[-1, 1] pixels (seed 0)"))
+    return out
 
 
 def verdict(r, dataset: str) -> None:
@@ -87,6 +102,11 @@ def main(ctx: ui.Context) -> None:
         if base is not None:
             row["baseline predicted label"] = base[i].label
         rows.append(row)
+    table = pd.DataFrame(rows)
+    st.subheader("All images")
+    st.dataframe(table, hide_index=True)
+    ui.download_table(table, f"scores_{ctx.name}", key="score_table")
+    for i, (name, r) in enumerate(zip(names, results)):
         with st.container(border=True):
             st.markdown(f"#### {name}")
             left, mid, right = st.columns([1, 2, 3])
@@ -115,11 +135,7 @@ def main(ctx: ui.Context) -> None:
                 verdict(r, dataset)
             with st.expander("Preprocessing steps"):
                 st.write("\n".join(f"- {n}" for n in notes[i]) or "none")
-    table = pd.DataFrame(rows)
-    st.subheader("All images")
-    st.dataframe(table, hide_index=True)
-    ui.download_table(table, f"scores_{ctx.name}", key="score_table")
 
 
-ui.run_page(main, "Score an image", "Upload images and see the prediction, the energy and whether the "
-            "model finds the input unusual; works offline from the checkpoint alone.")
+ui.run_page(main, "Score an image", "Upload images (or look at the examples) and see the prediction, the energy "
+            "and whether the model finds the input unusual; works offline from the checkpoint alone.")

@@ -19,7 +19,7 @@ import pandas as pd
 import streamlit as st
 
 from app import ui
-from jem_core.data import BUILTIN_DATASETS, data_available
+from jem_core.data import BUILTIN_DATASETS, DataUnavailableError, data_available, download_dataset
 from jem_core.training import TrainConfig, Trainer, TrainingDiverged
 
 RUN = ui.TRAIN_RUN  # session_state: the current (or last) training run
@@ -159,10 +159,58 @@ def curves(run: dict) -> None:
                                        "iteration", "energy", markers=False, height=300), key="tr_energy")
 
 
-def live_view() -> None:
+def checkpoint_history(ctx: ui.Context) -> None:
+    """The chosen model's own per-epoch training curves, read from its checkpoint (before any run here)."""
+    hist = (ctx.model.metadata.get("metrics") or {}).get("history") or []
+    if not hist:
+        st.info(f"{ctx.name} carries no training history. Choose the settings and press **Start training**.")
+        return
+    m = ctx.model.metadata
+    st.markdown(f"**How {ctx.name} was trained** (per-epoch figures stored in its checkpoint: "
+                f"`{m.get('objective')}` on `{m.get('dataset')}`, {len(hist)} epochs, "
+                f"{sum(h.get('seconds', 0) for h in hist) / 60:.1f} min recorded). Press **Start training** "
+                "to train your own; its curves replace these.")
+    ep = [h["epoch"] for h in hist]
+    a, b, c = st.columns(3)
+    with a:
+        ui.show_chart(ui.fig_lines(ep, {"loss": [h["loss"] for h in hist], "cross-entropy": [h["ce"] for h in hist],
+                                        "test NLL": [h.get("test_nll") for h in hist]},
+                                   "Loss", "epoch", "nats", height=300), key="tr_hist_loss")
+    with b:
+        ui.show_chart(ui.fig_lines(ep, {"train accuracy": [h["train_accuracy"] for h in hist],
+                                        "test accuracy": [h["test_accuracy"] for h in hist]},
+                                   "Accuracy", "epoch", "accuracy", yrange=(0, 1.02), height=300), key="tr_hist_acc")
+    with c:
+        ui.show_chart(ui.fig_lines(ep, {"E(data)": [h["energy_data"] for h in hist],
+                                        "E(samples)": [h["energy_samples"] for h in hist]},
+                                   "Energies (epoch means)", "epoch", "energy", height=300), key="tr_hist_energy")
+
+
+def download_offer(ctx: ui.Context) -> None:
+    """Offer to download MNIST's training split into the data root when it is not there."""
+    if data_available("mnist", ctx.data_root, "train"):
+        return
+    with st.expander("MNIST's training split is not in the data root: download it", expanded=False):
+        st.caption(f"Training on MNIST needs its 60,000 training images in the data root `{ctx.data_root}` "
+                   "(the bundled demo pack holds only the test split). The download is about 11 MB from "
+                   "torchvision's mirrors; offline, put the four IDX files at "
+                   f"`{ctx.data_root}/MNIST/raw/{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte`.")
+        if st.button("Download MNIST", key="tr_download_mnist"):
+            bar = st.progress(0.0, text="Downloading MNIST...")
+            try:
+                download_dataset("mnist", ctx.data_root,
+                                 lambda f, name: bar.progress(f, text=f"Downloaded {name}"))
+                st.success("MNIST is in the data root: choose it as the dataset above.")
+            except DataUnavailableError as e:
+                st.error(f"The download failed (is this machine offline?). {e}")
+            finally:
+                bar.empty()
+
+
+def live_view(ctx: ui.Context) -> None:
     run = st.session_state.get(RUN)
     if run is None:
-        st.info("Choose the settings and press **Start training**; curves and samples refresh while it runs.")
+        checkpoint_history(ctx)
         return
     if run["status"] != "running" and not run["registered"]:
         st.rerun()  # full rerun: stops the timer; the sidebar puts the new model into the picker
@@ -223,9 +271,11 @@ def main(ctx: ui.Context) -> None:
     a.button("Start training", key="tr_start", type="primary", disabled=running, on_click=start, args=(cfg, name))
     b.button("Stop training", key="tr_stop", disabled=not running, on_click=stop)
 
+    download_offer(ctx)
+
     @st.fragment(run_every=1.0 if running else None)
     def live() -> None:
-        live_view()
+        live_view(ctx)
 
     live()
     if run is not None:
@@ -233,4 +283,4 @@ def main(ctx: ui.Context) -> None:
 
 
 ui.run_page(main, "Train", "Train in the background; the page stays usable and curves refresh every second. "
-            "Digits trains in about a minute; MNIST takes several minutes per epoch on a CPU.")
+            "Before a run, the chosen model's own training curves are shown from its checkpoint.")

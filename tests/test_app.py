@@ -74,28 +74,45 @@ def test_opens_on_the_digits_pair_with_a_note_and_model_cards():
     assert at.sidebar.selectbox(key="sb_baseline").value == "digits_baseline.pt (bundled)"
     assert any("digits" in i.value for i in at.sidebar.info)
     assert any("Data root in use" in c.value for c in at.sidebar.caption)
-    assert "%" in metric(at, "Test accuracy (model card)")
-    assert float(metric(at, "ECE (360 digits test images)")) >= 0
+    assert 90 < float(metric(at, "Accuracy (360 test images)").rstrip("%")) <= 100
+    assert 0 <= float(metric(at, "ECE (360 digits test images)")) < 0.5
+    verdict = [m.value for m in at.markdown if m.value.startswith("**Calibration, measured here.**")]
+    assert verdict and "ECE of **digits_jem**" in verdict[0] and "95% CI" in verdict[0]
 
 
-def test_default_pair_prefers_mnist_when_its_data_is_there(tmp_path, monkeypatch):
+def test_default_pair_prefers_mnist_from_the_data_root_or_the_demo_pack(tmp_path, monkeypatch):
     from app import ui
+    from jem_core import data
 
     monkeypatch.delenv("JEM_EXPLORER_DEFAULT")
     entries = [ui.ModelEntry(f"{n} (bundled)", "bundled", f"/x/{n}") for n in
                ("digits_baseline.pt", "digits_jem.pt", "mnist_baseline.pt", "mnist_jem.pt")]
+    # An empty data root: the bundled demo pack serves MNIST's test split.
     model, base, note = ui._default_pair(entries, tmp_path)
-    assert (model, base) == ("digits_jem.pt (bundled)", "digits_baseline.pt (bundled)")
-    assert "MNIST is not in the data root" in note
+    assert (model, base) == ("mnist_jem.pt (bundled)", "mnist_baseline.pt (bundled)")
+    assert "demo pack" in note
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
     (raw / "t10k-images-idx3-ubyte").write_bytes(b"")
     model, base, note = ui._default_pair(entries, tmp_path)
     assert (model, base) == ("mnist_jem.pt (bundled)", "mnist_baseline.pt (bundled)")
-    assert "MNIST" in note
+    assert str(tmp_path) in note and "demo pack" not in note
+    # Neither the data root nor the pack: the digits pair, and the note says why.
+    monkeypatch.setattr(data, "DEMO_PACK_DIR", tmp_path / "no_pack")
+    model, base, note = ui._default_pair(entries, tmp_path / "empty")
+    assert (model, base) == ("digits_jem.pt (bundled)", "digits_baseline.pt (bundled)")
+    assert "no MNIST test images were found" in note
     # Without the MNIST JEM the digits pair stays the default, and the note says why.
     model, base, note = ui._default_pair(entries[:3], tmp_path)
-    assert model == "digits_jem.pt (bundled)" and "not bundled yet" in note
+    assert model == "digits_jem.pt (bundled)" and "not bundled" in note
+
+
+def test_sidebar_note_follows_the_chosen_model():
+    at = open_page("home")
+    assert any(i.value.startswith("Opened on the digits models") for i in at.sidebar.info)
+    at.sidebar.selectbox(key="sb_baseline").set_value("(none)").run()
+    note = [i.value for i in at.sidebar.info]
+    assert any(v.startswith("Showing **digits_jem** (no baseline), chosen in the picker") for v in note), note
 
 
 def test_bad_upload_keeps_the_previous_model_and_a_good_one_is_selected():
@@ -111,8 +128,20 @@ def test_bad_upload_keeps_the_previous_model_and_a_good_one_is_selected():
     assert at.sidebar.selectbox(key="sb_model").value.startswith("mine.pt (uploaded")
 
 
+def test_langevin_chains_start_by_themselves_from_the_replay_buffer():
+    at = open_page("langevin")
+    assert metric(at, "Status") == "running" and metric(at, "SGLD steps done") == "10 / 200"
+    captions = [c for img in at.image for c in img.captions]
+    assert any("chains from replay buffer" in c for c in captions), captions
+    assert at.get("plotly_chart"), "energy and prediction traces are drawn"
+    at.button(key="lg_reset").click().run()  # a reset is not undone by the automatic start
+    at.run()
+    assert not [m for m in at.metric if m.label == "SGLD steps done"]
+
+
 def test_langevin_more_steps_lower_the_mean_energy_and_buttons_follow_the_state():
     at = open_page("langevin")
+    at.button(key="lg_reset").click().run()  # stop the chains that started by themselves
     at.slider(key="lg_steps").set_value(40)
     at.slider(key="lg_every").set_value(10)
     at.slider(key="lg_n").set_value(8)
@@ -214,8 +243,18 @@ def test_ood_score_choice_and_sets_change_the_table():
     assert not at.exception and not errors(at)
 
 
+def test_score_shows_scored_examples_before_any_upload():
+    at = open_page("score")
+    table = at.dataframe[0].value
+    assert list(table["image"]) == ["test image 0 (label 7)", "test image 1 (label 6)",
+                                    "Fashion-MNIST test image 0", "uniform noise"]
+    assert list(table["unusual"])[-1], "uniform noise is flagged as unusual"
+    assert len(at.get("plotly_chart")) >= 4
+
+
 def test_score_upload_shows_prediction_and_a_bad_file_an_error():
     at = open_page("score")
+    at.toggle(key="score_examples").set_value(False).run()
     at.file_uploader(key="score_upload").set_value([("seven.png", png(), "image/png"),
                                                     ("notes.png", b"hello, not an image", "image/png")])
     at.run()
@@ -257,17 +296,80 @@ def test_train_in_the_background_stop_and_the_model_joins_the_picker():
     assert not errors(at)
 
 
-@pytest.mark.skipif(not (ROOT / "checkpoints" / "mnist_jem.pt").is_file(), reason="no bundled MNIST JEM")
-def test_an_mnist_model_scores_uploads_without_its_dataset(monkeypatch, tmp_path):
+MNIST_PAIR = [ROOT / "checkpoints" / "mnist_jem.pt", ROOT / "checkpoints" / "mnist_baseline.pt"]
+
+
+@pytest.mark.skipif(not all(p.is_file() for p in MNIST_PAIR), reason="no bundled MNIST pair")
+def test_a_fresh_offline_machine_opens_on_mnist_and_evaluates_on_the_demo_pack(monkeypatch, tmp_path):
+    from streamlit.testing.v1 import AppTest
+
     monkeypatch.delenv("JEM_EXPLORER_DEFAULT")
-    monkeypatch.setenv("JEM_DATA_ROOT", str(tmp_path))  # an empty data root: no MNIST files anywhere
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.cache data root either
+    monkeypatch.setenv("JEM_DATA_ROOT", str(tmp_path / "empty_root"))
+    at = AppTest.from_file(HOME, default_timeout=TIMEOUT)
+    at.query_params["cal_n"] = "300"  # keep the test small: the same code path as the default 2,000
+    at.query_params["ood_n"] = "100"
+    at.run()
+    assert not at.exception, at.exception
+    assert at.sidebar.selectbox(key="sb_model").value == "mnist_jem.pt (bundled)"
+    assert at.sidebar.selectbox(key="sb_baseline").value == "mnist_baseline.pt (bundled)"
+    assert any("demo pack" in i.value for i in at.sidebar.info)
+    at.switch_page("../pages/calibration.py").run()
+    assert not at.exception and not errors(at)
+    table = at.dataframe[0].value
+    assert list(table["model"]) == ["mnist_jem", "mnist_baseline"] and (table["accuracy"] > 0.9).all()
+    assert any("ECE of **mnist_jem**" in m.value for m in at.markdown)
+    at.switch_page("../pages/ood.py").run()
+    assert not at.exception and not errors(at)
+    assert "fashion_mnist (test split)" in at.multiselect(key="ood_sets").options
+    ood = at.dataframe[1].value
+    fashion = ood[(ood["model"] == "mnist_jem") & (ood["OOD set"] == "fashion_mnist (test split)")
+                  & (ood["score"] == "log p(x)")]
+    assert float(fashion["AUROC"].iloc[0]) > 0.9
+
+
+@pytest.mark.skipif(not (ROOT / "checkpoints" / "mnist_jem.pt").is_file(), reason="no bundled MNIST JEM")
+def test_an_mnist_model_scores_uploads_without_any_mnist_data(monkeypatch, tmp_path):
+    from jem_core import data
+
+    monkeypatch.delenv("JEM_EXPLORER_DEFAULT")
+    monkeypatch.setenv("JEM_DATA_ROOT", str(tmp_path))  # an empty data root ...
+    monkeypatch.setattr(data, "DEMO_PACK_DIR", tmp_path / "no_pack")  # ... and no demo pack
     at = open_page("score")
     assert at.sidebar.selectbox(key="sb_model").value == "digits_jem.pt (bundled)"
-    assert any("MNIST is not in the data root" in i.value for i in at.sidebar.info)
+    assert any("no MNIST test images were found" in i.value for i in at.sidebar.info)
     at.sidebar.selectbox(key="sb_model").set_value("mnist_jem.pt (bundled)").run()
     at.file_uploader(key="score_upload").set_value(("seven.png", png(), "image/png")).run()
     assert not at.exception and not errors(at)
     assert [m for m in at.markdown if m.value.startswith("Predicted label:")]
-    assert metric(at, "Percentile") != "n/a"  # from the checkpoint's reference statistics
+
+
+def test_a_link_reproduces_the_view_and_a_bad_value_is_named():
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(HOME, default_timeout=TIMEOUT)
+    at.query_params["sb_baseline"] = "(none)"
+    at.run()
+    at.switch_page("../pages/robustness.py")
+    for k, v in {"rb_attack": "fgsm", "rb_n": "20", "rb_points": "2", "rb_steps": "999"}.items():
+        at.query_params[k] = v
+    at.run()
+    assert not at.exception
+    assert at.radio(key="rb_attack").value == "fgsm" and at.slider(key="rb_n").value == 20
+    assert at.slider(key="rb_points").value == 2
+    assert any("rb_steps='999' was ignored" in w.value for w in at.warning)
+    table = at.dataframe[0].value  # the link's attack was computed at once, without a click
+    assert len(table) == 2 and list(table.columns) == ["eps", "accuracy: digits_jem"]
+    at.slider(key="rb_points").set_value(3).run()  # the user's change wins and goes into the link
+    assert at.query_params["rb_points"] in ("3", ["3"]) and at.query_params["sb_baseline"] in ("(none)", ["(none)"])
     at.switch_page("../pages/calibration.py").run()
-    assert any("needs the `mnist` test set" in i.value for i in at.info)
+    assert "rb_points" not in at.query_params, "another page's settings leave the link"
+
+
+def test_every_page_shows_a_chart_or_an_image_before_any_click():
+    at = open_page("home")
+    for page in PAGES:
+        if page != "home":
+            at.switch_page(f"../pages/{page}.py").run()
+        assert not at.exception and not errors(at), page
+        assert at.get("plotly_chart") or len(at.image), f"{page} shows no chart and no image on first load"

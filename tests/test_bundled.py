@@ -12,6 +12,7 @@ from jem_core.generation import draw_samples
 from jem_core.training import evaluate_classifier
 
 CK = Path(__file__).resolve().parents[1] / "checkpoints"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 # (file, dataset, floor on the full test split): issue 2's targets.
 BUNDLED = [
     ("digits_jem.pt", "digits", 0.95),
@@ -21,23 +22,31 @@ BUNDLED = [
 ]
 
 
+def _test_split(dataset: str):
+    """The full test split: from ../shared/data when it is there, else the bundled demo pack (MNIST)."""
+    root = SHARED if (SHARED / "MNIST" / "raw").is_dir() else None
+    test = load_dataset(dataset, "test", root, download=False)
+    assert len(test) == (360 if dataset == "digits" else 10_000), "the whole test split"
+    return test
+
+
 @pytest.mark.parametrize("name, dataset, target", BUNDLED)
-def test_bundled_model_meets_its_target_and_its_card(name, dataset, target, request):
-    root = request.getfixturevalue("data_root") if dataset != "digits" else None
+def test_bundled_model_meets_its_target_and_its_card(name, dataset, target):
     ck = load_checkpoint(CK / name)
     assert ck.metadata["dataset"] == dataset
     assert (CK / name).stat().st_size < 5 * 2**20, "bundled checkpoints stay small"
-    test = load_dataset(dataset, "test", root)
+    test = _test_split(dataset)
     acc = evaluate_classifier(ck.model, test.x, test.y)["accuracy"]
     assert acc >= target, f"{name}: {acc:.4f} < {target}"
     card = ck.metadata["metrics"]["test_accuracy"]
-    assert acc == pytest.approx(card, abs=1e-4), "the card's accuracy is the one measured on the test split"
+    # Another CPU's float32 kernels may flip a near-tie: allow one image of difference.
+    assert acc == pytest.approx(card, abs=1.5 / len(test)), "the card's accuracy is the one measured on the test split"
     readme = (CK / "README.md").read_text()
-    assert f"{acc * 100:.2f}%" in readme, f"model card should state {acc * 100:.2f}% for {name}"
+    assert f"{card * 100:.2f}%" in readme, f"model card should state {card * 100:.2f}% for {name}"
     assert len(ck.metadata["reference"]["logpx_quantiles"]) == 101
 
 
-def test_mnist_jem_conditional_samples_are_classified_as_their_label(data_root):
+def test_mnist_jem_conditional_samples_are_classified_as_their_label():
     jem, base = load_checkpoint(CK / "mnist_jem.pt"), load_checkpoint(CK / "mnist_baseline.pt")
     labels = torch.arange(10).repeat_interleave(10)
     x, info = draw_samples(jem, len(labels), label=labels, seed=0)
@@ -46,12 +55,12 @@ def test_mnist_jem_conditional_samples_are_classified_as_their_label(data_root):
     assert acc >= 0.8, f"baseline agrees with the conditioning label on {acc:.0%} of samples ({info})"
 
 
-def test_mnist_jem_energy_does_not_reward_pixels_outside_the_data_range(data_root):
+def test_mnist_jem_energy_does_not_reward_pixels_outside_the_data_range():
     """The clamp shortcut (checkpoints/README.md): with clamped chains, an energy trained on unclamped noisy data
     learns that pixels below -1 mean "data". The first bundled MNIST JEM lowered E(x) by 84 when 500 test digits
     were pushed down by 0.024 per pixel on average; the current one, trained on clamped data, by 0.17."""
     ck = load_checkpoint(CK / "mnist_jem.pt")
-    x = load_dataset("mnist", "test", data_root).x[:500]
+    x = _test_split("mnist").x[:500]
     push = 0.03 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).abs()
     with torch.no_grad():
         shift = (ck.model.energy(x - push) - ck.model.energy(x)).mean().item()

@@ -204,7 +204,8 @@ def test_ood_scores_have_the_documented_values_and_leave_the_model_alone(model, 
     (gr,) = torch.autograd.grad(torch.logsumexp(model(xg), 1).sum(), xg)
     assert table["neg_grad_norm"][0] == pytest.approx(-float(gr.norm()), rel=1e-4)
     assert (table["neg_grad_norm"] <= 0).all()
-    assert torch.equal(ood_scores(model, x, "max_prob"), table["max_prob"])
+    # Different batch sizes (250 vs 16) may take different float32 kernels: equal up to rounding.
+    assert torch.allclose(ood_scores(model, x, "max_prob"), table["max_prob"], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="unknown OOD score"):
         ood_scores(model, x, "entropy")
 

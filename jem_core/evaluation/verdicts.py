@@ -1,0 +1,272 @@
+"""Uncertainty of evaluation figures, and verdicts written from the numbers.
+
+Every comparison the dashboard states in words ("the JEM is better calibrated", "the baseline detects
+Fashion-MNIST better") is built here from the measured figures and their 95% intervals, so the sentence
+follows the numbers whichever way they come out, and says so when the difference is within the noise.
+
+- :func:`wilson_interval`: a binomial proportion's interval (accuracy, robust accuracy) in closed form
+  (Wilson 1927; recommended over the normal interval by Brown, Cai and DasGupta 2001).
+- :func:`ece_bootstrap`: ECE with a percentile-bootstrap interval, and the paired bootstrap of the ECE
+  difference of two classifiers on the same images (Efron and Tibshirani 1993, ch. 13).
+- :func:`auroc_bootstrap`: AUROC (the Mann-Whitney statistic) with a percentile-bootstrap interval,
+  in-distribution and OOD scores resampled separately.
+- :func:`calibration_verdict`, :func:`ood_verdict`, :func:`robustness_verdict`: sentences.
+
+What does not live here: computing the figures themselves (``calibration``, ``ood``, ``robustness``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+
+__all__ = ["Interval", "wilson_interval", "ece_bootstrap", "auroc_bootstrap", "calibration_verdict",
+           "ood_verdict", "robustness_verdict"]
+
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A figure with its 95% interval: ``value`` in ``[lo, hi]`` (the same units as the figure)."""
+
+    value: float
+    lo: float
+    hi: float
+
+    def excludes(self, x: float) -> bool:
+        """True when ``x`` lies outside ``[lo, hi]``."""
+        return x < self.lo or x > self.hi
+
+    def text(self, digits: int = 3) -> str:
+        """``"0.019 (95% CI 0.015-0.023)"``."""
+        return f"{self.value:.{digits}f} (95% CI {self.lo:.{digits}f}-{self.hi:.{digits}f})"
+
+
+def _np(v) -> np.ndarray:
+    return v.detach().cpu().double().numpy() if torch.is_tensor(v) else np.asarray(v, dtype=np.float64)
+
+
+def wilson_interval(successes: int, n: int) -> Interval:
+    """Wilson score 95% interval of a binomial proportion ``successes / n``.
+
+    Args:
+        successes: number of successes, ``0 <= successes <= n``.
+        n: number of trials (>= 1).
+
+    Returns:
+        :class:`Interval` with ``value = successes / n`` and bounds in ``[0, 1]``.
+
+    Raises:
+        ValueError: ``n < 1`` or ``successes`` outside ``[0, n]``.
+
+    Source: E. B. Wilson (1927), "Probable inference, the law of succession, and statistical inference", JASA.
+    """
+    if n < 1 or not 0 <= successes <= n:
+        raise ValueError(f"need 0 <= successes <= n and n >= 1; got {successes} of {n}")
+    p = successes / n
+    z2 = Z95 ** 2
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return Interval(p, max(0.0, centre - half), min(1.0, centre + half))
+
+
+def _bin_index(conf: np.ndarray, n_bins: int) -> np.ndarray:
+    # The same equal-width bins as the calibration module (torchmetrics: bucketize(right=True) - 1, with a
+    # confidence of exactly 1 put in the last bin).
+    edges = np.linspace(0, 1, n_bins + 1, dtype=np.float32).astype(np.float64)
+    return np.clip(np.searchsorted(edges, conf, side="right") - 1, 0, n_bins - 1)
+
+
+def _ece_resampled(conf: np.ndarray, correct: np.ndarray, idx: np.ndarray, n_bins: int) -> np.ndarray:
+    """ECE of each resample: ``idx`` ``[B, N]`` indices -> ``[B]``."""
+    b, n = idx.shape
+    bins = _bin_index(conf, n_bins)[idx]                       # [B, N]
+    gap = (correct.astype(np.float64) - conf)[idx]              # [B, N]
+    flat = (np.arange(b)[:, None] * n_bins + bins).ravel()
+    per_bin = np.bincount(flat, weights=gap.ravel(), minlength=b * n_bins).reshape(b, n_bins)
+    return np.abs(per_bin).sum(1) / n
+
+
+def ece_bootstrap(confidences, correct, n_bins: int = 15, n_boot: int = 1000, seed: int = 0,
+                  other: tuple | None = None) -> tuple[Interval, Interval | None]:
+    """ECE (equal-width bins) with a 95% percentile-bootstrap interval; optionally the paired difference.
+
+    ``ECE = sum_m |sum_{i in B_m} (correct_i - conf_i)| / N`` (Guo et al. 2017, sec. 2).
+
+    Args:
+        confidences: ``[N]`` top-label confidences in ``[0, 1]`` (tensor or array).
+        correct: ``[N]`` bool / 0-1, top-1 prediction correct.
+        n_bins: number of bins (>= 1).
+        n_boot: bootstrap resamples (>= 100).
+        seed: fixes the resamples.
+        other: ``(confidences, correct)`` of a second classifier *on the same N images*: then the same
+            resampled indices give the interval of ``ECE(self) - ECE(other)``.
+
+    Returns:
+        ``(ece, difference)``: :class:`Interval` s in ECE units (``[0, 1]``); ``difference`` is None
+        without ``other``.
+
+    Raises:
+        ValueError: empty input, mismatched lengths, ``n_bins < 1`` or ``n_boot < 100``.
+    """
+    conf, corr = _np(confidences), _np(correct)
+    n = conf.shape[0]
+    if n == 0 or corr.shape[0] != n:
+        raise ValueError(f"confidences and correct must be non-empty and of one length; got {n} and {corr.shape[0]}")
+    if n_bins < 1 or n_boot < 100:
+        raise ValueError(f"need n_bins >= 1 and n_boot >= 100; got {n_bins} and {n_boot}")
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    full = np.arange(n)[None]
+    e = _ece_resampled(conf, corr, idx, n_bins)
+    point = float(_ece_resampled(conf, corr, full, n_bins)[0])
+    ece = Interval(point, *map(float, np.percentile(e, [2.5, 97.5])))
+    if other is None:
+        return ece, None
+    conf2, corr2 = _np(other[0]), _np(other[1])
+    if conf2.shape[0] != n:
+        raise ValueError(f"the second classifier must be scored on the same {n} images; got {conf2.shape[0]}")
+    d = e - _ece_resampled(conf2, corr2, idx, n_bins)
+    point2 = float(_ece_resampled(conf2, corr2, full, n_bins)[0])
+    return ece, Interval(point - point2, *map(float, np.percentile(d, [2.5, 97.5])))
+
+
+def _auroc_rows(s_in: np.ndarray, s_out: np.ndarray) -> np.ndarray:
+    """AUROC of each row (Mann-Whitney U / (n_in n_out), ties count one half): ``[B, n]`` -> ``[B]``."""
+    n_in, n_out = s_in.shape[1], s_out.shape[1]
+    ranks = rankdata(np.concatenate([s_in, s_out], axis=1), axis=1)
+    return (ranks[:, :n_in].sum(1) - n_in * (n_in + 1) / 2) / (n_in * n_out)
+
+
+def auroc_bootstrap(scores_in, scores_out, n_boot: int = 1000, seed: int = 0) -> Interval:
+    """AUROC (in-distribution = positive, higher score = more in-distribution) with a 95% bootstrap interval.
+
+    AUROC is the probability that a random in-distribution input scores above a random OOD input
+    (ties count one half): the Mann-Whitney U statistic divided by ``n_in * n_out`` (Hanley and McNeil
+    1982). The two sets are resampled separately; NaN scores rank lowest (as in ``ood.ood_metrics``).
+
+    Args:
+        scores_in: ``[n_in]`` scores of in-distribution inputs.
+        scores_out: ``[n_out]`` scores of OOD inputs.
+        n_boot: bootstrap resamples (>= 100).
+        seed: fixes the resamples.
+
+    Returns:
+        :class:`Interval` in ``[0, 1]``.
+
+    Raises:
+        ValueError: an empty set, or ``n_boot < 100``.
+    """
+    # NaN ranks lowest, as in ood.ood_metrics, so the point estimate equals the table's AUROC.
+    a, b = (np.nan_to_num(_np(v), nan=-np.inf, posinf=np.inf, neginf=-np.inf) for v in (scores_in, scores_out))
+    if a.size == 0 or b.size == 0:
+        raise ValueError(f"both sets need scores; got {a.size} and {b.size}")
+    if n_boot < 100:
+        raise ValueError(f"n_boot must be >= 100; got {n_boot}")
+    rng = np.random.default_rng(seed)
+    point = float(_auroc_rows(a[None], b[None])[0])
+    boot = _auroc_rows(a[rng.integers(0, a.size, (n_boot, a.size))], b[rng.integers(0, b.size, (n_boot, b.size))])
+    return Interval(point, *map(float, np.percentile(boot, [2.5, 97.5])))
+
+
+def _confidence_side(accuracy: float, mean_conf: float) -> str:
+    side = "over-confident" if mean_conf > accuracy else "under-confident"
+    return f"{side} (mean confidence {mean_conf:.3f} against accuracy {accuracy:.3f})"
+
+
+def calibration_verdict(name_a: str, report_a, name_b: str, report_b, where: str, n_boot: int = 1000) -> str:
+    """A sentence comparing two classifiers' ECE on the same images, with 95% intervals.
+
+    Args:
+        name_a, name_b: model names as shown on screen.
+        report_a, report_b: :class:`~jem_core.evaluation.calibration.CalibrationReport` on the same images
+            (same order) and the same number of bins.
+        where: what the images are, e.g. ``"these 2,000 MNIST test images"``.
+        n_boot: bootstrap resamples.
+
+    Returns:
+        Markdown text: both ECEs with intervals, which is better calibrated (or that the difference is
+        within the uncertainty, when the paired interval of the difference contains 0), and whether
+        each model is over- or under-confident.
+    """
+    ea, diff = ece_bootstrap(report_a.confidences, report_a.correct, report_a.n_bins, n_boot,
+                             other=(report_b.confidences, report_b.correct))
+    eb, _ = ece_bootstrap(report_b.confidences, report_b.correct, report_b.n_bins, n_boot)
+    head = (f"On {where} the ECE of **{name_a}** is {ea.text()} and that of **{name_b}** is {eb.text()}")
+    if diff is not None and diff.excludes(0.0):
+        better, worse = (name_a, name_b) if diff.value < 0 else (name_b, name_a)
+        verdict = (f": **{better}** is better calibrated here (ECE difference {abs(diff.value):.3f}, "
+                   f"95% CI {min(abs(diff.lo), abs(diff.hi)):.3f}-{max(abs(diff.lo), abs(diff.hi)):.3f}).")
+    else:
+        verdict = (f": the difference ({diff.value:+.3f}, 95% CI {diff.lo:+.3f} to {diff.hi:+.3f}) is within the "
+                   "uncertainty, so neither is measurably better calibrated on these images.")
+    sides = (f" {name_a} is {_confidence_side(report_a.accuracy, float(report_a.confidences.mean()))}; "
+             f"{name_b} is {_confidence_side(report_b.accuracy, float(report_b.confidences.mean()))}.")
+    return head + verdict + sides
+
+
+def ood_verdict(aurocs: dict[str, Interval], ood_set: str, score: str) -> str:
+    """A sentence comparing models' AUROC for one OOD set and one score.
+
+    Args:
+        aurocs: model name -> AUROC :class:`Interval` (same in-distribution images and OOD set).
+        ood_set: the OOD set's name as shown.
+        score: the score's name as shown.
+
+    Returns:
+        Markdown text naming the best model, and whether its lead is beyond the intervals (the
+        intervals do not overlap) or within the uncertainty.
+    """
+    if not aurocs:
+        return ""
+    ranked = sorted(aurocs.items(), key=lambda kv: -kv[1].value)
+    parts = ", ".join(f"**{n}** {a.text()}" for n, a in ranked)
+    text = f"AUROC with {score} against {ood_set}: {parts}"
+    if len(ranked) == 1:
+        return text + "."
+    (n1, a1), (n2, a2) = ranked[0], ranked[1]
+    if a1.lo > a2.hi:
+        return text + f". **{n1}** separates {ood_set} best (its interval lies above {n2}'s)."
+    return text + f". The intervals of {n1} and {n2} overlap: no measurable difference on these images."
+
+
+def robustness_verdict(accuracies: dict[str, float], n: int, eps: float, attack: str) -> str:
+    """A sentence comparing models' accuracy under one attack at one eps, on the same ``n`` images.
+
+    Args:
+        accuracies: model name (as shown) -> accuracy in ``[0, 1]`` on its own adversarial images.
+        n: number of attacked images (>= 1).
+        eps: the attack's radius ([0, 1] pixel scale).
+        attack: the attack's name as shown.
+
+    Returns:
+        Markdown text with every accuracy and its Wilson 95% interval; the most robust model is
+        named only when its interval lies above every other one (a conservative test: overlapping
+        intervals are reported as no measurable difference).
+
+    Raises:
+        ValueError: ``n < 1`` or an accuracy outside ``[0, 1]``.
+    """
+    if not accuracies:
+        return ""
+    iv = {name: wilson_interval(int(round(a * n)), n) for name, a in accuracies.items()}
+    ranked = sorted(iv.items(), key=lambda kv: -kv[1].value)
+    parts = "; ".join(f"**{name}** {i.text(2)}" for name, i in ranked)
+    head = f"Accuracy under {attack} at eps {eps:g} on {n} test images: {parts}"
+    if len(ranked) == 1:
+        return head + "."
+    (n1, i1), rest = ranked[0], ranked[1:]
+    if all(i1.lo > i.hi for _, i in rest):
+        return head + f". **{n1}** is the most robust here (its interval lies above the others')."
+    close = [name for name, i in rest if i.hi >= i1.lo]
+    text = head + (f". The intervals of {n1} and {', '.join(close)} overlap: with {n} images their difference is "
+                   "within the uncertainty")
+    low = min(iv[name].lo for name in [n1, *close])
+    below = [name for name, i in rest if name not in close and i.hi < low]
+    if below:
+        text += f"; both lie above {', '.join(below)}" if len(close) == 1 else f"; all lie above {', '.join(below)}"
+    return text + "."

@@ -168,10 +168,14 @@ def test_dashboard_in_chromium(page, tmp_path):
     _title(pg, "JEM Explorer").first.wait_for(state="visible")
     _wait_idle(pg)
 
-    # Every page of the navigation shows its title and no exception.
+    # Every page of the navigation shows its title, no exception, and makes its point before any click:
+    # at least one chart or image.
     for link, title in PAGES:
         _goto(pg, link, title)
         _assert_ok(pg, title)
+        shown = pg.locator('[data-testid="stPlotlyChart"], [data-testid="stImage"]').filter(visible=True)
+        shown.first.wait_for(state="visible")
+        assert shown.count() >= 1, f"{title}: no chart and no image before any click"
 
     # Langevin chains: Start, then the grid image changes as the chains advance.
     _goto(pg, "Langevin chains", "Langevin chains")
@@ -209,6 +213,7 @@ def test_dashboard_in_chromium(page, tmp_path):
     upload = pg.locator(".st-key-score_upload input[type=file]")
     _wait_single(pg, upload)
     upload.set_input_files(str(png))
+    pg.get_by_text("one.png").first.wait_for(state="visible")  # the upload is scored beside the examples
     label = pg.get_by_text(re.compile(r"Predicted label:\s*\d+"))
     label.first.wait_for(state="visible")
     _wait_idle(pg)

@@ -274,7 +274,12 @@ def _cmd_sample(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     x, info = draw_samples(ck, a.n, steps=a.steps, label=a.label, init=a.init, step_size=a.step_size,
                            noise_std=a.noise_std, exact_langevin=a.exact_langevin, max_update=a.max_update,
                            seed=a.seed, progress=True)
-    save_grid_png(x, a.out, scale=_png_scale(a, ck))
+    if tuple(x.shape[1:]) == (2, 1, 1):  # 2-D points: a scatter plot over the box, not an image grid
+        from .toy import save_points_png
+
+        save_points_png(x, a.out)
+    else:
+        save_grid_png(x, a.out, scale=_png_scale(a, ck))
     print(json.dumps({"out": a.out, **info}))
     return 0
 

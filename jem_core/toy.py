@@ -59,7 +59,7 @@ __all__ = ["BOX", "TOY_DATASETS", "ToySpec", "parse_toy_spec", "is_toy_spec", "t
            "points_of", "grid_points", "Quadrature", "log_z_quadrature", "DensityGrid", "density_grid",
            "exact_log_likelihood", "bin_probabilities", "sample_grid", "histogram_distance",
            "histogram_distance_floor", "sampler_fidelity", "ToySettings", "DIVERGE_PRESET", "ToyTrainer",
-           "ais_log_z", "copy_state", "pretrained_pair"]
+           "ais_log_z", "copy_state", "pretrained_pair", "save_points_png"]
 
 #: The domain of every toy density and chain: ``[BOX[0], BOX[1]]^2``.
 BOX = (-1.0, 1.0)
@@ -641,6 +641,8 @@ class ToyTrainer:
             every ``restart_every`` calls of :meth:`advance_chains`; trail_length: positions kept per chain.
         history_limit: measurements kept (>= 4).
         data: optional ``(train, test)`` datasets (else loaded from ``dataset``).
+        labels_per_class: semi-supervised: cross-entropy sees only this many labelled training points per
+            class (the same ones for JEM and baseline with the same seed); JEM's ``p(x)`` term sees all.
 
     Raises:
         ValueError: malformed spec or settings; :class:`~jem_core.data.DataUnavailableError`: unreadable CSV.
@@ -650,7 +652,7 @@ class ToyTrainer:
                  settings: ToySettings | None = None, buffer_size: int = 2000, batch_size: int = 64,
                  warmup_iters: int = 50, max_retries: int = 5, n_chains: int = 48, trail_length: int = 10,
                  restart_every: int = 60, history_limit: int = 300,
-                 data: tuple[ImageDataset, ImageDataset] | None = None):
+                 data: tuple[ImageDataset, ImageDataset] | None = None, labels_per_class: int | None = None):
         from .sampling import SGLDSampler, init_noise
         from .training import TrainConfig, Trainer
 
@@ -660,7 +662,8 @@ class ToyTrainer:
                           warmup_iters=warmup_iters, px_weight=s.px_weight, sgld_steps=s.sgld_steps,
                           sgld_step_size=s.step_size, sgld_noise=s.noise, exact_langevin=s.exact_langevin,
                           sgld_clamp=s.clamp, buffer_size=buffer_size, seed=seed, device="cpu",
-                          max_retries=max_retries, n_reference=500, keep_buffer=200)
+                          max_retries=max_retries, n_reference=500, keep_buffer=200,
+                          labels_per_class=labels_per_class)
         self.dataset, self.objective, self.seed = dataset, objective, seed
         self.trainer = Trainer(cfg, train_set=train, test_set=test)
         self.trainer.model.train()
@@ -855,7 +858,8 @@ class ToyTrainer:
                          buffer_size=self.trainer.cfg.buffer_size, batch_size=self.trainer.cfg.batch_size,
                          warmup_iters=self.trainer.cfg.warmup_iters, max_retries=self.trainer.cfg.max_retries,
                          n_chains=self.n_chains, trail_length=self.trail.maxlen or 10, restart_every=self.restart_every,
-                         history_limit=self.history_limit, data=(self.trainer.train_set, self.trainer.test_set))
+                         history_limit=self.history_limit, data=(self.trainer.train_set, self.trainer.test_set),
+                         labels_per_class=self.trainer.cfg.labels_per_class)
         out.load_state_dict(self.state_dict())
         return out
 
@@ -919,3 +923,39 @@ def pretrained_pair(dataset: str = "toy:moons", seed: int = 0, iterations: int =
             t.measure()
         out.append(t)
     return out[0], out[1]
+
+
+def save_points_png(points: torch.Tensor, path: str | Path, size: int = 400) -> None:
+    """Write points as a scatter plot over the box: a ``size x size`` PNG, white background, the box's
+    frame and axes through 0 in grey, one 2-pixel-radius dot per point (points outside the box are skipped).
+
+    Args:
+        points: ``[N, 2]`` or ``[N, 2, 1, 1]`` in box units.
+        path: the PNG file (parent folders are created).
+        size: image side in pixels (>= 50).
+
+    Raises:
+        ValueError: bad shape or size.
+    """
+    from PIL import Image, ImageDraw
+
+    if size < 50:
+        raise ValueError(f"size must be >= 50 pixels; got {size}")
+    p = points_of(points).detach().double().cpu().numpy()
+    img = Image.new("RGB", (size, size), "white")
+    d = ImageDraw.Draw(img)
+    m = size - 1
+
+    def px(v: np.ndarray) -> np.ndarray:
+        return (v - BOX[0]) / (BOX[1] - BOX[0]) * m
+
+    d.rectangle([0, 0, m, m], outline=(160, 160, 160))
+    c = float(px(np.array(0.0)))
+    d.line([(c, 0), (c, m)], fill=(220, 220, 220))
+    d.line([(0, c), (m, c)], fill=(220, 220, 220))
+    for x, y in p:
+        if BOX[0] <= x <= BOX[1] and BOX[0] <= y <= BOX[1]:
+            u, v = float(px(np.array(x))), float(m - px(np.array(y)))
+            d.ellipse([u - 2, v - 2, u + 2, v + 2], fill=(31, 119, 180))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format="PNG")

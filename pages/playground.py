@@ -42,9 +42,9 @@ KEYS = {"sgld_steps": "pg_steps", "step_size": "pg_step_size", "noise": "pg_nois
 
 @st.cache_resource(show_spinner="Training a JEM and a baseline on the 2-D points (about 10 s, once per server)...",
                    max_entries=8)
-def trained_pair(spec: str, seed: int) -> tuple[ToyTrainer, ToyTrainer]:
+def trained_pair(spec: str, seed: int, labels: int | None) -> tuple[ToyTrainer, ToyTrainer]:
     """Shared and never mutated: sessions work on clones."""
-    return pretrained_pair(spec, seed, PRETRAIN_ITERS)
+    return pretrained_pair(spec, seed, PRETRAIN_ITERS, labels_per_class=labels)
 
 
 # ------------------------------------------------------------------------------------ state
@@ -73,16 +73,19 @@ def load_pair(fresh: bool) -> None:
     """The session's pair: trained (a clone of the shared one) or fresh (iteration 0) for the chosen data."""
     ss = st.session_state
     spec, seed = data_spec(), int(ss.get("pg_seed", 0))
+    labels = None if ss.get("pg_labels", "all") == "all" else int(ss["pg_labels"])
     if fresh:
-        jem = ToyTrainer(spec, "jem", seed, settings_from_widgets())
-        base = ToyTrainer(spec, "baseline", seed, settings_from_widgets(), data=(jem.trainer.train_set, jem.trainer.test_set))
+        jem = ToyTrainer(spec, "jem", seed, settings_from_widgets(), labels_per_class=labels)
+        base = ToyTrainer(spec, "baseline", seed, settings_from_widgets(), labels_per_class=labels,
+                          data=(jem.trainer.train_set, jem.trainer.test_set))
         for t in (jem, base):
             t.measure(RESOLUTION)
     else:
-        shared = trained_pair(spec, seed)
+        shared = trained_pair(spec, seed, labels)
         jem, base = shared[0].clone(), shared[1].clone()
         set_widgets(jem.settings)
-    ss[STATE] = {"jem": jem, "base": base, "running": False, "spec": spec, "seed": seed, "grids": {}}
+    ss[STATE] = {"jem": jem, "base": base, "running": False, "spec": spec, "seed": seed, "labels": labels,
+                 "grids": {}}
 
 
 def on_reset() -> None:
@@ -231,7 +234,7 @@ def fig_history(jem: ToyTrainer, base: ToyTrainer, key: str, title: str, ylabel:
 
 # ------------------------------------------------------------------------------------ page
 def controls(s: dict) -> None:
-    a, b, c, e = st.columns(4)
+    a, b, c, e, l = st.columns(5)
     a.selectbox("Data", list(TOY_DATASETS) + ["csv"], key="pg_data", **ui.PERSIST,
                 format_func=lambda n: "your CSV (upload)" if n == "csv" else f"toy:{n}",
                 help="applies on Reset or Trained pair")
@@ -245,8 +248,13 @@ def controls(s: dict) -> None:
             b.slider("Arms", 2, 8, 3, key="pg_k", **ui.PERSIST)
     c.select_slider("Points", [200, 500, 1000, 2000, 5000], value=2000, key="pg_n", **ui.PERSIST)
     e.number_input("Seed (both models)", 0, 10_000, 0, key="pg_seed", **ui.PERSIST)
-    st.caption(f"Showing `{s['spec']}`, seed {s['seed']}: points in the box [-1, 1]^2 (20% held out as the test "
-               "set). New data or seed applies on **Reset** (untrained) or **Trained pair** (trained once per server).")
+    l.selectbox("Labels per class", ["all", 1, 3, 10, 30], key="pg_labels", **ui.PERSIST,
+                help="semi-supervised: cross-entropy sees this many labelled points per class (both models); "
+                     "JEM's p(x) term sees every point")
+    semi = "all labels" if s.get("labels") is None else f"{s['labels']} labels per class (semi-supervised)"
+    st.caption(f"Showing `{s['spec']}`, seed {s['seed']}, {semi}: points in the box [-1, 1]^2 (20% held out as the "
+               "test set). New data, seed or labels apply on **Reset** (untrained) or **Trained pair** (trained once "
+               "per server).")
     f, g, h, i, j, k, m = st.columns(7)
     f.slider("SGLD steps / iteration", 0, 60, key=KEYS["sgld_steps"], **ui.PERSIST)
     exact = i.toggle("Exact Langevin", key=KEYS["exact_langevin"], **ui.PERSIST,

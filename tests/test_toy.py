@@ -305,3 +305,32 @@ def test_playground_page_renders_a_trained_pair(monkeypatch):
         at.button(key="pg_step").click().run()
     assert not at.exception, at.exception
     assert int({m.label: m.value for m in at.metric}["Guard roll-backs"]) >= 1
+
+
+def test_sample_and_evaluate_cli_work_on_a_2d_checkpoint(moons_checkpoint, tmp_path, capsys):
+    from PIL import Image
+
+    from jem_core.cli import main
+
+    out, _, _ = moons_checkpoint
+    png = tmp_path / "s.png"
+    assert main(["sample", "--checkpoint", str(out), "--out", str(png), "--n", "50", "--steps", "20",
+                 "--exact-langevin", "--step-size", "0.001"]) == 0
+    img = Image.open(png)
+    assert img.size == (400, 400)
+    assert (np.asarray(img.convert("L")) < 200).sum() > 50 * 5  # the dots are drawn
+    assert main(["evaluate", "--checkpoint", str(out), "--n-test", "100", "--out", str(tmp_path / "eval")]) == 0
+    rep = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert (tmp_path / "eval" / "samples_moons_jem.png").is_file()
+    assert json.dumps(rep).count("accuracy") >= 1
+
+
+def test_semi_supervised_toy_jem_uses_only_the_labelled_points():
+    jem = ToyTrainer("toy:moons", "jem", seed=0, labels_per_class=3)
+    lab = jem.trainer.labelled
+    assert lab is not None and len(lab) == 6
+    assert jem.trainer.train_set.y[lab].bincount().tolist() == [3, 3]
+    jem.train(60)
+    row, _ = jem.measure(32)
+    assert 0.5 <= row["accuracy"] <= 1.0 and jem.iteration == 60
+    assert jem.clone().trainer.cfg.labels_per_class == 3

@@ -640,8 +640,13 @@ def write_report(result: dict[str, Any], out_dir: str | os.PathLike, command: st
             if smp is not None:
                 name = f"samples_{Path(str(r['checkpoint'])).stem}"
                 side = smp["x"].shape[-1]
-                save_grid_png(smp["x"], out / f"{name}.png", nrow=len(smp["x"]) // max(1, int(smp["y"].max()) + 1),
-                              scale=max(1, 56 // side))
+                if tuple(smp["x"].shape[1:]) == (2, 1, 1):  # 2-D points (toy: datasets): a scatter plot
+                    from ..toy import save_points_png
+
+                    save_points_png(smp["x"], out / f"{name}.png")
+                else:
+                    save_grid_png(smp["x"], out / f"{name}.png",
+                                  nrow=len(smp["x"]) // max(1, int(smp["y"].max()) + 1), scale=max(1, 56 // side))
                 files[name] = f"{name}.png"
     data = _json_safe(_rounded(_strip_private(result), 6))
     (out / "report.json").write_text(json.dumps(data, indent=1) + "\n")

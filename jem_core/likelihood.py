@@ -378,6 +378,7 @@ class AISResult:
             at most 201 points.
         acceptance: mean acceptance probability per temperature ``[K]``.
         end_states: ``[N, *shape]`` float32 final states (forward: approximate samples of the model).
+        end_energies: ``[N]`` float64 ``E`` of the end states.
         seconds: wall time of the run (without the pilot).
         energy_evals: gradient evaluations per chain.
     """
@@ -402,6 +403,7 @@ class AISResult:
     curve_ess: list[float] = field(default_factory=list)
     acceptance: list[float] = field(default_factory=list)
     end_states: torch.Tensor | None = None
+    end_energies: torch.Tensor | None = None
     seconds: float = 0.0
     energy_evals: int = 0
 
@@ -524,7 +526,7 @@ def ais(energy_fn: EnergyFn, shape: Sequence[int], n_temps: int = 200, n_chains:
                      start=start, n_temps=int(n_temps), n_chains=n, sampler=sampler, n_leapfrog=n_leapfrog,
                      boundary=boundary, schedule=schedule, log_z0=log_z0, dim=dim, curve_betas=curve_b,
                      curve_log_z=curve_z, curve_ess=curve_ess, acceptance=accs, end_states=x.detach().float(),
-                     seconds=seconds, energy_evals=1 + n_leapfrog * int(n_temps))
+                     end_energies=e.detach().cpu(), seconds=seconds, energy_evals=1 + n_leapfrog * int(n_temps))
 
 
 def forward_ais(energy_fn: EnergyFn, shape: Sequence[int], **kw: Any) -> AISResult:
@@ -851,6 +853,7 @@ class LikelihoodReport:
         step_sizes: the pilot's :class:`StepSizes`.
         test_log_px: ``[M]`` float64 ``-E(x) - log Ẑ`` (nats) of the test images at their stored pixels.
         test_log_px_deq: ``[M]`` float64, the same at dequantised pixels (see :func:`dequantize`).
+        test_energy: ``[M]`` float64 ``E(x)`` of the test images at their stored pixels.
         levels: pixel levels used for bits/dim (256 or 17).
         dim: ``D``.
         seconds: wall time of everything.
@@ -862,6 +865,7 @@ class LikelihoodReport:
     step_sizes: StepSizes
     test_log_px: torch.Tensor
     test_log_px_deq: torch.Tensor
+    test_energy: torch.Tensor
     levels: int
     dim: int
     seconds: float
@@ -893,6 +897,8 @@ class LikelihoodReport:
             "temps": f.n_temps, "chains": f.n_chains, "sampler": f.sampler, "n_leapfrog": f.n_leapfrog,
             "boundary": f.boundary, "schedule": f.schedule, "dim": d, "levels": self.levels,
             "test_images": len(self.test_log_px),
+            "end_state_energy_mean": float(f.end_energies.mean()) if f.end_energies is not None else None,
+            "test_energy_mean": float(self.test_energy.mean()) if len(self.test_energy) else None,
             "test_log_px_nats": lp, "test_log_px_nats_se_images": lp_se,
             "test_log_px_nats_dequantized": lpd,
             "test_bits_per_dim": bits_per_dim(lpd, d, self.levels),
@@ -999,4 +1005,5 @@ def estimate_log_likelihood(model: nn.Module | EnergyFn, shape: Sequence[int], t
             p.requires_grad_(True)
     if progress is not None:
         progress(1.0)
-    return LikelihoodReport(fwd, rev, rows, steps, lp, lpd, int(levels), math.prod(shape), time.perf_counter() - t0)
+    return LikelihoodReport(fwd, rev, rows, steps, lp, lpd, -lp - fwd.log_z, int(levels), math.prod(shape),
+                            time.perf_counter() - t0)

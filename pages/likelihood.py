@@ -153,6 +153,14 @@ def main(ctx: ui.Context) -> None:
         ui.show_chart(ui.fig_histograms(hist, "Test images: normalised log p(x) (dequantised)", "log p(x) (nats)"),
                       key="lik_hist")
         st.caption("These are the OOD page's log p(x) = -E(x) scores shifted by -log Ẑ: normalised nats.")
+    cols = st.columns(len(reports))
+    for i, (col, (name, rep)) in enumerate(zip(cols, reports.items())):
+        with col:
+            s = rep.summary()
+            ui.show_grid(rep.forward.end_states[:16].cpu(), f"{name}: forward AIS end states at b = 1, approximate "
+                         f"draws of the model's own density (mean energy {s['end_state_energy_mean']:.1f}"
+                         + (f"; test images: {s['test_energy_mean']:.1f})" if s["test_energy_mean"] is not None
+                            else ")"), key=f"lik_end_{i}", nrow=8)
     if levels == 256 and ctx.dataset.split(":")[0] in ("mnist", "fashion_mnist"):
         with st.expander("Published dequantised-MNIST figures (other model classes, for scale)"):
             st.dataframe(pd.DataFrame([{"model": n, "bits/dim": v, "source": s} for n, v, s in PUBLISHED_MNIST_BPD]),

@@ -267,7 +267,7 @@ def test_bad_inputs_raise_our_error():
 
 
 # ------------------------------------------------------------------------------ bundled models
-def test_bundled_digits_jem_log_z_is_within_a_nat_of_the_uniform_box():
+def test_bundled_digits_jem_is_barely_better_than_uniform_as_a_density():
     from jem_core.checkpoint import load_checkpoint
     from jem_core.data import load_dataset
 
@@ -276,11 +276,13 @@ def test_bundled_digits_jem_log_z_is_within_a_nat_of_the_uniform_box():
     rep = estimate_log_likelihood(ck.model, (1, 8, 8), test.x, levels=17, n_temps=60, n_chains=32, sweep=[],
                                   reverse_steps=5, seed=0)
     s = rep.summary()
-    assert s["log_z_se"] < 0.1 and abs(s["log_z_minus_uniform"]) < 1.0
+    # log Z a few nats from the uniform box's D log 2 = 44.4 (measured: -0.6 for the first bundled digits JEM,
+    # -2.0 for the retrained one), forward and reverse agreeing to a fraction of a nat.
+    assert s["log_z_se"] < 0.1 and abs(s["log_z_minus_uniform"]) < 5.0
     assert s["log_z_uniform_box"] == pytest.approx(64 * math.log(2))
     assert abs(s["gap"]) < 0.2
     # As a density it is barely better than uniform: 4.09 bits/dim for digits' 17 levels.
-    assert 3.9 < s["test_bits_per_dim"] < math.log2(17)
+    assert math.log2(17) - 0.25 < s["test_bits_per_dim"] < math.log2(17)
 
 
 def test_cli_likelihood_json_and_errors(capsys):
@@ -328,6 +330,6 @@ def test_likelihood_page_shows_the_estimate_on_first_load(monkeypatch):
     assert not [e.value for e in at.error]
     values = {m.label: m.value for m in at.metric}
     log_z = float(values["log Ẑ (forward AIS)"].split(" ± ")[0])
-    assert abs(log_z - 64 * math.log(2)) < 1.0  # the digits JEM: within a nat of the uniform box
+    assert abs(log_z - 64 * math.log(2)) < 5.0  # the digits JEM: a few nats from the uniform box
     assert float(values["Test bits/dim"]) < math.log2(17)
     assert "Reverse log Ẑ (diagnostic)" in values

@@ -67,12 +67,18 @@ class SGLDReport:
         x: ``[N, C, H, W]`` current samples (a view of the chain state: copy it to keep it).
         energy: ``[N]`` float32, the energy (``E(x)`` or ``E(x, y)``) at the start of the last step.
         logits: ``[N, K]`` float32 logits at the start of the last step (predictions over steps).
+        grad_norm: ``[N]`` float32, ``||dE/dx||_2`` of each chain at the start of the last step.
+        overshoot: ``[N]`` float32 in ``[0, 1]``, the fraction of each chain's pixels that the last update
+            would have carried more than 0.5 beyond ``[-1, 1]`` before clamping (clamping hides such
+            blow-ups in the pictures).
     """
 
     step: int
     x: torch.Tensor
     energy: torch.Tensor
     logits: torch.Tensor
+    grad_norm: torch.Tensor | None = None
+    overshoot: torch.Tensor | None = None
 
 
 class SGLDSampler:
@@ -173,7 +179,15 @@ class SGLDSampler:
             mask: optional bool tensor broadcastable to ``x``; True = pixel is sampled,
                 False = pixel kept as it is (in-painting).
         """
+        e, logits, _ = self._step(x, y, mask, measure=False)
+        return e, logits
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor | None, mask: torch.Tensor | None, measure: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        # ``measure``: also return (||dE/dx|| [N], overshoot fraction [N]) for the health checks; only on the
+        # steps that are reported, so the other steps cost nothing extra.
         e, grad, logits = self.energy_and_grad(x, y)
+        gnorm = grad.flatten(1).norm(dim=1) if measure else None
         upd = grad.mul_(-self.grad_coef)
         if self.noise_std > 0:
             if self._noise is None or self._noise.shape != x.shape or self._noise.device != x.device:
@@ -185,9 +199,12 @@ class SGLDSampler:
         if mask is not None:
             upd.mul_(mask)
         x.add_(upd)
+        stats = None
+        if measure:
+            stats = (gnorm, (x.abs() > 1.5).flatten(1).float().mean(1))
         if self.clamp:
             x.clamp_(-1.0, 1.0)
-        return e, logits
+        return e, logits, stats
 
     def step(self, x: torch.Tensor, y: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """One SGLD step; returns the new samples ``[N, C, H, W]`` (``x`` is not modified)."""
@@ -213,9 +230,10 @@ class SGLDSampler:
             raise ValueError(f"n_steps and every must be >= 0; got {n_steps}, {every}")
         out = x.detach().clone()
         for t in range(1, n_steps + 1):
-            e, logits = self.step_(out, y, mask)
-            if callback is not None and every and (t % every == 0 or t == n_steps):
-                if callback(SGLDReport(t, out, e, logits)) is False:
+            report = callback is not None and every and (t % every == 0 or t == n_steps)
+            e, logits, stats = self._step(out, y, mask, measure=bool(report))
+            if report:
+                if callback(SGLDReport(t, out, e, logits, *stats)) is False:
                     break
         return out
 
@@ -489,6 +507,8 @@ class ChainState:
         pred_history: one ``[N]`` int64 tensor of predicted classes per report.
         step_history: the step number of each report.
         frames: optional snapshots ``[N, C, H, W]`` (e.g. a class-translation path).
+        last_report: the latest :class:`SGLDReport` (its ``x`` is a copy), for the health checks
+            of :mod:`jem_core.sampler_health`; None before any step.
     """
 
     x: torch.Tensor
@@ -499,6 +519,7 @@ class ChainState:
     pred_history: list[torch.Tensor] = field(default_factory=list)
     step_history: list[int] = field(default_factory=list)
     frames: list[torch.Tensor] = field(default_factory=list)
+    last_report: SGLDReport | None = None
 
     def advance(self, sampler: SGLDSampler, n_steps: int, every: int = 1, keep_frames: bool = False) -> None:
         """Run ``n_steps`` more steps, recording energies and predictions every ``every`` steps.
@@ -511,6 +532,8 @@ class ChainState:
             self.pred_history.append(r.logits.argmax(1).cpu())
             if keep_frames:
                 self.frames.append(r.x.detach().cpu().clone())
+            self.last_report = SGLDReport(self.steps + r.step, r.x.detach().cpu().clone(), r.energy.cpu(),
+                                          r.logits.cpu(), r.grad_norm, r.overshoot)
 
         with frozen_parameters(sampler.model):
             self.x = sampler.run(self.x, n_steps, self.y, self.mask, every=max(1, every), callback=record)

@@ -7,6 +7,7 @@ is per user (``st.session_state``).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import streamlit as st
@@ -14,6 +15,7 @@ import torch
 
 from app import share, ui
 from jem_core.generation import chain_starts, class_translation, inpaint, source_images
+from jem_core.sampler_health import chain_health
 from jem_core.sampling import MASK_KINDS, ChainState, SGLDSampler
 
 STEP_SIZES = [0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 2.0]
@@ -33,8 +35,12 @@ def sgld_settings() -> None:
         exact = a.toggle("Exact Langevin", key="lg_exact", help="noise std = sqrt(step size), gradient step "
                          "= step size / 2: the Langevin equation itself (use a small step size, e.g. 0.001)",
                          **ui.PERSIST)
-        b.select_slider("Step size", STEP_SIZES, value=1.0, key="lg_step_size", **ui.PERSIST)
-        c.select_slider("Noise std", NOISES, value=0.01, key="lg_noise", disabled=exact, **ui.PERSIST)
+        step = b.select_slider("Step size", STEP_SIZES, value=1.0, key="lg_step_size", **ui.PERSIST)
+        if exact:  # the noise is not a free setting then: show the one in use
+            c.metric("Noise std (exact Langevin)", f"{math.sqrt(step):.3g}", help="sqrt(step size): the Langevin "
+                     "equation ties the noise to the step; turn exact Langevin off to set it", border=False)
+        else:
+            c.select_slider("Noise std", NOISES, value=0.01, key="lg_noise", **ui.PERSIST)
         d.select_slider("Max update per pixel", MAX_UPDATES, value="off", key="lg_max_update",
                         help="clip every pixel's update (JEM++ stabiliser); samples are always clamped to [-1, 1]",
                         **ui.PERSIST)
@@ -47,6 +53,14 @@ def make_sampler(ctx: ui.Context, generator: torch.Generator) -> SGLDSampler:
     return SGLDSampler(ctx.model.model, float(ss.get("lg_step_size", 1.0)), float(ss.get("lg_noise", 0.01)),
                        exact_langevin=bool(ss.get("lg_exact", False)), clamp=True,
                        max_update=None if mu == "off" else float(mu), generator=generator)
+
+
+def show_health(chain: ChainState | None, sampler: SGLDSampler, ctx: ui.Context) -> None:
+    """The sampler-health findings for these chains (nothing when they look healthy)."""
+    findings = chain_health(None if chain is None else chain.last_report, sampler.step_size, sampler.noise_std,
+                            sampler.exact_langevin, ctx.model.metadata.get("reference"))
+    for f in findings:
+        (st.error if f.level == "error" else st.warning)(f"**Sampler health ({f.check}).** {f.message}")
 
 
 def class_choice(ctx: ui.Context, label: str, key: str, unconditional: bool, default: int = 0) -> int | None:
@@ -92,6 +106,7 @@ def live_view(ctx: ui.Context) -> None:
     s = ss.get(LIVE)
     if s is None:
         st.info("Press **Start** to run SGLD chains again; the grid and the traces update live.")
+        show_health(None, make_sampler(ctx, torch.Generator()), ctx)
         return
     chain: ChainState = s["chain"]
     target = int(ss.get("lg_steps", 200))
@@ -121,7 +136,9 @@ def live_view(ctx: ui.Context) -> None:
             ui.show_chart(ui.fig_chain_predictions(chain.step_history, torch.stack(chain.pred_history),
                                                    ctx.class_names, "Classifier's prediction for each chain"),
                           key="lg_preds")
-    st.caption(make_sampler(ctx, s["gen"]).describe())
+    sampler = make_sampler(ctx, s["gen"])
+    show_health(chain, sampler, ctx)
+    st.caption(sampler.describe())
 
 
 def chains_tab(ctx: ui.Context) -> None:
@@ -202,6 +219,7 @@ def inpaint_tab(ctx: ui.Context) -> None:
                                          (chain.x, f"in-painted after {chain.steps} steps", "lp_result")]):
         with col:
             ui.show_grid(x, cap, key=key, nrow=4, file_name=f"{ctx.name}_inpaint_{key}.png")
+    show_health(chain, make_sampler(ctx, torch.Generator()), ctx)
     if chain.step_history:
         ui.show_chart(ui.fig_chain_energy(chain.step_history, torch.stack(chain.energy_history),
                                           "Energy while in-painting"), key="lp_energy")
@@ -232,6 +250,7 @@ def translate_tab(ctx: ui.Context) -> None:
                 "E(x, y=target) starts from images of the source class.")
         return
     chain = r["chain"]
+    show_health(chain, make_sampler(ctx, torch.Generator()), ctx)
     k = len(r["path"]) + 1
     tiles = torch.stack([r["x"]] + r["path"], dim=1).flatten(0, 1)  # row = one image's path
     ui.show_grid(tiles, f"{names[r['src']]} -> {names[r['dst']]}: each row starts from one of the {r['where']} "

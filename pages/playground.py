@@ -36,6 +36,7 @@ STEP_SIZES = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0]
 NOISES = [0.0, 0.001, 0.003, 0.01, 0.03, 0.1]
 PX_WEIGHTS = [0.0, 0.1, 0.3, 1.0, 3.0, 10.0]
 LRS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
+DATA_NOISES = sorted({0.0, 0.02, 0.04, 0.08, 0.12, 0.2, *(v[0] for v in TOY_DATASETS.values())})
 KEYS = {"sgld_steps": "pg_steps", "step_size": "pg_step_size", "noise": "pg_noise", "exact_langevin": "pg_exact",
         "px_weight": "pg_px", "lr": "pg_lr", "clamp": "pg_clamp"}
 
@@ -133,14 +134,16 @@ def on_upload() -> None:
 def train_tick(s: dict, budget: float = TICK_BUDGET_S) -> None:
     """Train both models a few iterations (with the widgets' settings), then measure them."""
     cfg = settings_from_widgets()
-    t0 = time.perf_counter()
-    for name in ("jem", "base"):
-        t: ToyTrainer = s[name]
+    pair = (s["jem"], s["base"])
+    for t in pair:
         t.apply(cfg)
-        for _ in range(ITERS_PER_TICK):
-            if t.train(1) == 0 or time.perf_counter() - t0 > budget:
-                break
-        t.measure(RESOLUTION)
+    t0 = time.perf_counter()
+    for _ in range(ITERS_PER_TICK):  # interleaved, so both models see the same number of iterations
+        if sum(t.train(1) for t in pair) == 0 or time.perf_counter() - t0 > budget:
+            break
+    for name, t in zip(("jem", "base"), pair):
+        _, grid = t.measure(RESOLUTION)
+        s["grids"][name] = (t.iteration, grid)
 
 
 def grid_of(s: dict, name: str):
@@ -242,7 +245,7 @@ def controls(s: dict) -> None:
     if name == "csv":
         b.file_uploader("CSV: x1, x2, label per row", type=["csv", "txt"], key="pg_upload", on_change=on_upload)
     else:
-        b.select_slider("Data noise (box units)", [0.0, 0.02, 0.04, 0.08, 0.12, 0.2], value=TOY_DATASETS[name][0],
+        b.select_slider("Data noise (box units)", DATA_NOISES, value=TOY_DATASETS[name][0],
                         key="pg_noise_data", **ui.PERSIST)
         if name == "spirals":
             b.slider("Arms", 2, 8, 3, key="pg_k", **ui.PERSIST)
@@ -291,7 +294,7 @@ def live_view(s: dict) -> None:
     jem, base = s["jem"], s["base"]
     if s["running"]:
         train_tick(s)
-        if jem.diverged and base.diverged:
+        if jem.diverged or base.diverged:  # the pair stops together, so both stay at the same iteration
             s["running"] = False
     for t in (jem, base):
         t.advance_chains(CHAIN_STEPS)

@@ -71,7 +71,7 @@ from .energy import energy as _energy_from_logits
 __all__ = ["LikelihoodError", "EnergyFn", "SCHEDULES", "SAMPLERS", "BOUNDARIES", "PUBLISHED_MNIST_BPD",
            "beta_schedule", "log_mean_exp", "effective_sample_size", "bootstrap_se", "model_energy_fn",
            "mh_transition", "StepSizes", "tune_step_sizes", "AISResult", "ais", "forward_ais", "reverse_ais",
-           "resample_end_states", "convergence_sweep", "boundary_acceptance", "dequantize", "bits_per_dim",
+           "resample_end_states", "mh_chains", "convergence_sweep", "boundary_acceptance", "dequantize", "bits_per_dim",
            "pixel_levels", "TruncatedGaussian", "TruncatedGaussianMixture", "ConstantEnergy",
            "LikelihoodReport", "estimate_log_likelihood"]
 
@@ -591,6 +591,43 @@ def resample_end_states(result: AISResult, energy_fn: EnergyFn, n: int | None = 
     return x
 
 
+def mh_chains(energy_fn: EnergyFn, x0: torch.Tensor, n_steps: int, step: float, n_leapfrog: int = 5,
+              boundary: str = "reflect", every: int = 10, seed: int = 0) -> tuple[torch.Tensor, list[float]]:
+    """Metropolis-corrected HMC chains at the model's own temperature (``b = 1``) from given states.
+
+    Started at data, they show where the model's own density puts its mass: if the chains drift away
+    from the data to other states (higher energy, far larger volume), the data are not typical draws
+    of ``p(x)``. Their end states are approximate samples (a reverse run from them is a diagnostic).
+
+    Args:
+        energy_fn: ``[N, *shape] -> [N]``.
+        x0: ``[N, *shape]`` float32 start states in ``[-1, 1]``.
+        n_steps: transitions (>= 0).
+        step: leapfrog step size (box units), e.g. ``tune_step_sizes(...).at(torch.ones(1))``.
+        n_leapfrog, boundary: as in :func:`mh_transition`.
+        every: record the mean energy every this many transitions.
+        seed: seed.
+
+    Returns:
+        ``(x, trace)``: the end states ``[N, *shape]`` float32 and the chains' mean energy at transitions
+        ``0, every, 2 every, ...`` (floats).
+
+    Raises:
+        LikelihoodError: start states outside the box.
+    """
+    if not torch.isfinite(x0).all() or float(x0.abs().max()) > 1 + 1e-6:
+        raise LikelihoodError("start states must be finite and lie in [-1, 1]")
+    g = torch.Generator(x0.device).manual_seed(seed)
+    x = x0.detach().float().clamp(-1, 1)
+    e, gr = _energy_grad(energy_fn, x)
+    trace = [float(e.mean())]
+    for i in range(1, int(n_steps) + 1):
+        x, e, gr, _ = mh_transition(energy_fn, x, e, gr, 1.0, step, n_leapfrog, boundary, g)
+        if i % max(1, int(every)) == 0:
+            trace.append(float(e.mean()))
+    return x, trace
+
+
 def convergence_sweep(energy_fn: EnergyFn, shape: Sequence[int], temps: Sequence[int],
                       reverse_from: torch.Tensor | None = None, exact: bool = False,
                       progress: Callable[[float], None] | None = None, **kw: Any) -> list[dict[str, Any]]:
@@ -854,6 +891,8 @@ class LikelihoodReport:
         test_log_px: ``[M]`` float64 ``-E(x) - log Ẑ`` (nats) of the test images at their stored pixels.
         test_log_px_deq: ``[M]`` float64, the same at dequantised pixels (see :func:`dequantize`).
         test_energy: ``[M]`` float64 ``E(x)`` of the test images at their stored pixels.
+        data_chain_trace: mean energy of :func:`mh_chains` started at the first test images, every 10
+            transitions at ``b = 1`` (empty when not run): where the model's own density takes data.
         levels: pixel levels used for bits/dim (256 or 17).
         dim: ``D``.
         seconds: wall time of everything.
@@ -869,6 +908,7 @@ class LikelihoodReport:
     levels: int
     dim: int
     seconds: float
+    data_chain_trace: list[float] = field(default_factory=list)
 
     @property
     def gap(self) -> float | None:
@@ -904,6 +944,7 @@ class LikelihoodReport:
             "test_bits_per_dim": bits_per_dim(lpd, d, self.levels),
             "test_bits_per_dim_continuous": bits_per_dim(lp, d, self.levels),
             "uniform_bits_per_dim": math.log2(self.levels),
+            "data_chain_energy": self.data_chain_trace,
             "sweep": self.sweep, "seconds": self.seconds,
         }
 
@@ -912,7 +953,7 @@ def estimate_log_likelihood(model: nn.Module | EnergyFn, shape: Sequence[int], t
                             levels: int = 256, n_temps: int = 500, n_chains: int = 64, schedule: str = "sigmoid",
                             sampler: str = "hmc", n_leapfrog: int = 5, boundary: str = "reflect",
                             sweep: Sequence[int] | None = None, reverse: bool = True, reverse_steps: int = 20,
-                            seed: int = 0, device: torch.device | str = "cpu", batch_size: int = 500,
+                            data_chains: int = 16, data_chain_steps: int = 100, seed: int = 0, device: torch.device | str = "cpu", batch_size: int = 500,
                             progress: Callable[[float], None] | None = None) -> LikelihoodReport:
     """``log Z`` by forward AIS, a reverse diagnostic, a convergence sweep, and the test set's ``log p(x)``.
 
@@ -934,6 +975,8 @@ def estimate_log_likelihood(model: nn.Module | EnergyFn, shape: Sequence[int], t
         sweep: smaller numbers of temperatures for the sweep (default ``K // 4, K // 2``; empty: none).
         reverse: run the reverse diagnostic.
         reverse_steps: HMC transitions at ``b = 1`` after resampling the end states.
+        data_chains, data_chain_steps: :func:`mh_chains` from the first ``data_chains`` test images for
+            ``data_chain_steps`` transitions at ``b = 1`` (0: not run).
         seed: seed of every random choice.
         device: where chains and model live.
         batch_size: test images per energy evaluation.
@@ -957,7 +1000,9 @@ def estimate_log_likelihood(model: nn.Module | EnergyFn, shape: Sequence[int], t
             raise LikelihoodError("test images must lie in [-1, 1]")
     sweep = [int(n_temps) // 4, int(n_temps) // 2] if sweep is None else [int(s) for s in sweep]
     sweep = sorted({s for s in sweep if 1 <= s < int(n_temps)})
+    n_data = 0 if test_x is None else min(int(data_chains), len(test_x))
     cost = {"pilot": 0.6 * min(int(n_temps), 50), "forward": float(n_temps),
+            "data": 0.25 * data_chain_steps if n_data and data_chain_steps else 0.0,
             "reverse": (float(n_temps) + reverse_steps) if reverse else 0.0,
             "sweep": float(sum(sweep)) * (2 if reverse else 1)}
     total, done = sum(cost.values()), [0.0]
@@ -1000,10 +1045,18 @@ def estimate_log_likelihood(model: nn.Module | EnergyFn, shape: Sequence[int], t
                     out.append(energy_fn(xb.to(device)).double().cpu())
                     out_d.append(energy_fn(dequantize(xb, levels, g).to(device)).double().cpu())
             lp, lpd = -torch.cat(out) - fwd.log_z, -torch.cat(out_d) - fwd.log_z
+        trace: list[float] = []
+        p_data = stage("data")
+        if n_data and data_chain_steps:
+            _, trace = mh_chains(energy_fn, test_x[:n_data].to(device), data_chain_steps,
+                                 float(steps.at(torch.ones(1))[0]), 1 if sampler == "mala" else n_leapfrog, boundary,
+                                 seed=seed + 5)
+            if p_data is not None:
+                p_data(1.0)
     finally:
         for p in params:
             p.requires_grad_(True)
     if progress is not None:
         progress(1.0)
     return LikelihoodReport(fwd, rev, rows, steps, lp, lpd, -lp - fwd.log_z, int(levels), math.prod(shape),
-                            time.perf_counter() - t0)
+                            time.perf_counter() - t0, trace)

@@ -161,6 +161,19 @@ def main(ctx: ui.Context) -> None:
                          f"draws of the model's own density (mean energy {s['end_state_energy_mean']:.1f}"
                          + (f"; test images: {s['test_energy_mean']:.1f})" if s["test_energy_mean"] is not None
                             else ")"), key=f"lik_end_{i}", nrow=8)
+    traces = {name: rep.data_chain_trace for name, rep in reports.items() if rep.data_chain_trace}
+    if traces:
+        ends = {name: rep.summary()["end_state_energy_mean"] for name, rep in reports.items()}
+        fig = ui.fig_lines({n: [10 * i for i in range(len(t))] for n, t in traces.items()}, traces,
+                           "Exact HMC at the model's own temperature, started at test images",
+                           "HMC transitions at b = 1", "mean energy E(x)")
+        for i, (name, e) in enumerate(ends.items()):
+            if e is not None:
+                fig.add_hline(y=e, line_dash="dot", line_color=ui.COLORS[i % len(ui.COLORS)],
+                              annotation_text=f"{name}: forward AIS end states")
+        ui.show_chart(fig, key="lik_data_chains")
+        st.caption("If the chains climb away from the test images' energy to the AIS end states' level, the data "
+                   "are not typical draws of the model's own density: its mass lies where the volume is.")
     if levels == 256 and ctx.dataset.split(":")[0] in ("mnist", "fashion_mnist"):
         with st.expander("Published dequantised-MNIST figures (other model classes, for scale)"):
             st.dataframe(pd.DataFrame([{"model": n, "bits/dim": v, "source": s} for n, v, s in PUBLISHED_MNIST_BPD]),

@@ -19,7 +19,8 @@ from torch import nn
 from jem_core.likelihood import (ConstantEnergy, LikelihoodError, TruncatedGaussian, TruncatedGaussianMixture, ais,
                                  beta_schedule, bits_per_dim, bootstrap_se, boundary_acceptance, convergence_sweep,
                                  dequantize, effective_sample_size, estimate_log_likelihood, forward_ais,
-                                 mh_transition, model_energy_fn, pixel_levels, reverse_ais, tune_step_sizes)
+                                 mh_chains, mh_transition, model_energy_fn, pixel_levels, reverse_ais,
+                                 tune_step_sizes)
 from jem_core.likelihood import _reflect  # the wall reflection itself
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
@@ -333,3 +334,12 @@ def test_likelihood_page_shows_the_estimate_on_first_load(monkeypatch):
     assert abs(log_z - 64 * math.log(2)) < 5.0  # the digits JEM: a few nats from the uniform box
     assert float(values["Test bits/dim"]) < math.log2(17)
     assert "Reverse log Ẑ (diagnostic)" in values
+
+
+def test_mh_chains_from_far_states_reach_the_target():
+    tg = TruncatedGaussian(0.5, 0.1, (16,))
+    x, trace = mh_chains(tg, torch.zeros(64, 16), 200, 0.03, every=50)
+    assert len(trace) == 5 and trace[0] == pytest.approx(200.0) and trace[-1] < 16  # typical set: E ~ D / 2 = 8
+    assert float(x.mean()) == pytest.approx(0.5, abs=0.03)
+    with pytest.raises(LikelihoodError):
+        mh_chains(tg, torch.full((4, 16), 1.5), 1, 0.05)

@@ -13,16 +13,18 @@ bar while it computes. Per-user state (chains, attack results, training runs) li
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import threading
+import time
 import traceback
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -464,6 +466,8 @@ def run_page(body: Callable[[Context], None], title: str, intro: str | None = No
         return
     try:
         body(ctx)
+    except Cancelled as c:
+        st.info(f"Cancelled: {c}. Nothing was kept; change the settings or run it again.")
     except Exception as e:  # noqa: BLE001 - show any failure in the page, keep the app alive
         st.error(f"This page hit an error: {type(e).__name__}: {e}")
         with st.expander("Details"):
@@ -496,22 +500,56 @@ def _store() -> dict[str, Any]:
     return {"lock": threading.Lock(), "data": OrderedDict()}
 
 
+class Cancelled(Exception):
+    """The user pressed Cancel on a long computation (see :func:`progress_box`)."""
+
+
+_CANCEL = "_jem_cancel"  # session_state: True after a Cancel click, until the next computation sees it
+
+
+@contextlib.contextmanager
+def progress_box(label: str) -> Iterator[Callable[[float], None]]:
+    """A progress bar with elapsed time, an estimate of the time left, and a Cancel button.
+
+    Yields ``progress(fraction in [0, 1])``. The estimate is measured throughput: ``elapsed * (1 - f) / f``.
+    Cancel works by Streamlit's own interruption: its click reruns the script, which stops the running
+    computation at its next progress update (no thread is left behind); the click also marks the session
+    so that the computation asked for first on the rerun raises :class:`Cancelled` instead of starting
+    again. Raises :class:`Cancelled` at entry when that mark is set.
+    """
+    if st.session_state.pop(_CANCEL, False):
+        raise Cancelled(label)
+    box = st.container(border=True)
+    bar = box.progress(0.0, text=label)
+    box.button("Cancel", key=f"cancel_{hashlib.sha1(label.encode()).hexdigest()[:10]}", icon=":material/cancel:",
+               on_click=lambda: st.session_state.__setitem__(_CANCEL, True))
+    t0 = time.monotonic()
+
+    def progress(f: float) -> None:
+        f = min(max(float(f), 0.0), 1.0)
+        elapsed = time.monotonic() - t0
+        eta = f", about {elapsed * (1 - f) / f:.0f} s left" if 0.02 <= f < 1 and elapsed > 1 else ""
+        bar.progress(f, text=f"{label} {f:.0%} · {elapsed:.0f} s{eta}")
+    try:
+        yield progress
+    finally:
+        box.empty()
+
+
 def cached(key: tuple, compute: Callable[[Callable[[float], None]], T], label: str, max_items: int = 96) -> T:
-    """Shared store of evaluation results keyed by ``key``; computes with a progress bar on a miss.
+    """Shared store of evaluation results keyed by ``key``; computes on a miss inside :func:`progress_box`.
 
     ``compute`` receives a ``progress(fraction)`` callback. Keys must name everything the result
     depends on (model keys from :func:`entry_key`, dataset, number of images, settings).
+    Raises :class:`Cancelled` when the user cancelled this computation.
     """
     s = _store()
     with s["lock"]:
         if key in s["data"]:
             s["data"].move_to_end(key)
             return s["data"][key]
-    bar = st.progress(0.0, text=label)
-    try:
-        value = compute(lambda f: bar.progress(min(max(float(f), 0.0), 1.0), text=label))
-    finally:
-        bar.empty()
+    with progress_box(label) as progress:
+        value = compute(progress)
     with s["lock"]:
         s["data"][key] = value
         while len(s["data"]) > max_items:

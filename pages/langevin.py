@@ -8,7 +8,7 @@ is per user (``st.session_state``).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+import time
 
 import streamlit as st
 import torch
@@ -25,6 +25,8 @@ INITS = {"noise": "uniform noise", "buffer": "replay buffer", "test": "test data
 LIVE = "lg_live"          # session_state: the live chains
 INPAINT = "lg_inpaint"    # session_state: the last in-painting result
 TRANSLATE = "lg_translate"
+STEP_BUDGET_S = 0.2         # seconds of SGLD per refresh in adaptive mode
+MAX_STEPS_PER_REFRESH = 50
 AUTOSTARTED = "lg_autostarted"  # session_state: the model whose chains started by themselves
 
 
@@ -111,9 +113,16 @@ def live_view(ctx: ui.Context) -> None:
     chain: ChainState = s["chain"]
     target = int(ss.get("lg_steps", 200))
     if s["running"]:
-        k = min(int(ss.get("lg_every", 10)), target - chain.steps)
+        auto = bool(ss.get("lg_auto_k", True))
+        k = min(int(s.get("k_auto") or ss.get("lg_every", 10)) if auto else int(ss.get("lg_every", 10)),
+                target - chain.steps)
         if k > 0:
+            t0 = time.perf_counter()
             chain.advance(make_sampler(ctx, s["gen"]), k, every=1)
+            per_step = (time.perf_counter() - t0) / k
+            s["per_step"] = per_step if "per_step" not in s else 0.7 * s["per_step"] + 0.3 * per_step
+            # Next refresh: as many steps as fit in the compute budget at the measured speed.
+            s["k_auto"] = max(1, min(MAX_STEPS_PER_REFRESH, int(STEP_BUDGET_S / s["per_step"])))
         if chain.steps >= target:
             s["running"] = False
             st.rerun()  # a full rerun stops the timer and updates the buttons
@@ -138,7 +147,12 @@ def live_view(ctx: ui.Context) -> None:
                           key="lg_preds")
     sampler = make_sampler(ctx, s["gen"])
     show_health(chain, sampler, ctx)
-    st.caption(sampler.describe())
+    speed = (f" Measured here: {s['per_step'] * 1000:.0f} ms per SGLD step of {chain.x.shape[0]} chains, so "
+             f"{s.get('k_auto', 1) if ss.get('lg_auto_k', True) else int(ss.get('lg_every', 10))} steps per "
+             f"refresh (one refresh every {ui.LIVE_INTERVAL:g} s)." if "per_step" in s else "")
+    st.caption(sampler.describe() + "." + speed + " The chains advance only while this browser tab is visible: "
+               "browsers slow down the timers of background tabs, and the chains wait with them (nothing runs on "
+               "the server meanwhile).")
 
 
 def chains_tab(ctx: ui.Context) -> None:
@@ -151,7 +165,12 @@ def chains_tab(ctx: ui.Context) -> None:
     a, b, c, d, e = st.columns(5)
     a.slider("SGLD steps", 10, 2000, 200, step=10, key="lg_steps", **ui.PERSIST)
     b.slider("Number of chains", 1, 64, 16, key="lg_n", **ui.PERSIST)
-    c.slider("Refresh every k steps", 1, 50, 10, key="lg_every", **ui.PERSIST)
+    with c:
+        auto = st.toggle("Adapt steps per refresh", value=True, key="lg_auto_k",
+                         help=f"as many SGLD steps per refresh as fit in {STEP_BUDGET_S:g} s at this machine's "
+                              "measured speed, so the view keeps refreshing on slow or busy machines", **ui.PERSIST)
+        st.slider("Steps per refresh", 1, MAX_STEPS_PER_REFRESH, 10, key="lg_every", disabled=auto,
+                  help="fixed number of SGLD steps between two refreshes (adaptive mode off)", **ui.PERSIST)
     d.radio("Start from", inits, format_func=INITS.get, key="lg_init", **ui.PERSIST)
     with e:
         class_choice(ctx, "Sample", "lg_class", unconditional=True)
@@ -182,12 +201,6 @@ def chains_tab(ctx: ui.Context) -> None:
 
 
 # ------------------------------------------------------------------------------------ in-painting
-def progress_bar(label: str, steps: int, n_frames: int) -> tuple[Any, Callable[[int, int], None]]:
-    """A streamlit progress bar and the ``on_frame(frame index, steps done)`` callback that moves it."""
-    bar = st.progress(0.0, text=label)
-    return bar, lambda i, done: bar.progress((i + 1) / n_frames, text=f"{label} {done}/{steps} steps")
-
-
 def sources(ctx: ui.Context, n: int, g: torch.Generator, label: int | None = None):
     """Start images: test images when the test set loads, else replay-buffer rows (jem_core.generation)."""
     return source_images(ctx.model, n, g, label=label, test_set=ctx.test_set())
@@ -204,9 +217,9 @@ def inpaint_tab(ctx: ui.Context) -> None:
     if st.button("Run in-painting", key="lp_run", type="primary"):
         g = torch.Generator().manual_seed(int(st.session_state.get("lg_seed", 0)))
         x, y, src = sources(ctx, n, g)
-        bar, tick = progress_bar("In-painting...", steps, 10)
-        x0, chain = inpaint(x, kind, make_sampler(ctx, g), steps, y if cond else None, g, tick)
-        bar.empty()
+        with ui.progress_box(f"In-painting {n} images, {steps} steps...") as progress:
+            x0, chain = inpaint(x, kind, make_sampler(ctx, g), steps, y if cond else None, g,
+                                lambda i, done: progress(done / steps))
         st.session_state[INPAINT] = {"x": x, "x0": x0, "chain": chain, "src": src, "kind": kind, "model": ctx.key}
     r = st.session_state.get(INPAINT)
     if r is None or r["model"] != ctx.key:
@@ -239,9 +252,9 @@ def translate_tab(ctx: ui.Context) -> None:
     if st.button("Run class translation", key="ct_run", type="primary"):
         g = torch.Generator().manual_seed(int(st.session_state.get("lg_seed", 0)))
         x, _, where = sources(ctx, n, g, label=src)
-        bar, tick = progress_bar("Translating...", steps, frames)
-        path, chain = class_translation(ctx.model, x, int(dst), make_sampler(ctx, g), steps, frames, tick)
-        bar.empty()
+        with ui.progress_box(f"Translating {n} images, {steps} steps...") as progress:
+            path, chain = class_translation(ctx.model, x, int(dst), make_sampler(ctx, g), steps, frames,
+                                            lambda i, done: progress(done / steps))
         st.session_state[TRANSLATE] = {"x": x, "path": path, "chain": chain, "src": src, "dst": dst,
                                        "where": where, "model": ctx.key}
     r = st.session_state.get(TRANSLATE)

@@ -20,6 +20,7 @@ from jem_core.evaluation.verdicts import robustness_verdict
 
 ATTACKS = {"pgd_linf": "PGD L∞", "pgd_l2": "PGD L2", "fgsm": "FGSM (L∞)"}
 RESULT = "rb_result"
+NO_AUTO = "rb_no_auto"  # session_state: the user cancelled the automatic first attack
 N_GALLERY = 8
 # robustness_curve takes a PGD step size only in newer library versions; the control follows it.
 CURVE_HAS_STEP_SIZE = "step_size" in inspect.signature(robustness_curve).parameters
@@ -136,11 +137,20 @@ def main(ctx: ui.Context) -> None:
         st.caption("The accuracy curve uses the automatic step size (this library version's robustness_curve "
                    "takes none); the gallery uses the one set here.")
     clicked = st.button("Run attacks", key="rb_run", type="primary")
-    r = st.session_state.get(RESULT)
+    ss = st.session_state
+    r = ss.get(RESULT)
     first = r is None or r["settings"]["models"] != s["models"] or r["settings"]["dataset"] != ctx.dataset
-    if clicked or first:
-        # The first visit computes the attack with the settings shown, so the page makes its point at once.
-        r = st.session_state[RESULT] = attack_results(ctx, s)
+    if clicked or (first and not ss.get(NO_AUTO)):
+        # The first visit computes the attack with the settings shown, so the page makes its point at once
+        # (unless the user cancelled that once: then only the button starts an attack).
+        try:
+            r = ss[RESULT] = attack_results(ctx, s)
+        except ui.Cancelled:
+            ss[NO_AUTO] = True
+            raise
+    elif first:
+        st.info("Press **Run attacks** to attack the models with the settings above.")
+        return
     if r["settings"] != s:
         st.warning("The settings changed since the last run: press **Run attacks** to update the results below.")
     rs = r["settings"]

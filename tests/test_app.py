@@ -143,6 +143,7 @@ def test_langevin_more_steps_lower_the_mean_energy_and_buttons_follow_the_state(
     at = open_page("langevin")
     at.button(key="lg_reset").click().run()  # stop the chains that started by themselves
     at.slider(key="lg_steps").set_value(40)
+    at.toggle(key="lg_auto_k").set_value(False).run()
     at.slider(key="lg_every").set_value(10)
     at.slider(key="lg_n").set_value(8)
     at.radio(key="lg_init").set_value("noise")
@@ -373,3 +374,23 @@ def test_every_page_shows_a_chart_or_an_image_before_any_click():
             at.switch_page(f"../pages/{page}.py").run()
         assert not at.exception and not errors(at), page
         assert at.get("plotly_chart") or len(at.image), f"{page} shows no chart and no image on first load"
+
+
+def test_a_cancelled_attack_leaves_the_page_usable_and_no_thread_behind():
+    import threading
+
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(HOME, default_timeout=TIMEOUT).run()
+    threads = threading.active_count()
+    at.session_state["_jem_cancel"] = True  # what the Cancel button's click leaves for the rerun it causes
+    at.query_params["rb_n"] = "17"  # settings no other test computed, so the attack is not in the cache
+    at.switch_page("../pages/robustness.py").run()
+    assert not at.exception and not errors(at)
+    assert any(i.value.startswith("Cancelled: Attacking 17 test images") for i in at.info)
+    assert "rb_result" not in at.session_state and not at.dataframe
+    at.run()  # cancelled once: the page waits for the button instead of starting again
+    assert not at.dataframe and any("Press **Run attacks**" in i.value for i in at.info)
+    assert threading.active_count() <= threads
+    at.button(key="rb_run").click().run()
+    assert not at.exception and len(at.dataframe[0].value) == 4

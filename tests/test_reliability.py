@@ -439,6 +439,7 @@ def _langevin_session(seed: int, n: int, steps: int, step_size: float, noise: fl
     at.select_slider(key="lg_step_size").set_value(step_size)
     at.select_slider(key="lg_noise").set_value(noise)
     at.slider(key="lg_steps").set_value(steps)
+    at.toggle(key="lg_auto_k").set_value(False).run()
     at.slider(key="lg_every").set_value(10)
     at.slider(key="lg_n").set_value(n)
     at.radio(key="lg_init").set_value("noise")

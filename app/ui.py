@@ -647,44 +647,74 @@ def fig_histograms(values: dict[str, Any], title: str, xlabel: str, nbins: int =
     return _layout(fig, title, xlabel, "fraction of images")
 
 
-def fig_reliability(reports: dict[str, Any], title: str = "Reliability diagram") -> go.Figure:
-    """Per-bin accuracy against confidence (bars) with the diagonal, and per-bin counts below.
+def fig_reliability(reports: dict[str, Any], title: str = "Reliability diagram",
+                    colors: dict[str, str] | None = None) -> go.Figure:
+    """Reliability diagrams in the form of Guo et al. (2017, fig. 1), one panel per model on shared axes.
 
-    ``reports``: name -> :class:`jem_core.evaluation.calibration.CalibrationReport`.
+    Per confidence bin: the accuracy ("outputs", the model's colour), the gap to the diagonal (red, from the
+    accuracy to the bin's mean confidence: below the diagonal = over-confident), and the number of images
+    (written on the bar, and in the lower row on a log scale). Bins holding fewer than
+    ``max(5, 0.5% of the images)`` are drawn faint: their accuracy is too noisy to read.
+
+    ``reports``: name -> :class:`jem_core.evaluation.calibration.CalibrationReport`; ``colors``: name -> colour
+    (default: :data:`COLORS` in order).
     """
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.72, 0.28], vertical_spacing=0.05)
-    fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dash", color="gray"),
-                    name="perfect calibration", row=1, col=1)
-    for i, (name, r) in enumerate(reports.items()):
-        c = COLORS[i % len(COLORS)]
+    names = list(reports)
+    fig = make_subplots(rows=2, cols=len(names), shared_xaxes=True, shared_yaxes="rows", row_heights=[0.74, 0.26],
+                        vertical_spacing=0.06, horizontal_spacing=0.04,
+                        subplot_titles=[f"{n} (ECE {reports[n].ece:.3f})" for n in names])
+    for i, name in enumerate(names, start=1):
+        r = reports[name]
+        c = (colors or {}).get(name, COLORS[(i - 1) % len(COLORS)])
+        n = int(sum(b.count for b in r.bins))
+        few = max(5, int(0.005 * n))
         centers = [(b.lo + b.hi) / 2 for b in r.bins]
+        width = [(b.hi - b.lo) * 0.92 for b in r.bins]
+        opac = [0.9 if b.count >= few else 0.25 for b in r.bins]
         acc = [b.accuracy if b.count else None for b in r.bins]
+        conf = [b.confidence if b.count else None for b in r.bins]
+        gap = [(cf - a) if b.count else None for b, a, cf in zip(r.bins, acc, conf)]
         custom = [[b.lo, b.hi, b.confidence if b.count else float("nan"), b.count] for b in r.bins]
-        fig.add_bar(x=centers, y=acc, name=f"{name} (ECE {r.ece:.3f})", marker_color=c, opacity=0.8,
-                    customdata=custom, row=1, col=1,
+        fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dash", color="gray"),
+                        name="perfect calibration", showlegend=i == 1, row=1, col=i)
+        fig.add_bar(x=centers, y=acc, width=width, name="outputs (accuracy)", marker=dict(color=c, opacity=opac),
+                    text=[str(b.count) if b.count else "" for b in r.bins], textposition="inside",
+                    insidetextanchor="start", customdata=custom, showlegend=False, row=1, col=i,
                     hovertemplate="confidence %{customdata[0]:.2f}-%{customdata[1]:.2f}<br>mean confidence "
                                   "%{customdata[2]:.3f}<br>accuracy %{y:.3f}<br>%{customdata[3]} images<extra></extra>")
-        fig.add_bar(x=centers, y=[b.count for b in r.bins], name=f"{name}: images per bin", marker_color=c,
-                    opacity=0.5, showlegend=False, row=2, col=1,
-                    hovertemplate="%{y} images<extra></extra>")
-    fig.update_layout(barmode="group", bargap=0.05)
+        fig.add_bar(x=centers, y=gap, base=acc, width=width, name="gap to the diagonal",
+                    marker=dict(color="rgba(214,39,40,0.35)", line=dict(color="#d62728", width=1),
+                                pattern=dict(shape="/")), showlegend=i == 1, row=1, col=i,
+                    hovertemplate="gap %{y:+.3f} (confidence - accuracy)<extra></extra>")
+        fig.add_bar(x=centers, y=[b.count for b in r.bins], width=width, marker=dict(color=c, opacity=opac),
+                    showlegend=False, row=2, col=i, hovertemplate="%{y} images<extra></extra>")
+        fig.update_xaxes(range=[0, 1], row=1, col=i)
+        fig.update_xaxes(range=[0, 1], title_text="confidence max p(y|x)", row=2, col=i)
     fig.update_yaxes(title_text="accuracy", range=[0, 1.02], row=1, col=1)
-    fig.update_yaxes(title_text="count", type="log", row=2, col=1)
-    fig.update_xaxes(title_text="confidence (max p(y|x))", range=[0, 1], row=2, col=1)
-    fig.update_layout(title=title, height=480, margin=dict(l=10, r=10, t=50, b=10),
-                      legend=dict(orientation="h", y=-0.15))
+    fig.update_yaxes(title_text="images", type="log", row=2, col=1)
+    fig.update_layout(title=title, height=500, barmode="overlay", margin=dict(l=10, r=10, t=70, b=10),
+                      legend=dict(orientation="h", y=-0.18))
     return fig
 
 
 def fig_lines(x: Sequence[float] | dict[str, Sequence[float]], series: dict[str, Sequence[float | None]],
               title: str, xlabel: str, ylabel: str, markers: bool = True, yrange: Sequence[float] | None = None,
-              colors: dict[str, str] | None = None, height: int = 360) -> go.Figure:
-    """Line plot of several series over a shared x (or one x per series when ``x`` is a dict)."""
+              colors: dict[str, str] | None = None, height: int = 360,
+              intervals: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None) -> go.Figure:
+    """Line plot of several series over a shared x (or one x per series when ``x`` is a dict).
+
+    ``intervals``: name -> (lower bounds, upper bounds) drawn as asymmetric error bars (e.g. 95% intervals).
+    """
     fig = go.Figure()
     for i, (name, y) in enumerate(series.items()):
         xs = x[name] if isinstance(x, dict) else x
+        err = None
+        if intervals and name in intervals:
+            lo, hi = intervals[name]
+            err = dict(type="data", symmetric=False, array=[h - v for h, v in zip(hi, y)],
+                       arrayminus=[v - lo_ for lo_, v in zip(lo, y)], thickness=1.2, width=4)
         fig.add_scatter(x=list(xs), y=list(y), name=name, mode="lines+markers" if markers else "lines",
-                        line=dict(color=(colors or {}).get(name, COLORS[i % len(COLORS)])))
+                        line=dict(color=(colors or {}).get(name, COLORS[i % len(COLORS)])), error_y=err)
     if yrange is not None:
         fig.update_yaxes(range=list(yrange))
     return _layout(fig, title, xlabel, ylabel, height)

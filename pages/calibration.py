@@ -10,7 +10,7 @@ import streamlit as st
 
 from app import share, ui
 from jem_core.evaluation import TemperatureScaled, calibration_report, fit_temperature, predict_logits, predict_proba
-from jem_core.evaluation.verdicts import calibration_verdict
+from jem_core.evaluation.verdicts import calibration_verdict, ece_bootstrap, wilson_interval
 
 
 def main(ctx: ui.Context) -> None:
@@ -52,29 +52,33 @@ def main(ctx: ui.Context) -> None:
         st.markdown("**What these numbers show.** " + calibration_verdict(
             na, ra, nb, rb, f"the first {n:,} {ctx.dataset} test images") + " The reliability diagram below shows "
             "where: bars below the diagonal are over-confident bins, bars above it under-confident ones.")
-    table = pd.DataFrame([{"model": name, "accuracy": r.accuracy, "ECE": r.ece, "MCE": r.mce, "NLL": r.nll,
-                           "Brier": r.brier, "test images": n, "bins": n_bins} for name, r in reports.items()])
+    rows = []
+    for name, r in reports.items():
+        acc = wilson_interval(int(r.correct.sum()), n)
+        ece, _ = ece_bootstrap(r.confidences, r.correct, n_bins)
+        rows.append({"model": name, "accuracy": r.accuracy, "accuracy 95% CI": f"{acc.lo:.4f}-{acc.hi:.4f}",
+                     "ECE": r.ece, "ECE 95% CI": f"{ece.lo:.4f}-{ece.hi:.4f}", "MCE": r.mce, "NLL": r.nll,
+                     "Brier": r.brier, "test images": n, "bins": n_bins})
+    table = pd.DataFrame(rows)
     st.subheader(f"Calibration on the first {n} {ctx.dataset} test images")
+    st.caption("95% intervals: Wilson for accuracy, percentile bootstrap (1,000 resamples of the images) for ECE.")
     st.dataframe(table, hide_index=True, column_config={k: st.column_config.NumberColumn(format="%.4f")
                                                         for k in ("accuracy", "ECE", "MCE", "NLL", "Brier")})
     ui.download_table(table, f"calibration_{ctx.name}", key="cal_table")
 
     conf = {name: r.confidences for name, r in reports.items()}
+    colors = {name: ui.COLORS[i % len(ui.COLORS)] for i, name in enumerate(reports)}  # one colour per model
     if layout == "Overlaid":
-        left, right = st.columns(2)
-        with left:
-            ui.show_chart(ui.fig_histograms(conf, "Confidence histogram", "confidence max p(y|x)", n_bins,
-                                            value_range=(0.0, 1.0), log_y=log_y), key="cal_hist")
-        with right:
-            ui.show_chart(ui.fig_reliability(reports), key="cal_rel")
+        ui.show_chart(ui.fig_histograms(conf, "Confidence histogram", "confidence max p(y|x)", n_bins,
+                                        value_range=(0.0, 1.0), log_y=log_y, colors=list(colors.values())),
+                      key="cal_hist")
     else:
         for i, (col, (name, r)) in enumerate(zip(st.columns(len(reports)), reports.items())):
-            with col:
-                color = [ui.COLORS[i % len(ui.COLORS)]]
+            with col:  # shared x range (0-1) and bins, so the panels compare
                 ui.show_chart(ui.fig_histograms({name: r.confidences}, f"Confidence: {name}", "confidence", n_bins,
-                                                colors=color, value_range=(0.0, 1.0), log_y=log_y),
+                                                colors=[colors[name]], value_range=(0.0, 1.0), log_y=log_y),
                               key=f"cal_hist_{i}")
-                ui.show_chart(ui.fig_reliability({name: r}, f"Reliability: {name}"), key=f"cal_rel_{i}")
+    ui.show_chart(ui.fig_reliability(reports, colors=colors), key="cal_rel")
 
     bins = pd.DataFrame([{"model": name, **b} for name, r in reports.items() for b in r.bins_as_dicts()])
     with st.expander("Reliability bins (per-bin confidence, accuracy and counts)"):

@@ -7,6 +7,7 @@ Widgets -> :func:`jem_core.evaluation.ood_score_table` / :func:`~jem_core.evalua
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 import torch
@@ -16,7 +17,7 @@ from jem_core.data import SYNTHETIC_OOD
 from jem_core.evaluation import load_ood_set, ood_metrics, ood_score_table, roc_curve_data
 from jem_core.evaluation.ood import OOD_SCORES, SCORE_LABELS
 from jem_core.evaluation.report import default_ood_sets
-from jem_core.evaluation.verdicts import auroc_bootstrap, ood_verdict
+from jem_core.evaluation.verdicts import Interval, auroc_bootstrap, ood_verdict
 from jem_core.images import prepare_uploads
 
 UPLOADED = "uploaded images"
@@ -35,16 +36,10 @@ def scores_for(ctx: ui.Context, name: str, ck, key: str, set_name: str, x: torch
                      f"Scoring {len(x)} images of {set_name} with {name}...")
 
 
-def verdict(ctx: ui.Context, per_model: dict, set_name: str, score: str, n: int) -> str:
-    """The AUROC comparison of the models for one OOD set and score, with intervals (shared cache)."""
-    keys = tuple(k for _, _, k in ctx.models())
-
-    def compute(progress) -> str:
-        aurocs = {name: auroc_bootstrap(s_in[score], s_out[set_name][score], n_boot=500)
-                  for name, (s_in, s_out) in per_model.items()}
-        return ood_verdict(aurocs, set_name, SCORE_LABELS[score])
-    return ui.cached(("ood_verdict", keys, ctx.dataset, str(ctx.data_root), set_name, score, n), compute,
-                     f"Bootstrapping AUROC intervals for {set_name}...")
+@st.cache_data(max_entries=1024, show_spinner=False)
+def auroc_interval(s_in: np.ndarray, s_out: np.ndarray) -> Interval:
+    """AUROC with its 95% bootstrap interval (cached by the scores' values)."""
+    return auroc_bootstrap(s_in, s_out, n_boot=500)
 
 
 def uploaded_set(ctx: ui.Context) -> tuple[torch.Tensor | None, str]:
@@ -100,7 +95,7 @@ def main(ctx: ui.Context) -> None:
         st.info("Choose at least one OOD set or upload images.")
         return
 
-    rows, per_model = [], {}
+    rows, per_model, intervals = [], {}, {}
     for name, ck, key in ctx.models():
         s_in = scores_for(ctx, name, ck, key, "the test set", x_in, f"in:{ctx.dataset}:{ctx.data_root}", scores)
         s_out = {set_name: scores_for(ctx, name, ck, key, set_name, x, dkey, scores)
@@ -109,15 +104,19 @@ def main(ctx: ui.Context) -> None:
         for set_name, so in s_out.items():
             for sc in scores:
                 m = ood_metrics(s_in[sc], so[sc])
+                ci = intervals[(name, set_name, sc)] = auroc_interval(s_in[sc].numpy(), so[sc].numpy())
                 rows.append({"model": name, "OOD set": set_name, "score": SCORE_LABELS[sc], "AUROC": m["auroc"],
-                             "AUPR": m["aupr"], "FPR@95TPR": m["fpr95"], "OOD images": len(so[sc])})
+                             "AUROC 95% CI": f"{ci.lo:.3f}-{ci.hi:.3f}", "AUPR": m["aupr"],
+                             "FPR@95TPR": m["fpr95"], "OOD images": len(so[sc])})
     table = pd.DataFrame(rows)
     st.subheader(f"Detection of OOD images ({n} {ctx.dataset} test images as in-distribution)")
     glance = table.pivot_table(index="OOD set", columns=["score", "model"], values="AUROC", sort=False)
     glance.columns = [f"AUROC {sc} · {m}" for sc, m in glance.columns]
     st.dataframe(glance, column_config={c: st.column_config.NumberColumn(format="%.3f") for c in glance.columns})
     st.markdown(f"**What these numbers show** ({SCORE_LABELS[scores[0]]}; 95% bootstrap intervals):")
-    st.markdown("\n".join(f"- {verdict(ctx, per_model, set_name, scores[0], n)}" for set_name in ood_x))
+    st.markdown("\n".join(
+        "- " + ood_verdict({name: intervals[(name, set_name, scores[0])] for name in per_model}, set_name,
+                           SCORE_LABELS[scores[0]]) for set_name in ood_x))
     st.dataframe(table, hide_index=True, column_config={k: st.column_config.NumberColumn(format="%.4f")
                                                         for k in ("AUROC", "AUPR", "FPR@95TPR")})
     ui.download_table(table, f"ood_{ctx.name}", key="ood_table")

@@ -16,7 +16,7 @@ import streamlit as st
 from app import share, ui
 from jem_core.evaluation import RefinedClassifier, attack, calibration_report, predict_logits, robustness_curve
 from jem_core.evaluation.robustness import default_eps
-from jem_core.evaluation.verdicts import robustness_verdict
+from jem_core.evaluation.verdicts import robustness_verdict, wilson_interval
 
 ATTACKS = {"pgd_linf": "PGD L∞", "pgd_l2": "PGD L2", "fgsm": "FGSM (L∞)"}
 RESULT = "rb_result"
@@ -102,6 +102,13 @@ def gallery(ctx: ui.Context, r: dict) -> None:
     labels = ctx.class_names
     clean_pred = predict_logits(ck.model, x).argmax(1).tolist()
     adv_pred = predict_logits(ck.model, xa).argmax(1).tolist()
+    refined_note = ""
+    if s["refine"] and who == next(iter(names)):
+        refined = RefinedClassifier(ck.model, s["refine_steps"], s["refine_chains"], seed=0)
+        ref_pred = predict_logits(refined, xa).argmax(1).tolist()
+        refined_note = (f" · the SGLD-refined {who} predicts on these adversarial images (transfer): "
+                        + " ".join(labels[p] for p in ref_pred) + f" ({sum(p == int(t) for p, t in zip(ref_pred, y))}"
+                        f" of {N_GALLERY} right)")
     cols = st.columns(3)
     for col, (imgs, cap, k) in zip(cols, [
             (x, "clean, predicted: " + " ".join(labels[p] for p in clean_pred), "rb_clean"),
@@ -110,7 +117,7 @@ def gallery(ctx: ui.Context, r: dict) -> None:
         with col:
             ui.show_grid(imgs, cap, key=k, nrow=4, file_name=f"{ctx.name}_{k}_eps{eps}.png")
     st.caption(f"True labels: {' '.join(labels[int(v)] for v in y)} · changed by the attack: "
-               f"{sum(p != q for p, q in zip(clean_pred, adv_pred))} of {N_GALLERY}")
+               f"{sum(p != q for p, q in zip(clean_pred, adv_pred))} of {N_GALLERY}" + refined_note)
 
 
 def url_params(ctx: ui.Context, total: int) -> list[share.Param]:
@@ -158,11 +165,16 @@ def main(ctx: ui.Context) -> None:
              .accuracy for name, ck, key in ctx.models()}
     cols = st.columns(len(clean))
     for col, (name, acc) in zip(cols, clean.items()):
-        col.metric(f"Clean accuracy: {name}", f"{acc:.4f}")
+        iv = wilson_interval(int(round(acc * rs["n"])), rs["n"])
+        col.metric(f"Clean accuracy: {name}", f"{acc:.4f}", help=f"95% Wilson interval {iv.lo:.3f}-{iv.hi:.3f} on "
+                   f"{rs['n']} images")
     colors = {name: ui.COLORS[i % len(ui.COLORS)] for i, name in enumerate(r["curves"])}
+    ci = {name: [wilson_interval(int(round(a * rs["n"])), rs["n"]) for a in accs] for name, accs in r["curves"].items()}
     ui.show_chart(ui.fig_lines(rs["eps"], r["curves"], f"{ATTACKS[rs['kind']]}: accuracy under attack "
-                               f"({rs['n']} test images, {rs['steps']} steps)", "eps ([0, 1] pixel scale)",
-                               "accuracy", yrange=(0, 1.02), colors=colors), key="rb_curve")
+                               f"({rs['n']} test images, {rs['steps']} steps; bars: 95% Wilson intervals)",
+                               "eps ([0, 1] pixel scale)", "accuracy", yrange=(0, 1.02), colors=colors,
+                               intervals={k: ([i.lo for i in v], [i.hi for i in v]) for k, v in ci.items()}),
+                  key="rb_curve")
     st.markdown("**What these numbers show.**")
     st.markdown("\n".join(
         "- " + robustness_verdict({k: v[j] for k, v in r["curves"].items()}, rs["n"], e, ATTACKS[rs["kind"]])
@@ -170,7 +182,8 @@ def main(ctx: ui.Context) -> None:
     if not rs["refine"]:
         st.caption("Turn on **Also JEM with SGLD refinement** to attack the JEM that first moves its input "
                    "towards low energy (the paper's robustness claim is about this refined classifier).")
-    table = pd.DataFrame({"eps": rs["eps"], **{f"accuracy: {k}": v for k, v in r["curves"].items()}})
+    table = pd.DataFrame({"eps": rs["eps"], **{f"accuracy: {k}": v for k, v in r["curves"].items()},
+                          **{f"95% CI: {k}": [f"{i.lo:.2f}-{i.hi:.2f}" for i in v] for k, v in ci.items()}})
     st.subheader("Accuracy under attack")
     st.dataframe(table, hide_index=True)
     ui.download_table(table, f"robustness_{ctx.name}_{rs['kind']}", key="rb_table")

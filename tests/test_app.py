@@ -360,7 +360,7 @@ def test_a_link_reproduces_the_view_and_a_bad_value_is_named():
     assert at.slider(key="rb_points").value == 2
     assert any("rb_steps='999' was ignored" in w.value for w in at.warning)
     table = at.dataframe[0].value  # the link's attack was computed at once, without a click
-    assert len(table) == 2 and list(table.columns) == ["eps", "accuracy: digits_jem"]
+    assert len(table) == 2 and list(table.columns) == ["eps", "accuracy: digits_jem", "95% CI: digits_jem"]
     at.slider(key="rb_points").set_value(3).run()  # the user's change wins and goes into the link
     assert at.query_params["rb_points"] in ("3", ["3"]) and at.query_params["sb_baseline"] in ("(none)", ["(none)"])
     at.switch_page("../pages/calibration.py").run()

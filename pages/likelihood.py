@@ -108,7 +108,8 @@ def main(ctx: ui.Context) -> None:
     levels = pixel_levels(ctx.dataset)
     st.caption(f"A density on the box [-1, 1]^{dim} at temperature 1, for the model as trained: p(x) = exp(-E(x)) / Z, "
                f"E(x) = -logsumexp_y f(x)[y]. The uniform density on the box has log Z = D log 2 = "
-               f"{dim * math.log(2):.1f} nats and {math.log2(levels):.2f} bits/dim on this data's {levels}-level scale"
+               f"{dim * math.log(2):.1f} nats"
+               + (f" and {math.log2(levels):.2f} bits/dim on this data's {levels}-level scale" if levels else "")
                + (" (8x8 digits have 17 levels: not comparable with MNIST's 256)" if levels == 17 else "") + ".")
     for name, rep in reports.items():
         s = rep.summary()
@@ -123,7 +124,7 @@ def main(ctx: ui.Context) -> None:
             m4.metric("Reverse log Ẑ (diagnostic)", f"{s['reverse_log_z']:.2f}", f"gap {s['gap']:+.2f} nats",
                       delta_color="off", help="from approximate samples (forward end states resampled by weight, "
                                               "then HMC at b = 1): not a bound")
-        if s["test_images"]:
+        if s["test_images"] and s["test_bits_per_dim"] is not None:
             t1, t2, t3, _ = st.columns(4)
             t1.metric("Test log p(x)", f"{s['test_log_px_nats_dequantized']:.1f} nats",
                       help=f"mean over {s['test_images']} test images at dequantised pixels; "

@@ -343,3 +343,14 @@ def test_mh_chains_from_far_states_reach_the_target():
     assert float(x.mean()) == pytest.approx(0.5, abs=0.03)
     with pytest.raises(LikelihoodError):
         mh_chains(tg, torch.full((4, 16), 1.5), 1, 0.05)
+
+
+def test_continuous_toy_data_are_not_dequantised():
+    assert pixel_levels("toy:moons") is None
+    tg = TruncatedGaussian(0.0, 0.5, (2, 1, 1))
+    x = tg.sample(50, _gen(20))
+    rep = estimate_log_likelihood(tg, (2, 1, 1), x, levels=None, n_temps=20, n_chains=16, sweep=[], reverse=False,
+                                  data_chains=0)
+    s = rep.summary()
+    assert torch.equal(rep.test_log_px, rep.test_log_px_deq)
+    assert s["test_bits_per_dim"] is None and s["levels"] is None and s["data_chain_energy"] == []

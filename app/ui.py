@@ -519,7 +519,8 @@ def progress_box(label: str) -> Iterator[Callable[[float], None]]:
     """
     if st.session_state.pop(_CANCEL, False):
         raise Cancelled(label)
-    box = st.container(border=True)
+    slot = st.empty()
+    box = slot.container(border=True)
     bar = box.progress(0.0, text=label)
     box.button("Cancel", key=f"cancel_{hashlib.sha1(label.encode()).hexdigest()[:10]}", icon=":material/cancel:",
                on_click=lambda: st.session_state.__setitem__(_CANCEL, True))
@@ -533,7 +534,7 @@ def progress_box(label: str) -> Iterator[Callable[[float], None]]:
     try:
         yield progress
     finally:
-        box.empty()
+        slot.empty()
 
 
 def cached(key: tuple, compute: Callable[[Callable[[float], None]], T], label: str, max_items: int = 96) -> T:
@@ -773,10 +774,11 @@ def fig_probabilities(probs: Sequence[float], names: Sequence[str], title: str =
 
 def fig_maps(maps: dict[str, Any], title: str, signed: dict[str, bool] | None = None, height: int = 260,
              fixed: dict[str, tuple[float, float]] | None = None) -> go.Figure:
-    """Side-by-side heat maps of 2-D arrays (attribution maps, differences), image orientation.
+    """Side-by-side heat maps of 2-D arrays (attribution maps, differences), image orientation, no axes.
 
-    Signed maps use a diverging scale centred on 0 (red = positive); others grey from their minimum to
-    maximum, or over ``fixed[name]`` (e.g. ``(0, 1)`` for a picture).
+    Signed maps use a diverging scale centred on 0 (red = raises the target, blue = lowers it); unsigned
+    attributions a sequential scale from 0 (black) to their maximum (yellow), so they never look like the
+    grey input; ``fixed[name]`` (e.g. ``(0, 1)`` for a picture) draws a map in grey over that range.
     """
     names = list(maps)
     fig = make_subplots(rows=1, cols=len(names), subplot_titles=names, horizontal_spacing=0.04)
@@ -784,14 +786,41 @@ def fig_maps(maps: dict[str, Any], title: str, signed: dict[str, bool] | None = 
         z = _np(maps[name])
         is_signed = (signed or {}).get(name, bool(np.nanmin(z) < 0))
         lim = float(np.nanmax(np.abs(z))) or 1.0
-        lo, hi = (fixed or {}).get(name, (-lim if is_signed else float(np.nanmin(z)), lim))
-        fig.add_heatmap(z=z, row=1, col=i, colorscale="RdBu_r" if is_signed else "Gray", zmin=lo, zmax=hi,
-                        showscale=False, hovertemplate="row %{y}, col %{x}: %{z:.3g}<extra></extra>")
-        fig.update_yaxes(autorange="reversed", scaleanchor=f"x{i if i > 1 else ''}", showticklabels=False,
-                         row=1, col=i)
-        fig.update_xaxes(showticklabels=False, row=1, col=i)
-    fig.update_layout(title=title, height=height, margin=dict(l=10, r=10, t=60, b=10))
+        if fixed and name in fixed:
+            (lo, hi), scale = fixed[name], "Gray"
+        elif is_signed:
+            (lo, hi), scale = (-lim, lim), "RdBu_r"
+        else:
+            (lo, hi), scale = (0.0, lim), "Inferno"
+        fig.add_heatmap(z=z, row=1, col=i, colorscale=scale, zmin=lo, zmax=hi, showscale=False,
+                        hovertemplate="row %{y}, col %{x}: %{z:.3g}<extra></extra>")
+        fig.update_yaxes(autorange="reversed", scaleanchor=f"x{i if i > 1 else ''}", visible=False, row=1, col=i)
+        fig.update_xaxes(visible=False, row=1, col=i)
+    fig.update_layout(title=title, height=height, margin=dict(l=10, r=10, t=60, b=10),
+                      plot_bgcolor="rgba(0,0,0,0)")
     return fig
+
+
+def fig_placement(scores: dict[str, tuple[Any, float, float]], title: str) -> go.Figure:
+    """One panel per score: the reference set's histogram, the value of one input (solid line) and the
+    threshold below which an input is called unusual (dashed). ``scores``: name -> (reference values, value,
+    threshold)."""
+    names = list(scores)
+    fig = make_subplots(rows=1, cols=len(names), subplot_titles=names, horizontal_spacing=0.06)
+    for i, name in enumerate(names, start=1):
+        ref, v, thr = scores[name]
+        ref = _np(ref)
+        fig.add_histogram(x=ref, nbinsx=40, marker_color=COLORS[2], opacity=0.7, showlegend=i == 1,
+                          name="test images", row=1, col=i)
+        fig.add_vline(x=thr, line=dict(color="#7f7f7f", dash="dash"), row=1, col=i)
+        fig.add_vline(x=v, line=dict(color=COLORS[3], width=3), row=1, col=i)
+        lo, hi = float(min(ref.min(), v, thr)), float(max(ref.max(), v, thr))
+        pad = 0.05 * (hi - lo or 1.0)
+        fig.update_xaxes(range=[lo - pad, hi + pad], row=1, col=i)
+    fig.add_scatter(x=[None], y=[None], mode="lines", line=dict(color=COLORS[3], width=3), name="this image")
+    fig.add_scatter(x=[None], y=[None], mode="lines", line=dict(color="#7f7f7f", dash="dash"),
+                    name="unusual below this line")
+    return _layout(fig, title, "", "test images", 300)
 
 
 def image_map(x: torch.Tensor) -> np.ndarray:
@@ -838,7 +867,8 @@ def page_link(file: str, number: int | None = None, description: str | None = No
     """A link to another page with its description (``description`` replaces the menu's one-liner;
     ``number`` prefixes a step number)."""
     spec = next(s for s in PAGE_SPECS if s[0] == file)
-    label = f"{f'{number}. ' if number else ''}{spec[1]}: {description or spec[3]}"
+    text = spec[3] if description is None else description
+    label = f"{f'{number}. ' if number else ''}{spec[1]}" + (f": {text}" if text else "")
     st.page_link(_PAGES.get(file, str(PAGES_DIR / file)), label=label, icon=spec[2])
 
 

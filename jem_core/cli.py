@@ -393,6 +393,9 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
     p.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
                    help="invert dark-on-light images (auto: decide from the border brightness)")
+    p.add_argument("--no-digit-style", dest="digit_style", action="store_false",
+                   help="for 1-channel models, skip MNIST's own normalisation (levels stretched, ink fitted "
+                        "into a 20x20 box and centred by its centre of mass) and only pad and resize")
     p.add_argument("--device", default=None)
     p.set_defaults(cmd="score")
 
@@ -410,7 +413,8 @@ def _cmd_score(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     failures = 0
     for path in a.images:
         try:
-            prep = prepare_upload(load_image_file(path), Path(path).name, int(m["in_channels"]), int(m["image_size"]), invert)
+            prep = prepare_upload(load_image_file(path), Path(path).name, int(m["in_channels"]), int(m["image_size"]), invert,
+                                  digit_style=a.digit_style)
         except ImageDecodeError as e:
             failures += 1
             print(json.dumps({"image": path, "error": str(e)}), flush=True)

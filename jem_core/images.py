@@ -4,7 +4,7 @@ This module is the edge where untrusted bytes (an upload, a file on disk) become
 tensors that ``jem_core`` works with, and where tensors become pictures again (grids,
 PNG files) for display.
 
-Conventions (see ``/DESIGN.md``):
+Conventions:
 
 - Inside ``jem_core`` images are ``torch.float32`` tensors ``[N, C, H, W]`` in ``[-1, 1]``;
   a pixel value ``p`` in ``0..255`` maps to ``p / 127.5 - 1``.
@@ -49,6 +49,8 @@ __all__ = [
     "ALLOWED_FORMATS",
     "MAX_BYTES",
     "MAX_PIXELS",
+    "STAGE_SIDE",
+    "DIGIT_BOX",
     "WORK_MAX_SIDE",
     "ImageDecodeError",
     "PreparedImage",
@@ -76,6 +78,14 @@ MAX_BYTES: int = 20 * 1024 * 1024
 #: ``reducing_gap``) before any float conversion, so memory stays bounded. Model inputs
 #: are at most a few dozen pixels wide, so nothing the model could see is lost.
 WORK_MAX_SIDE: int = 1024
+
+#: Longest side, in pixels, of the preprocessing snapshots kept in ``PreparedImage.stages``.
+STAGE_SIDE: int = 112
+
+#: Digit-style normalisation (MNIST's own: LeCun et al. 1998): the ink is fitted into a box of this
+#: fraction of the model's side (20 of 28 pixels), keeping its aspect ratio, then centred by its
+#: centre of mass.
+DIGIT_BOX: float = 20 / 28
 
 #: Pillow format names that :func:`decode_image` accepts. Deliberately a short list of
 #: common raster formats: Pillow's other plugins include rarely used or risky parsers
@@ -139,6 +149,9 @@ class PreparedImage:
         inverted: whether the colours were inverted (dark-on-light -> light-on-dark).
         notes: human-readable notes on each step taken, in order, e.g.
             ``"rotated by EXIF orientation 6 (rotated 90 degrees clockwise)"``.
+        stages: ``(caption, picture)`` snapshots of the main steps, for showing the
+            preprocessing as pictures: ``numpy.uint8`` ``[h, w]`` or ``[h, w, 3]``, at most
+            :data:`STAGE_SIDE` pixels on their longer side (the last one is ``display``).
     """
 
     name: str
@@ -146,6 +159,7 @@ class PreparedImage:
     display: np.ndarray
     inverted: bool
     notes: list[str] = field(default_factory=list)
+    stages: list[tuple[str, np.ndarray]] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- decoding
@@ -467,8 +481,63 @@ def _check_args(channels: int, size: int, invert: bool | None) -> None:
         raise ValueError(f"invert must be None, True or False, got {invert!r}")
 
 
+def _snapshot(t: torch.Tensor) -> np.ndarray:
+    """``[C, h, w]`` in ``[0, 1]`` -> uint8 picture with its longer side at most :data:`STAGE_SIDE`."""
+    c, h, w = t.shape
+    scale = min(1.0, STAGE_SIDE / max(h, w))
+    if scale < 1.0:
+        t = TF.resize(t, [max(1, round(h * scale)), max(1, round(w * scale))], antialias=True)
+    a = (t.clamp(0, 1) * 255).round().to(torch.uint8)
+    return a[0].numpy() if c == 1 else a.permute(1, 2, 0).numpy()
+
+
+def _digit_style(t: torch.Tensor, size: int, invert: bool | None, notes: list[str],
+                 stages: list[tuple[str, np.ndarray]]) -> tuple[torch.Tensor, bool]:
+    """MNIST-style normalisation of a 1-channel picture ``[1, h, w]`` in ``[0, 1]``: light ink on black,
+    levels stretched (background -> 0, ink -> 1), the ink's bounding box fitted into a
+    ``DIGIT_BOX * size`` box with its aspect ratio kept, and centred by its centre of mass.
+    Returns ``([1, size, size] in [0, 1], inverted)``. Source: LeCun et al. (1998), the MNIST database's
+    description (size-normalised to 20x20, centred by centre of mass in 28x28)."""
+    _, h, w = t.shape
+    ring = t[0][_ring_mask(h, w)]
+    border = float(ring.mean())
+    do_invert = border > 0.5 if invert is None else bool(invert)
+    if do_invert:
+        t = 1.0 - t
+    why = "forced" if invert is not None else f"mean border {border:.2f}"
+    notes.append(f"inverted to light ink on a dark background ({why})" if do_invert
+                 else f"not inverted ({why})")
+    bg = float((1.0 - ring if do_invert else ring).median())
+    ink = float(torch.quantile(t.flatten(), 0.995))
+    if ink - bg < 0.05:
+        notes.append("digit-style normalisation skipped: no ink stands out from the background")
+        return TF.resize(t, [size, size], antialias=True).clamp(0, 1), do_invert
+    t = ((t - bg) / (ink - bg)).clamp(0, 1)
+    notes.append(f"levels: background {bg:.2f} -> 0 and ink {ink:.2f} -> 1 (contrast stretched)")
+    stages.append(("levels", _snapshot(t)))
+    mask = t[0] > 0.3
+    rows, cols = torch.nonzero(mask.any(1)).flatten(), torch.nonzero(mask.any(0)).flatten()
+    t = t[:, int(rows[0]):int(rows[-1]) + 1, int(cols[0]):int(cols[-1]) + 1]
+    box = max(1, round(DIGIT_BOX * size)) if size >= 16 else size
+    ch, cw = t.shape[1:]
+    scale = box / max(ch, cw)
+    nh, nw = max(1, round(ch * scale)), max(1, round(cw * scale))
+    t = TF.resize(t, [nh, nw], interpolation=InterpolationMode.BILINEAR, antialias=True).clamp(0, 1)
+    ys, xs = torch.arange(nh, dtype=torch.float32), torch.arange(nw, dtype=torch.float32)
+    mass = float(t[0].sum()) or 1.0
+    cy, cx = float((t[0].sum(1) * ys).sum()) / mass, float((t[0].sum(0) * xs).sum()) / mass
+    top = int(round((size - 1) / 2 - cy))
+    left = int(round((size - 1) / 2 - cx))
+    top, left = min(max(top, 0), size - nh), min(max(left, 0), size - nw)
+    out = torch.zeros(1, size, size)
+    out[:, top:top + nh, left:left + nw] = t
+    notes.append(f"digit-style: cropped the ink ({cw}x{ch}), fitted it into a {box}x{box} box and centred it by "
+                 f"its centre of mass in {size}x{size}")
+    return out, do_invert
+
+
 def to_model_input(img: Image.Image, channels: int, size: int, invert: bool | None = None,
-                   name: str = "image") -> PreparedImage:
+                   name: str = "image", digit_style: bool = False) -> PreparedImage:
     """Turn a decoded image into a model input, noting every step taken.
 
     Steps: any PIL mode to 8-bit L/RGB (1 -> L; P -> RGB/RGBA; CMYK, YCbCr, HSV -> RGB;
@@ -494,6 +563,12 @@ def to_model_input(img: Image.Image, channels: int, size: int, invert: bool | No
         size: the model's square input side in pixels (e.g. 8, 28, 32).
         invert: None (auto), True or False; see above.
         name: file name for the result and for error messages.
+        digit_style: for 1-channel models, replace padding, resizing and inversion by MNIST's own
+            normalisation: light ink on black, levels stretched (the background's median to 0, the
+            ink's 99.5th percentile to 1), the ink cropped, fitted into a :data:`DIGIT_BOX` box (20 of 28
+            pixels; the whole side for models under 16 pixels) and centred by its centre of mass
+            (LeCun et al. 1998). Photos of digits on paper then look like the training data instead of
+            a grey, off-centre, low-contrast picture. Ignored for 3-channel models.
 
     Returns:
         A :class:`PreparedImage` whose ``tensor`` is ``[channels, size, size]`` float32 in
@@ -530,12 +605,20 @@ def to_model_input(img: Image.Image, channels: int, size: int, invert: bool | No
         arr = _composite_alpha(arr, source_mode, notes)
 
     t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)  # [C, H, W] in [0, 1]
+    stages = [("as decoded", _snapshot(t))]
     if channels == 1 and t.shape[0] == 3:
         t = TF.rgb_to_grayscale(t, num_output_channels=1)
         notes.append(f"converted colour ({source_mode}) to grayscale for a 1-channel model")
     elif channels == 3 and t.shape[0] == 1:
         t = t.expand(3, -1, -1)
         notes.append("repeated the grayscale channel 3 times for a 3-channel model")
+    if digit_style and channels == 1:
+        t, do_invert = _digit_style(t, size, invert, notes, stages)
+        tensor = (t * 2.0 - 1.0).to(torch.float32).contiguous()
+        display = to_uint8_images(tensor[None])[0]
+        stages.append((f"model input {size}x{size}", display))
+        return PreparedImage(name=name, tensor=tensor, display=display, inverted=do_invert, notes=notes,
+                             stages=stages)
 
     _, h, w = t.shape
     if h != w:
@@ -571,18 +654,19 @@ def to_model_input(img: Image.Image, channels: int, size: int, invert: bool | No
 
     tensor = (t * 2.0 - 1.0).to(torch.float32)
     display = to_uint8_images(tensor[None])[0]
+    stages.append((f"model input {size}x{size}" + (", inverted" if do_invert else ""), display))
     return PreparedImage(name=name, tensor=tensor, display=display, inverted=do_invert,
-                         notes=notes)
+                         notes=notes, stages=stages)
 
 
 def prepare_upload(data: bytes | bytearray | memoryview | IO[bytes], name: str, channels: int,
-                   size: int, invert: bool | None = None) -> PreparedImage:
+                   size: int, invert: bool | None = None, digit_style: bool = False) -> PreparedImage:
     """Decode an uploaded file and prepare it for a model: :func:`decode_image` (with JPEGs
     decoded at reduced scale when large) followed by :func:`to_model_input`.
 
     Args:
         data: the file's bytes or a binary file object; name: its file name;
-        channels, size, invert: as for :func:`to_model_input`.
+        channels, size, invert, digit_style: as for :func:`to_model_input`.
 
     Returns:
         A :class:`PreparedImage` (``tensor`` ``[channels, size, size]`` float32 in [-1, 1]).
@@ -597,7 +681,7 @@ def prepare_upload(data: bytes | bytearray | memoryview | IO[bytes], name: str, 
     data = _as_bytes(data)
     try:
         img = decode_image(data, name, draft_side=WORK_MAX_SIDE)
-        return to_model_input(img, channels, size, invert=invert, name=name)
+        return to_model_input(img, channels, size, invert=invert, name=name, digit_style=digit_style)
     except ImageDecodeError:
         raise
     except MemoryError as e:
@@ -609,13 +693,13 @@ def prepare_upload(data: bytes | bytearray | memoryview | IO[bytes], name: str, 
 
 
 def prepare_uploads(files: Iterable[tuple[str, bytes]], channels: int, size: int,
-                    invert: bool | None = None
+                    invert: bool | None = None, digit_style: bool = False
                     ) -> tuple[list[PreparedImage], list[tuple[str, str]]]:
     """Prepare a batch of uploaded files; a bad file never stops the others.
 
     Args:
         files: ``(name, data)`` pairs, ``data`` as for :func:`prepare_upload`.
-        channels, size, invert: as for :func:`to_model_input`.
+        channels, size, invert, digit_style: as for :func:`to_model_input`.
 
     Returns:
         ``(prepared, errors)``: the :class:`PreparedImage` of every good file, in input
@@ -638,7 +722,7 @@ def prepare_uploads(files: Iterable[tuple[str, bytes]], channels: int, size: int
             continue
         name = str(name)
         try:
-            prepared.append(prepare_upload(data, name, channels, size, invert=invert))
+            prepared.append(prepare_upload(data, name, channels, size, invert=invert, digit_style=digit_style))
         except ImageDecodeError as e:
             errors.append((name, str(e)))
         except TypeError as e:

@@ -394,3 +394,26 @@ def test_a_cancelled_attack_leaves_the_page_usable_and_no_thread_behind():
     assert threading.active_count() <= threads
     at.button(key="rb_run").click().run()
     assert not at.exception and len(at.dataframe[0].value) == 4
+
+
+def test_score_explains_its_verdict_with_the_test_histograms_and_shows_preprocessing_pictures():
+    import numpy as np
+
+    from bench.photo_digits import photo_of_digit
+
+    at = open_page("score")
+    at.toggle(key="score_examples").set_value(False)
+    x = np.zeros((28, 28), np.uint8)
+    x[5:23, 12:16] = 255
+    at.file_uploader(key="score_upload").set_value(("photo.jpg", photo_of_digit(x, np.random.default_rng(0)),
+                                                    "image/jpeg")).run()
+    assert not at.exception and not errors(at)
+    why = [d.value for d in at.dataframe if "percentile among test images" in d.value.columns]
+    assert why, "the verdict's table is shown"
+    table = why[0]
+    assert set(table["score"]) == {"log p(x)", "max p(y|x)", "-||∇x log p(x)||"}
+    assert all(0 <= v <= 100 for v in table["percentile among test images"])
+    assert set(table["test images flagged by it"]) == {"5.0%"} or all(
+        abs(float(v.rstrip("%")) - 5) < 1 for v in table["test images flagged by it"])
+    captions = [c for img in at.image for c in img.captions]
+    assert "as decoded" in captions and "levels" in captions

@@ -106,7 +106,7 @@ def beta_schedule(n_temps: int, kind: str = "sigmoid", sharpness: float = 4.0) -
 
     Args:
         n_temps: ``K >= 1``, the number of transitions (intermediate distributions plus the target).
-        kind: ``"linear"`` (equal steps) or ``"sigmoid"`` (Grosse et al. 2015, sec. 6: ``b_k`` is
+        kind: ``"linear"`` (equal steps) or ``"sigmoid"`` (the BDMC paper's, Grosse et al. 2015: ``b_k`` is
             ``sigmoid(sharpness (2k/K - 1))`` rescaled to ``[0, 1]``, denser at both ends).
         sharpness: the sigmoid's ``delta`` (> 0); 4 as in Grosse et al.
 

@@ -5,7 +5,8 @@ A classifier ``f(x) -> logits [N, K]`` is read as an energy-based model:
 secretly an energy based model and you should treat it like one", ICLR 2020, eq. 4-5).
 
 Modules, one per concept: :mod:`energy`, :mod:`models`, :mod:`data`, :mod:`images`,
-:mod:`sampling`, :mod:`training`, :mod:`checkpoint`, :mod:`evaluation`.
+:mod:`sampling`, :mod:`training`, :mod:`checkpoint`, :mod:`evaluation`, :mod:`likelihood`
+(normalised ``log p(x)``: ``log Z`` by annealed importance sampling).
 Images everywhere inside the library are ``[N, C, H, W]`` float32 in ``[-1, 1]``.
 """
 

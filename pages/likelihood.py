@@ -127,7 +127,7 @@ def main(ctx: ui.Context) -> None:
         if s["test_images"] and s["test_bits_per_dim"] is not None:
             t1, t2, t3, _ = st.columns(4)
             t1.metric("Test log p(x)", f"{s['test_log_px_nats_dequantized']:.1f} nats",
-                      help=f"mean over {s['test_images']} test images at dequantised pixels; "
+                      help=f"mean over {s['test_images']} {ctx.dataset} test images at dequantised pixels; "
                            f"{s['test_log_px_nats']:.1f} at the stored pixels")
             t2.metric("Test bits/dim", f"{s['test_bits_per_dim']:.3f}",
                       f"{s['test_bits_per_dim'] - s['uniform_bits_per_dim']:+.3f} vs uniform", delta_color="inverse",
@@ -151,7 +151,8 @@ def main(ctx: ui.Context) -> None:
         st.dataframe(pd.DataFrame(rows), hide_index=True)
     hist = {name: rep.test_log_px_deq for name, rep in reports.items() if len(rep.test_log_px_deq)}
     if hist:
-        ui.show_chart(ui.fig_histograms(hist, "Test images: normalised log p(x) (dequantised)", "log p(x) (nats)"),
+        ui.show_chart(ui.fig_histograms(hist, f"{ctx.dataset} test images: normalised log p(x) (dequantised)",
+                                        "log p(x) (nats)"),
                       key="lik_hist")
         st.caption("These are the OOD page's log p(x) = -E(x) scores shifted by -log Ẑ: normalised nats.")
     cols = st.columns(len(reports))

@@ -16,6 +16,9 @@ import streamlit as st  # noqa: E402
 from app import ui  # noqa: E402
 
 st.set_page_config(page_title="JEM Explorer", page_icon=":material/bolt:", layout="wide")
+# Narrow screens: long formulas scroll inside their line instead of pushing the page wider.
+st.html("<style>.stMarkdown .katex { max-width: 100%; overflow-x: auto; overflow-y: hidden; "
+        "display: inline-block; vertical-align: middle; }</style>")
 pages = st.navigation(ui.make_pages())
 try:
     ui.sidebar()

@@ -607,7 +607,9 @@ def download_json(obj: Any, file_name: str, key: str, label: str = "Download JSO
 
 
 def show_chart(fig: go.Figure, key: str) -> None:
-    st.plotly_chart(fig, width="stretch", key=key, config={"displaylogo": False})
+    """A plotly figure at the container's width; its toolbar appears on hover only, so that on narrow
+    screens it does not cover the title."""
+    st.plotly_chart(fig, width="stretch", key=key, config={"displaylogo": False, "displayModeBar": "hover"})
 
 
 # ----------------------------------------------------------------------------------- figures

@@ -33,7 +33,7 @@ AUTOSTARTED = "lg_autostarted"  # session_state: the model whose chains started 
 def sgld_settings() -> None:
     """The sampler settings shared by the three tools (read back through session_state)."""
     with st.expander("SGLD settings (all tools)", expanded=True):
-        a, b, c, d, e = st.columns(5)
+        a, b, c, d, e = st.columns([1.4, 1, 1, 1.2, 0.9])  # wide enough for the toggle labels at 1280 px
         exact = a.toggle("Exact Langevin", key="lg_exact", help="noise std = sqrt(step size), gradient step "
                          "= step size / 2: the Langevin equation itself (use a small step size, e.g. 0.001)",
                          **ui.PERSIST)
@@ -162,11 +162,11 @@ def chains_tab(ctx: ui.Context) -> None:
             (["test"] if ctx.test_set() is not None else []) + ["noise"]
     if ss.get("lg_init") not in inits:
         ss.pop("lg_init", None)
-    a, b, c, d, e = st.columns(5)
+    a, b, c, d, e = st.columns([1, 1, 1.5, 1, 1])
     a.slider("SGLD steps", 10, 2000, 200, step=10, key="lg_steps", **ui.PERSIST)
     b.slider("Number of chains", 1, 64, 16, key="lg_n", **ui.PERSIST)
     with c:
-        auto = st.toggle("Adapt steps per refresh", value=True, key="lg_auto_k",
+        auto = st.toggle("Adaptive steps", value=True, key="lg_auto_k",
                          help=f"as many SGLD steps per refresh as fit in {STEP_BUDGET_S:g} s at this machine's "
                               "measured speed, so the view keeps refreshing on slow or busy machines", **ui.PERSIST)
         st.slider("Steps per refresh", 1, MAX_STEPS_PER_REFRESH, 10, key="lg_every", disabled=auto,

@@ -67,12 +67,13 @@ def main(ctx: ui.Context) -> None:
     publish = share.sync([share.Param("ood_scores", share.several(list(OOD_SCORES)), share.format_several),
                           share.Param("ood_sets", share.several(available), share.format_several),
                           share.Param("ood_n", share.number(int, 1, len(test)))], "ood")
-    a, b, c = st.columns([2, 3, 2])
+    sets = st.multiselect("OOD sets", available, default=available, key="ood_sets",
+                          format_func=lambda s: s if s in SET_LABELS else f"{s} (test split)",
+                          help="; ".join(f"{k}: {v}" for k, v in SET_HELP.items()), **ui.PERSIST)
+    a, c = st.columns([3, 2])
     chosen_scores = a.multiselect("Scores", list(OOD_SCORES), default=list(OOD_SCORES), key="ood_scores",
                                   format_func=SCORE_LABELS.get, help="higher = more in-distribution for every score",
                                   **ui.PERSIST)
-    sets = b.multiselect("OOD sets", available, default=available, key="ood_sets",
-                         format_func=lambda s: SET_LABELS.get(s, f"{s} (test split)"), **ui.PERSIST)
     with c:
         n = ui.n_test_control(len(test), 500, key="ood_n", label="Number of test images (and per OOD set)")
     publish()
@@ -110,8 +111,9 @@ def main(ctx: ui.Context) -> None:
                              "FPR@95TPR": m["fpr95"], "OOD images": len(so[sc])})
     table = pd.DataFrame(rows)
     st.subheader(f"Detection of OOD images ({n} {ctx.dataset} test images as in-distribution)")
-    glance = table.pivot_table(index="OOD set", columns=["score", "model"], values="AUROC", sort=False)
-    glance.columns = [f"AUROC {sc} · {m}" for sc, m in glance.columns]
+    # At a glance: one row per (OOD set, score), one AUROC column per model, so the table stays narrow.
+    glance = table.pivot_table(index=["OOD set", "score"], columns="model", values="AUROC", sort=False)
+    glance.columns = [f"AUROC {m}" for m in glance.columns]
     st.dataframe(glance, column_config={c: st.column_config.NumberColumn(format="%.3f") for c in glance.columns})
     st.markdown(f"**What these numbers show** ({SCORE_LABELS[scores[0]]}; 95% bootstrap intervals):")
     st.markdown("\n".join(

@@ -29,8 +29,10 @@ PAGES = [
     ("Calibration", "Calibration"),
     ("Robustness", "Robustness"),
     ("OOD detection", "OOD detection"),
+    ("Likelihood", "Likelihood"),
     ("Score an image", "Score an image"),
     ("Train", "Train"),
+    ("2-D playground", "2-D playground"),
 ]
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -222,3 +224,64 @@ def test_dashboard_in_chromium(page, tmp_path):
     assert 0 <= int(m.group(1)) <= 9
     _assert_ok(pg, "Score an image")
     assert time.monotonic() - t0 < 120, f"the browser test took {time.monotonic() - t0:.0f} s"
+
+
+#: (viewport width, pages) of the layout check: a phone, a laptop, a wide screen.
+LAYOUTS = [(390, ["", "langevin", "ood"]), (1280, ["", "langevin", "calibration", "ood"]),
+           (1600, ["", "ood", "robustness"])]
+#: True when the page itself scrolls sideways (a table or a row of chips that scrolls inside its own box is fine).
+PAGE_OVERFLOWS = """() => { const m = document.querySelector('[data-testid="stMain"]');
+  return document.documentElement.scrollWidth > window.innerWidth + 2 || m.scrollWidth > m.clientWidth + 2; }"""
+
+
+def _open_fresh(pg, url: str) -> None:
+    pg.goto(url, wait_until="domcontentloaded")
+    pg.locator("h1").first.wait_for(state="visible")
+    _wait_idle(pg)
+    pg.wait_for_timeout(500)
+
+
+def test_layout_holds_at_phone_laptop_and_wide_widths(page, server, tmp_path):
+    pg = page
+    try:
+        for width, paths in LAYOUTS:
+            pg.set_viewport_size({"width": width, "height": 1000})
+            for path in paths:
+                _open_fresh(pg, f"{server}/{path}")
+                pg.screenshot(path=str(tmp_path / f"{path or 'home'}_{width}.png"))
+                assert not pg.evaluate(PAGE_OVERFLOWS), f"/{path} overflows the page at {width} px"
+    finally:
+        pg.set_viewport_size({"width": 1400, "height": 1000})
+
+
+def test_a_link_with_exact_langevin_at_step_one_shows_the_sampler_warning(page, server):
+    pg = page
+    _open_fresh(pg, f"{server}/langevin?lg_exact=1&lg_step_size=1.0")
+    warning = pg.locator('[data-testid="stAlert"]').filter(has_text="Sampler health (exact_step)")
+    warning.first.wait_for(state="visible")
+    assert "sqrt(1)" in warning.first.inner_text()
+    pause = pg.locator(".st-key-lg_pause button").filter(visible=True).first
+    if pause.is_enabled():
+        pause.click()
+    _wait_idle(pg)
+
+
+def test_the_playground_figures_update_while_training_runs(page, server):
+    pg = page
+    _open_fresh(pg, f"{server}/playground")
+    iteration = pg.locator('[data-testid="stMetric"]').filter(has_text="Iteration").first
+    iteration.wait_for(state="visible")
+    before = iteration.inner_text()
+    chart = pg.locator('[data-testid="stPlotlyChart"]').first
+    pg.locator(".st-key-pg_train button").filter(visible=True).first.click()
+    deadline = time.monotonic() + 60
+    changed = False
+    while time.monotonic() < deadline and not changed:
+        pg.wait_for_timeout(1000)
+        try:
+            changed = iteration.inner_text(timeout=5000) != before and chart.is_visible()
+        except Exception:  # noqa: BLE001 - the fragment re-renders between reads
+            continue
+    assert changed, f"the iteration count stayed at {before!r} while training"
+    pg.locator(".st-key-pg_pause button").filter(visible=True).first.click()
+    _wait_idle(pg)

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 HOME = str(ROOT / "app" / "Home.py")
 DIGITS = [ROOT / "checkpoints" / "digits_jem.pt", ROOT / "checkpoints" / "digits_baseline.pt"]
-PAGES = ["home", "langevin", "calibration", "robustness", "ood", "score", "train"]
+PAGES = ["home", "langevin", "calibration", "robustness", "ood", "likelihood", "score", "train", "playground"]
 TIMEOUT = 120  # seconds per script run: generous for loaded CI machines; a run takes well under a second here
 
 pytestmark = pytest.mark.skipif(not all(p.is_file() for p in DIGITS),

@@ -26,7 +26,9 @@ START_HERE = [
     ("ood.py", "does the energy tell digits from clothes (Fashion-MNIST) and noise?"),
     ("robustness.py", "a small PGD attack on both models, computed when the page opens."),
     ("score.py", "example inputs scored: prediction, energy, and whether the model finds them unusual."),
+    ("likelihood.py", "how good a density is it? log Z by annealed importance sampling, in nats and bits/dim."),
     ("train.py", "the bundled model's own training curves; then train one yourself."),
+    ("playground.py", "the whole idea in 2-D: decision regions, the exact density and live SGLD particles."),
 ]
 
 N_HOME = 2000  # test images for the at-a-glance ECE
@@ -35,12 +37,11 @@ N_HOME = 2000  # test images for the at-a-glance ECE
 def start_here() -> None:
     st.subheader("Start here")
     for i, (file, what) in enumerate(START_HERE, start=1):
-        ui.page_link(file, number=i, description=what)
-    rest = [spec[0] for spec in ui.PAGE_SPECS[1:] if spec[0] not in {f for f, _ in START_HERE}]
-    if rest:
-        st.caption("Also:")
-        for file in rest:
-            ui.page_link(file)
+        ui.page_link(file, number=i, description="")
+        st.caption(what)
+    for file in [spec[0] for spec in ui.PAGE_SPECS[1:] if spec[0] not in {f for f, _ in START_HERE}]:
+        ui.page_link(file, description="")
+        st.caption(next(spec[3] for spec in ui.PAGE_SPECS if spec[0] == file))
 
 
 def main(ctx: ui.Context) -> None:

@@ -133,7 +133,15 @@ def register_finished_training() -> None:
     if run and run["status"] != "running" and not run["registered"]:
         run["registered"] = True
         if Path(run["out"]).is_file():
-            add_session_entry(ModelEntry(f"{run['name']} (trained here)", "trained", run["out"]))
+            from jem_core.checkpoint import read_checkpoint
+            from jem_core.recipes import accuracy_summary
+
+            try:  # the label carries its accuracy, and "under-trained" far below the recipe's target
+                summary = accuracy_summary(read_checkpoint(run["out"]).get("metadata") or {})
+            except Exception:  # noqa: BLE001 - the label is a courtesy; the picker entry must still appear
+                summary = ""
+            run["label"] = f"{run['name']} [{summary}] (trained here)" if summary else f"{run['name']} (trained here)"
+            add_session_entry(ModelEntry(run["label"], "trained", run["out"]))
 
 
 def _mtime(path: str) -> int:

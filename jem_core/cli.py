@@ -77,6 +77,22 @@ _TRAIN_HELP = {
     "sgld_init": "chain (re)starts: uniform U[-1, 1] noise (JEM) or gaussian, per-class Gaussians fitted to the data (JEM++)",
     "channels_last": "channels_last memory layout for the model (faster oneDNN convolutions on some CPUs)",
     "crop_padding": "pad-crop augmentation in pixels (-1 = auto: 4 for 32x32)", "flip": "horizontal flips (default: on for CIFAR)",
+    "recipe": "start from a named recipe (settings printed and stored in the checkpoint); other flags given "
+              "with a value different from their default override single settings",
+    "px_weight_schedule": "p(x) weight by epoch, EPOCH:VALUE,... piecewise constant (e.g. 0:1,0.5:0.1,4:0.05)",
+    "energy_l2_schedule": "energy L2 penalty by epoch, EPOCH:VALUE,... piecewise constant",
+    "lr_schedule": "learning-rate shape after warm-up: step (--decay-epochs), cosine (to --lr-floor x lr) or constant",
+    "lr_floor": "final learning-rate factor of the cosine schedule, in [0, 1]",
+    "val_split": "hold out the last N training images for validation (per-epoch metrics, epoch selection; "
+                 "the test split is then used once, for the chosen epoch)",
+    "sample_eval": "replay-buffer samples judged per epoch on the validation split (0 = off)",
+    "judge": "classifier checkpoint judging buffer samples (bundled:NAME = the project's checkpoints/NAME)",
+    "drift_guard": "detect slow drift (energy gap, E(data), logit and gradient growth) and roll back before it",
+    "drift_gap_limit": "drift limit on |E(data) - E(samples)| (nats, window mean)",
+    "drift_energy_shift": "drift limit on the move of E(data) from its level (nats, window mean)",
+    "drift_growth": "drift limit factor on logit magnitude and gradient norm growth",
+    "drift_sustain": "suspect windows in a row that count as a drift",
+    "max_drift_events": "drift rescues before training stops (the epoch chosen on validation is kept)",
 }
 
 
@@ -99,13 +115,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             kw.update(action=argparse.BooleanOptionalAction)
         elif f.name in positive:
             kw["type"] = _pos_int
-        elif f.name in ("sgld_steps", "warmup_iters", "max_retries", "keep_buffer"):
+        elif f.name in ("sgld_steps", "warmup_iters", "max_retries", "keep_buffer", "val_split", "sample_eval",
+                        "max_drift_events"):
             kw["type"] = _nonneg_int
         elif f.name in ("lr", "sgld_step_size", "divergence_threshold"):
             kw["type"] = _pos_float
         elif f.name in ("sgld_noise", "data_noise", "energy_l2", "px_weight", "pxy_weight", "weight_decay", "reinit_freq"):
             kw["type"] = _nonneg_float
-        elif f.name in ("sgld_max_update",):
+        elif f.name in ("sgld_max_update", "drift_gap_limit", "drift_energy_shift", "drift_growth"):
             kw["type"] = _pos_float
         elif f.name in ("labels_per_class", "max_iters_per_epoch"):
             kw["type"] = _pos_int
@@ -121,6 +138,16 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             kw["choices"] = ["auto", "convnet", "wrn", "mlp"]
         if f.name == "sgld_init":
             kw["choices"] = ["uniform", "gaussian"]
+        if f.name == "drift_sustain":
+            kw["type"] = _pos_int
+        if f.name == "lr_floor":
+            kw["type"] = _nonneg_float
+        if f.name == "lr_schedule":
+            from .schedules import LR_SCHEDULES
+            kw["choices"] = list(LR_SCHEDULES)
+        if f.name == "recipe":
+            from .recipes import recipe_names
+            kw["choices"] = recipe_names()
         p.add_argument(flag, **kw)
     p.set_defaults(cmd="train")
 
@@ -168,7 +195,16 @@ def _cmd_train(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .training import TrainConfig
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in vars(a).items() if k in fields})
+    given = {k: v for k, v in vars(a).items() if k in fields}
+    if a.recipe:
+        from .recipes import recipe_config
+
+        defaults = TrainConfig()
+        cfg = recipe_config(a.recipe, **{k: v for k, v in given.items() if k != "recipe" and v != getattr(defaults, k)})
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(json.dumps({"recipe": a.recipe, "settings": dataclasses.asdict(cfg)}), flush=True)
+    else:
+        cfg = TrainConfig(**given)
     cfg.validate()
     dataset_shape(cfg.dataset)  # unknown names fail here, before any work
     joined = _init_distributed(cfg)
@@ -200,7 +236,11 @@ def _run_train(a: argparse.Namespace, parser: argparse.ArgumentParser, cfg: Any)
             bar[0].close()
             bar[0] = None
         if rank == 0:
-            print(json.dumps({"epoch": m.epoch, "test_accuracy": round(m.test_accuracy, 4), "loss": round(m.loss, 4),
+            val = ({"val_accuracy": _num(m.val_accuracy, 4), "val_ece": _num(m.val_ece, 4), "val_nll": _num(m.val_nll, 4),
+                    "sample_fd": _num(m.sample_fd, 4), "sample_agreement": _num(m.sample_agreement, 4),
+                    "px_weight": _num(m.px_weight, 4), "energy_l2": _num(m.energy_l2, 5),
+                    "drift_events": m.drift_events} if math.isfinite(m.val_accuracy) else {})
+            print(json.dumps({"epoch": m.epoch, "test_accuracy": _num(m.test_accuracy, 4), **val, "loss": round(m.loss, 4),
                               "ce": _num(m.ce, 4), "E_data_minus_E_samples": _num(m.px, 4),
                               "energy_data": _num(m.energy_data, 3), "energy_samples": _num(m.energy_samples, 3),
                               "lr": m.lr, "seconds": round(m.seconds, 1), "divergence_events": m.divergence_events}),
@@ -221,9 +261,15 @@ def _run_train(a: argparse.Namespace, parser: argparse.ArgumentParser, cfg: Any)
         trainer.resume(a.out)
     trainer.fit()
     if rank == 0:
+        final = trainer.final or {}
         print(json.dumps({"checkpoint": a.out, "epochs": trainer.epoch,
-                          "test_accuracy": trainer.history[-1].test_accuracy if trainer.history else None,
-                          "divergence_events": len(trainer.events)}))
+                          "test_accuracy": (final.get("test_accuracy") if trainer.val_set is not None else
+                                            trainer.history[-1].test_accuracy if trainer.history else None),
+                          **({"selected_epoch": final.get("epoch"), "val_accuracy": final.get("val_accuracy"),
+                              "test_ece": final.get("test_ece"), "test_nll": final.get("test_nll")}
+                             if trainer.val_set is not None else {}),
+                          "divergence_events": sum(e.get("kind") != "drift" for e in trainer.events),
+                          "drift_events": sum(e.get("kind") == "drift" for e in trainer.events)}))
     dump = os.environ.get(DUMP_RANK_WEIGHTS_ENV)
     if dump:
         Path(dump).mkdir(parents=True, exist_ok=True)

@@ -20,10 +20,27 @@ magnitude above ``divergence_threshold``, or SGLD samples that are non-finite or
 good snapshot (model, optimizer, buffer), multiplies the learning rate by ``lr_backoff`` and goes
 on. After ``max_retries`` recoveries it stops with :class:`TrainingDiverged`; the checkpoints on
 disk are only ever written from healthy states.
+
+Schedules (:mod:`jem_core.schedules`): ``px_weight_schedule`` and ``energy_l2_schedule`` change those
+weights by epoch inside one run (one replay buffer, one optimizer state), ``lr_schedule`` shapes the
+learning rate (step, cosine, constant; with warm-up). Named recipes: :mod:`jem_core.recipes`.
+
+Validation (``val_split`` > 0): the last ``val_split`` training images are held out; every epoch reports
+their accuracy, NLL and ECE, and (JEM) the quality of replay-buffer samples judged by a separate
+classifier (``judge``): the classifier-feature Fréchet distance to validation images and the judge's
+agreement with the model's own labels. The checkpoint ``out`` holds the epoch chosen on validation; the
+test split is touched once, for the final report of that epoch.
+
+Slow drift (``drift_guard``): :class:`jem_core.drift.DriftMonitor` watches windowed trends of
+``E(data) - E(samples)``, ``E(data)``, logit magnitudes and gradient norms; on a drift the trainer rolls
+back to a snapshot taken before the drift began, lowers the learning rate, raises the energy penalty
+(energy drifts) or lowers the p(x) weight (logit/gradient growth), and refreshes the replay buffer when
+the same drift comes back; every event is logged and stored in the checkpoint.
 """
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import math
@@ -42,10 +59,12 @@ from .checkpoint import CheckpointError, atomic_torch_save, load_checkpoint, rea
 from .data import ImageDataset, augment, labelled_subset, load_dataset
 from .energy import JEM, log_px_unnormalized
 from .models import build_model, count_parameters
+from .drift import DriftMonitor, DriftSignal
 from .sampling import ClassGaussians, ReplayBuffer, SGLDSampler, frozen_parameters
+from .schedules import LR_SCHEDULES, lr_factor, parse_schedule, schedule_value
 
 __all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "EpochMetrics", "reference_statistics",
-           "evaluate_classifier", "resume_path", "select_device"]
+           "evaluate_classifier", "resume_path", "select_device", "split_validation", "resolve_judge"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -122,6 +141,20 @@ class TrainConfig:
     device: str | None = None
     init_from: str | None = None        # warm start from a checkpoint's weights
     max_iters_per_epoch: int | None = None  # for smoke runs
+    recipe: str | None = None           # the named recipe these settings came from (jem_core.recipes)
+    px_weight_schedule: str = ""        # "EPOCH:VALUE,..." piecewise-constant p(x) weight ("" = px_weight throughout)
+    energy_l2_schedule: str = ""        # "EPOCH:VALUE,..." piecewise-constant energy L2 penalty ("" = energy_l2)
+    lr_schedule: str = "step"           # "step" (decay_epochs, decay_rate), "cosine" or "constant"; after warm-up
+    lr_floor: float = 0.0               # the cosine schedule's final factor of lr
+    val_split: int = 0                  # hold out the last N training images for validation (0 = none)
+    sample_eval: int = 0                # replay-buffer samples judged per epoch (needs val_split; 0 = off)
+    judge: str | None = None            # classifier checkpoint judging buffer samples ("bundled:NAME" = checkpoints/NAME)
+    drift_guard: bool = False           # watch for slow drift and roll back before it (jem_core.drift)
+    drift_gap_limit: float = 5.0        # |E(data) - E(samples)| limit (nats, window mean)
+    drift_energy_shift: float = 25.0    # limit on E(data)'s move from its level (nats, window mean)
+    drift_growth: float = 4.0           # limit factor on logit magnitude and gradient norm growth
+    drift_sustain: int = 4              # suspect windows in a row that count as a drift
+    max_drift_events: int = 6           # after this many drift rescues training stops (the chosen epoch is kept)
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting."""
@@ -145,10 +178,24 @@ class TrainConfig:
             (self.energy_l2 >= 0, f"energy L2 penalty must be >= 0; got {self.energy_l2}"),
             (self.sgld_init in ("uniform", "gaussian"), f"SGLD init must be 'uniform' or 'gaussian'; got {self.sgld_init!r}"),
             (self.mlp_hidden >= 1, f"mlp hidden units must be >= 1; got {self.mlp_hidden}"),
+            (self.lr_schedule in LR_SCHEDULES, f"lr schedule must be one of {', '.join(LR_SCHEDULES)}; got {self.lr_schedule!r}"),
+            (0 <= self.lr_floor <= 1, f"lr floor must lie in [0, 1]; got {self.lr_floor}"),
+            (self.val_split >= 0, f"validation split must be >= 0 images; got {self.val_split}"),
+            (self.sample_eval >= 0, f"sample evaluation size must be >= 0; got {self.sample_eval}"),
+            (self.drift_gap_limit > 0, f"drift gap limit must be > 0; got {self.drift_gap_limit}"),
+            (self.drift_energy_shift > 0, f"drift energy shift must be > 0; got {self.drift_energy_shift}"),
+            (self.drift_growth > 1, f"drift growth must be > 1; got {self.drift_growth}"),
+            (self.drift_sustain >= 2, f"drift sustain must be >= 2 windows; got {self.drift_sustain}"),
+            (self.max_drift_events >= 0, f"max drift events must be >= 0; got {self.max_drift_events}"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+        for name in ("px_weight_schedule", "energy_l2_schedule"):
+            try:
+                parse_schedule(getattr(self, name))
+            except ValueError as e:
+                raise ValueError(f"{name.replace('_', ' ')}: {e}") from None
 
 
 @dataclass
@@ -168,11 +215,51 @@ class EpochMetrics:
     lr: float
     seconds: float
     divergence_events: int
+    val_accuracy: float = float("nan")    # on the validation split (NaN without one)
+    val_nll: float = float("nan")         # nats per image
+    val_ece: float = float("nan")         # 15 equal-width bins, l1, in [0, 1]
+    sample_fd: float = float("nan")       # judge-feature Frechet distance, buffer samples vs validation images
+    sample_agreement: float = float("nan")  # fraction of buffer samples the judge labels as the model does
+    px_weight: float = float("nan")       # the p(x) weight in force at the epoch's end (after drift responses)
+    energy_l2: float = float("nan")       # the energy penalty in force at the epoch's end
+    drift_events: int = 0                 # drift rescues during the epoch
+    grad_norm: float = float("nan")       # mean total gradient norm
+    logit_absmax: float = float("nan")    # mean over iterations of the batch's max |logit|
 
 
 def resume_path(out: str | os.PathLike) -> Path:
     """Where the full resume state of a run writing ``out`` lives: ``out`` + ``.resume.pt``."""
     return Path(str(out) + ".resume.pt")
+
+
+def split_validation(train: ImageDataset, n_val: int, batch_size: int = 2) -> tuple[ImageDataset, ImageDataset]:
+    """Hold out the last ``n_val`` training images: ``(train without them, validation set)``.
+
+    The split is fixed (no shuffling), as the official JEM code's ``n_valid`` holds out a fixed part of
+    the training data; for MNIST ``n_val = 5000`` keeps images 55,000-59,999.
+
+    Raises:
+        ValueError: ``n_val`` leaves fewer than ``batch_size`` training images, or is < 1.
+    """
+    n = len(train)
+    if n_val < 1 or n - n_val < max(2, batch_size):
+        raise ValueError(f"validation split of {n_val} images leaves {n - n_val} of {n} training images "
+                         f"(need at least one batch of {batch_size})")
+    keep = n - n_val
+    tr = ImageDataset(train.x[:keep], train.y[:keep], train.n_classes, train.name, train.split, train.class_names, train.note)
+    va = ImageDataset(train.x[keep:], train.y[keep:], train.n_classes, train.name, "validation", train.class_names,
+                      f"the last {n_val} images of the training split")
+    return tr, va
+
+
+def resolve_judge(spec: str) -> Path | None:
+    """The checkpoint file a ``judge`` setting names: ``"bundled:NAME"`` is ``NAME`` in the project's
+    ``checkpoints`` folder; anything else a path. Returns None when the file does not exist."""
+    if spec.startswith("bundled:"):
+        p = Path(__file__).resolve().parents[1] / "checkpoints" / spec.split(":", 1)[1]
+    else:
+        p = Path(spec)
+    return p if p.is_file() else None
 
 
 @torch.inference_mode()
@@ -245,6 +332,9 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(config.seed + 1000 * self.rank)
         self.train_set = train_set or load_dataset(config.dataset, "train", config.data_root)
         self.test_set = test_set or load_dataset(config.dataset, "test", config.data_root)
+        self.val_set: ImageDataset | None = None
+        if config.val_split:
+            self.train_set, self.val_set = split_validation(self.train_set, config.val_split, config.batch_size)
         c, h, _ = self.train_set.shape
         k = self.train_set.n_classes
         arch = config.arch if config.arch != "auto" else ("mlp" if h == 1 else "wrn" if c == 3 and h == 32 else "convnet")
@@ -299,6 +389,31 @@ class Trainer:
         self.history: list[EpochMetrics] = []
         self.events: list[dict] = []
         self._snapshot: dict | None = None
+        self.progress = 0.0                 # epochs done, fractional (drives the schedules)
+        self._px_sched = parse_schedule(config.px_weight_schedule)
+        self._l2_sched = parse_schedule(config.energy_l2_schedule)
+        self.px_scale = 1.0                 # drift responses multiply the scheduled p(x) weight by this
+        self.l2_floor = 0.0                 # drift responses raise the energy penalty to at least this
+        self.drift_count = 0
+        self._drift_stop = False
+        self._snapshots: collections.deque = collections.deque(maxlen=config.drift_sustain + 4)
+        self.monitor: DriftMonitor | None = None
+        if config.drift_guard and config.objective == "jem":
+            self.monitor = DriftMonitor(window=config.guard_every, gap_limit=config.drift_gap_limit,
+                                        energy_shift=config.drift_energy_shift, growth=config.drift_growth,
+                                        sustain=config.drift_sustain, start_iter=config.warmup_iters)
+        self.judge: nn.Module | None = None
+        self.judge_name = None
+        if config.judge and self.val_set is not None and config.sample_eval and config.objective == "jem":
+            jp = resolve_judge(config.judge)
+            if jp is None:
+                self.log(f"judge {config.judge} not found; buffer samples are judged by the model itself "
+                         "(weak: the agreement is then not reported)")
+            else:
+                self.judge = load_checkpoint(jp, device=self.device).model.eval()
+                self.judge_name = str(jp)
+        self.best: dict | None = None       # the epoch chosen on validation: {"epoch", "score", "model", "buffer"}
+        self.final: dict | None = None      # the chosen epoch's test report (written when fit ends)
 
     # -- helpers -------------------------------------------------------------------------------
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -310,10 +425,18 @@ class Trainer:
     def current_lr(self) -> float:
         """Learning rate for the current iteration: warm-up, step decay, guard back-off."""
         c = self.cfg
-        lr = c.lr * self.lr_scale * (c.decay_rate ** sum(self.epoch >= e for e in c.decay_epochs))
-        if c.warmup_iters > 0 and self.iteration < c.warmup_iters:
-            lr *= (self.iteration + 1) / c.warmup_iters
-        return lr
+        progress = max(self.progress, float(self.epoch))
+        return c.lr * self.lr_scale * lr_factor(c.lr_schedule, progress, c.epochs, self.iteration, c.warmup_iters,
+                                                c.decay_epochs, c.decay_rate, c.lr_floor)
+
+    def current_px_weight(self) -> float:
+        """The p(x) weight now: the schedule's value (or ``px_weight``) times the drift responses' scale."""
+        return schedule_value(self._px_sched, max(self.progress, float(self.epoch)), self.cfg.px_weight) * self.px_scale
+
+    def current_energy_l2(self) -> float:
+        """The energy L2 penalty now: the schedule's value (or ``energy_l2``), at least the drift responses' floor."""
+        return max(schedule_value(self._l2_sched, max(self.progress, float(self.epoch)), self.cfg.energy_l2),
+                   self.l2_floor)
 
     def request_stop(self) -> None:
         """Ask :meth:`fit` to stop after the current iteration (thread-safe)."""
@@ -334,12 +457,79 @@ class Trainer:
             "model": copy.deepcopy(self.model.state_dict()),
             "optimizer": copy.deepcopy(self.optimizer.state_dict()),
             "buffer": None if self.buffer is None else self.buffer.buffer.clone(),
+            "iteration": self.iteration,
         }
+        if self.monitor is not None:
+            if self._snapshots and self._snapshots[-1]["iteration"] == self.iteration:
+                self._snapshots.pop()
+            self._snapshots.append(self._snapshot)
+
+    def _restore(self, snap: dict) -> None:
+        self.model.load_state_dict(snap["model"])
+        self.optimizer.load_state_dict(snap["optimizer"])
+        if self.buffer is not None and snap["buffer"] is not None:
+            self.buffer.buffer.copy_(snap["buffer"])
+
+    def _drift_rescue(self, sig: DriftSignal) -> None:
+        """Respond to a drift: roll back to the last snapshot taken at or before ``sig.began_at``, lower the
+        learning rate by ``lr_backoff``; for an energy or gap drift raise the energy penalty (to twice its
+        value, at least 1e-3) and, for a gap drift under a p(x) weight below 1, double the p(x) weight (at
+        most to 1: the sampler fell behind a term too weak to hold it); for logit or gradient growth halve
+        the p(x) weight; refresh the whole replay buffer when the previous drift had the same signal.
+        Records the event in :attr:`events` and the log; sets the stop flag after ``max_drift_events``."""
+        c = self.cfg
+        self.drift_count += 1
+        before = [s_ for s_ in self._snapshots if s_["iteration"] <= sig.began_at]
+        snap = before[-1] if before else (self._snapshots[0] if self._snapshots else self._snapshot)
+        actions = []
+        if snap is not None:
+            self._restore(snap)
+            while self._snapshots and self._snapshots[-1]["iteration"] > snap["iteration"]:
+                self._snapshots.pop()
+            self._snapshot = snap
+            actions.append(f"rolled back to iteration {snap['iteration']}")
+        old_lr = self.current_lr()
+        self.lr_scale *= c.lr_backoff
+        actions.append(f"learning rate {old_lr:.3g} -> {self.current_lr():.3g}")
+        if sig.signal in ("gap", "energy"):
+            old = self.current_energy_l2()
+            self.l2_floor = max(2 * old, 1e-3)
+            actions.append(f"energy penalty {old:.3g} -> {self.current_energy_l2():.3g}")
+            old = self.current_px_weight()
+            if sig.signal == "gap" and 0 < old < 1:  # the sampler fell behind a p(x) term too weak to hold it
+                self.px_scale *= min(2.0, 1.0 / old)
+                actions.append(f"p(x) weight {old:.3g} -> {self.current_px_weight():.3g}")
+        else:
+            old = self.current_px_weight()
+            self.px_scale *= 0.5
+            actions.append(f"p(x) weight {old:.3g} -> {self.current_px_weight():.3g}")
+        last = next((e for e in reversed(self.events) if e.get("kind") == "drift"), None)
+        refresh = last is not None and last.get("signal") == sig.signal and self.buffer is not None
+        if refresh:
+            rows = torch.arange(len(self.buffer), device=self.buffer.device)
+            n_cls = self.buffer.n_classes
+            self.buffer.buffer = self.buffer._fresh(rows, None if n_cls is None else rows // (len(self.buffer) // n_cls))
+            actions.append("replay buffer refreshed (the same drift came back)")
+        if self.monitor is not None:
+            self.monitor.reset_to(snap["iteration"] if snap is not None else self.iteration)
+            if refresh:  # fresh chains start far from the data's energy: give them time before judging
+                self.monitor.start_iter = self.iteration + 4 * self.monitor.window
+        event = {"kind": "drift", "epoch": self.epoch, "iteration": self.iteration, "signal": sig.signal,
+                 "seen": sig.seen, "began_at": sig.began_at,
+                 "rolled_back_to": snap["iteration"] if snap is not None else None, "actions": actions,
+                 "reason": f"drift: {sig.seen}", "new_lr_scale": self.lr_scale, "px_weight": self.current_px_weight(),
+                 "energy_l2": self.current_energy_l2(), "drift": self.drift_count}
+        self.events.append(event)
+        self.log(f"drift at iteration {self.iteration} ({sig.seen}; began at iteration {sig.began_at}): "
+                 + "; ".join(actions) + f" (drift {self.drift_count}/{c.max_drift_events})")
+        if self.drift_count >= c.max_drift_events:
+            self._drift_stop = True
+            self.log(f"{self.drift_count} drift rescues: training stops here; the epoch chosen on validation is kept")
 
     def _rollback(self, reason: str) -> None:
         self.retries += 1
         self.lr_scale *= self.cfg.lr_backoff
-        event = {"epoch": self.epoch, "iteration": self.iteration, "reason": reason,
+        event = {"kind": "divergence", "epoch": self.epoch, "iteration": self.iteration, "reason": reason,
                  "new_lr_scale": self.lr_scale, "retry": self.retries}
         self.events.append(event)
         self.log(f"divergence at iteration {self.iteration} ({reason}); rolled back to the last good state, "
@@ -351,10 +541,9 @@ class Trainer:
                 "Try a lower --lr, fewer or smaller SGLD steps (--sgld-step-size), --sgld-max-update 0.05, "
                 "or an energy penalty (--energy-l2 0.01).")
         if self._snapshot is not None:
-            self.model.load_state_dict(self._snapshot["model"])
-            self.optimizer.load_state_dict(self._snapshot["optimizer"])
-            if self.buffer is not None and self._snapshot["buffer"] is not None:
-                self.buffer.buffer.copy_(self._snapshot["buffer"])
+            self._restore(self._snapshot)
+            if self.monitor is not None:
+                self.monitor.reset_to(self._snapshot["iteration"])
         if self.buffer is not None:
             self.buffer.reset_nonfinite()
 
@@ -428,18 +617,24 @@ class Trainer:
             ce = F.cross_entropy(logits_lab, y_lab)
             lse_d, lse_q = torch.logsumexp(logits_data, 1), torch.logsumexp(logits_q, 1)
             px = lse_q.mean() - lse_d.mean()  # = E(data) - E(samples)
-            loss = ce + c.px_weight * px
+            pxw, l2 = self.current_px_weight(), self.current_energy_l2()
+            loss = ce + pxw * px
             if c.pxy_weight > 0:
                 pxy = logits_q.gather(1, y_cond[:, None]).mean() - logits_lab[:n].gather(1, y_cond[:, None]).mean()
                 loss = loss + c.pxy_weight * pxy
-            if c.energy_l2 > 0:
-                loss = loss + c.energy_l2 * (lse_d.pow(2).mean() + lse_q.pow(2).mean())
+            if l2 > 0:
+                loss = loss + l2 * (lse_d.pow(2).mean() + lse_q.pow(2).mean())
             out.update(ce=float(ce.detach()), px=float(px.detach()), energy_data=float(-lse_d.detach().mean()),
-                       energy_samples=float(-lse_q.detach().mean()), sample_absmax=float(x_q.detach().abs().max()))
+                       energy_samples=float(-lse_q.detach().mean()), sample_absmax=float(x_q.detach().abs().max()),
+                       px_weight=pxw, energy_l2=l2)
             logits = logits_lab
+            out["logit_absmax"] = float(logits_all.detach().abs().max())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_ok = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self.model.parameters())
+        norms = [p.grad.detach().norm() for p in self.model.parameters() if p.grad is not None]
+        gnorm = float(torch.stack(norms).norm()) if norms else 0.0
+        grad_ok = math.isfinite(gnorm)
+        out["grad_norm"] = gnorm
         out.update(loss=float(loss.detach()), lr=lr, grad_finite=float(grad_ok),
                    accuracy=float((logits.detach().argmax(1) == y_lab).float().mean()))
         return out
@@ -480,7 +675,14 @@ class Trainer:
             self._rollback(reason)
             return None
         self.optimizer.step()
+        sig = None
+        if self.monitor is not None and self.world_size == 1:
+            sig = self.monitor.update(self.iteration, {"gap": s.get("px"), "energy": s.get("energy_data"),
+                                                       "logits": s.get("logit_absmax"), "grad": s.get("grad_norm")})
         self.iteration += 1
+        if sig is not None:
+            self._drift_rescue(sig)
+            return None
         if self.iteration % self.cfg.guard_every == 0:
             self._take_snapshot()
         return s
@@ -493,13 +695,28 @@ class Trainer:
     def fit(self) -> list[EpochMetrics]:
         """Train for ``config.epochs`` epochs (continuing from a resumed state); returns per-epoch metrics.
 
+        With a validation split, every epoch is judged on it (:meth:`validate`), the checkpoint ``out``
+        holds the epoch chosen on validation (:meth:`_selection_score`), and when training ends (all
+        epochs, a stop request, too many drift rescues, or divergence) that epoch is evaluated once on the
+        test split (:attr:`final`) and ``out`` is rewritten with the report.
+
         Raises:
-            TrainingDiverged: after ``max_retries`` recoveries.
+            TrainingDiverged: after ``max_retries`` recoveries (the chosen epoch is still finalised first).
         """
         self.model.train()
         if self._snapshot is None:
             self._take_snapshot()
-        while self.epoch < self.cfg.epochs and not self._halting():
+        try:
+            self._fit_loop()
+        except TrainingDiverged:
+            self.finish()
+            raise
+        self.finish()
+        return self.history
+
+    def _fit_loop(self) -> None:
+        keys = ("loss", "ce", "px", "energy_data", "energy_samples", "accuracy", "grad_norm", "logit_absmax")
+        while self.epoch < self.cfg.epochs and not self._halting() and not self._drift_stop:
             t0 = time.perf_counter()
             sums: dict[str, float] = {}
             count, events0 = 0, len(self.events)
@@ -508,39 +725,190 @@ class Trainer:
                 batches = batches[: self.cfg.max_iters_per_epoch]
             if self.on_epoch_start:
                 self.on_epoch_start(self.epoch, len(batches))
-            for idx, lab in batches:
-                if self._halting():
+            for i, (idx, lab) in enumerate(batches):
+                if self._halting() or self._drift_stop:
                     break
+                self.progress = self.epoch + i / max(1, len(batches))
                 s = self.guarded_step(idx, lab)
                 if s is None:
                     continue
                 count += 1
-                for k in ("loss", "ce", "px", "energy_data", "energy_samples", "accuracy"):
-                    sums[k] = sums.get(k, 0.0) + s[k]
+                for k in keys:
+                    if k in s:
+                        sums[k] = sums.get(k, 0.0) + s[k]
                 if self.on_iteration:
                     self.on_iteration({"epoch": self.epoch, "iteration": self.iteration, **s})
             if self._halting() and count < len(batches):
                 break
             self.epoch += 1
-            if self.world_size > 1:  # each rank scores every W-th test image; sums are combined
+            self.progress = float(self.epoch)
+            if self.val_set is not None:
+                ev = {"accuracy": float("nan"), "nll": float("nan")}  # the test split waits for the final report
+            elif self.world_size > 1:  # each rank scores every W-th test image; sums are combined
                 ev = _evaluate_over_ranks(self.model, self.test_set.x, self.test_set.y, self.device)
             else:
                 ev = evaluate_classifier(self.model, self.test_set.x, self.test_set.y, device=self.device)
             avg = {k: v / max(1, count) for k, v in sums.items()}
             if self.world_size > 1:
                 avg = _mean_over_ranks(avg, self.device)
-            m = EpochMetrics(self.epoch, count, avg.get("loss", float("nan")), avg.get("ce", float("nan")),
-                             avg.get("px", float("nan")), avg.get("energy_data", float("nan")),
-                             avg.get("energy_samples", float("nan")), avg.get("accuracy", float("nan")),
+            new = self.events[events0:]
+            nan = float("nan")
+            val = self.validate() if self.val_set is not None else {}
+            m = EpochMetrics(self.epoch, count, avg.get("loss", nan), avg.get("ce", nan),
+                             avg.get("px", nan), avg.get("energy_data", nan),
+                             avg.get("energy_samples", nan), avg.get("accuracy", nan),
                              ev["accuracy"], ev["nll"], self.current_lr(), time.perf_counter() - t0,
-                             len(self.events) - events0)
+                             sum(e.get("kind") != "drift" for e in new),
+                             val_accuracy=val.get("accuracy", nan), val_nll=val.get("nll", nan),
+                             val_ece=val.get("ece", nan), sample_fd=val.get("sample_fd", nan),
+                             sample_agreement=val.get("sample_agreement", nan),
+                             px_weight=self.current_px_weight() if self.cfg.objective == "jem" else nan,
+                             energy_l2=self.current_energy_l2() if self.cfg.objective == "jem" else nan,
+                             drift_events=sum(e.get("kind") == "drift" for e in new),
+                             grad_norm=avg.get("grad_norm", nan), logit_absmax=avg.get("logit_absmax", nan))
             self.history.append(m)
             self._take_snapshot()
+            chosen = self._consider(m)
             if self.out is not None:
-                self.save(self.out)  # under DDP every rank takes part (buffer gather); rank 0 writes
+                self.save(self.out, write_checkpoint=self.val_set is None or chosen)
             if self.on_epoch:
                 self.on_epoch(m)
-        return self.history
+
+    def time_iterations(self, n: int = 3) -> float:
+        """Seconds per training iteration on this machine, from ``n`` timed iterations after one untimed
+        warm-up; the model, optimizer, replay buffer and random state are left as they were.
+
+        Used for a run's time estimate before it starts (iterations per epoch x epochs x this, plus the
+        per-epoch evaluation). Raises ValueError for ``n < 1``.
+        """
+        if n < 1:
+            raise ValueError(f"n must be >= 1; got {n}")
+        model = copy.deepcopy(self.model.state_dict())
+        buf = None if self.buffer is None else self.buffer.buffer.clone()
+        rng, gen = torch.get_rng_state(), self.gen.get_state()
+        buf_gen = self.buffer.generator.get_state() if self.buffer is not None and self.buffer.generator is not None else None
+        try:
+            batches = self._batches()
+            batches = (batches * (n + 1))[: n + 1]
+            self.train_step(*batches[0])
+            t0 = time.perf_counter()
+            for idx, lab in batches[1:]:
+                self.train_step(idx, lab)
+            return (time.perf_counter() - t0) / n
+        finally:
+            self.model.load_state_dict(model)
+            self.optimizer.zero_grad(set_to_none=True)
+            if buf is not None:
+                self.buffer.buffer.copy_(buf)
+                if buf_gen is not None:
+                    self.buffer.generator.set_state(buf_gen)
+            torch.set_rng_state(rng)
+            self.gen.set_state(gen)
+
+    def iterations_per_epoch(self) -> int:
+        """Optimiser steps in one epoch (one pass of the training images, or ``max_iters_per_epoch``)."""
+        n = max(1, len(self.train_set) // self.world_size // self.cfg.batch_size)
+        return min(n, self.cfg.max_iters_per_epoch) if self.cfg.max_iters_per_epoch else n
+
+    # -- validation, selection, the final report -----------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Judge the current model on the validation split.
+
+        Returns:
+            ``{"accuracy", "nll" (nats per image), "ece" (15 bins, in [0, 1])}`` and, for a JEM with
+            ``sample_eval`` > 0, ``"sample_fd"`` (classifier-feature Fréchet distance, Heusel et al. 2017
+            eq. 6, between ``sample_eval`` replay-buffer samples and as many validation images, in the
+            judge's feature space; >= 0) and ``"sample_agreement"`` (fraction in [0, 1] of those samples the
+            judge labels as the model does; NaN without a separate judge).
+
+        Raises:
+            RuntimeError: no validation split.
+        """
+        from .evaluation.calibration import calibration_report
+        from .evaluation.samples import classifier_fid
+
+        if self.val_set is None:
+            raise RuntimeError("no validation split (val_split = 0)")
+        was = self.model.training
+        self.model.eval()
+        try:
+            xv, yv = self.val_set.x, self.val_set.y
+            logits = torch.cat([self.model(xv[i:i + 500].to(self.device)).float().cpu() for i in range(0, len(xv), 500)])
+            rep = calibration_report(logits.softmax(1), yv)
+            out = {"accuracy": rep.accuracy, "nll": float(F.cross_entropy(logits, yv)), "ece": rep.ece}
+            if self.buffer is not None and self.cfg.sample_eval:
+                n = min(self.cfg.sample_eval, len(self.buffer), len(xv))
+                xs = self.buffer.subset(n)
+                judge = self.judge if self.judge is not None else self.model.f
+                if n >= 2:
+                    out["sample_fd"] = classifier_fid(judge, xs.to(self.device), xv[:n].to(self.device))
+                if self.judge is not None:
+                    own = self.model(xs.to(self.device)).argmax(1)
+                    out["sample_agreement"] = float((self.judge(xs.to(self.device)).argmax(1) == own).float().mean())
+        finally:
+            self.model.train(was)
+        return out
+
+    def _selection_score(self, m: EpochMetrics) -> tuple[int, float]:
+        """Rank of an epoch for the kept checkpoint: ``(eligible, validation accuracy)``, compared as a tuple.
+
+        Eligible (1): sample quality not judged, or the buffer samples' Fréchet distance at most twice the
+        best distance seen in earlier epochs (or at most 1.0): an epoch whose samples broke up is kept only
+        when no epoch is eligible."""
+        if math.isnan(m.val_accuracy):
+            return (1, -float(m.epoch))
+        fds = [h.sample_fd for h in self.history[:-1] if math.isfinite(h.sample_fd)]
+        ok = (not math.isfinite(m.sample_fd) or m.sample_fd <= max(1.0, 2 * min(fds))) if fds else True
+        return (int(ok), m.val_accuracy)
+
+    def _consider(self, m: EpochMetrics) -> bool:
+        """Keep ``m``'s state as the chosen epoch when it ranks above the current choice; True if it did."""
+        if self.val_set is None:
+            return False
+        score = self._selection_score(m)
+        if self.best is not None and tuple(self.best["score"]) >= score:
+            return False
+        self.best = {"epoch": m.epoch, "score": list(score),
+                     "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+                     "buffer": self.buffer.subset(self.cfg.keep_buffer) if self.buffer is not None and self.cfg.keep_buffer else None}
+        self.log(f"epoch {m.epoch}: validation accuracy {m.val_accuracy:.4f} - chosen so far")
+        return True
+
+    def finish(self) -> dict | None:
+        """Evaluate the epoch chosen on validation once on the test split and rewrite ``out`` with the report.
+
+        Returns:
+            :attr:`final` ``{"epoch", "test_accuracy", "test_nll" (nats), "test_ece", "val_accuracy"}``, or
+            None without a validation split or chosen epoch.
+        """
+        if self.val_set is None or self.best is None or self.rank != 0:
+            return None
+        from .evaluation.calibration import calibration_report
+
+        current = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.model.load_state_dict(self.best["model"])
+        was = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                xt, yt = self.test_set.x, self.test_set.y
+                logits = torch.cat([self.model(xt[i:i + 500].to(self.device)).float().cpu()
+                                    for i in range(0, len(xt), 500)])
+            rep = calibration_report(logits.softmax(1), yt)
+            h = next(h_ for h_ in self.history if h_.epoch == self.best["epoch"])
+            self.final = {"epoch": self.best["epoch"], "test_accuracy": rep.accuracy,
+                          "test_nll": float(F.cross_entropy(logits, yt)), "test_ece": rep.ece,
+                          "val_accuracy": h.val_accuracy, "sample_fd": h.sample_fd,
+                          "sample_agreement": h.sample_agreement, "n_test": int(len(yt))}
+            self.log(f"chosen epoch {self.best['epoch']} (validation accuracy {h.val_accuracy:.4f}): "
+                     f"test accuracy {rep.accuracy:.4f}")
+            if self.out is not None:
+                self._write_checkpoint(self.out, self.best["buffer"])
+        finally:
+            self.model.load_state_dict(current)
+            self.model.train(was)
+        return self.final
 
     # -- checkpoints -----------------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:
@@ -551,6 +919,27 @@ class Trainer:
         if last is not None:
             metrics = {"test_accuracy": last.test_accuracy, "test_nll": last.test_nll, "epochs": self.epoch,
                        "iterations": self.iteration, "history": [dataclasses.asdict(h_) for h_ in self.history]}
+        if self.val_set is not None:
+            chosen = next((h_ for h_ in self.history if self.best and h_.epoch == self.best["epoch"]), None)
+            metrics.update({
+                "test_accuracy": self.final["test_accuracy"] if self.final else None,
+                "test_nll": self.final["test_nll"] if self.final else None,
+                "test_ece": self.final["test_ece"] if self.final else None,
+                "selected_epoch": self.best["epoch"] if self.best else None,
+                "val_accuracy": chosen.val_accuracy if chosen else None,
+                "val_ece": chosen.val_ece if chosen else None,
+                "sample_fd": chosen.sample_fd if chosen else None,
+                "sample_agreement": chosen.sample_agreement if chosen else None,
+                "selection": "highest validation accuracy among epochs whose buffer samples' Frechet distance is "
+                             "at most max(1, 2x the best earlier one); test split evaluated once, for the chosen epoch",
+                "validation_split": f"last {len(self.val_set)} of the {self.cfg.dataset} training images",
+                "judge": self.judge_name or "the model itself",
+                "final": self.final})
+        recipe = None
+        if self.cfg.recipe:
+            from .recipes import RECIPES
+            r = RECIPES.get(self.cfg.recipe)
+            recipe = {"name": self.cfg.recipe, **({"description": r["description"], "target": r["target"]} if r else {})}
         return {
             "arch": self.arch, "arch_kwargs": self.arch_kwargs, "in_channels": c, "image_size": h,
             "n_classes": self.train_set.n_classes, "class_names": self.train_set.class_names,
@@ -560,13 +949,15 @@ class Trainer:
             "sgld": self.sampler.describe() if self.sampler else None,
             "parameters": count_parameters(self.model), "metrics": metrics,
             "divergence_events": self.events, "test_set_note": self.test_set.note,
+            "drift_events": [e for e in self.events if e.get("kind") == "drift"], "recipe": recipe,
         }
 
-    def save(self, out: str | os.PathLike) -> None:
+    def save(self, out: str | os.PathLike, write_checkpoint: bool = True) -> None:
         """Write the small checkpoint ``out`` (weights, metadata with reference statistics, a few
         hundred buffer samples) and the full resume state ``out.resume.pt`` (optimizer, counters,
         whole buffer, RNG), both atomically. Only rank 0 writes; under DDP every rank must call this
-        (it gathers each rank's buffer slice and RNG state into rank 0's resume file)."""
+        (it gathers each rank's buffer slice and RNG state into rank 0's resume file).
+        ``write_checkpoint=False`` writes the resume state only (an epoch not chosen on validation)."""
         buf_state = None if self.buffer is None else self.buffer.state_dict()
         rng = {"torch": torch.get_rng_state(), "gen": self.gen.get_state()}
         rng_per_rank = None
@@ -576,27 +967,41 @@ class Trainer:
                 buf_state["buffer"] = full  # rank slices in rank order; resume() re-slices it
         if self.rank != 0:
             return
-        meta = self.metadata()
-        if self.world_size > 1:
-            meta["distributed"] = {"world_size": self.world_size, "batch_size_per_rank": self.cfg.batch_size,
-                                   "global_batch_size": self.cfg.batch_size * self.world_size,
-                                   "buffer_per_rank": len(self.buffer) if self.buffer is not None else 0}
-        ref = self.test_set.subset(self.cfg.n_reference)
-        meta["reference"] = reference_statistics(self.model, ref.x, device=self.device)
-        meta["reference"]["split"] = f"{self.cfg.dataset} test (first {len(ref)})"
-        small_buf = self.buffer.subset(self.cfg.keep_buffer) if self.buffer is not None and self.cfg.keep_buffer else None
+        meta = self._full_metadata()
         trainer_state = {
             "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "iteration": self.iteration,
             "retries": self.retries, "lr_scale": self.lr_scale, "events": self.events,
             "history": [dataclasses.asdict(h) for h in self.history],
             "buffer": buf_state, "rng": rng, "world_size": self.world_size, "rng_per_rank": rng_per_rank,
+            "px_scale": self.px_scale, "l2_floor": self.l2_floor, "drift_count": self.drift_count,
+            "monitor": self.monitor.state_dict() if self.monitor is not None else None, "best": self.best,
         }
         # The checkpoint first, the resume state second: a kill between the two leaves the resume state
         # one epoch behind, so `--resume` redoes that epoch and rewrites both (the other order could
         # leave a finished run whose checkpoint lacks its last epoch, with nothing left to rewrite it).
-        save_checkpoint(out, self.model, meta, small_buf)
+        if write_checkpoint:
+            small_buf = self.buffer.subset(self.cfg.keep_buffer) if self.buffer is not None and self.cfg.keep_buffer else None
+            save_checkpoint(out, self.model, meta, small_buf)
         save_checkpoint(resume_path(out), self.model, meta, None, trainer=trainer_state)
-        self.log(f"saved {out} (epoch {self.epoch})")
+        self.log(f"saved {out if write_checkpoint else resume_path(out)} (epoch {self.epoch})")
+
+    def _write_checkpoint(self, out: str | os.PathLike, small_buf: torch.Tensor | None) -> None:
+        """Write the small checkpoint ``out`` from the current model with ``small_buf`` (rank 0 only)."""
+        save_checkpoint(out, self.model, self._full_metadata(), small_buf)
+
+    def _full_metadata(self) -> dict[str, Any]:
+        """:meth:`metadata` plus the reference ``log p(x)`` statistics of the current model."""
+        meta = self.metadata()
+        if self.world_size > 1:
+            meta["distributed"] = {"world_size": self.world_size, "batch_size_per_rank": self.cfg.batch_size,
+                                   "global_batch_size": self.cfg.batch_size * self.world_size,
+                                   "buffer_per_rank": len(self.buffer) if self.buffer is not None else 0}
+        ref_set = self.val_set if self.val_set is not None else self.test_set
+        ref = ref_set.subset(self.cfg.n_reference)
+        meta["reference"] = reference_statistics(self.model, ref.x, device=self.device)
+        meta["reference"]["split"] = (f"{self.cfg.dataset} validation (first {len(ref)})" if self.val_set is not None
+                                      else f"{self.cfg.dataset} test (first {len(ref)})")
+        return meta
 
     def resume(self, path: str | os.PathLike) -> None:
         """Continue from the resume state written next to ``path`` (or ``path`` itself if it is one).
@@ -618,6 +1023,12 @@ class Trainer:
         self.retries, self.lr_scale = int(t["retries"]), float(t["lr_scale"])
         self.events = list(t.get("events", []))
         self.history = [EpochMetrics(**h) for h in t.get("history", [])]
+        self.px_scale, self.l2_floor = float(t.get("px_scale", 1.0)), float(t.get("l2_floor", 0.0))
+        self.drift_count = int(t.get("drift_count", 0))
+        if self.monitor is not None and t.get("monitor"):
+            self.monitor.load_state_dict(t["monitor"])
+        self.best = t.get("best")
+        self.progress = float(self.epoch)
         saved_world = int(t.get("world_size", 1))
         if self.buffer is not None and t.get("buffer") is not None:
             state = dict(t["buffer"])

@@ -1,6 +1,9 @@
 """Train: a JEM, a baseline or a semi-supervised JEM in a background thread, with live loss, accuracy and
 E(data) - E(samples) curves, a refreshing sample grid, divergence-recovery events and a Stop button.
-The result joins the model picker (this session only) and can be downloaded or saved into a folder.
+A named recipe (jem_core.recipes) or custom settings; a validation split judged every epoch (accuracy,
+ECE, buffer-sample quality) with drift events marked on the curves; a time estimate from a few timed
+iterations before a run. The result (the epoch chosen on validation) joins the model picker (this session
+only) with its accuracy in the label, and can be downloaded or saved into a folder.
 
 Widgets -> :class:`jem_core.training.Trainer` (``fit`` in a ``threading.Thread``, ``request_stop``) ->
 plotly curves of what its callbacks recorded.
@@ -20,7 +23,8 @@ import streamlit as st
 
 from app import ui
 from jem_core.data import BUILTIN_DATASETS, DataUnavailableError, data_available, download_dataset
-from jem_core.training import TrainConfig, Trainer, TrainingDiverged
+from jem_core.recipes import RECIPES, recipe_config
+from jem_core.training import TrainConfig, Trainer, TrainingDiverged, resolve_judge
 
 RUN = ui.TRAIN_RUN  # session_state: the current (or last) training run
 OBJECTIVES = {"jem": "JEM", "baseline": "Baseline (cross-entropy)", "semi": "Semi-supervised JEM"}
@@ -36,8 +40,9 @@ def train_worker(run: dict, cfg: TrainConfig, out: Path) -> None:
         if run["stop"]:
             trainer.request_stop()
         trainer.fit()
-        if trainer.iteration > 0:
-            trainer.save(out)  # the latest state, also after a stop in the middle of an epoch
+        if trainer.iteration > 0:  # the latest state, also after a stop in the middle of an epoch; with a
+            # validation split the checkpoint keeps the epoch chosen on validation (only the resume state moves)
+            trainer.save(out, write_checkpoint=trainer.val_set is None or trainer.best is None)
         run["status"] = "stopped" if trainer.stopped else "finished"
     except TrainingDiverged as e:
         run["status"], run["error"] = "diverged", str(e)
@@ -55,6 +60,10 @@ def settings(ctx: ui.Context, disabled: bool) -> tuple[TrainConfig, str]:
     ss = st.session_state
     a, b, c, d = st.columns(4)
     dataset = a.selectbox("Dataset", datasets(ctx.data_root), key="tr_dataset", disabled=disabled, **ui.PERSIST)
+    recipes = ["custom"] + [n for n, r in RECIPES.items() if r["settings"]["dataset"] == dataset]
+    recipe = a.selectbox("Recipe", recipes, key=f"tr_recipe_{dataset}", disabled=disabled,
+                         help="a named recipe from jem_core.recipes (schedules, validation split, drift guard); "
+                              "the settings below are then not used", **ui.PERSIST)
     objective = b.radio("Objective", list(OBJECTIVES), format_func=OBJECTIVES.get, key="tr_objective",
                         disabled=disabled, **ui.PERSIST)
     labels = b.number_input("Labels per class", 1, 1000, 10, key="tr_labels", disabled=disabled or objective != "semi",
@@ -89,8 +98,26 @@ def settings(ctx: ui.Context, disabled: bool) -> tuple[TrainConfig, str]:
         seed = g.number_input("Seed", 0, 10_000, 0, key="tr_seed", disabled=disabled, **ui.PERSIST)
     run = ss.get(RUN)
     n_runs = ss.get("tr_count", 0) + (0 if disabled else 1)  # while a run trains, its own number
-    name = st.text_input("Run name", value=run["name"] if disabled and run else f"run{n_runs}_{dataset}_{objective}",
+    name = st.text_input("Run name", value=run["name"] if disabled and run else
+                         f"run{n_runs}_{dataset}_{objective if recipe == 'custom' else recipe}",
                          key=f"tr_name_{n_runs}", disabled=disabled)
+    with st.expander("Validation and drift guard", expanded=False):
+        v1, v2, v3 = st.columns(3)
+        n_val = v1.number_input("Validation images (last of the training split; 0 = none)", 0, 10_000,
+                                300 if small else 5000, key=f"tr_val_{small}", disabled=disabled, **ui.PERSIST)
+        drift = v2.checkbox("Drift guard", value=True, key="tr_drift", disabled=disabled or not jem,
+                            help="watch E(data) - E(samples), E(data), logit and gradient growth; on a drift roll "
+                                 "back to before it began and lower the rate / raise the energy penalty", **ui.PERSIST)
+        px_sched = v3.text_input("p(x) weight schedule (EPOCH:VALUE,...; empty = 1 throughout)", "",
+                                 key="tr_px_sched", disabled=disabled or not jem, **ui.PERSIST)
+    judge = f"bundled:{dataset}_baseline.pt"
+    judge = judge if resolve_judge(judge) is not None else None
+    if recipe != "custom":
+        cfg = recipe_config(recipe, data_root=str(ctx.data_root), device="cpu", seed=int(seed),
+                            max_iters_per_epoch=int(cap) or None)
+        st.caption(f"Recipe **{recipe}**: {RECIPES[recipe]['description']}. Settings: "
+                   + ", ".join(f"{k}={v}" for k, v in RECIPES[recipe]["settings"].items()))
+        return cfg, "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name.strip()) or f"run{n_runs}"
     cfg = TrainConfig(dataset=dataset, objective="baseline" if objective == "baseline" else "jem", epochs=int(epochs),
                       batch_size=int(batch), lr=float(lr), warmup_iters=100 if small else 500, sgld_steps=int(steps),
                       sgld_step_size=float(step_size), sgld_noise=float(noise),
@@ -98,7 +125,10 @@ def settings(ctx: ui.Context, disabled: bool) -> tuple[TrainConfig, str]:
                       buffer_size=int(buf), reinit_freq=float(reinit), crop_padding=1 if small else -1,
                       labels_per_class=int(labels) if objective == "semi" else None, seed=int(seed),
                       data_root=str(ctx.data_root), max_iters_per_epoch=int(cap) or None, device="cpu",
-                      keep_buffer=400, n_reference=2000)
+                      keep_buffer=400, n_reference=2000, val_split=int(n_val), drift_guard=bool(drift and jem),
+                      px_weight_schedule=px_sched.strip() if jem else "", lr_schedule="cosine", lr_floor=0.1,
+                      sample_eval=(300 if small else 500) if n_val and jem else 0, judge=judge,
+                      guard_every=10 if small else 50)
     return cfg, "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name.strip()) or f"run{n_runs}"
 
 
@@ -142,21 +172,60 @@ def curves(run: dict) -> None:
         ui.show_chart(ui.fig_lines(x, {"loss": [r["loss"] for r in its], "cross-entropy": [r["ce"] for r in its]},
                                    "Loss", "iteration", "loss", markers=False, height=300), key="tr_loss")
     with b:
-        fig = ui.fig_lines({"train batch accuracy": x, "test accuracy (epoch end)": ends},
+        held = "validation" if run["config"].get("val_split") else "test"
+        fig = ui.fig_lines({"train batch accuracy": x, f"{held} accuracy (epoch end)": ends},
                            {"train batch accuracy": [r["accuracy"] for r in its],
-                            "test accuracy (epoch end)": [m["test_accuracy"] for m in epochs]},
+                            f"{held} accuracy (epoch end)": [m["val_accuracy" if held == "validation" else
+                                                                "test_accuracy"] for m in epochs]},
                            "Accuracy", "iteration", "accuracy", markers=False, yrange=(0, 1.02), height=300)
-        fig.update_traces(mode="lines+markers", selector=dict(name="test accuracy (epoch end)"))
+        fig.update_traces(mode="lines+markers", selector=dict(name=f"{held} accuracy (epoch end)"))
         ui.show_chart(fig, key="tr_acc")
+    trainer = run["trainer"]
+    events = list(trainer.events) if trainer is not None else []
     with c:
         if run["config"]["objective"] == "jem":
-            ui.show_chart(ui.fig_lines(x, {"E(data) - E(samples)": [r["px"] for r in its],
-                                           "E(data)": [r["energy_data"] for r in its],
-                                           "E(samples)": [r["energy_samples"] for r in its]},
-                                       "Energies", "iteration", "energy", markers=False, height=300), key="tr_energy")
+            fig = ui.fig_lines(x, {"E(data) - E(samples)": [r["px"] for r in its],
+                                   "E(data)": [r["energy_data"] for r in its],
+                                   "E(samples)": [r["energy_samples"] for r in its]},
+                               "Energies", "iteration", "energy", markers=False, height=300)
         else:
-            ui.show_chart(ui.fig_lines(x, {"E(data)": [r["energy_data"] for r in its]}, "Energy of the data",
-                                       "iteration", "energy", markers=False, height=300), key="tr_energy")
+            fig = ui.fig_lines(x, {"E(data)": [r["energy_data"] for r in its]}, "Energy of the data",
+                               "iteration", "energy", markers=False, height=300)
+        mark_events(fig, events)
+        ui.show_chart(fig, key="tr_energy")
+    if run["config"].get("val_split"):
+        validation_curves(epochs, ends, events)
+
+
+def mark_events(fig, events: list[dict]) -> None:
+    """Dashed vertical lines at the iterations of drift (orange) and divergence (red) events."""
+    for e in events:
+        drift = e.get("kind") == "drift"
+        fig.add_vline(x=e["iteration"], line_dash="dash", line_color="#e67e22" if drift else "#c0392b",
+                      annotation_text=f"drift: {e.get('signal')}" if drift else "divergence",
+                      annotation_position="top left")
+
+
+def validation_curves(epochs: list[dict], ends: list[int], events: list[dict]) -> None:
+    """Per-epoch validation figures (accuracy, ECE, buffer-sample quality) against the iteration of each
+    epoch's end, with the drift and divergence events marked."""
+    if not epochs:
+        st.caption("Validation figures appear after the first epoch.")
+        return
+    a, b = st.columns(2)
+    with a:
+        fig = ui.fig_lines(ends, {"validation accuracy": [m.get("val_accuracy") for m in epochs],
+                                  "validation ECE": [m.get("val_ece") for m in epochs],
+                                  "judge agrees on buffer samples": [m.get("sample_agreement") for m in epochs]},
+                           "Validation (epoch end)", "iteration", "fraction", yrange=(0, 1.02), height=300)
+        mark_events(fig, events)
+        ui.show_chart(fig, key="tr_val")
+    with b:
+        fig = ui.fig_lines(ends, {"classifier FD of buffer samples": [m.get("sample_fd") for m in epochs]},
+                           "Sample quality (Fréchet distance to validation images, lower is better)",
+                           "iteration", "distance", height=300)
+        mark_events(fig, events)
+        ui.show_chart(fig, key="tr_fd")
 
 
 def checkpoint_history(ctx: ui.Context) -> None:
@@ -220,7 +289,13 @@ def live_view(ctx: ui.Context) -> None:
     a.metric("Status", run["status"])
     b.metric("Epoch", f"{len(run['epochs'])} / {cfg['epochs']}")
     c.metric("Iteration", last["iteration"] if last else 0)
-    d.metric("Test accuracy (last epoch)", f"{run['epochs'][-1]['test_accuracy']:.4f}" if run["epochs"] else "n/a")
+    if cfg.get("val_split"):
+        final = run["trainer"].final if run["trainer"] is not None else None
+        d.metric("Test accuracy (chosen epoch)" if final else "Validation accuracy (last epoch)",
+                 f"{final['test_accuracy']:.4f}" if final else
+                 f"{run['epochs'][-1]['val_accuracy']:.4f}" if run["epochs"] else "n/a")
+    else:
+        d.metric("Test accuracy (last epoch)", f"{run['epochs'][-1]['test_accuracy']:.4f}" if run["epochs"] else "n/a")
     st.caption(f"{run['name']}: {OBJECTIVES['semi' if cfg['labels_per_class'] else cfg['objective']]} on "
                f"{cfg['dataset']}, {elapsed:.0f} s")
     if run["error"]:
@@ -234,11 +309,23 @@ def live_view(ctx: ui.Context) -> None:
                          file_name=f"{run['name']}_samples.png")
     with right:
         events = list(trainer.events) if trainer is not None else []
-        st.markdown(f"**Divergence-recovery events: {len(events)}**")
+        n_drift = sum(e.get("kind") == "drift" for e in events)
+        st.markdown(f"**Divergence and drift events: {len(events) - n_drift} + {n_drift}** (marked on the curves)")
         if events:
-            st.dataframe(pd.DataFrame(events), hide_index=True)
+            cols = ["kind", "epoch", "iteration", "reason", "began_at", "rolled_back_to", "actions", "new_lr_scale"]
+            df = pd.DataFrame(events)
+            df = df[[k for k in cols if k in df.columns]]
+            if "actions" in df.columns:
+                df["actions"] = df["actions"].map(lambda v: "; ".join(v) if isinstance(v, list) else v)
+            st.dataframe(df, hide_index=True)
         else:
-            st.caption("none so far (the guard rolls back to the last good state and lowers the learning rate)")
+            st.caption("none so far (the guard rolls back on explosions and, with the drift guard, to before a slow "
+                       "drift began, then lowers the learning rate or raises the energy penalty)")
+        if trainer is not None and trainer.final:
+            f = trainer.final
+            st.markdown(f"**Chosen on validation: epoch {f['epoch']}** (validation accuracy "
+                        f"{f['val_accuracy']:.4f}); test accuracy {f['test_accuracy']:.4f}, ECE {f['test_ece']:.3f} "
+                        "(the test split is evaluated once, for this epoch).")
         with st.expander("Log"):
             st.code("\n".join(run["log"][-30:]) or "(empty)")
 
@@ -247,7 +334,7 @@ def result(run: dict) -> None:
     out = Path(run["out"])
     if run["status"] == "running" or not out.is_file():
         return
-    st.success(f"{run['name']} is in the model picker (sidebar) as “{run['name']} (trained here)”.")
+    st.success(f"{run['name']} is in the model picker (sidebar) as “{run.get('label') or run['name'] + ' (trained here)'}”.")
     a, b = st.columns([1, 2])
     a.download_button("Download checkpoint (.pt)", out.read_bytes(), file_name=out.name,
                       mime="application/octet-stream", key="tr_download", on_click="ignore")
@@ -263,6 +350,44 @@ def result(run: dict) -> None:
                 st.success(f"Saved {target / out.name}")
 
 
+def estimate_seconds(cfg: TrainConfig, n: int = 3) -> dict:
+    """Time a run before it starts: build its :class:`Trainer` (data, model, buffer) and time ``n`` training
+    iterations on this machine (:meth:`Trainer.time_iterations`).
+
+    Returns ``{"per_iteration" (s), "iterations" (per epoch), "epochs", "total" (s, iterations only),
+    "setup" (s to load data and build the model)}``. Raises what :class:`Trainer` raises (bad settings,
+    data missing)."""
+    t0 = time.perf_counter()
+    trainer = Trainer(dataclasses.replace(cfg))
+    setup = time.perf_counter() - t0
+    per = trainer.time_iterations(n)
+    iters = trainer.iterations_per_epoch()
+    return {"per_iteration": per, "iterations": iters, "epochs": cfg.epochs, "total": per * iters * cfg.epochs,
+            "setup": setup}
+
+
+def time_estimate(cfg: TrainConfig) -> None:
+    """A button that times a few iterations of the chosen settings and shows the run's expected duration."""
+    key = repr(cfg)
+    ss = st.session_state
+    est = ss.get("tr_estimate")
+    a, b = st.columns([1, 5])
+    if a.button("Estimate time", key="tr_estimate_btn",
+                help="builds the run and times 3 training iterations on this machine (a few seconds)"):
+        with st.spinner("Timing 3 iterations..."):
+            try:
+                est = ss["tr_estimate"] = {"key": key, **estimate_seconds(cfg)}
+            except (ValueError, DataUnavailableError) as e:
+                est = ss["tr_estimate"] = {"key": key, "error": str(e)}
+    if est and est.get("key") == key:
+        if est.get("error"):
+            b.error(est["error"])
+        else:
+            b.info(f"About **{est['total'] / 60:.1f} min** of training: {est['epochs']} epoch(s) x "
+                   f"{est['iterations']} iterations x {est['per_iteration']:.3f} s (timed here just now), plus "
+                   f"{est['setup']:.0f} s to load and a per-epoch evaluation. Other work on this machine slows it.")
+
+
 def main(ctx: ui.Context) -> None:
     run = st.session_state.get(RUN)
     running = bool(run and run["status"] == "running")
@@ -271,6 +396,8 @@ def main(ctx: ui.Context) -> None:
     a.button("Start training", key="tr_start", type="primary", disabled=running, on_click=start, args=(cfg, name))
     b.button("Stop training", key="tr_stop", disabled=not running, on_click=stop)
 
+    if not running:
+        time_estimate(cfg)
     download_offer(ctx)
 
     @st.fragment(run_every=1.0 if running else None)

@@ -154,3 +154,127 @@ def test_jem_data_share_the_chains_domain(digits, sgld_clamp):
         assert (data == -1.0).float().mean() > 0.2  # the digits' background, clamped, not shifted
     else:
         assert data.min() < -1.0  # the official code's unclamped noise
+
+
+# -- schedules, validation, drift ------------------------------------------------------------------------
+def test_schedules_parse_and_evaluate():
+    from jem_core.schedules import lr_factor, parse_schedule, schedule_value
+
+    pairs = parse_schedule("4:0.05, 0:1,0.5:0.1")
+    assert pairs == [(0.0, 1.0), (0.5, 0.1), (4.0, 0.05)]
+    assert [schedule_value(pairs, t, 9.0) for t in (0, 0.49, 0.5, 3.99, 4, 100)] == [1, 1, 0.1, 0.1, 0.05, 0.05]
+    assert schedule_value([], 3.0, 0.7) == 0.7
+    assert lr_factor("cosine", 0.0, 10, 10**6, 0, [], 0.3, 0.1) == pytest.approx(1.0)
+    assert lr_factor("cosine", 5.0, 10, 10**6, 0, [], 0.3, 0.1) == pytest.approx(0.55)
+    assert lr_factor("cosine", 10.0, 10, 10**6, 0, [], 0.3, 0.1) == pytest.approx(0.1)
+    assert lr_factor("step", 6.0, 10, 10**6, 0, [5, 7], 0.3, 0.0) == pytest.approx(0.3)
+    assert lr_factor("constant", 3.0, 10, 4, 10, [], 0.3, 0.0) == pytest.approx(0.5)  # warm-up: (4 + 1) / 10
+    for bad in ("1", "a:1", "0:-1", "0:1,0:2", "0:nan"):
+        with pytest.raises(ValueError):
+            parse_schedule(bad)
+    with pytest.raises(ValueError, match="p\\(x\\) weight schedule|px weight schedule"):
+        _cfg(px_weight_schedule="0:1,x").validate()
+    with pytest.raises(ValueError, match="lr schedule"):
+        _cfg(lr_schedule="linear").validate()
+
+
+def test_schedules_change_the_weights_inside_one_run_with_one_buffer_and_optimizer(digits):
+    tr, te = digits
+    seen = []
+    t = Trainer(_cfg(epochs=2, max_iters_per_epoch=4, px_weight_schedule="0:1,0.5:0.1,1:0.05",
+                     energy_l2_schedule="0:0,1:0.01", lr_schedule="cosine", lr_floor=0.1, warmup_iters=0),
+                train_set=tr, test_set=te, on_iteration=seen.append)
+    opt, buf = t.optimizer, t.buffer
+    t.fit()
+    assert [s["px_weight"] for s in seen] == pytest.approx([1, 1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.05])
+    assert [s["energy_l2"] for s in seen] == pytest.approx([0] * 4 + [0.01] * 4)
+    lrs = [s["lr"] for s in seen]
+    assert lrs[0] == pytest.approx(1e-3) and all(a >= b for a, b in zip(lrs, lrs[1:])) and lrs[-1] < 6e-4
+    assert t.optimizer is opt and t.buffer is buf
+    assert t.history[-1].px_weight == pytest.approx(0.05) and t.history[-1].energy_l2 == pytest.approx(0.01)
+
+
+def test_validation_split_judges_every_epoch_and_touches_test_once(digits, tmp_path):
+    tr, te = digits
+    out = tmp_path / "v.pt"
+    t = Trainer(_cfg(epochs=3, val_split=300, sample_eval=100), out=out, train_set=tr, test_set=te)
+    assert len(t.train_set) == len(tr) - 300 and torch.equal(t.val_set.x, tr.x[-300:])
+    t.fit()
+    for h in t.history:
+        assert math.isnan(h.test_accuracy)  # no per-epoch test evaluation
+        assert 0 <= h.val_accuracy <= 1 and 0 <= h.val_ece <= 1 and h.val_nll > 0 and h.sample_fd >= 0
+    best = max(t.history, key=lambda h: h.val_accuracy)
+    assert t.final["epoch"] == best.epoch and t.final["val_accuracy"] == pytest.approx(best.val_accuracy)
+    ck = load_checkpoint(out)
+    m = ck.metadata["metrics"]
+    assert m["selected_epoch"] == best.epoch and m["test_accuracy"] == pytest.approx(t.final["test_accuracy"])
+    assert len(m["history"]) == 3 and "validation" in ck.metadata["reference"]["split"]
+    with torch.no_grad():  # the file holds the chosen epoch's weights: its test accuracy is the reported one
+        acc = float((ck.model(te.x).argmax(1) == te.y).float().mean())
+    assert acc == pytest.approx(t.final["test_accuracy"], abs=1e-6)
+
+
+def test_bad_validation_split_is_refused(digits):
+    tr, te = digits
+    with pytest.raises(ValueError, match="validation split"):
+        Trainer(_cfg(val_split=len(tr) - 10), train_set=tr, test_set=te)
+
+
+def test_drift_monitor_fires_on_a_trend_and_names_where_it_began():
+    from jem_core.drift import DriftMonitor
+
+    m = DriftMonitor(window=2, gap_limit=4.0, sustain=3)
+    sig = None
+    gaps = [0.1] * 8 + [2.5] * 6 + [3.0] * 2   # suspect (> 2) from iteration 8 on, never past the limit
+    for i, g in enumerate(gaps):
+        sig = m.update(i, {"gap": g, "energy": -5.0, "logits": 3.0, "grad": 1.0}) or sig
+    assert sig is not None and sig.signal == "gap" and sig.began_at == 8 and "3 windows" in sig.seen
+    m2 = DriftMonitor(window=2, energy_shift=10.0)
+    for i in range(8):
+        assert m2.update(i, {"energy": -5.0 + 0.5 * (i % 2)}) is None
+    sig = None
+    for i in range(8, 10):
+        sig = m2.update(i, {"energy": -30.0}) or sig
+    assert sig is not None and sig.signal == "energy"
+    for i in range(10, 14):  # energies moving towards 0 (an energy penalty's effect) are no drift
+        assert m2.update(i, {"energy": -0.5}) is None
+
+
+def test_injected_drift_is_caught_rolled_back_and_recorded(digits, tmp_path):
+    """A p(x) weight of 0.02 on digits lets the samples run below the data's energy (E(data) - E(samples)
+    climbs past +5 within 30 iterations): the guard rolls back, responds, and the run ends usable."""
+    tr, te = digits
+    out = tmp_path / "d.pt"
+    logs = []
+    cfg = _cfg(epochs=4, px_weight=0.02, lr=3e-3, guard_every=10, drift_guard=True, val_split=300, sample_eval=100)
+    t = Trainer(cfg, out=out, train_set=tr, test_set=te, log=logs.append)
+    t.fit()
+    drifts = [e for e in t.events if e["kind"] == "drift"]
+    assert drifts, [w["gap"] for w in t.monitor.windows]
+    e = drifts[0]
+    assert e["signal"] == "gap" and e["rolled_back_to"] <= e["began_at"] < e["iteration"]
+    assert any("energy penalty" in a for a in e["actions"]) and any("p(x) weight 0.02 -> 0.04" in a for a in e["actions"])
+    assert e["new_lr_scale"] == pytest.approx(0.5) and e["energy_l2"] >= 1e-3
+    assert any(s.startswith("drift at iteration") for s in logs)
+    assert sum(h.drift_events for h in t.history) == len(drifts)
+    ck = load_checkpoint(out)
+    assert len(ck.metadata["drift_events"]) == len(drifts) and ck.metadata["drift_events"][0]["seen"] == e["seen"]
+    assert t.final["test_accuracy"] > 0.8  # a usable model (chance: 0.1)
+    assert all(torch.isfinite(p).all() for p in ck.model.parameters())
+
+
+def test_resume_keeps_schedule_drift_and_selection_state(digits, tmp_path):
+    tr, te = digits
+    out = tmp_path / "rs.pt"
+    kw = dict(max_iters_per_epoch=4, val_split=300, drift_guard=True, guard_every=2, px_weight_schedule="0:1,1:0.5")
+    t1 = Trainer(_cfg(epochs=1, **kw), out=out, train_set=tr, test_set=te)
+    t1.fit()
+    t1.px_scale, t1.l2_floor = 0.5, 0.002  # as if a drift response had happened
+    t1.save(out)
+    t2 = Trainer(_cfg(epochs=2, **kw), out=out, train_set=tr, test_set=te)
+    t2.resume(out)
+    assert t2.px_scale == 0.5 and t2.l2_floor == 0.002 and t2.best["epoch"] == 1
+    assert t2.current_px_weight() == pytest.approx(0.25)
+    assert len(t2.monitor.windows) == len(t1.monitor.windows) == 2
+    t2.fit()
+    assert t2.epoch == 2 and t2.final is not None

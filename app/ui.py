@@ -43,6 +43,13 @@ from jem_core.perf import tune_malloc
 
 tune_malloc()  # once per server process: faster SGLD steps on CPU (jem_core.perf)
 
+#: Heavy computations (evaluations, attacks, AIS, live-chain steps) that may run at once in this server,
+#: across all sessions: one per CPU core (``$JEM_WORKERS`` overrides). Each runs torch on one thread, so
+#: the cores are shared fairly instead of oversubscribed (two 2-thread pools on 2 shared cores were
+#: measured 10x slower).
+N_WORKERS = max(1, int(os.environ.get("JEM_WORKERS", 0)) or (os.cpu_count() or 1))
+torch.set_num_threads(int(os.environ.get("JEM_TORCH_THREADS", 1)))
+
 T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,6 +59,8 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 #: Seconds between ticks of live parts (Langevin chains, training curves).
 LIVE_INTERVAL = 0.5
+#: Seconds between refreshes of the live Langevin chains (each refresh spends at most about half of it on SGLD).
+CHAIN_INTERVAL = 0.2
 #: Colours of the models in every figure: the chosen model, its baseline, extra curves.
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
 #: Discrete colours for class indices (prediction heat maps).
@@ -545,8 +554,50 @@ def progress_box(label: str) -> Iterator[Callable[[float], None]]:
         slot.empty()
 
 
+@st.cache_resource
+def _workers() -> dict[str, Any]:
+    return {"sem": threading.BoundedSemaphore(N_WORKERS), "lock": threading.Lock(), "busy": 0}
+
+
+@contextlib.contextmanager
+def worker(label: str, wait: bool = True) -> Iterator[bool]:
+    """Hold one of the server's :data:`N_WORKERS` compute slots while the block runs.
+
+    With ``wait``, shows "waiting for a free worker" until a slot frees (the wait can be interrupted like
+    any script run) and yields True; without, yields False at once when every slot is busy, so a live
+    view can skip a tick instead of queueing behind long computations.
+    """
+    w = _workers()
+    got = w["sem"].acquire(blocking=False)
+    if not got and wait:
+        slot = st.empty()
+        t0 = time.monotonic()
+        while not got:
+            slot.info(f"Waiting for a free worker for: {label} ({w['busy']} computations are using this machine's "
+                      f"{N_WORKERS} worker{'s' if N_WORKERS > 1 else ''}; {time.monotonic() - t0:.0f} s so far)",
+                      icon=":material/hourglass_top:")
+            got = w["sem"].acquire(timeout=0.5)
+        slot.empty()
+    if got:
+        with w["lock"]:
+            w["busy"] += 1
+    try:
+        yield got
+    finally:
+        if got:
+            with w["lock"]:
+                w["busy"] -= 1
+            w["sem"].release()
+
+
+def workers_busy() -> int:
+    """How many of the server's compute slots are in use now."""
+    return int(_workers()["busy"])
+
+
 def cached(key: tuple, compute: Callable[[Callable[[float], None]], T], label: str, max_items: int = 96) -> T:
-    """Shared store of evaluation results keyed by ``key``; computes on a miss inside :func:`progress_box`.
+    """Shared store of evaluation results keyed by ``key``; computes on a miss inside :func:`progress_box`,
+    holding a :func:`worker` slot (so at most :data:`N_WORKERS` computations run at once, server-wide).
 
     ``compute`` receives a ``progress(fraction)`` callback. Keys must name everything the result
     depends on (model keys from :func:`entry_key`, dataset, number of images, settings).
@@ -557,7 +608,7 @@ def cached(key: tuple, compute: Callable[[Callable[[float], None]], T], label: s
         if key in s["data"]:
             s["data"].move_to_end(key)
             return s["data"][key]
-    with progress_box(label) as progress:
+    with worker(label), progress_box(label) as progress:
         value = compute(progress)
     with s["lock"]:
         s["data"][key] = value

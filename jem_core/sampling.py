@@ -509,6 +509,9 @@ class ChainState:
         frames: optional snapshots ``[N, C, H, W]`` (e.g. a class-translation path).
         last_report: the latest :class:`SGLDReport` (its ``x`` is a copy), for the health checks
             of :mod:`jem_core.sampler_health`; None before any step.
+        max_history: the most reports kept in ``energy_history`` / ``pred_history`` / ``step_history``
+            (None = all). Past it, the older half is thinned to every other report, so memory stays bounded
+            for chains that run for hours while the recent past stays at full resolution.
     """
 
     x: torch.Tensor
@@ -520,6 +523,18 @@ class ChainState:
     step_history: list[int] = field(default_factory=list)
     frames: list[torch.Tensor] = field(default_factory=list)
     last_report: SGLDReport | None = None
+    max_history: int | None = None
+
+    def _thin(self) -> None:
+        # Keep the newer half as it is and every other report of the older half.
+        n = len(self.step_history)
+        if self.max_history is None or n <= self.max_history:
+            return
+        half = n // 2
+        keep = list(range(0, half, 2)) + list(range(half, n))
+        self.step_history = [self.step_history[i] for i in keep]
+        self.energy_history = [self.energy_history[i] for i in keep]
+        self.pred_history = [self.pred_history[i] for i in keep]
 
     def advance(self, sampler: SGLDSampler, n_steps: int, every: int = 1, keep_frames: bool = False) -> None:
         """Run ``n_steps`` more steps, recording energies and predictions every ``every`` steps.
@@ -534,6 +549,7 @@ class ChainState:
                 self.frames.append(r.x.detach().cpu().clone())
             self.last_report = SGLDReport(self.steps + r.step, r.x.detach().cpu().clone(), r.energy.cpu(),
                                           r.logits.cpu(), r.grad_norm, r.overshoot)
+            self._thin()
 
         with frozen_parameters(sampler.model):
             self.x = sampler.run(self.x, n_steps, self.y, self.mask, every=max(1, every), callback=record)

@@ -25,7 +25,8 @@ INITS = {"noise": "uniform noise", "buffer": "replay buffer", "test": "test data
 LIVE = "lg_live"          # session_state: the live chains
 INPAINT = "lg_inpaint"    # session_state: the last in-painting result
 TRANSLATE = "lg_translate"
-STEP_BUDGET_S = 0.2         # seconds of SGLD per refresh in adaptive mode
+STEP_BUDGET_S = 0.1         # seconds of SGLD per refresh in adaptive mode (half of ui.CHAIN_INTERVAL)
+HISTORY_POINTS = 400        # energies and predictions kept per chain (older ones thinned)
 MAX_STEPS_PER_REFRESH = 50
 AUTOSTARTED = "lg_autostarted"  # session_state: the model whose chains started by themselves
 
@@ -84,7 +85,7 @@ def start_chains() -> None:
     test = ctx.test_set() if init == "test" else None
     x, _ = chain_starts(ctx.model, n, "data" if init == "test" else init, g, data=None if test is None else test.x)
     y = None if label in (None, "unconditional") else torch.full((n,), int(label), dtype=torch.long)
-    ss[LIVE] = {"chain": ChainState(x=x, y=y), "gen": g, "running": True, "model": ctx.key,
+    ss[LIVE] = {"chain": ChainState(x=x, y=y, max_history=HISTORY_POINTS), "gen": g, "running": True, "model": ctx.key,
                 "init": INITS[init], "label": None if y is None else int(label)}
 
 
@@ -117,12 +118,15 @@ def live_view(ctx: ui.Context) -> None:
         k = min(int(s.get("k_auto") or ss.get("lg_every", 10)) if auto else int(ss.get("lg_every", 10)),
                 target - chain.steps)
         if k > 0:
-            t0 = time.perf_counter()
-            chain.advance(make_sampler(ctx, s["gen"]), k, every=1)
-            per_step = (time.perf_counter() - t0) / k
-            s["per_step"] = per_step if "per_step" not in s else 0.7 * s["per_step"] + 0.3 * per_step
-            # Next refresh: as many steps as fit in the compute budget at the measured speed.
-            s["k_auto"] = max(1, min(MAX_STEPS_PER_REFRESH, int(STEP_BUDGET_S / s["per_step"])))
+            with ui.worker("live chains", wait=False) as free:
+                if free:  # when every worker is busy, this refresh only redraws: the view slows, never freezes
+                    t0 = time.perf_counter()
+                    chain.advance(make_sampler(ctx, s["gen"]), k, every=1)
+                    per_step = (time.perf_counter() - t0) / k
+                    s["per_step"] = per_step if "per_step" not in s else 0.7 * s["per_step"] + 0.3 * per_step
+                    # Next refresh: as many steps as fit in the compute budget at the measured speed.
+                    s["k_auto"] = max(1, min(MAX_STEPS_PER_REFRESH, int(STEP_BUDGET_S / s["per_step"])))
+                s["waited"] = not free
         if chain.steps >= target:
             s["running"] = False
             st.rerun()  # a full rerun stops the timer and updates the buttons
@@ -149,7 +153,10 @@ def live_view(ctx: ui.Context) -> None:
     show_health(chain, sampler, ctx)
     speed = (f" Measured here: {s['per_step'] * 1000:.0f} ms per SGLD step of {chain.x.shape[0]} chains, so "
              f"{s.get('k_auto', 1) if ss.get('lg_auto_k', True) else int(ss.get('lg_every', 10))} steps per "
-             f"refresh (one refresh every {ui.LIVE_INTERVAL:g} s)." if "per_step" in s else "")
+             f"refresh (one refresh every {ui.CHAIN_INTERVAL:g} s)." if "per_step" in s else "")
+    if s.get("waited"):
+        st.caption(f":hourglass: Every worker of this server is busy ({ui.workers_busy()} of {ui.N_WORKERS}): the "
+                   "chains wait for a free one and continue by themselves.")
     st.caption(sampler.describe() + "." + speed + " The chains advance only while this browser tab is visible: "
                "browsers slow down the timers of background tabs, and the chains wait with them (nothing runs on "
                "the server meanwhile).")
@@ -193,7 +200,7 @@ def chains_tab(ctx: ui.Context) -> None:
     cols[2].button("Resume", key="lg_resume", on_click=resume_chains, disabled=not can_resume)
     cols[3].button("Reset", key="lg_reset", on_click=reset_chains, disabled=s is None)
 
-    @st.fragment(run_every=ui.LIVE_INTERVAL if running else None)
+    @st.fragment(run_every=ui.CHAIN_INTERVAL if running else None)
     def live() -> None:
         live_view(ctx)
 

@@ -417,3 +417,32 @@ def test_score_explains_its_verdict_with_the_test_histograms_and_shows_preproces
         abs(float(v.rstrip("%")) - 5) < 1 for v in table["test images flagged by it"])
     captions = [c for img in at.image for c in img.captions]
     assert "as decoded" in captions and "levels" in captions
+
+
+def test_heavy_work_waits_for_a_free_worker_and_live_chains_skip_a_tick_instead_of_queueing():
+    import threading
+
+    from app import ui
+
+    w = ui._workers()
+    at = open_page("langevin")
+    at.button(key="lg_reset").click().run()
+    held = [w["sem"].acquire(timeout=30) for _ in range(ui.N_WORKERS)]  # every worker busy elsewhere
+    assert all(held)
+    try:
+        at.button(key="lg_start").click().run()  # the chains start, but find no free worker
+        assert metric(at, "SGLD steps done") == "0 / 200"
+        assert any("Every worker of this server is busy" in c.value for c in at.caption)
+    finally:
+        for _ in held:
+            w["sem"].release()
+    at.run()
+    assert metric(at, "SGLD steps done") != "0 / 200", "with a free worker the chains go on by themselves"
+
+    held = [w["sem"].acquire(timeout=30) for _ in range(ui.N_WORKERS)]
+    threading.Timer(2.0, lambda: [w["sem"].release() for _ in held]).start()
+    t0 = time.monotonic()
+    at.query_params["rb_n"] = "13"  # an attack no other test computed
+    at.switch_page("../pages/robustness.py").run()
+    assert time.monotonic() - t0 >= 1.9, "the attack waited for a worker instead of oversubscribing the cores"
+    assert not at.exception and not errors(at) and len(at.dataframe[0].value) == 4

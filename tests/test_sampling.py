@@ -151,3 +151,21 @@ def test_generation_helpers_keep_pixels_and_classes_where_they_belong():
     assert chain.energy_history[-1].mean() < chain.energy_history[0].mean()
     with pytest.raises(ValueError, match=r"target class must lie in \[0, 10\)"):
         class_translation(ck, x, 10, sampler)
+
+
+def test_chain_history_stays_bounded_and_keeps_the_recent_past_at_full_resolution():
+    from jem_core.sampling import ChainState, SGLDSampler
+
+    class Quadratic(torch.nn.Module):
+        def forward(self, x):
+            return -(x.flatten(1) ** 2).sum(1, keepdim=True).repeat(1, 3)
+
+    s = SGLDSampler(Quadratic(), step_size=0.01, noise_std=0.01, generator=torch.Generator().manual_seed(0))
+    chain = ChainState(x=torch.zeros(2, 1, 4, 4), max_history=50)
+    for _ in range(20):
+        chain.advance(s, 25, every=1)
+    assert chain.steps == 500 and 25 <= len(chain.step_history) <= 50
+    assert len(chain.energy_history) == len(chain.pred_history) == len(chain.step_history)
+    assert chain.step_history == sorted(chain.step_history) and chain.step_history[-1] == 500
+    recent = chain.step_history[-20:]
+    assert recent == list(range(481, 501)), "the last steps are all kept"

@@ -27,6 +27,7 @@ INPAINT = "lg_inpaint"    # session_state: the last in-painting result
 TRANSLATE = "lg_translate"
 STEP_BUDGET_S = 0.1         # seconds of SGLD per refresh in adaptive mode (half of ui.CHAIN_INTERVAL)
 HISTORY_POINTS = 400        # energies and predictions kept per chain (older ones thinned)
+TRACES_INTERVAL = 1.0       # seconds between redraws of the energy and prediction traces
 MAX_STEPS_PER_REFRESH = 50
 AUTOSTARTED = "lg_autostarted"  # session_state: the model whose chains started by themselves
 
@@ -136,19 +137,9 @@ def live_view(ctx: ui.Context) -> None:
     mean_e = float(chain.energy_history[-1].mean()) if chain.energy_history else float("nan")
     b.metric(f"Mean energy {what}", f"{mean_e:.3f}")
     c.metric("Status", "running" if s["running"] else ("finished" if chain.steps >= target else "paused"))
-    left, right = st.columns([2, 3])
-    with left:
-        n = chain.x.shape[0]
-        ui.show_grid(chain.x, f"{n} chains from {s['init']}, {what}, after {chain.steps} steps", key="lg_grid",
-                     file_name=f"{ctx.name}_chains_step{chain.steps}.png")
-    with right:
-        if chain.step_history:
-            energies = torch.stack(chain.energy_history)
-            ui.show_chart(ui.fig_chain_energy(chain.step_history, energies, f"Energy {what} of each chain"),
-                          key="lg_energy")
-            ui.show_chart(ui.fig_chain_predictions(chain.step_history, torch.stack(chain.pred_history),
-                                                   ctx.class_names, "Classifier's prediction for each chain"),
-                          key="lg_preds")
+    n = chain.x.shape[0]
+    ui.show_grid(chain.x, f"{n} chains from {s['init']}, {what}, after {chain.steps} steps", key="lg_grid",
+                 file_name=f"{ctx.name}_chains_step{chain.steps}.png")
     sampler = make_sampler(ctx, s["gen"])
     show_health(chain, sampler, ctx)
     speed = (f" Measured here: {s['per_step'] * 1000:.0f} ms per SGLD step of {chain.x.shape[0]} chains, so "
@@ -160,6 +151,20 @@ def live_view(ctx: ui.Context) -> None:
     st.caption(sampler.describe() + "." + speed + " The chains advance only while this browser tab is visible: "
                "browsers slow down the timers of background tabs, and the chains wait with them (nothing runs on "
                "the server meanwhile).")
+
+
+def traces_view(ctx: ui.Context) -> None:
+    """The chains' energies and predictions over steps (redrawn less often than the pictures: plotly figures
+    cost the browser far more to redraw than one image)."""
+    s = st.session_state.get(LIVE)
+    if s is None or not s["chain"].step_history:
+        return
+    chain: ChainState = s["chain"]
+    what = "E(x)" if s["label"] is None else f"E(x, y={ctx.class_names[s['label']]})"
+    ui.show_chart(ui.fig_chain_energy(chain.step_history, torch.stack(chain.energy_history),
+                                      f"Energy {what} of each chain"), key="lg_energy")
+    ui.show_chart(ui.fig_chain_predictions(chain.step_history, torch.stack(chain.pred_history), ctx.class_names,
+                                           "Classifier's prediction for each chain"), key="lg_preds")
 
 
 def chains_tab(ctx: ui.Context) -> None:
@@ -200,11 +205,19 @@ def chains_tab(ctx: ui.Context) -> None:
     cols[2].button("Resume", key="lg_resume", on_click=resume_chains, disabled=not can_resume)
     cols[3].button("Reset", key="lg_reset", on_click=reset_chains, disabled=s is None)
 
-    @st.fragment(run_every=ui.CHAIN_INTERVAL if running else None)
-    def live() -> None:
-        live_view(ctx)
+    left, right = st.columns([2, 3])
+    with left:
+        @st.fragment(run_every=ui.CHAIN_INTERVAL if running else None)
+        def live() -> None:
+            live_view(ctx)
 
-    live()
+        live()
+    with right:
+        @st.fragment(run_every=TRACES_INTERVAL if running else None)
+        def traces() -> None:
+            traces_view(ctx)
+
+        traces()
 
 
 # ------------------------------------------------------------------------------------ in-painting

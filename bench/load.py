@@ -1,0 +1,325 @@
+"""Load and soak harness: several real browsers on one JEM Explorer server, on loopback only.
+
+Starts ``streamlit run app/Home.py`` on a free port of 127.0.0.1 (or uses ``--url`` of a running server on
+this machine), then drives Debian's Chromium through Playwright:
+
+- ``--chains N`` sessions open the Langevin page, whose chains start by themselves and refresh live; in the
+  page, a 50 ms timer records each change of the grid's "after N steps" caption (one refresh);
+- ``--browse M`` sessions cycle through every page (page-load times), run the default attack, upload an
+  image on the Score page;
+- ``--train`` adds one session that trains a digits JEM on the Train page.
+
+Every ``--sample`` seconds it records the server's resident memory and CPU time (``/proc``) and every
+session's refreshes; exceptions shown in a page or printed by the server are collected. At the end it closes
+one chain session's tab and measures how long the server's CPU use takes to fall back (the tab's work must
+stop). Bounded: ``--minutes`` of load, then everything is closed.
+
+    python bench/load.py --chains 4 --browse 1 --minutes 10 --out bench/load.json
+    python bench/load.py --chains 1 --browse 0 --minutes 2 --out bench/load_one.json   # the refresh rate
+
+Writes the JSON (``--out``) and a plot next to it (``.png``): memory over time and refreshes per second per
+session. Needs ``chromium`` (Debian) and the ``playwright`` Python package; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+#: In-page recorder of the live chains' refreshes: the time of each change of the grid caption.
+REFRESH_RECORDER = """
+window.__refreshes = [];
+window.__lastCaption = null;
+setInterval(() => {
+  const el = [...document.querySelectorAll('[data-testid="stCaptionContainer"] p, [data-testid="stImageCaption"]')]
+    .find(e => /chains from .* after \\d+ steps/.test(e.textContent || ''));
+  const text = el ? el.textContent : null;
+  if (text && text !== window.__lastCaption) { window.__refreshes.push(performance.now()); window.__lastCaption = text; }
+}, 50);
+"""
+PAGES = ["", "langevin", "calibration", "robustness", "ood", "likelihood", "score", "train", "playground"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _proc_stats(pid: int) -> tuple[float, float]:
+    """(resident memory in MB, CPU seconds user+system) of a process and its children threads."""
+    rss = 0.0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) / 1024
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return rss, (int(fields[11]) + int(fields[12])) / ticks
+
+
+def start_server(port: int, log: Path, env_extra: dict[str, str]) -> subprocess.Popen:
+    """``streamlit run app/Home.py`` on 127.0.0.1:port; waits for its health endpoint (90 s at most)."""
+    env = dict(os.environ, STREAMLIT_BROWSER_GATHER_USAGE_STATS="false", **env_extra)
+    out = open(log, "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app/Home.py", "--server.headless", "true",
+                             "--server.address", "127.0.0.1", "--server.port", str(port),
+                             "--server.fileWatcherType", "none"], cwd=ROOT, env=env, stdout=out,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"streamlit exited with {proc.returncode}: {log.read_text(errors='replace')[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError("streamlit did not become healthy in 90 s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _idle(pg, timeout_ms: int = 120_000) -> None:
+    pg.wait_for_timeout(300)
+    pg.wait_for_function("() => { const e = document.querySelector('[data-testid=\"stStatusWidget\"]');"
+                         " return !e || !/running|stop/i.test(e.innerText); }", timeout=timeout_ms)
+
+
+def _exceptions(pg) -> list[str]:
+    return [t[:300] for t in pg.locator('[data-testid="stException"]').all_inner_texts()] + \
+           [t[:300] for t in pg.get_by_text("This page hit an error").all_inner_texts()]
+
+
+def _png_digit(path: Path) -> Path:
+    from PIL import Image, ImageDraw
+
+    img = Image.new("L", (28, 28), 0)
+    ImageDraw.Draw(img).line([(14, 4), (14, 24)], fill=255, width=3)
+    img.save(path)
+    return path
+
+
+def run(url: str, server_pid: int | None, chains: int, browse: int, train: bool, minutes: float,
+        sample_s: float, log: Path | None) -> dict:
+    """Drive the sessions for ``minutes``; returns the measurements (see the module docstring)."""
+    from playwright.sync_api import sync_playwright
+
+    exe = shutil.which("chromium") or "/usr/bin/chromium"
+    result: dict = {"url": url, "chains": chains, "browse": browse, "train": train, "minutes": minutes,
+                    "memory": [], "sessions": {}, "page_loads": [], "exceptions": [], "actions": []}
+    upload = _png_digit(Path(tempfile.mkdtemp()) / "one.png")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
+        chain_pages = []
+        for i in range(chains):
+            ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+            ctx.add_init_script(REFRESH_RECORDER)
+            pg = ctx.new_page()
+            pg.set_default_timeout(120_000)
+            t0 = time.monotonic()
+            pg.goto(f"{url}/langevin?lg_steps=2000", wait_until="domcontentloaded")
+            pg.locator("h1").first.wait_for(state="visible")
+            result["page_loads"].append({"session": f"chains{i}", "page": "langevin", "s": time.monotonic() - t0})
+            chain_pages.append((f"chains{i}", ctx, pg))
+        browsers = []
+        for i in range(browse):
+            ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+            pg = ctx.new_page()
+            pg.set_default_timeout(120_000)
+            browsers.append((f"browse{i}", ctx, pg))
+        if train:
+            ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+            pg = ctx.new_page()
+            pg.set_default_timeout(120_000)
+            pg.goto(f"{url}/train", wait_until="domcontentloaded")
+            pg.locator(".st-key-tr_start button").filter(visible=True).first.click()
+            result["actions"].append({"session": "train", "action": "start training", "t": 0.0})
+            browsers.append(("train", ctx, pg))
+
+        start = time.monotonic()
+        step = 0
+        next_sample = start
+        while time.monotonic() - start < minutes * 60:
+            now = time.monotonic()
+            if now >= next_sample:
+                if server_pid:
+                    rss, cpu = _proc_stats(server_pid)
+                    result["memory"].append({"t": round(now - start, 2), "rss_mb": round(rss, 1), "cpu_s": round(cpu, 2)})
+                next_sample += sample_s
+                for _, _, pg in chain_pages:  # chains that reached their 2,000 steps start again: a soak never idles
+                    if pg.locator('[data-testid="stMetric"]').filter(has_text="finished").count():
+                        pg.locator(".st-key-lg_start button").filter(visible=True).first.click()
+            for name, _, pg in browsers:
+                if name == "train":
+                    continue
+                page = PAGES[step % len(PAGES)]
+                t0 = time.monotonic()
+                try:
+                    pg.goto(f"{url}/{page}", wait_until="domcontentloaded")
+                    pg.locator("h1").first.wait_for(state="visible")
+                    _idle(pg)
+                    result["page_loads"].append({"session": name, "page": page or "home",
+                                                 "s": round(time.monotonic() - t0, 2)})
+                    if page == "score":
+                        pg.locator(".st-key-score_upload input[type=file]").set_input_files(str(upload))
+                        _idle(pg)
+                        result["actions"].append({"session": name, "action": "upload", "t": round(now - start, 1)})
+                    if page == "robustness":
+                        pg.locator(".st-key-rb_run button").filter(visible=True).first.click()
+                        _idle(pg)
+                        result["actions"].append({"session": name, "action": "attack", "t": round(now - start, 1)})
+                    result["exceptions"] += [f"{name}/{page}: {e}" for e in _exceptions(pg)]
+                except Exception as e:  # noqa: BLE001 - a timeout or a crash of one page is a finding, not the end
+                    result["exceptions"].append(f"{name}/{page}: {type(e).__name__}: {str(e)[:200]}")
+            step += 1
+            if not browsers:
+                time.sleep(min(1.0, max(0.0, next_sample - time.monotonic())))
+        elapsed = time.monotonic() - start
+        for name, _, pg in chain_pages:
+            stamps = pg.evaluate("window.__refreshes") or []
+            gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+            result["sessions"][name] = {
+                "refreshes": len(stamps), "seconds": round(elapsed, 1),
+                "refresh_per_s": round(len(stamps) / elapsed, 2) if elapsed else 0.0,
+                "refresh_per_s_last_minute": round(sum(1 for s in stamps if s >= stamps[-1] - 60_000) / min(60, elapsed), 2)
+                if stamps else 0.0,
+                "gap_ms_median": round(statistics.median(gaps), 1) if gaps else None,
+                "gap_ms_max": round(max(gaps), 1) if gaps else None}
+            result["exceptions"] += [f"{name}/langevin: {e}" for e in _exceptions(pg)]
+        # Closing a tab: its chains must stop; the server's CPU use falls back within seconds.
+        if server_pid and chain_pages:
+            name, ctx, _ = chain_pages[-1]
+            before = _cpu_rate(server_pid, 5)
+            ctx.close()
+            t_close = time.monotonic()
+            settle = None
+            others = len(chain_pages) - 1 + len(browsers)
+            while time.monotonic() - t_close < 30:
+                rate = _cpu_rate(server_pid, 2)
+                if rate < (before * (others / (others + 1)) + 0.1 if others else 0.1):
+                    settle = round(time.monotonic() - t_close, 1)
+                    break
+            result["tab_close"] = {"session": name, "cpu_before": round(before, 2), "seconds_to_settle": settle}
+        browser.close()
+    if log is not None and log.is_file():
+        result["exceptions"] += server_errors(log.read_text(errors="replace"))
+    mem = result["memory"]
+    if mem:
+        first_minute = [m["rss_mb"] for m in mem if m["t"] <= 60] or [mem[0]["rss_mb"]]
+        result["rss_mb_after_first_minute"] = first_minute[-1]
+        result["rss_mb_end"] = mem[-1]["rss_mb"]
+        result["rss_growth_mb"] = round(mem[-1]["rss_mb"] - first_minute[-1], 1)
+    rates = [s["refresh_per_s"] for s in result["sessions"].values()]
+    if rates:
+        result["slowest_over_fastest"] = round(min(rates) / max(rates), 2) if max(rates) else 0.0
+    loads = [x["s"] for x in result["page_loads"] if x["session"].startswith("browse")]
+    result["page_load_s_max"] = round(max(loads), 2) if loads else None
+    return result
+
+
+def server_errors(text: str) -> list[str]:
+    """The tracebacks in a server log that pass through this project's code (app/, pages/, jem_core/): the
+    web server's own reports of a closed websocket (a tab going away) are not the app's errors."""
+    blocks = re.split(r"\n(?=Traceback \(most recent call last\))", text)
+    ours = [b for b in blocks if b.startswith("Traceback") and re.search(r"/(app|pages|jem_core)/\w+\.py", b)]
+    return [b.strip().splitlines()[-1][:300] for b in ours][:20]
+
+
+def _cpu_rate(pid: int, seconds: float) -> float:
+    """Cores' worth of CPU the process used over the next ``seconds``."""
+    _, a = _proc_stats(pid)
+    time.sleep(seconds)
+    _, b = _proc_stats(pid)
+    return (b - a) / seconds
+
+
+def plot(result: dict, path: Path) -> None:
+    """Memory over time and refreshes per second per session (matplotlib, static PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
+    mem = result["memory"]
+    a.plot([m["t"] / 60 for m in mem], [m["rss_mb"] for m in mem])
+    a.set_xlabel("minutes")
+    a.set_ylabel("server resident memory (MB)")
+    a.set_title("Server memory")
+    names = list(result["sessions"])
+    b.bar(names, [result["sessions"][n]["refresh_per_s"] for n in names])
+    b.set_ylabel("refreshes per second")
+    b.set_title("Live chains, as the browser saw them")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--url", default=None, help="a running server on this machine (default: start one on 127.0.0.1)")
+    ap.add_argument("--chains", type=int, default=4)
+    ap.add_argument("--browse", type=int, default=1)
+    ap.add_argument("--train", action="store_true")
+    ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--sample", type=float, default=5.0, help="seconds between memory samples")
+    ap.add_argument("--default", default="", help="JEM_EXPLORER_DEFAULT for a started server (digits or mnist)")
+    ap.add_argument("--out", default="bench/load.json")
+    a = ap.parse_args()
+    if a.url and not re.match(r"^https?://(127\.\d+\.\d+\.\d+|localhost|\[::1\])(:\d+)?", a.url):
+        raise SystemExit("error: --url must point to this machine (127.0.0.1, localhost or [::1])")
+    if a.minutes <= 0 or a.minutes > 120 or a.chains < 0 or a.browse < 0:
+        raise SystemExit("error: --minutes must lie in (0, 120] and --chains/--browse be >= 0")
+    proc, log = None, None
+    url = a.url
+    if url is None:
+        port = _free_port()
+        log = Path(tempfile.mkdtemp()) / "server.log"
+        extra = {"OMP_NUM_THREADS": "1"} | ({"JEM_EXPLORER_DEFAULT": a.default} if a.default else {})
+        proc = start_server(port, log, extra)
+        url = f"http://127.0.0.1:{port}"
+    try:
+        result = run(url, proc.pid if proc else None, a.chains, a.browse, a.train, a.minutes, a.sample, log)
+    finally:
+        if proc is not None:
+            stop_server(proc)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    plot(result, out.with_suffix(".png"))
+    summary = {k: result.get(k) for k in ("rss_mb_after_first_minute", "rss_mb_end", "rss_growth_mb",
+                                          "slowest_over_fastest", "page_load_s_max", "tab_close")}
+    summary["refresh_per_s"] = {n: s["refresh_per_s"] for n, s in result["sessions"].items()}
+    summary["exceptions"] = len(result["exceptions"])
+    print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()

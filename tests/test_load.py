@@ -1,0 +1,49 @@
+"""The load harness at a small scale (bench/load.py): two real browsers on one server for about 40 s, one
+with live chains, one browsing the pages (an attack, an upload). No exception, memory that does not grow,
+chains that keep refreshing, and a closed tab whose chains stop."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from bench import load
+
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
+
+
+@pytest.fixture(scope="module")
+def measured():
+    if not (shutil.which("chromium") or Path("/usr/bin/chromium").exists()):
+        pytest.fail("chromium is not installed: run `apt-get install -y chromium` (.ci/run does this)", pytrace=False)
+    log = Path(tempfile.mkdtemp()) / "server.log"
+    proc = load.start_server(load._free_port(), log, {"OMP_NUM_THREADS": "1", "JEM_EXPLORER_DEFAULT": "digits"})
+    try:
+        port = proc.args[proc.args.index("--server.port") + 1]
+        return load.run(f"http://127.0.0.1:{port}", proc.pid, chains=1, browse=1, train=False, minutes=0.6,
+                        sample_s=3.0, log=log)
+    finally:
+        load.stop_server(proc)
+
+
+def test_no_exception_in_any_page_or_in_the_server_log(measured):
+    assert measured["exceptions"] == []
+    assert {a["action"] for a in measured["actions"]} >= {"attack"} or len(measured["page_loads"]) >= 4
+
+
+def test_live_chains_keep_refreshing_while_another_user_browses(measured):
+    s = measured["sessions"]["chains0"]
+    assert s["refresh_per_s"] >= 1.0, s
+    assert s["gap_ms_max"] is not None and s["gap_ms_max"] < 10_000, s
+
+
+def test_memory_stays_bounded(measured):
+    assert measured["rss_growth_mb"] < 150, measured["memory"]
+
+
+def test_closing_a_tab_stops_its_chains_within_15_seconds(measured):
+    settle = measured["tab_close"]["seconds_to_settle"]
+    assert settle is not None and settle <= 15, measured["tab_close"]

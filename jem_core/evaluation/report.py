@@ -50,6 +50,7 @@ import torch
 from ..checkpoint import LoadedCheckpoint, load_checkpoint
 from ..data import SYNTHETIC_OOD, data_available, load_dataset
 from .calibration import calibration_report, fit_temperature, predict_logits
+from .figures import model_label, plot_reliability, plot_robustness, plot_roc
 from .ood import OOD_SCORES, SCORE_LABELS, is_known_ood_spec, load_ood_set, ood_metrics, ood_score_table, roc_curve_data
 from .robustness import RefinedClassifier, default_eps, robustness_curve
 from .samples import sample_quality
@@ -352,141 +353,8 @@ def evaluate_checkpoint(path: str | os.PathLike, data_root: str | os.PathLike | 
 
 
 # ---------------------------------------------------------------------------------------------------
-# Writing: report.json, report.md, PNG plots (drawn with Pillow: no plotting dependency).
+# Writing: report.json, report.md, PNG plots (matplotlib, in figures.py).
 # ---------------------------------------------------------------------------------------------------
-_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127)]
-
-
-def _font(size: int = 13):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
-
-
-def _panel(draw, box: tuple[int, int, int, int], title: str, xlabel: str, ylabel: str,
-           xlim: tuple[float, float], ylim: tuple[float, float],
-           lines: Sequence[tuple[str, Sequence[float], Sequence[float], tuple[int, int, int], bool]] = (),
-           bars: Sequence[tuple[float, float, float, tuple[int, int, int]]] = (), diagonal: bool = False,
-           legend: str = "top", under: Sequence[tuple[float, float, float, tuple[int, int, int]]] = ()) -> None:
-    """Draw one chart: ``lines`` = (label, xs, ys, colour, dashed); ``bars``/``under`` = (x0, x1, height, colour)."""
-    x0, y0, x1, y1 = box
-    f, fs = _font(13), _font(11)
-    left, right, top, bottom = x0 + 52, x1 - 10, y0 + 40, y1 - 40
-    draw.text(((left + right) // 2, y0 + 4), title, fill=(0, 0, 0), font=f, anchor="ma")
-    (a, b), (c, d) = xlim, ylim
-
-    def px(x: float, y: float) -> tuple[float, float]:
-        return (left + (x - a) / (b - a or 1) * (right - left), bottom - (y - c) / (d - c or 1) * (bottom - top))
-
-    for i in range(6):  # grid and ticks
-        xv, yv = a + (b - a) * i / 5, c + (d - c) * i / 5
-        gx, _ = px(xv, c)
-        _, gy = px(a, yv)
-        draw.line([(gx, top), (gx, bottom)], fill=(230, 230, 230))
-        draw.line([(left, gy), (right, gy)], fill=(230, 230, 230))
-        draw.text((gx, bottom + 4), f"{xv:.3g}", fill=(60, 60, 60), font=fs, anchor="ma")
-        draw.text((left - 4, gy), f"{yv:.3g}", fill=(60, 60, 60), font=fs, anchor="rm")
-    draw.rectangle([left, top, right, bottom], outline=(0, 0, 0))
-    draw.text(((left + right) // 2, y1 - 18), xlabel, fill=(0, 0, 0), font=fs, anchor="ma")
-    draw.text((x0 + 4, top - 16), ylabel, fill=(0, 0, 0), font=fs)
-    if diagonal:
-        draw.line([px(a, c), px(b, d)], fill=(150, 150, 150), width=1)
-    for bx0, bx1, h, col in bars:
-        if h is not None and h == h:  # skip NaN / None (empty bins)
-            p0, p1 = px(bx0, c), px(bx1, h)
-            draw.rectangle([p0[0] + 1, p1[1], p1[0] - 1, p0[1]], fill=col + (170,), outline=col)
-    for bx0, bx1, h, col in under:  # a second, translucent bar series (e.g. bin counts)
-        if h is not None and h == h and h > 0:
-            p0, p1 = px(bx0, c), px(bx1, h)
-            draw.rectangle([p0[0] + 3, p1[1], p1[0] - 3, p0[1]], fill=col + (200,))
-    legend_y = top + 4 if legend == "top" else bottom - 6 - 15 * sum(1 for ln in lines if ln[0])
-    for label, xs, ys, col, dashed in lines:
-        pts = [px(x, y) for x, y in zip(xs, ys) if y is not None and y == y]
-        if len(pts) >= 2:
-            if dashed:
-                for p_, q in zip(pts[:-1], pts[1:]):
-                    n = max(1, int(math.dist(p_, q) // 8))
-                    for k in range(0, n, 2):
-                        draw.line([(p_[0] + (q[0] - p_[0]) * k / n, p_[1] + (q[1] - p_[1]) * k / n),
-                                   (p_[0] + (q[0] - p_[0]) * (k + 1) / n, p_[1] + (q[1] - p_[1]) * (k + 1) / n)],
-                                  fill=col, width=2)
-            else:
-                draw.line(pts, fill=col, width=2)
-        for p_ in pts if len(pts) < 30 else []:
-            draw.ellipse([p_[0] - 3, p_[1] - 3, p_[0] + 3, p_[1] + 3], fill=col)
-        if label:
-            lx = right - 160
-            segs = [(lx, lx + 6), (lx + 10, lx + 16)] if dashed else [(lx, lx + 16)]
-            for sx0, sx1 in segs:
-                draw.line([(sx0, legend_y + 6), (sx1, legend_y + 6)], fill=col, width=3)
-            draw.text((lx + 22, legend_y), label[:24], fill=(0, 0, 0), font=fs)
-            legend_y += 15
-
-
-def _canvas(n_panels: int, w: int = 380, h: int = 320):
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (w * n_panels, h), "white")
-    return img, ImageDraw.Draw(img, "RGBA"), w, h
-
-
-def _short(r: dict) -> str:
-    return f"{Path(str(r['checkpoint'])).stem} ({r.get('objective')})"
-
-
-def _plot_reliability(models: list[dict], path: Path) -> None:
-    panels = [(r, key) for r in models for key in ("", "temperature_scaled") if not key or r.get(key)]
-    img, draw, w, h = _canvas(len(panels))
-    for i, (r, key) in enumerate(panels):
-        bins = r[key]["reliability"] if key else r["reliability"]
-        ece = r[key]["ece"] if key else r["ece"]
-        title = f"{_short(r)}{' T-scaled' if key else ''}: ECE {ece:.3f}"
-        n = max(1, sum(b["count"] for b in bins))
-        _panel(draw, (i * w, 0, (i + 1) * w, h), title, "confidence (grey: share of images per bin)", "accuracy",
-               (0, 1), (0, 1), bars=[(b["lo"], b["hi"], b["accuracy"], _COLORS[0]) for b in bins], diagonal=True,
-               under=[(b["lo"], b["hi"], b["count"] / n, (90, 90, 90)) for b in bins])
-    img.save(path)
-
-
-def _plot_robustness(models: list[dict], path: Path) -> None:
-    keys = [k for k in ("linf", "l2", "fgsm") if any(r.get("robustness") and r["robustness"].get(k) for r in models)]
-    if not keys:
-        return
-    img, draw, w, h = _canvas(len(keys))
-    for i, k in enumerate(keys):
-        lines, xmax = [], 0.0
-        for j, r in enumerate(models):
-            rows = r["robustness"].get(k, []) if r.get("robustness") else []
-            if not rows:
-                continue
-            xs = [row["eps"] for row in rows]
-            xmax = max(xmax, max(xs))
-            lines.append((Path(str(r["checkpoint"])).stem, xs, [row["accuracy"] for row in rows], _COLORS[j], False))
-            if any(row.get("accuracy_refined") is not None for row in rows):
-                lines.append((Path(str(r["checkpoint"])).stem + " refined", xs,
-                              [row.get("accuracy_refined") for row in rows], _COLORS[j], True))
-        name = {"linf": "PGD L-inf", "l2": "PGD L2", "fgsm": "FGSM (L-inf)"}[k]
-        _panel(draw, (i * w, 0, (i + 1) * w, h), name, "eps ([0, 1] pixel scale)", "accuracy", (0, xmax or 1), (0, 1),
-               lines=lines)
-    img.save(path)
-
-
-def _plot_roc(models: list[dict], path: Path, score: str = "log_px") -> None:
-    models = [r for r in models if r.get("_artifacts", {}).get("roc")]
-    if not models:
-        return
-    img, draw, w, h = _canvas(len(models))
-    for i, r in enumerate(models):
-        roc = r["_artifacts"]["roc"]
-        lines = [(f"{name} {r['ood'][name][score]['auroc']:.3f}", c[score]["fpr"], c[score]["tpr"], _COLORS[j % 8], False)
-                 for j, (name, c) in enumerate(roc.items())]
-        _panel(draw, (i * w, 0, (i + 1) * w, h), f"{_short(r)}: ROC of {SCORE_LABELS[score]}", "FPR (OOD accepted)",
-               "TPR", (0, 1), (0, 1), lines=lines, diagonal=True, legend="bottom")
-    img.save(path)
 
 
 def _fmt(v: Any, nd: int = 3) -> str:
@@ -499,7 +367,7 @@ def _fmt(v: Any, nd: int = 3) -> str:
 
 def _markdown(result: dict, files: dict[str, str], command: str | None) -> str:
     models = [result] + ([result["compare"]] if result.get("compare") else [])
-    names = [_short(r) for r in models]
+    names = [model_label(r) for r in models]
     st = result["settings"]
     L = [f"# Evaluation report: {Path(str(result['checkpoint'])).name}", ""]
     if command:
@@ -579,7 +447,7 @@ def _markdown(result: dict, files: dict[str, str], command: str | None) -> str:
         for r in models:
             key = f"samples_{Path(str(r['checkpoint'])).stem}"
             if key in files:
-                L += ["", f"{_short(r)} (one row per class):", "", f"![samples]({files[key]})"]
+                L += ["", f"{model_label(r)} (one row per class):", "", f"![samples]({files[key]})"]
         L.append("")
     L += ["## Time per part (seconds)", "", "| model | " + " | ".join(["calibration", "ood", "robustness", "samples"]) + " |",
           "|---|---|---|---|---|"]
@@ -627,13 +495,13 @@ def write_report(result: dict[str, Any], out_dir: str | os.PathLike, command: st
     models = [result] + ([result["compare"]] if result.get("compare") else [])
     files: dict[str, str] = {}
     if plots:
-        _plot_reliability(models, out / "reliability.png")
+        plot_reliability(models, out / "reliability.png")
         files["reliability"] = "reliability.png"
         if any(r.get("_artifacts", {}).get("roc") for r in models):
-            _plot_roc(models, out / "ood_roc.png")
+            plot_roc(models, out / "ood_roc.png", "log_px", SCORE_LABELS["log_px"])
             files["roc"] = "ood_roc.png"
         if any(r.get("robustness") for r in models):
-            _plot_robustness(models, out / "robustness.png")
+            plot_robustness(models, out / "robustness.png")
             files["robustness"] = "robustness.png"
         for r in models:
             smp = r.get("_artifacts", {}).get("samples")

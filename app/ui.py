@@ -4,7 +4,7 @@ Everything here is *presentation*: choosing and loading what the user asked for,
 results of ``jem_core`` into plotly figures and pictures, offering downloads. Computations live
 in ``jem_core``; a page calls one library function and hands its result to a builder below.
 
-Caching (see DESIGN.md): checkpoints and datasets are ``st.cache_resource`` (shared, never
+Caching (docs/ARCHITECTURE.md): checkpoints and datasets are ``st.cache_resource`` (shared, never
 mutated: loaded models are in eval mode with ``requires_grad`` off); evaluation results go through
 :func:`cached`, a small shared store keyed by model identity and settings that shows a progress
 bar while it computes. Per-user state (chains, attack results, training runs) lives in

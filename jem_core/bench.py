@@ -12,7 +12,7 @@ time in the same round) and the figure is the median over rounds, so machine loa
 over seconds cancels. Latency and frames per second are medians of absolute times, so they depend
 on the machine: the JSON records the thread count, torch version and CPU.
 
-Figures (targets from issue 6):
+Figures (with their targets):
 
 - ``sgld_step_ratio``: our SGLD (replay-buffer draw, ``SGLDSampler.run`` with frozen parameters,
   write-back), per step, over the floor; MNIST ConvNet at batch 64 and WRN-28-2 at batch 32 on

@@ -66,7 +66,7 @@ _TRAIN_HELP = {
     "energy_l2": "L2 penalty on data and sample energies (stabiliser; 0 = off)",
     "sgld_steps": "SGLD steps per training iteration", "sgld_step_size": "SGLD step size",
     "sgld_noise": "SGLD noise std ([-1, 1] pixel units)",
-    "exact_langevin": "tie noise std to sqrt(step size) (the seed's Langevin equation)",
+    "exact_langevin": "tie noise std to sqrt(step size) (the Langevin equation)",
     "sgld_clamp": "clamp samples to [-1, 1]", "sgld_max_update": "clip each SGLD pixel update to +-this",
     "buffer_size": "replay buffer size", "reinit_freq": "probability of restarting a chain from noise",
     "data_noise": "std of Gaussian noise added to data", "labels_per_class": "semi-supervised: labelled images per class",

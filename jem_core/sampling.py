@@ -89,7 +89,7 @@ class SGLDSampler:
         step_size: ``a`` (exact Langevin) or the gradient step (practical setting); > 0.
         noise_std: std of the added Gaussian noise in ``[-1, 1]`` pixel units, >= 0; ignored
             when ``exact_langevin`` (then it is ``sqrt(step_size)``).
-        exact_langevin: use the seed's Langevin equation (see module docstring).
+        exact_langevin: use the Langevin equation itself (see the module docstring).
         clamp: clamp samples to ``[-1, 1]`` after every step.
         max_update: if set (> 0), clip each pixel's update to ``[-max_update, max_update]``.
         generator: random source for the noise (must live on the samples' device).

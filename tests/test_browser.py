@@ -1,4 +1,4 @@
-"""Real-browser end-to-end test (issue 4): the dashboard served by ``streamlit run`` and driven by Chromium.
+"""Real-browser end-to-end test: the dashboard served by ``streamlit run`` and driven by Chromium.
 
 Starts ``streamlit run app/Home.py`` on a free port (digits models), then with Playwright (sync API) and
 Debian's Chromium: visits every page of the sidebar navigation, runs the live Langevin chains and scores an

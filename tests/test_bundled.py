@@ -13,7 +13,7 @@ from jem_core.training import evaluate_classifier
 
 CK = Path(__file__).resolve().parents[1] / "checkpoints"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-# (file, dataset, floor on the full test split): issue 2's targets.
+# (file, dataset, floor on the full test split): the model card's targets.
 BUNDLED = [
     ("digits_jem.pt", "digits", 0.95),
     ("digits_baseline.pt", "digits", 0.97),

@@ -1,4 +1,4 @@
-"""Reliability and security (issue 5): bad uploads, untrusted checkpoints, divergence, interrupted
+"""Reliability and security: bad uploads, untrusted checkpoints, divergence, interrupted
 training, bad arguments, the app under load.
 
 Each test asserts the right behaviour for one case of docs/RELIABILITY.md; cases already covered

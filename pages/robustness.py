@@ -7,8 +7,6 @@ Attack results are per user (``st.session_state``).
 
 from __future__ import annotations
 
-import inspect
-
 import numpy as np
 import pandas as pd
 import streamlit as st
@@ -22,8 +20,6 @@ ATTACKS = {"pgd_linf": "PGD L∞", "pgd_l2": "PGD L2", "fgsm": "FGSM (L∞)"}
 RESULT = "rb_result"
 NO_AUTO = "rb_no_auto"  # session_state: the user cancelled the automatic first attack
 N_GALLERY = 8
-# robustness_curve takes a PGD step size only in newer library versions; the control follows it.
-CURVE_HAS_STEP_SIZE = "step_size" in inspect.signature(robustness_curve).parameters
 
 
 def settings(ctx: ui.Context, total: int) -> dict:
@@ -64,14 +60,13 @@ def run_attacks(ctx: ui.Context, s: dict, progress) -> dict:
     test = ctx.test_set()
     x, y = test.x[: s["n"]], test.y[: s["n"]]
     models = ctx.models()
-    extra = {"step_size": s["step_size"]} if CURVE_HAS_STEP_SIZE else {}
     curves: dict[str, list[dict]] = {}
     for i, (name, ck, _) in enumerate(models):
         refined = (RefinedClassifier(ck.model, s["refine_steps"], s["refine_chains"], seed=0)
                    if s["refine"] and i == 0 else None)
         out = robustness_curve(ck.model, x, y, {s["kind"]: s["eps"]}, s["steps"], refined,
                                random_start=s["random_start"],
-                               progress=lambda f, i=i: progress((i + f) / len(models)), **extra)
+                               progress=lambda f, i=i: progress((i + f) / len(models)), step_size=s["step_size"])
         rows = next(iter(out.values()))
         curves[name] = [r["accuracy"] for r in rows]
         if refined is not None:
@@ -140,9 +135,6 @@ def main(ctx: ui.Context) -> None:
     publish = share.sync(url_params(ctx, len(test)), "robustness")
     s = settings(ctx, len(test))
     publish()
-    if not CURVE_HAS_STEP_SIZE and s["step_size"] is not None:
-        st.caption("The accuracy curve uses the automatic step size (this library version's robustness_curve "
-                   "takes none); the gallery uses the one set here.")
     clicked = st.button("Run attacks", key="rb_run", type="primary")
     ss = st.session_state
     r = ss.get(RESULT)

@@ -421,3 +421,12 @@ def test_evaluate_checkpoint_api_skips_parts_and_reports_progress(digits_baselin
     assert json.loads(paths["json"].read_text())["robustness"] is None
     with pytest.raises(ValueError, match="unknown OOD"):
         evaluate_checkpoint(digits_baseline_path, ood_sets=["bogus"], n_test=10)
+
+
+def test_robustness_curve_uses_the_given_pgd_step_size(model, digits_test):
+    x, y = digits_test.x[:30], digits_test.y[:30]
+    tiny = robustness_curve(model, x, y, {"pgd_linf": [0.2]}, steps=5, step_size=1e-4)["linf"][0]["accuracy"]
+    auto = robustness_curve(model, x, y, {"pgd_linf": [0.2]}, steps=5)["linf"][0]["accuracy"]
+    clean = robustness_curve(model, x, y, {"pgd_linf": [0.0]})["linf"][0]["accuracy"]
+    assert tiny == pytest.approx(clean, abs=1 / 30), "5 steps of 1e-4 barely move the images"
+    assert auto < tiny, "the default step size (2.5 eps / steps) reaches the eps ball"

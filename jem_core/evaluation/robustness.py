@@ -290,8 +290,8 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 def robustness_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                      eps: dict[str, Sequence[float]] | None = None, steps: int = 10,
                      refined: RefinedClassifier | None = None, random_start: bool = False, batch_size: int = 250,
-                     progress: Callable[[float], None] | None = None, loss: str = "margin"
-                     ) -> dict[str, list[dict[str, float | None]]]:
+                     progress: Callable[[float], None] | None = None, loss: str = "margin",
+                     step_size: float | None = None) -> dict[str, list[dict[str, float | None]]]:
     """Accuracy under attack over a list of eps values, for the plain and (optionally) the refined classifier.
 
     The plain classifier is attacked with its own gradients (white box). The refined classifier is
@@ -310,6 +310,8 @@ def robustness_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         refined: the refined classifier to attack as well (its model should be ``model``), or None.
         random_start, batch_size, loss: see :func:`attack`.
         progress: called with the fraction done in ``[0, 1]`` after every attack.
+        step_size: PGD step size in the ``[0, 1]`` pixel scale, or None for :func:`attack`'s default
+            (``2.5 eps / steps``).
 
     Returns:
         ``{"linf" | "l2" | "fgsm": [row, ...]}`` in the order of the eps lists, each row
@@ -335,8 +337,8 @@ def robustness_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     clean_refined: torch.Tensor | None = None
     for (k, e), c in zip(jobs, cost):
         row: dict[str, float | None] = {"eps": e}
-        xa = x if e == 0 else attack(model, x, y, k, e, steps, random_start=random_start, batch_size=batch_size,
-                                     loss=loss)
+        xa = x if e == 0 else attack(model, x, y, k, e, steps, step_size, random_start=random_start,
+                                     batch_size=batch_size, loss=loss)
         row["accuracy"] = accuracy(model, xa, y, batch_size)
         row["accuracy_refined"] = row["accuracy_refined_adaptive"] = row["accuracy_refined_transfer"] = None
         if refined is not None:
@@ -346,7 +348,8 @@ def robustness_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                 both = clean_refined
                 row["accuracy_refined_adaptive"] = row["accuracy_refined_transfer"] = float(both.float().mean())
             else:
-                xr = attack(refined, x, y, k, e, steps, random_start=random_start, batch_size=batch_size, loss=loss)
+                xr = attack(refined, x, y, k, e, steps, step_size, random_start=random_start, batch_size=batch_size,
+                            loss=loss)
                 adaptive = correct_predictions(refined, xr, y, batch_size)
                 transfer = correct_predictions(refined, xa, y, batch_size)
                 both = adaptive & transfer

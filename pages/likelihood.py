@@ -14,7 +14,7 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
-from app import ui
+from app import share, ui
 from jem_core.likelihood import PUBLISHED_MNIST_BPD, SAMPLERS, SCHEDULES, estimate_log_likelihood, pixel_levels
 
 TEMPS = [25, 50, 100, 200, 500, 1000, 2000]
@@ -83,6 +83,11 @@ def fig_sweep(reports: dict) -> go.Figure:
 def main(ctx: ui.Context) -> None:
     c, h, w = ctx.shape
     dim = c * h * w
+    publish = share.sync([share.Param("lik_temps", share.choice(TEMPS)), share.Param("lik_chains", share.choice(CHAINS)),
+                          share.Param("lik_sampler", share.choice(SAMPLERS)),
+                          share.Param("lik_schedule", share.choice(SCHEDULES)),
+                          share.Param("lik_reverse", share.flag, share.format_flag),
+                          share.Param("lik_base", share.flag, share.format_flag)], "likelihood")
     a, b, cc, d = st.columns(4)
     temps = a.select_slider("Temperatures K", TEMPS, value=default_temps(dim), key="lik_temps",
                             help="transitions along b from 0 (uniform on the box) to 1 (the model)", **ui.PERSIST)
@@ -95,6 +100,7 @@ def main(ctx: ui.Context) -> None:
     reverse = e.toggle("Reverse run (diagnostic)", value=True, key="lik_reverse", **ui.PERSIST)
     with_base = f.toggle("Also the baseline", value=False, key="lik_base", disabled=ctx.baseline is None,
                          help="a classifier trained without the p(x) term also defines an energy", **ui.PERSIST)
+    publish()
     test = ctx.test_set()
     n_test = 0
     if test is None:

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..energy import energy
 from .robustness import attack_mode
 
 __all__ = ["ATTRIBUTION_METHODS", "ATTRIBUTION_TARGETS", "attribution_maps"]
@@ -34,7 +35,7 @@ class _NegEnergy(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.logsumexp(self.model(x), dim=1)
+        return -energy(self.model(x))
 
 
 def attribution_maps(model: nn.Module, x: torch.Tensor, target: str = "class", method: str = "saliency",

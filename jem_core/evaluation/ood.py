@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..data import SYNTHETIC_OOD, load_dataset, synthetic_ood
+from ..energy import energy
 from ..sampling import frozen_parameters
 from .calibration import eval_mode
 
@@ -44,7 +45,7 @@ def _batch_scores(model: nn.Module, xb: torch.Tensor, scores: Sequence[str]) -> 
         with torch.enable_grad():
             xg = xb.detach().requires_grad_(True)
             logits = model(xg).float()
-            lse = torch.logsumexp(logits, 1)
+            lse = -energy(logits)
             # Examples are independent (eval mode, no batch norm statistics), so the gradient of the
             # batch sum gives every example's own gradient.
             (g,) = torch.autograd.grad(lse.sum(), xg)
@@ -54,7 +55,7 @@ def _batch_scores(model: nn.Module, xb: torch.Tensor, scores: Sequence[str]) -> 
         with torch.no_grad():
             logits = model(xb).float()
     if "log_px" in scores:
-        out["log_px"] = torch.logsumexp(logits, 1)
+        out["log_px"] = -energy(logits)
     if "max_prob" in scores:
         out["max_prob"] = torch.softmax(logits, 1).max(1).values
     return out

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..energy import energy
 from ..sampling import SGLDSampler, frozen_parameters
 from .calibration import eval_mode
 
@@ -115,7 +116,7 @@ class RefinedClassifier(nn.Module):
             for _ in range(self.steps):
                 if not x.requires_grad:
                     x = x.detach().requires_grad_(True)
-                e = -torch.logsumexp(self.model(x), 1)
+                e = energy(self.model(x))
                 (g,) = torch.autograd.grad(e.sum(), x, create_graph=True)
                 noise = torch.randn(x.shape, generator=self.generator, device=x.device)
                 x = (x - self.step_size * g + self.noise_std * noise).clamp(-1.0, 1.0)

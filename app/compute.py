@@ -1,0 +1,146 @@
+"""Shared computation in the dashboard: the result cache, its progress box, and the server-wide worker limit.
+
+- :func:`cached`: a small LRU of evaluation results shared by every session, keyed by everything a result
+  depends on; a miss computes inside :func:`progress_box` (elapsed time, time left from measured throughput,
+  a Cancel button) while holding a :func:`worker` slot.
+- :func:`worker`: at most :data:`N_WORKERS` heavy computations at once in this server (one per core, each on
+  one torch thread), with a visible wait for a free one; live views ask without waiting and skip a tick.
+
+What does not live here: what is computed (``jem_core``) and how results are shown (``app/figures.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import threading
+import time
+from collections import OrderedDict
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+import streamlit as st
+import torch
+
+T = TypeVar("T")
+
+#: Heavy computations (evaluations, attacks, AIS, live-chain steps) that may run at once in this server,
+#: across all sessions: one per CPU core (``$JEM_WORKERS`` overrides). Each runs torch on one thread, so
+#: the cores are shared fairly instead of oversubscribed (two 2-thread pools on 2 shared cores were
+#: measured 10x slower).
+N_WORKERS = max(1, int(os.environ.get("JEM_WORKERS", 0)) or (os.cpu_count() or 1))
+torch.set_num_threads(int(os.environ.get("JEM_TORCH_THREADS", 1)))
+
+
+@st.cache_resource
+def _store() -> dict[str, Any]:
+    return {"lock": threading.Lock(), "data": OrderedDict()}
+
+
+class Cancelled(Exception):
+    """The user pressed Cancel on a long computation (see :func:`progress_box`)."""
+
+
+_CANCEL = "_jem_cancel"  # session_state: True after a Cancel click, until the next computation sees it
+
+
+@contextlib.contextmanager
+def progress_box(label: str) -> Iterator[Callable[[float], None]]:
+    """A progress bar with elapsed time, an estimate of the time left, and a Cancel button.
+
+    Yields ``progress(fraction in [0, 1])``. The estimate is measured throughput: ``elapsed * (1 - f) / f``.
+    Cancel works by Streamlit's own interruption: its click reruns the script, which stops the running
+    computation at its next progress update (no thread is left behind); the click also marks the session
+    so that the computation asked for first on the rerun raises :class:`Cancelled` instead of starting
+    again. Raises :class:`Cancelled` at entry when that mark is set.
+    """
+    if st.session_state.pop(_CANCEL, False):
+        raise Cancelled(label)
+    slot = st.empty()
+    box = slot.container(border=True)
+    bar = box.progress(0.0, text=label)
+    box.button("Cancel", key=f"cancel_{hashlib.sha1(label.encode()).hexdigest()[:10]}", icon=":material/cancel:",
+               on_click=lambda: st.session_state.__setitem__(_CANCEL, True))
+    t0 = time.monotonic()
+
+    def progress(f: float) -> None:
+        f = min(max(float(f), 0.0), 1.0)
+        elapsed = time.monotonic() - t0
+        eta = f", about {elapsed * (1 - f) / f:.0f} s left" if 0.02 <= f < 1 and elapsed > 1 else ""
+        bar.progress(f, text=f"{label} {f:.0%} · {elapsed:.0f} s{eta}")
+    try:
+        yield progress
+    finally:
+        slot.empty()
+
+
+@st.cache_resource
+def _workers() -> dict[str, Any]:
+    return {"sem": threading.BoundedSemaphore(N_WORKERS), "lock": threading.Lock(), "busy": 0}
+
+
+@contextlib.contextmanager
+def worker(label: str, wait: bool = True) -> Iterator[bool]:
+    """Hold one of the server's :data:`N_WORKERS` compute slots while the block runs.
+
+    With ``wait``, shows "waiting for a free worker" until a slot frees (the wait can be interrupted like
+    any script run) and yields True; without, yields False at once when every slot is busy, so a live
+    view can skip a tick instead of queueing behind long computations.
+    """
+    w = _workers()
+    got = w["sem"].acquire(blocking=False)
+    if not got and wait:
+        slot = st.empty()
+        t0 = time.monotonic()
+        while not got:
+            slot.info(f"Waiting for a free worker for: {label} ({w['busy']} computations are using this machine's "
+                      f"{N_WORKERS} worker{'s' if N_WORKERS > 1 else ''}; {time.monotonic() - t0:.0f} s so far)",
+                      icon=":material/hourglass_top:")
+            got = w["sem"].acquire(timeout=0.5)
+        slot.empty()
+    if got:
+        with w["lock"]:
+            w["busy"] += 1
+    try:
+        yield got
+    finally:
+        if got:
+            with w["lock"]:
+                w["busy"] -= 1
+            w["sem"].release()
+
+
+def workers_busy() -> int:
+    """How many of the server's compute slots are in use now."""
+    return int(_workers()["busy"])
+
+
+def cached(key: tuple, compute: Callable[[Callable[[float], None]], T], label: str, max_items: int = 96) -> T:
+    """Shared store of evaluation results keyed by ``key``; computes on a miss inside :func:`progress_box`,
+    holding a :func:`worker` slot (so at most :data:`N_WORKERS` computations run at once, server-wide).
+
+    ``compute`` receives a ``progress(fraction)`` callback. Keys must name everything the result
+    depends on (model keys from :func:`entry_key`, dataset, number of images, settings).
+    Raises :class:`Cancelled` when the user cancelled this computation.
+    """
+    s = _store()
+    with s["lock"]:
+        if key in s["data"]:
+            s["data"].move_to_end(key)
+            return s["data"][key]
+    with worker(label), progress_box(label) as progress:
+        value = compute(progress)
+    with s["lock"]:
+        s["data"][key] = value
+        while len(s["data"]) > max_items:
+            s["data"].popitem(last=False)
+    return value
+
+
+def digest_files(files: Iterable[Any]) -> str:
+    """A short hash of uploaded files' names and bytes (cache key for uploads)."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(getattr(f, "name", "")).encode())
+        h.update(f.getvalue())
+    return h.hexdigest()[:16]

@@ -1,0 +1,444 @@
+"""The models and data a session works on: the model registry, cached loaders, the sidebar and its Context.
+
+- which checkpoints the picker offers (bundled, uploaded, files on disk, trained in this session) and
+  their cached, frozen loading (``st.cache_resource``: shared by every session, never mutated);
+- the data root and the test sets (with the demo pack behind them);
+- :func:`sidebar`: model, baseline, dataset and data root for this run, as a :class:`Context`, with the
+  note on why the app opened on its default pair (kept true when the user picks another model);
+- :func:`test_probabilities`: ``p(y|x)`` of the test images, shared by the pages.
+
+What does not live here: page plumbing and widgets (``app/ui.py``), figures (``app/figures.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import streamlit as st
+import torch
+
+from app import share
+from app.compute import cached
+from jem_core.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
+from jem_core.data import (BUILTIN_DATASETS, DataUnavailableError, ImageDataset, data_available, dataset_shape,
+                           default_data_root, demo_pack_file, load_dataset)
+
+ROOT = Path(__file__).resolve().parent.parent
+CHECKPOINT_DIR = ROOT / "checkpoints"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+_CTX = "_jem_ctx"
+_EXTRA = "_jem_extra_models"        # models added in this session: uploads, files, trained runs
+_UPLOADS = "_jem_upload_bytes"      # digest -> bytes of uploaded checkpoints
+_UPLOAD_ERRORS = "_jem_upload_errors"
+_NEXT_MODEL = "_jem_select_next"    # a label to select in the picker on the next run
+_DEFAULT_NOTE = "_jem_default_note"
+TRAIN_RUN = "tr_run"                # the Train page's current run (a dict filled by its background thread)
+
+
+# ------------------------------------------------------------------------------------ data root
+def detected_data_root() -> tuple[Path, str]:
+    """The data root to use by default and why: ``$JEM_DATA_ROOT``, else ``<repo>/../shared/data``
+    when it exists (the development machines), else :func:`jem_core.data.default_data_root`."""
+    env = os.environ.get("JEM_DATA_ROOT")
+    if env:
+        return Path(env).expanduser(), "from $JEM_DATA_ROOT"
+    if SHARED_DATA.is_dir():
+        return SHARED_DATA.resolve(), "auto-detected ../shared/data next to the repository"
+    return default_data_root(), "the default data root (set JEM_DATA_ROOT to change it)"
+
+
+# ------------------------------------------------------------------------------- model registry
+@dataclass(frozen=True)
+class ModelEntry:
+    """A model the picker offers.
+
+    Attributes:
+        label: text shown in the picker (unique).
+        source: ``"bundled"``, ``"file"``, ``"upload"`` or ``"trained"``.
+        path: checkpoint file (bundled, file, trained) or None.
+        digest: sha256 of the uploaded bytes (upload) or None.
+    """
+
+    label: str
+    source: str
+    path: str | None = None
+    digest: str | None = None
+
+    @property
+    def name(self) -> str:
+        """Short name for legends and file names."""
+        if self.path:
+            return Path(self.path).stem
+        return self.label.split(" (")[0].removesuffix(".pt")
+
+
+def bundled_entries() -> list[ModelEntry]:
+    """The checkpoints shipped in ``checkpoints/`` (resume files left out)."""
+    if not CHECKPOINT_DIR.is_dir():
+        return []
+    files = sorted(p for p in CHECKPOINT_DIR.glob("*.pt") if not p.name.endswith(".resume.pt"))
+    return [ModelEntry(f"{p.name} (bundled)", "bundled", str(p)) for p in files]
+
+
+def session_entries() -> list[ModelEntry]:
+    """Models added in this browser session (uploads, files on disk, models trained here)."""
+    return list(st.session_state.get(_EXTRA, []))
+
+
+def add_session_entry(entry: ModelEntry, select: bool = False) -> None:
+    """Add a model to this session's picker; ``select`` makes it the chosen model on the next run."""
+    extra = st.session_state.setdefault(_EXTRA, [])
+    if entry not in extra:
+        extra.append(entry)
+    if select:
+        st.session_state[_NEXT_MODEL] = entry.label
+
+
+def register_finished_training() -> None:
+    """Put the checkpoint of a finished (or stopped) training run of this session into the picker."""
+    run = st.session_state.get(TRAIN_RUN)
+    if run and run["status"] != "running" and not run["registered"]:
+        run["registered"] = True
+        if Path(run["out"]).is_file():
+            from jem_core.checkpoint import read_checkpoint
+            from jem_core.recipes import accuracy_summary
+
+            try:  # the label carries its accuracy, and "under-trained" far below the recipe's target
+                summary = accuracy_summary(read_checkpoint(run["out"]).get("metadata") or {})
+            except Exception:  # noqa: BLE001 - the label is a courtesy; the picker entry must still appear
+                summary = ""
+            run["label"] = f"{run['name']} [{summary}] (trained here)" if summary else f"{run['name']} (trained here)"
+            add_session_entry(ModelEntry(run["label"], "trained", run["out"]))
+
+
+def _mtime(path: str) -> int:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return 0
+
+
+def entry_key(e: ModelEntry) -> str:
+    """Identity of the model's current weights, used as a cache key (changes when the file changes)."""
+    if e.source == "upload":
+        return f"upload:{e.digest}"
+    return f"{e.source}:{e.path}@{_mtime(e.path or '')}"
+
+
+def _frozen(ck: LoadedCheckpoint) -> LoadedCheckpoint:
+    # Cached models are shared by every session: no parameter ever needs a gradient in the app.
+    ck.model.eval().requires_grad_(False)
+    return ck
+
+
+@st.cache_resource(max_entries=16, show_spinner="Loading checkpoint...")
+def _load_path(path: str, mtime_ns: int) -> LoadedCheckpoint:
+    return _frozen(load_checkpoint(path))
+
+
+@st.cache_resource(max_entries=8, show_spinner="Loading checkpoint...")
+def _load_bytes(digest: str, _data: bytes) -> LoadedCheckpoint:
+    return _frozen(load_checkpoint(bytes(_data)))
+
+
+def load_entry(e: ModelEntry) -> LoadedCheckpoint:
+    """The loaded checkpoint of an entry (cached). Raises CheckpointError."""
+    if e.source == "upload":
+        data = st.session_state.get(_UPLOADS, {}).get(e.digest)
+        if data is None:
+            raise CheckpointError(f"the upload {e.label} is no longer in this session; upload it again")
+        return _load_bytes(e.digest, data)
+    return _load_path(str(e.path), _mtime(str(e.path)))
+
+
+def shape_of(ck: LoadedCheckpoint) -> tuple[int, int, int]:
+    """``(C, H, W)`` of the model's inputs."""
+    m = ck.metadata
+    return int(m["in_channels"]), int(m["image_size"]), int(m["image_size"])
+
+
+def class_names(ck: LoadedCheckpoint) -> list[str]:
+    m = ck.metadata
+    names = m.get("class_names") or []
+    k = int(m["n_classes"])
+    return [str(n) for n in names] if len(names) == k else [str(i) for i in range(k)]
+
+
+def _compatible(a: LoadedCheckpoint, b: LoadedCheckpoint) -> bool:
+    return shape_of(a) == shape_of(b) and int(a.metadata["n_classes"]) == int(b.metadata["n_classes"])
+
+
+# --------------------------------------------------------------------------------------- datasets
+@st.cache_resource(max_entries=6, show_spinner="Loading the test set...")
+def _test_set(spec: str, root: str, channels: int, size: int) -> ImageDataset:
+    return load_dataset(spec, "test", root, download=False, channels=channels, size=size)
+
+
+@st.cache_resource(max_entries=4, show_spinner="Loading the training set...")
+def train_set(spec: str, root: str) -> ImageDataset:
+    """The training split of a dataset (cached; never mutate it)."""
+    return load_dataset(spec, "train", root, download=False)
+
+
+def _dataset_ok(spec: str, root: Path) -> bool:
+    try:
+        return data_available(spec, root, "test")
+    except Exception:  # noqa: BLE001 - a malformed spec from an uploaded checkpoint's metadata
+        return False
+
+
+# ---------------------------------------------------------------------------------------- context
+@dataclass
+class Context:
+    """What the sidebar chose for this run: the model, its baseline, the dataset and the data root."""
+
+    model: LoadedCheckpoint
+    entry: ModelEntry
+    baseline: LoadedCheckpoint | None
+    baseline_entry: ModelEntry | None
+    dataset: str
+    data_root: Path
+    data_ok: bool
+    data_message: str = ""
+    _test: ImageDataset | None = field(default=None, repr=False)
+
+    @property
+    def key(self) -> str:
+        return entry_key(self.entry)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return shape_of(self.model)
+
+    @property
+    def class_names(self) -> list[str]:
+        return class_names(self.model)
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    def models(self) -> list[tuple[str, LoadedCheckpoint, str]]:
+        """``(name, checkpoint, cache key)`` for the model and, when chosen, the baseline."""
+        out = [(self.entry.name, self.model, entry_key(self.entry))]
+        if self.baseline is not None and self.baseline_entry is not None:
+            name = self.baseline_entry.name
+            out.append((name if name != self.entry.name else f"{name} (baseline)", self.baseline,
+                        entry_key(self.baseline_entry)))
+        return out
+
+    def test_set(self) -> ImageDataset | None:
+        """The chosen dataset's test split shaped for the model, or None when it is not available."""
+        if not self.data_ok:
+            return None
+        if self._test is None:
+            c, h, _ = self.shape
+            try:
+                self._test = _test_set(self.dataset, str(self.data_root), c, h)
+            except (DataUnavailableError, ValueError, OSError) as e:
+                self.data_ok, self.data_message = False, str(e)
+                return None
+            if tuple(self._test.x.shape[1:]) != self.shape:
+                self.data_ok = False
+                self.data_message = (f"{self.dataset} images are {tuple(self._test.x.shape[1:])}, "
+                                     f"the model takes {self.shape}")
+                self._test = None
+        return self._test
+
+
+def context() -> Context | None:
+    """This run's :class:`Context` (built by the sidebar in ``app/Home.py``)."""
+    return st.session_state.get(_CTX)
+
+
+def _default_pair(entries: list[ModelEntry], root: Path) -> tuple[str | None, str | None, str]:
+    """(model label, baseline label, note): the MNIST pair when MNIST test images are there (in the data
+    root or the bundled demo pack), else the digits pair; ``JEM_EXPLORER_DEFAULT=digits|mnist`` forces one."""
+    names = {Path(e.path).name: e.label for e in entries if e.path}
+    forced = os.environ.get("JEM_EXPLORER_DEFAULT", "").strip().lower()
+
+    def pair(family: str) -> tuple[str | None, str | None]:
+        return names.get(f"{family}_jem.pt"), names.get(f"{family}_baseline.pt")
+
+    if forced in ("digits", "mnist") and any(pair(forced)):
+        m, b = pair(forced)
+        return m or b, b if m else None, f"Opened on the {forced} models because JEM_EXPLORER_DEFAULT={forced}."
+    m, b = pair("mnist")
+    in_root = (root / "MNIST" / "raw" / "t10k-images-idx3-ubyte").is_file()
+    if m and (in_root or demo_pack_file("mnist") is not None):
+        where = (f"the data root {root}" if in_root else
+                 "the bundled demo pack (the 10,000-image MNIST test split; training on MNIST needs the training "
+                 "split in a data root, which the Train page can download)")
+        return m, b, f"Opened on the MNIST pair, with MNIST test images from {where}."
+    dm, db = pair("digits")
+    if not (dm or db):
+        first = entries[0].label if entries else None
+        return first, None, "No bundled digits or MNIST models were found; opened on the first model available."
+    if not m:
+        why = "the MNIST JEM checkpoint (checkpoints/mnist_jem.pt) is not bundled"
+    else:
+        why = (f"no MNIST test images were found (not in the data root {root}, and the demo pack "
+               "jem_core/demo_data/ is missing); the MNIST models still work from the picker for sampling and "
+               "scoring uploads")
+    note = f"Opened on the digits pair (scikit-learn's 8x8 digits, always available): {why}."
+    return dm or db, db if dm else None, note
+
+
+def _handle_uploads(entries_now: list[ModelEntry]) -> None:
+    """The 'Add a model' box: upload a .pt or name a file on disk; bad files show an error only."""
+    errors = st.session_state.setdefault(_UPLOAD_ERRORS, {})
+    with st.sidebar.expander("Add a model (upload or file)"):
+        up = st.file_uploader("Upload a checkpoint (.pt)", type=["pt", "pth"], key="sb_upload",
+                              help=f"up to {st.get_option('server.maxUploadSize')} MB "
+                                   "(server.maxUploadSize in .streamlit/config.toml)")
+        if up is not None:
+            data = up.getvalue()
+            digest = hashlib.sha256(data).hexdigest()
+            entry = ModelEntry(f"{up.name} (uploaded {digest[:6]})", "upload", None, digest)
+            if digest not in errors and entry not in session_entries():
+                st.session_state.setdefault(_UPLOADS, {})[digest] = data
+                try:
+                    _load_bytes(digest, data)
+                    add_session_entry(entry, select=True)
+                except CheckpointError as e:
+                    errors[digest] = str(e)
+                    st.session_state[_UPLOADS].pop(digest, None)
+            if digest in errors:
+                st.error(f"Could not load {up.name}: {errors[digest]} The previous model stays selected.")
+        path = st.text_input("...or a checkpoint file on disk", key="sb_path", placeholder="/path/to/model.pt")
+        if st.button("Load file", key="sb_load_path") and path.strip():
+            p = str(Path(path.strip()).expanduser().resolve())
+            try:
+                _load_path(p, _mtime(p))
+                add_session_entry(ModelEntry(f"{Path(p).name} (file {Path(p).parent.name}/)", "file", p), select=True)
+            except CheckpointError as e:
+                st.error(f"Could not load {p}: {e} The previous model stays selected.")
+
+
+def _model_card(ck: LoadedCheckpoint, title: str) -> None:
+    m = ck.metadata
+    metrics = m.get("metrics") or {}
+    acc = metrics.get("test_accuracy")
+    objective = str(m.get("objective", "?")) + (" (semi-supervised)" if m.get("semi_supervised") else "")
+    acc_text = f"**{acc * 100:.2f}%**" if isinstance(acc, (int, float)) else "not recorded"
+    st.markdown(f"**{title}**  \ndataset: `{m.get('dataset', '?')}` · objective: `{objective}`  \n"
+                f"test accuracy: {acc_text}")
+    nll = metrics.get("test_nll")
+    extra = {"architecture": f"{m.get('arch')} {m.get('arch_kwargs') or ''}", "parameters": m.get("parameters"),
+             "input": "x".join(str(v) for v in shape_of(ck)), "epochs": metrics.get("epochs"),
+             "test NLL": f"{nll:.4f}" if isinstance(nll, (int, float)) else None, "SGLD": m.get("sgld"),
+             "divergence events": len(m.get("divergence_events") or []),
+             "replay buffer": None if ck.replay_buffer is None else f"{len(ck.replay_buffer)} samples",
+             "library version": m.get("version")}
+    with st.expander(f"Details: {title.split(': ')[-1]}"):
+        st.caption("  \n".join(f"{k}: {v}" for k, v in extra.items() if v not in (None, "")))
+
+
+def sidebar() -> Context | None:
+    """Draw the sidebar (model, baseline, dataset, data root, model card) and store the :class:`Context`."""
+    st.session_state.pop(_CTX, None)
+    sb = st.sidebar
+    sb.markdown("### Model")
+    picker = sb.container()
+    bundled = bundled_entries()
+    register_finished_training()
+    _handle_uploads(bundled + session_entries())
+    data_box = sb.expander("Data root")
+    with data_box:
+        detected, why = detected_data_root()
+        root_text = st.text_input("Data root", value=str(detected), key="sb_data_root",
+                                  help="torchvision-style folder with MNIST/, FashionMNIST/, ... Without it, the "
+                                       "MNIST and Fashion-MNIST test images come from the bundled demo pack; the "
+                                       "Train page can download MNIST's training split here")
+    root = Path(root_text.strip() or str(detected)).expanduser()
+    why = why if root == detected else "set in the sidebar"
+
+    loaded: dict[str, tuple[ModelEntry, LoadedCheckpoint]] = {}
+    broken: list[str] = []
+    for e in bundled + session_entries():
+        try:
+            loaded[e.label] = (e, load_entry(e))
+        except CheckpointError as err:
+            broken.append(f"{e.label}: {err}")
+    with picker:
+        if not loaded:
+            st.error(f"No model could be loaded. Put checkpoints in {CHECKPOINT_DIR} or upload one below.")
+            for b in broken:
+                st.caption(b)
+            return None
+        labels = list(loaded)
+        if _DEFAULT_NOTE not in st.session_state:
+            m_label, b_label, note = _default_pair([e for e, _ in loaded.values()], root)
+            st.session_state[_DEFAULT_NOTE] = {"note": note, "model": m_label, "baseline": b_label or "(none)"}
+            if m_label in loaded:
+                st.session_state["sb_model"] = m_label
+            if b_label in loaded:
+                st.session_state["sb_baseline"] = b_label
+        publish = share.sync([share.Param("sb_model", share.choice(labels)),
+                              share.Param("sb_baseline", share.choice(["(none)", *labels])),
+                              share.Param("sb_dataset", share.choice(BUILTIN_DATASETS))], share.SHARED_SCOPE)
+        nxt = st.session_state.pop(_NEXT_MODEL, None)
+        if nxt in loaded:
+            st.session_state["sb_model"] = nxt
+        if st.session_state.get("sb_model") not in loaded:
+            st.session_state["sb_model"] = labels[0]
+        model_label = st.selectbox("Model", labels, key="sb_model",
+                                   help="bundled checkpoints, models trained on the Train page, uploads and files")
+        entry, ck = loaded[model_label]
+        base_opts = ["(none)"] + [lb for lb, (_, c) in loaded.items() if lb != model_label and _compatible(ck, c)]
+        if st.session_state.get("sb_baseline") not in base_opts:
+            guess = model_label.replace("_jem", "_baseline")
+            baselines = [lb for lb in base_opts[1:] if loaded[lb][1].metadata.get("objective") == "baseline"]
+            st.session_state["sb_baseline"] = guess if guess in base_opts else (baselines[0] if baselines else "(none)")
+        base_label = st.selectbox("Baseline for comparisons", base_opts, key="sb_baseline",
+                                  help="a model of the same input shape, shown beside the chosen one")
+        base_entry, base_ck = loaded[base_label] if base_label in loaded else (None, None)
+
+        own = str(ck.metadata.get("dataset", "digits"))
+        c, h, _ = shape_of(ck)
+        options = [own] + [d for d in BUILTIN_DATASETS if d != own and dataset_shape(d) is not None
+                           and dataset_shape(d)[:2] == (c, h) and _dataset_ok(d, root)]
+        if st.session_state.get("sb_dataset") not in options:
+            st.session_state["sb_dataset"] = own
+        dataset = st.selectbox("Dataset", options, key="sb_dataset",
+                               help="test images used by the evaluation pages (the model's own dataset first)")
+        ok = _dataset_ok(dataset, root)
+        publish()
+        opened = st.session_state[_DEFAULT_NOTE]
+        if (model_label, base_label) == (opened["model"], opened["baseline"]):
+            st.info(opened["note"])
+        else:
+            vs = f" against **{base_entry.name}**" if base_entry is not None else " (no baseline)"
+            st.info(f"Showing **{entry.name}**{vs}, chosen in the picker or the link. {opened['note']}")
+        _model_card(ck, f"Model card: {entry.name}")
+        if base_ck is not None and base_entry is not None:
+            _model_card(base_ck, f"Baseline: {base_entry.name}")
+    for b in broken:
+        sb.warning(f"Skipped a checkpoint that does not load: {b}")
+    with data_box:
+        st.caption(f"In use: `{root}` ({why}).")
+    ctx = Context(ck, entry, base_ck, base_entry, dataset, root, ok,
+                  "" if ok else f"The {dataset} test set is not in the data root {root}.")
+    test = ctx.test_set() if ok else None
+    sb.caption(f"Data root in use: `{root}` ({why}). " + (
+        f"`{dataset}` test images: {len(test):,}" + (f", from {test.note}." if test.note else " from the data root.")
+        if test is not None else
+        f"`{dataset}` test data is not there: pages that need test images say so; scoring uploads and "
+        "sampling still work from the checkpoint alone."))
+    st.session_state[_CTX] = ctx
+    return ctx
+
+
+def test_probabilities(ctx: Context, name: str, ck: LoadedCheckpoint, key: str, n: int) -> torch.Tensor:
+    """``p(y|x)`` ``[n, K]`` of a model on the first ``n`` test images (shared cache across pages)."""
+    from jem_core.evaluation import predict_proba
+
+    test = ctx.test_set()
+    assert test is not None
+    x = test.x[:n]
+    return cached(("proba", key, ctx.dataset, str(ctx.data_root), n),
+                  lambda p: predict_proba(ck.model, x, progress=p), f"Classifying {n} test images with {name}...")

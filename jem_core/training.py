@@ -34,8 +34,9 @@ test split is touched once, for the final report of that epoch.
 Slow drift (``drift_guard``): :class:`jem_core.drift.DriftMonitor` watches windowed trends of
 ``E(data) - E(samples)``, ``E(data)``, logit magnitudes and gradient norms; on a drift the trainer rolls
 back to a snapshot taken before the drift began, lowers the learning rate, raises the energy penalty
-(energy drifts) or lowers the p(x) weight (logit/gradient growth), and refreshes the replay buffer when
-the same drift comes back; every event is logged and stored in the checkpoint.
+(energy and gap drifts; for a gap also the p(x) weight, when it is below 1) or lowers the
+p(x) weight (logit/gradient growth), and refreshes the replay buffer when the same drift comes back;
+every event is logged and stored in the checkpoint.
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ class TrainConfig:
     val_split: int = 0                  # hold out the last N training images for validation (0 = none)
     sample_eval: int = 0                # replay-buffer samples judged per epoch (needs val_split; 0 = off)
     judge: str | None = None            # classifier checkpoint judging buffer samples ("bundled:NAME" = checkpoints/NAME)
-    drift_guard: bool = False           # watch for slow drift and roll back before it (jem_core.drift)
+    drift_guard: bool = False           # watch for slow drift and roll back before it (jem_core.drift; single process only)
     drift_gap_limit: float = 5.0        # |E(data) - E(samples)| limit (nats, window mean)
     drift_energy_shift: float = 25.0    # limit on E(data)'s move from its level (nats, window mean)
     drift_growth: float = 4.0           # limit factor on logit magnitude and gradient norm growth
@@ -302,9 +303,11 @@ class Trainer:
 
     Args:
         config: :class:`TrainConfig`.
-        out: checkpoint path written after every epoch (atomically); the resume state goes to
-            :func:`resume_path` ``(out)``. None = write nothing.
-        train_set, test_set: optional preloaded datasets (else loaded from ``config.dataset``).
+        out: checkpoint path written after every epoch (atomically; with a validation split only after
+            an epoch chosen on validation, and once more with the final test report); the resume state
+            goes to :func:`resume_path` ``(out)`` after every epoch. None = write nothing.
+        train_set, test_set: optional preloaded datasets (else loaded from ``config.dataset``); with
+            ``config.val_split`` the last images of ``train_set`` become :attr:`val_set`.
         on_iteration: called with a dict (iteration, loss terms, lr) after every iteration.
         on_epoch: called with :class:`EpochMetrics` after every epoch.
         on_epoch_start: called with ``(epoch index, iterations planned)`` before every epoch (progress bars).
@@ -423,7 +426,9 @@ class Trainer:
         return torch.optim.SGD(self.model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
 
     def current_lr(self) -> float:
-        """Learning rate for the current iteration: warm-up, step decay, guard back-off."""
+        """Learning rate for the current iteration (per step, > 0): ``lr`` x the schedule's factor
+        (:func:`jem_core.schedules.lr_factor`: warm-up, then step, cosine or constant) x the back-off of
+        divergence and drift responses."""
         c = self.cfg
         progress = max(self.progress, float(self.epoch))
         return c.lr * self.lr_scale * lr_factor(c.lr_schedule, progress, c.epochs, self.iteration, c.warmup_iters,
@@ -474,7 +479,8 @@ class Trainer:
         """Respond to a drift: roll back to the last snapshot taken at or before ``sig.began_at``, lower the
         learning rate by ``lr_backoff``; for an energy or gap drift raise the energy penalty (to twice its
         value, at least 1e-3) and, for a gap drift under a p(x) weight below 1, double the p(x) weight (at
-        most to 1: the sampler fell behind a term too weak to hold it); for logit or gradient growth halve
+        most to 1: with weights below JEM's 1 the sampler falls behind, in either direction of the gap, in
+        this project's MNIST and digits runs); for logit or gradient growth halve
         the p(x) weight; refresh the whole replay buffer when the previous drift had the same signal.
         Records the event in :attr:`events` and the log; sets the stop flag after ``max_drift_events``."""
         c = self.cfg
@@ -496,7 +502,8 @@ class Trainer:
             self.l2_floor = max(2 * old, 1e-3)
             actions.append(f"energy penalty {old:.3g} -> {self.current_energy_l2():.3g}")
             old = self.current_px_weight()
-            if sig.signal == "gap" and 0 < old < 1:  # the sampler fell behind a p(x) term too weak to hold it
+            if sig.signal == "gap" and 0 < old < 1:
+                # a p(x) term weaker than JEM's lets the sampler fall behind: give it back weight
                 self.px_scale *= min(2.0, 1.0 / old)
                 actions.append(f"p(x) weight {old:.3g} -> {self.current_px_weight():.3g}")
         else:

@@ -354,16 +354,21 @@ def estimate_seconds(cfg: TrainConfig, n: int = 3) -> dict:
     """Time a run before it starts: build its :class:`Trainer` (data, model, buffer) and time ``n`` training
     iterations on this machine (:meth:`Trainer.time_iterations`).
 
-    Returns ``{"per_iteration" (s), "iterations" (per epoch), "epochs", "total" (s, iterations only),
-    "setup" (s to load data and build the model)}``. Raises what :class:`Trainer` raises (bad settings,
-    data missing)."""
+    Returns ``{"per_iteration" (s), "iterations" (per epoch), "epochs", "evaluation" (s per epoch: one timed
+    validation pass, 0 without a validation split), "total" (s: epochs x (iterations x per_iteration +
+    evaluation)), "setup" (s to load data and build the model)}``. Raises what :class:`Trainer` raises (bad
+    settings, data missing)."""
     t0 = time.perf_counter()
     trainer = Trainer(dataclasses.replace(cfg))
     setup = time.perf_counter() - t0
     per = trainer.time_iterations(n)
     iters = trainer.iterations_per_epoch()
-    return {"per_iteration": per, "iterations": iters, "epochs": cfg.epochs, "total": per * iters * cfg.epochs,
-            "setup": setup}
+    t1 = time.perf_counter()
+    if trainer.val_set is not None:
+        trainer.validate()
+    evaluation = time.perf_counter() - t1
+    return {"per_iteration": per, "iterations": iters, "epochs": cfg.epochs,
+            "total": (per * iters + evaluation) * cfg.epochs, "setup": setup, "evaluation": evaluation}
 
 
 def time_estimate(cfg: TrainConfig) -> None:
@@ -383,9 +388,11 @@ def time_estimate(cfg: TrainConfig) -> None:
         if est.get("error"):
             b.error(est["error"])
         else:
-            b.info(f"About **{est['total'] / 60:.1f} min** of training: {est['epochs']} epoch(s) x "
-                   f"{est['iterations']} iterations x {est['per_iteration']:.3f} s (timed here just now), plus "
-                   f"{est['setup']:.0f} s to load and a per-epoch evaluation. Other work on this machine slows it.")
+            total = est["total"]
+            b.info(f"About **{total / 60:.1f} min** " if total >= 90 else f"About **{total:.0f} s** ")
+            b.caption(f"{est['epochs']} epoch(s) x ({est['iterations']} iterations x {est['per_iteration']:.3f} s + "
+                      f"{est['evaluation']:.1f} s of validation), timed here just now, plus {est['setup']:.0f} s to "
+                      "load the data. Other work on this machine slows it.")
 
 
 def main(ctx: ui.Context) -> None:

@@ -7,18 +7,14 @@ uploaded PNG. Needs ``chromium`` on PATH (CI apt-installs it); without it the te
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from bench import load
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,12 +37,6 @@ LOAD_MS = 60_000  # page loads can take 10-30 s on a slow 2-core machine
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(240)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _chromium() -> str:
     path = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
     if path is None:
@@ -57,42 +47,16 @@ def _chromium() -> str:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """``streamlit run app/Home.py`` on a free port; yields the base URL; kills the process group after."""
-    port = _free_port()
-    env = dict(os.environ, JEM_EXPLORER_DEFAULT="digits", OMP_NUM_THREADS="1",
-               STREAMLIT_BROWSER_GATHER_USAGE_STATS="false")
+    """``streamlit run app/Home.py`` on a free loopback port (the load harness's starter); yields the base URL."""
     log = tmp_path_factory.mktemp("streamlit") / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "app/Home.py", "--server.headless", "true",
-             "--server.address", "127.0.0.1", "--server.port", str(port),
-             "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"streamlit exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"streamlit did not become healthy in 60 s:\n{log.read_text(errors='replace')}")
-            time.sleep(0.3)
-        yield url
+        proc = load.start_server(load._free_port(), log, {"JEM_EXPLORER_DEFAULT": "digits", "OMP_NUM_THREADS": "1"})
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    try:
+        yield f"http://127.0.0.1:{proc.args[proc.args.index('--server.port') + 1]}"
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=10)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        load.stop_server(proc)
 
 
 @pytest.fixture(scope="module")

@@ -209,6 +209,26 @@ def calibration_verdict(name_a: str, report_a, name_b: str, report_b, where: str
     return head + verdict + sides
 
 
+def _ranking(intervals: dict[str, Interval], head: str, best: str, digits: int, n_desc: str) -> str:
+    """``head: **a** v (CI), **b** ...`` then who leads: a model is named only when its interval lies above
+    every other one; otherwise the overlapping leaders are named, with the models all of them beat."""
+    ranked = sorted(intervals.items(), key=lambda kv: -kv[1].value)
+    text = f"{head}: " + "; ".join(f"**{name}** {iv.text(digits)}" for name, iv in ranked)
+    if len(ranked) < 2:
+        return text + "."
+    (n1, i1), rest = ranked[0], ranked[1:]
+    if all(i1.lo > iv.hi for _, iv in rest):
+        return text + f". **{n1}** {best} (its interval lies above the others')."
+    close = [name for name, iv in rest if iv.hi >= i1.lo]
+    text += (f". The intervals of {n1} and {', '.join(close)} overlap: {n_desc} their difference is within the "
+             "uncertainty")
+    low = min(intervals[name].lo for name in [n1, *close])
+    below = [name for name, iv in rest if name not in close and iv.hi < low]
+    if below:
+        text += f"; {'both' if len(close) == 1 else 'all'} lie above {', '.join(below)}"
+    return text + "."
+
+
 def ood_verdict(aurocs: dict[str, Interval], ood_set: str, score: str) -> str:
     """A sentence comparing models' AUROC for one OOD set and one score.
 
@@ -218,20 +238,13 @@ def ood_verdict(aurocs: dict[str, Interval], ood_set: str, score: str) -> str:
         score: the score's name as shown.
 
     Returns:
-        Markdown text naming the best model, and whether its lead is beyond the intervals (the
-        intervals do not overlap) or within the uncertainty.
+        Markdown text with every AUROC and its interval; the best model is named only when its interval
+        lies above every other one, otherwise the difference is called within the uncertainty.
     """
     if not aurocs:
         return ""
-    ranked = sorted(aurocs.items(), key=lambda kv: -kv[1].value)
-    parts = ", ".join(f"**{n}** {a.text()}" for n, a in ranked)
-    text = f"AUROC with {score} against {ood_set}: {parts}"
-    if len(ranked) == 1:
-        return text + "."
-    (n1, a1), (n2, a2) = ranked[0], ranked[1]
-    if a1.lo > a2.hi:
-        return text + f". **{n1}** separates {ood_set} best (its interval lies above {n2}'s)."
-    return text + f". The intervals of {n1} and {n2} overlap: no measurable difference on these images."
+    return _ranking(aurocs, f"AUROC with {score} against {ood_set}", f"separates {ood_set} best", 3,
+                    "on these images")
 
 
 def robustness_verdict(accuracies: dict[str, float], n: int, eps: float, attack: str) -> str:
@@ -254,19 +267,5 @@ def robustness_verdict(accuracies: dict[str, float], n: int, eps: float, attack:
     if not accuracies:
         return ""
     iv = {name: wilson_interval(int(round(a * n)), n) for name, a in accuracies.items()}
-    ranked = sorted(iv.items(), key=lambda kv: -kv[1].value)
-    parts = "; ".join(f"**{name}** {i.text(2)}" for name, i in ranked)
-    head = f"Accuracy under {attack} at eps {eps:g} on {n} test images: {parts}"
-    if len(ranked) == 1:
-        return head + "."
-    (n1, i1), rest = ranked[0], ranked[1:]
-    if all(i1.lo > i.hi for _, i in rest):
-        return head + f". **{n1}** is the most robust here (its interval lies above the others')."
-    close = [name for name, i in rest if i.hi >= i1.lo]
-    text = head + (f". The intervals of {n1} and {', '.join(close)} overlap: with {n} images their difference is "
-                   "within the uncertainty")
-    low = min(iv[name].lo for name in [n1, *close])
-    below = [name for name, i in rest if name not in close and i.hi < low]
-    if below:
-        text += f"; both lie above {', '.join(below)}" if len(close) == 1 else f"; all lie above {', '.join(below)}"
-    return text + "."
+    return _ranking(iv, f"Accuracy under {attack} at eps {eps:g} on {n} test images", "is the most robust here", 2,
+                    f"with {n} images")

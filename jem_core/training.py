@@ -32,7 +32,9 @@ agreement with the model's own labels. The checkpoint ``out`` holds the epoch ch
 test split is touched once, for the final report of that epoch.
 
 Slow drift (``drift_guard``): :class:`jem_core.drift.DriftMonitor` watches windowed trends of
-``E(data) - E(samples)``, ``E(data)``, logit magnitudes and gradient norms; on a drift the trainer rolls
+``E(data) - E(samples)``, ``E(data)``, logit magnitudes and gradient norms, and at every epoch's end the
+buffer samples' quality on the validation judge (Fréchet distance, judge agreement; signal ``"samples"``,
+rolled back to the end of the last healthy epoch); on a drift the trainer rolls
 back to a snapshot taken before the drift began, lowers the learning rate, raises the energy penalty
 (energy and gap drifts; for a gap also the p(x) weight, when it is below 1) or lowers the
 p(x) weight (logit/gradient growth), and refreshes the replay buffer when the same drift comes back;
@@ -400,6 +402,7 @@ class Trainer:
         self.drift_count = 0
         self._drift_stop = False
         self._snapshots: collections.deque = collections.deque(maxlen=config.drift_sustain + 4)
+        self._epoch_good: dict | None = None  # state at the end of the last epoch whose samples were healthy
         self.monitor: DriftMonitor | None = None
         if config.drift_guard and config.objective == "jem":
             self.monitor = DriftMonitor(window=config.guard_every, gap_limit=config.drift_gap_limit,
@@ -477,8 +480,8 @@ class Trainer:
 
     def _drift_rescue(self, sig: DriftSignal) -> None:
         """Respond to a drift: roll back to the last snapshot taken at or before ``sig.began_at``, lower the
-        learning rate by ``lr_backoff``; for an energy or gap drift raise the energy penalty (to twice its
-        value, at least 1e-3) and, for a gap drift under a p(x) weight below 1, double the p(x) weight (at
+        learning rate by ``lr_backoff``; for an energy, gap or samples drift raise the energy penalty (to twice
+        its value, at least 1e-3) and, for a gap or samples drift under a p(x) weight below 1, double it (at
         most to 1: with weights below JEM's 1 the sampler falls behind, in either direction of the gap, in
         this project's MNIST and digits runs); for logit or gradient growth halve
         the p(x) weight; refresh the whole replay buffer when the previous drift had the same signal.
@@ -497,12 +500,12 @@ class Trainer:
         old_lr = self.current_lr()
         self.lr_scale *= c.lr_backoff
         actions.append(f"learning rate {old_lr:.3g} -> {self.current_lr():.3g}")
-        if sig.signal in ("gap", "energy"):
+        if sig.signal in ("gap", "energy", "samples"):
             old = self.current_energy_l2()
             self.l2_floor = max(2 * old, 1e-3)
             actions.append(f"energy penalty {old:.3g} -> {self.current_energy_l2():.3g}")
             old = self.current_px_weight()
-            if sig.signal == "gap" and 0 < old < 1:
+            if sig.signal in ("gap", "samples") and 0 < old < 1:
                 # a p(x) term weaker than JEM's lets the sampler fall behind: give it back weight
                 self.px_scale *= min(2.0, 1.0 / old)
                 actions.append(f"p(x) weight {old:.3g} -> {self.current_px_weight():.3g}")
@@ -713,6 +716,8 @@ class Trainer:
         self.model.train()
         if self._snapshot is None:
             self._take_snapshot()
+        if self._epoch_good is None:
+            self._epoch_good = self._snapshot
         try:
             self._fit_loop()
         except TrainingDiverged:
@@ -774,8 +779,14 @@ class Trainer:
                              drift_events=sum(e.get("kind") == "drift" for e in new),
                              grad_norm=avg.get("grad_norm", nan), logit_absmax=avg.get("logit_absmax", nan))
             self.history.append(m)
-            self._take_snapshot()
-            chosen = self._consider(m)
+            seen = self._sample_drift(m)
+            if seen is not None:
+                self._sample_rescue(m, seen)
+                chosen = False
+            else:
+                self._take_snapshot()
+                self._epoch_good = self._snapshot
+                chosen = self._consider(m)
             if self.out is not None:
                 self.save(self.out, write_checkpoint=self.val_set is None or chosen)
             if self.on_epoch:
@@ -857,16 +868,44 @@ class Trainer:
             self.model.train(was)
         return out
 
+    def _sample_drift(self, m: EpochMetrics) -> str | None:
+        """What makes epoch ``m``'s buffer samples a drift, or None: with the drift guard and a separate judge
+        on, a Fréchet distance above 3x the best of the earlier epochs, or a judge agreement more than 0.25
+        below the best earlier one (the samples broke up while the training statistics may look calm)."""
+        if self.monitor is None or self.judge is None or not math.isfinite(m.sample_fd):
+            return None  # (distances in the model's own, changing feature space are not comparable over epochs)
+        earlier = self.history[:-1]
+        fds = [h.sample_fd for h in earlier if math.isfinite(h.sample_fd)]
+        if fds and m.sample_fd > 3 * min(fds):
+            return f"buffer samples' FD = {m.sample_fd:.3g}, above 3x the best earlier {min(fds):.3g}"
+        agree = [h.sample_agreement for h in earlier if math.isfinite(h.sample_agreement)]
+        if agree and math.isfinite(m.sample_agreement) and m.sample_agreement < max(agree) - 0.25:
+            return (f"judge agrees on {100 * m.sample_agreement:.1f}% of buffer samples, down from "
+                    f"{100 * max(agree):.1f}%")
+        return None
+
+    def _sample_rescue(self, m: EpochMetrics, seen: str) -> None:
+        """Respond to broken samples at an epoch's end: a drift of signal ``"samples"`` that began during the
+        epoch, handled by :meth:`_drift_rescue` from the state at the end of the last healthy epoch."""
+        began = self._epoch_good["iteration"] if self._epoch_good is not None else 0
+        if self._epoch_good is not None:  # the ring may no longer hold a snapshot that old
+            self._snapshots.clear()
+            self._snapshots.append(self._epoch_good)
+        self._drift_rescue(DriftSignal("samples", f"samples: {seen}", began, self.iteration, {}))
+        m.drift_events += 1
+
     def _selection_score(self, m: EpochMetrics) -> tuple[int, float]:
         """Rank of an epoch for the kept checkpoint: ``(eligible, validation accuracy)``, compared as a tuple.
 
-        Eligible (1): sample quality not judged, or the buffer samples' Fréchet distance at most twice the
-        best distance seen in earlier epochs (or at most 1.0): an epoch whose samples broke up is kept only
-        when no epoch is eligible."""
+        Eligible (1): sample quality not judged by a separate judge, or the buffer samples' Fréchet distance at most twice the
+        best distance seen in earlier epochs: an epoch whose samples broke up is kept only when no epoch is
+        eligible."""
         if math.isnan(m.val_accuracy):
             return (1, -float(m.epoch))
+        if self.judge is None:  # the model's own features change every epoch: their distances do not compare
+            return (1, m.val_accuracy)
         fds = [h.sample_fd for h in self.history[:-1] if math.isfinite(h.sample_fd)]
-        ok = (not math.isfinite(m.sample_fd) or m.sample_fd <= max(1.0, 2 * min(fds))) if fds else True
+        ok = (not math.isfinite(m.sample_fd) or m.sample_fd <= 2 * min(fds)) if fds else True
         return (int(ok), m.val_accuracy)
 
     def _consider(self, m: EpochMetrics) -> bool:
@@ -938,7 +977,7 @@ class Trainer:
                 "sample_fd": chosen.sample_fd if chosen else None,
                 "sample_agreement": chosen.sample_agreement if chosen else None,
                 "selection": "highest validation accuracy among epochs whose buffer samples' Frechet distance is "
-                             "at most max(1, 2x the best earlier one); test split evaluated once, for the chosen epoch",
+                             "at most 2x the best earlier one; test split evaluated once, for the chosen epoch",
                 "validation_split": f"last {len(self.val_set)} of the {self.cfg.dataset} training images",
                 "judge": self.judge_name or "the model itself",
                 "final": self.final})

@@ -278,3 +278,28 @@ def test_resume_keeps_schedule_drift_and_selection_state(digits, tmp_path):
     assert len(t2.monitor.windows) == len(t1.monitor.windows) == 2
     t2.fit()
     assert t2.epoch == 2 and t2.final is not None
+
+
+def test_samples_breaking_up_at_an_epoch_end_roll_back_to_the_last_healthy_epoch(digits, tmp_path):
+    tr, te = digits
+    t = Trainer(_cfg(epochs=3, max_iters_per_epoch=4, val_split=300, sample_eval=100, drift_guard=True,
+                     guard_every=2, drift_growth=1e9, drift_gap_limit=1e9, drift_energy_shift=1e9,
+                     judge="bundled:digits_baseline.pt"),
+                out=tmp_path / "s.pt", train_set=tr, test_set=te)  # only the epoch-end sample check can fire
+    real = t.validate
+
+    def judged():
+        out = real()
+        if t.epoch == 3:
+            out["sample_fd"] = 100 * min(h.sample_fd for h in t.history)  # the samples broke up
+        return out
+
+    t.validate = judged
+    t.fit()
+    ev = [e for e in t.events if e["kind"] == "drift"]
+    assert len(ev) == 1 and ev[0]["signal"] == "samples" and "FD" in ev[0]["seen"], [e["seen"] for e in ev]
+    assert ev[0]["rolled_back_to"] == 8  # the end of epoch 2, the last healthy one
+    assert t.history[-1].drift_events == 1 and t.final["epoch"] in (1, 2)  # epoch 3 is never chosen
+    assert any("energy penalty" in a for a in ev[0]["actions"])
+    healthy = t._epoch_good["model"]  # the state the run ended in is epoch 2's, not epoch 3's
+    assert all(torch.equal(v, healthy[k]) for k, v in t.model.state_dict().items())

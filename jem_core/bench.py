@@ -61,6 +61,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .utils import rounded
+
 __all__ = ["run_benchmarks", "interleaved", "median_ratio", "floor_step", "official_style_sample", "add_cli",
            "TARGETS"]
 
@@ -590,18 +592,7 @@ def run_benchmarks(checkpoint: str | None = DEFAULT_CHECKPOINT, quick: bool = Fa
     out["targets"] = {k: {"target": f"{c} {v}" if v is not None else "report", "met": _met(out.get(k), c, v)}
                       for k, (c, v) in TARGETS.items()}
     out["seconds_total"] = time.perf_counter() - t_start
-    return _rounded(out)
-
-
-def _rounded(v: Any, digits: int = 4) -> Any:
-    """Floats rounded to ``digits`` significant decimals for a readable JSON file."""
-    if isinstance(v, float):
-        return float(f"{v:.{digits}g}") if math.isfinite(v) else None
-    if isinstance(v, dict):
-        return {k: _rounded(x, digits) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_rounded(x, digits) for x in v]
-    return v
+    return rounded(out, 4, significant=True)
 
 
 def _met(value: Any, cmp: str, target: float | None) -> bool | None:

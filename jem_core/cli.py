@@ -15,6 +15,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .utils import rounded
+
 __all__ = ["main", "build_parser"]
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace, argparse.ArgumentParser], int]] = {}
@@ -50,7 +52,7 @@ def _nonneg_float(s: str) -> float:
 
 def _num(v: float, digits: int) -> float | None:
     """Round for JSON output; NaN/Inf (e.g. no samples in a baseline run) become null."""
-    return round(v, digits) if math.isfinite(v) else None
+    return rounded(float(v), digits)
 
 
 # -- train -------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import torch
 from .checkpoint import LoadedCheckpoint
 from .data import ImageDataset
 from .sampling import ChainState, SGLDReport, SGLDSampler, frozen_parameters, half_mask, init_noise, inpaint_start
+from .utils import predict_logits
 
 __all__ = ["draw_samples", "chain_starts", "source_images", "advance_in_frames", "inpaint", "class_translation",
            "DEFAULT_STEPS"]
@@ -127,8 +128,6 @@ def source_images(ck: LoadedCheckpoint, n: int, generator: torch.Generator | Non
         buf = ck.replay_buffer
         if buf is None or not len(buf):
             raise ValueError("needs a test set or a checkpoint that stores a replay buffer")
-        from .evaluation.calibration import predict_logits  # (evaluation imports this module)
-
         ys = predict_logits(ck.model, buf).argmax(1)
         pool = torch.arange(len(buf)) if label is None else torch.nonzero(ys == label).flatten()
         where, xs = "replay-buffer samples", buf

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..energy import energy
+from ..utils import device_of
 from .robustness import attack_mode
 
 __all__ = ["ATTRIBUTION_METHODS", "ATTRIBUTION_TARGETS", "attribution_maps"]
@@ -81,8 +82,7 @@ def attribution_maps(model: nn.Module, x: torch.Tensor, target: str = "class", m
         base_value = float(baseline)
         if not -1.0 <= base_value <= 1.0:
             raise ValueError(f"baseline must lie in [-1, 1]; got {baseline}")
-    p = next(model.parameters(), None)
-    dev = p.device if p is not None else torch.device("cpu")
+    dev = device_of(model)
     n = x.shape[0]
     labels: torch.Tensor | None = None
     if target == "class" and label is not None:

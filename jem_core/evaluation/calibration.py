@@ -15,15 +15,16 @@ ECE and MCE come from torchmetrics, the Brier score from scikit-learn.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..utils import eval_mode, predict_logits
 
 __all__ = ["eval_mode", "ReliabilityBin", "CalibrationReport", "predict_logits", "predict_proba", "calibration_report",
            "fit_temperature", "TemperatureScaled"]
@@ -84,60 +85,6 @@ class CalibrationReport:
     def bins_as_dicts(self) -> list[dict]:
         """The reliability bins as plain dicts (NaN for empty bins' confidence/accuracy)."""
         return [asdict(b) for b in self.bins]
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put ``model`` (and every submodule) in eval mode; restore each module's own flag on exit.
-
-    Restoring per module matters for wrappers: ``wrapper.train(True)`` would also switch a wrapped
-    model that was in eval mode to training mode.
-    """
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 500,
-                   progress: Callable[[float], None] | None = None) -> torch.Tensor:
-    """Logits of ``model`` on ``x`` in batches, with the model in eval mode.
-
-    Args:
-        model: module ``[B, C, H, W] -> [B, K]``; its train/eval flag is restored afterwards.
-        x: ``[N, C, H, W]`` float32 in ``[-1, 1]`` (any device; batches move to the model's).
-        batch_size: images per forward pass (>= 1).
-        progress: called with the fraction done in ``[0, 1]`` after every batch.
-
-    Returns:
-        ``[N, K]`` float32 logits on the CPU.
-
-    Raises:
-        ValueError: ``x`` not 4-D or ``batch_size < 1``.
-    """
-    if x.dim() != 4:
-        raise ValueError(f"x must be [N, C, H, W]; got {tuple(x.shape)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
-    dev = _device_of(model)
-    out = []
-    with eval_mode(model):
-        for i in range(0, len(x), batch_size):
-            out.append(model(x[i:i + batch_size].to(dev)).float().cpu())
-            if progress is not None:
-                progress(min(1.0, (i + batch_size) / max(1, len(x))))
-    if not out:
-        return torch.zeros(0, 0)
-    return torch.cat(out)
 
 
 def predict_proba(model: nn.Module, x: torch.Tensor, batch_size: int = 500,

@@ -25,18 +25,13 @@ from torch import nn
 from ..data import SYNTHETIC_OOD, load_dataset, synthetic_ood
 from ..energy import energy
 from ..sampling import frozen_parameters
-from .calibration import eval_mode
+from ..utils import device_of, eval_mode
 
 __all__ = ["OOD_SCORES", "SCORE_LABELS", "ood_scores", "ood_score_table", "ood_metrics", "roc_curve_data",
            "load_ood_set", "match_shape", "is_known_ood_spec"]
 
 OOD_SCORES = ("log_px", "max_prob", "neg_grad_norm")
 SCORE_LABELS = {"log_px": "log p(x)", "max_prob": "max p(y|x)", "neg_grad_norm": "-||∇x log p(x)||"}
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def _batch_scores(model: nn.Module, xb: torch.Tensor, scores: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -86,7 +81,7 @@ def ood_score_table(model: nn.Module, x: torch.Tensor, scores: Sequence[str] = O
         raise ValueError(f"x must be [N, C, H, W]; got {tuple(x.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
-    dev = _device_of(model)
+    dev = device_of(model)
     parts: dict[str, list[torch.Tensor]] = {s: [] for s in scores}
     with eval_mode(model), frozen_parameters(model):
         for i in range(0, len(x), batch_size):

@@ -49,7 +49,8 @@ import torch
 
 from ..checkpoint import LoadedCheckpoint, load_checkpoint
 from ..data import SYNTHETIC_OOD, data_available, load_dataset
-from .calibration import calibration_report, fit_temperature, predict_logits
+from ..utils import predict_logits, rounded
+from .calibration import calibration_report, fit_temperature
 from .figures import model_label, plot_reliability, plot_robustness, plot_roc
 from .ood import OOD_SCORES, SCORE_LABELS, is_known_ood_spec, load_ood_set, ood_metrics, ood_score_table, roc_curve_data
 from .robustness import RefinedClassifier, default_eps, robustness_curve
@@ -153,16 +154,6 @@ def _split_test(n_total: int, s: EvalSettings) -> tuple[int, int]:
     if n_eval < 1:
         raise ValueError(f"the test set has only {n_total} images")
     return n_eval, n_calib
-
-
-def _rounded(v: Any, nd: int = 5) -> Any:
-    if isinstance(v, float):
-        return v if not math.isfinite(v) else round(v, nd)
-    if isinstance(v, dict):
-        return {k: _rounded(x, nd) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_rounded(x, nd) for x in v]
-    return v
 
 
 def _evaluate_model(ck: LoadedCheckpoint, test_x: torch.Tensor, test_y: torch.Tensor, calib: tuple | None,
@@ -465,16 +456,6 @@ def _strip_private(v: Any) -> Any:
     return v
 
 
-def _json_safe(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {k: _json_safe(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_json_safe(x) for x in v]
-    return v
-
-
 def write_report(result: dict[str, Any], out_dir: str | os.PathLike, command: str | None = None,
                  plots: bool = True) -> dict[str, Path]:
     """Write ``report.json``, ``report.md`` and PNG plots (reliability, ROC, robustness, sample grids).
@@ -516,7 +497,7 @@ def write_report(result: dict[str, Any], out_dir: str | os.PathLike, command: st
                     save_grid_png(smp["x"], out / f"{name}.png",
                                   nrow=len(smp["x"]) // max(1, int(smp["y"].max()) + 1), scale=max(1, 56 // side))
                 files[name] = f"{name}.png"
-    data = _json_safe(_rounded(_strip_private(result), 6))
+    data = rounded(_strip_private(result), 6)
     (out / "report.json").write_text(json.dumps(data, indent=1) + "\n")
     (out / "report.md").write_text(_markdown(data, files, command))
     return {"json": out / "report.json", "markdown": out / "report.md", **{k: out / v for k, v in files.items()}}
@@ -643,5 +624,5 @@ def _cmd_evaluate(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     if result.get("compare"):
         summary["compare"] = {k: result["compare"][k] for k in ("checkpoint", "accuracy", "ece", "nll")}
     print(json.dumps({"report": str(paths["json"]), "markdown": str(paths["markdown"]),
-                      "seconds": result["seconds_total"], **_rounded(summary, 4)}))
+                      "seconds": result["seconds_total"], **rounded(summary, 4)}))
     return 0

@@ -40,18 +40,13 @@ from torch import nn
 
 from ..energy import energy
 from ..sampling import SGLDSampler, frozen_parameters
-from .calibration import eval_mode
+from ..utils import device_of, eval_mode
 
 __all__ = ["ATTACKS", "ATTACK_KEYS", "ATTACK_LOSSES", "RefinedClassifier", "attack", "accuracy", "correct_predictions", "robustness_curve",
            "default_eps", "attack_mode"]
 
 ATTACKS = ("pgd_linf", "pgd_l2", "fgsm")
 ATTACK_KEYS = {"pgd_linf": "linf", "pgd_l2": "l2", "fgsm": "fgsm"}
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 @contextlib.contextmanager
@@ -93,7 +88,7 @@ class RefinedClassifier(nn.Module):
         self.model = model
         self.steps, self.n_chains, self.gradient = int(steps), int(n_chains), gradient
         self.step_size, self.noise_std = float(step_size), float(noise_std)
-        self.generator = torch.Generator(_device_of(model)).manual_seed(seed)
+        self.generator = torch.Generator(device_of(model)).manual_seed(seed)
         # Validates step size / noise std with the sampler's own checks.
         self._sampler = SGLDSampler(model, step_size, noise_std, clamp=True, generator=self.generator)
 
@@ -236,7 +231,7 @@ def attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str = "pgd_
         raise ValueError(f"steps must be >= 1; got {steps}")
     if x.dim() != 4 or y.shape[0] != x.shape[0]:
         raise ValueError(f"need x [N, C, H, W] and y [N]; got {tuple(x.shape)} and {tuple(y.shape)}")
-    dev = _device_of(model)
+    dev = device_of(model)
     if dev.type == "cpu":
         copies = model.n_chains if isinstance(model, RefinedClassifier) and model.steps > 0 else 1
         batch_size = max(1, min(batch_size, _CPU_BATCH_IMAGES // copies))
@@ -274,7 +269,7 @@ def attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str = "pgd_
 
 def correct_predictions(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
     """``[N]`` bool: top-1 prediction of ``model`` (eval mode) on ``x`` ``[N, C, H, W]`` equals ``y`` ``[N]``."""
-    dev = _device_of(model)
+    dev = device_of(model)
     out = []
     with attack_mode(model), torch.no_grad():
         for i in range(0, len(x), batch_size):

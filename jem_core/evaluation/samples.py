@@ -24,7 +24,7 @@ from torch import nn
 
 from ..checkpoint import LoadedCheckpoint
 from ..generation import draw_samples
-from .calibration import eval_mode
+from ..utils import eval_mode
 
 __all__ = ["conditional_samples", "classifier_fid", "sample_quality", "FeatureExtractor"]
 

@@ -1,0 +1,91 @@
+"""Small helpers every part of the library shares: eval mode, batched logits, the model's device, JSON rounding.
+
+What lives here: plumbing with no JEM meaning. What does not: energies (:mod:`jem_core.energy`), sampling,
+evaluation metrics, anything that needs Streamlit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+__all__ = ["eval_mode", "device_of", "predict_logits", "rounded"]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` (and every submodule) in eval mode; restore each module's own flag on exit.
+
+    Restoring per module matters for wrappers: ``wrapper.train(True)`` would also switch a wrapped
+    model that was in eval mode to training mode.
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 500,
+                   progress: Callable[[float], None] | None = None) -> torch.Tensor:
+    """Logits of ``model`` on ``x`` in batches, with the model in eval mode.
+
+    Args:
+        model: module ``[B, C, H, W] -> [B, K]``; its train/eval flag is restored afterwards.
+        x: ``[N, C, H, W]`` float32 in ``[-1, 1]`` (any device; batches move to the model's).
+        batch_size: images per forward pass (>= 1).
+        progress: called with the fraction done in ``[0, 1]`` after every batch.
+
+    Returns:
+        ``[N, K]`` float32 logits on the CPU.
+
+    Raises:
+        ValueError: ``x`` not 4-D or ``batch_size < 1``.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"x must be [N, C, H, W]; got {tuple(x.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    dev = device_of(model)
+    out = []
+    with eval_mode(model):
+        for i in range(0, len(x), batch_size):
+            out.append(model(x[i:i + batch_size].to(dev)).float().cpu())
+            if progress is not None:
+                progress(min(1.0, (i + batch_size) / max(1, len(x))))
+    if not out:
+        return torch.zeros(0, 0)
+    return torch.cat(out)
+
+
+def rounded(v: Any, digits: int = 4, significant: bool = False) -> Any:
+    """Floats rounded for a readable JSON file, recursively through dicts, lists and tuples (tuples become
+    lists); NaN and infinities become None (JSON has no such numbers); everything else is unchanged.
+
+    Args:
+        v: a float, or a container of them.
+        digits: decimal places, or significant digits with ``significant``.
+        significant: round to ``digits`` significant digits instead of decimal places.
+    """
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return None
+        return float(f"{v:.{digits}g}") if significant else round(v, digits)
+    if isinstance(v, dict):
+        return {k: rounded(x, digits, significant) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [rounded(x, digits, significant) for x in v]
+    return v

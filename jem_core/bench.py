@@ -45,10 +45,8 @@ which the other processes do not inflate.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import io
-import json
 import math
 import os
 import platform
@@ -63,8 +61,7 @@ from torch import nn
 
 from .utils import rounded
 
-__all__ = ["run_benchmarks", "interleaved", "median_ratio", "floor_step", "official_style_sample", "add_cli",
-           "TARGETS"]
+__all__ = ["run_benchmarks", "interleaved", "median_ratio", "floor_step", "official_style_sample", "TARGETS"]
 
 #: Issue 6's targets: (comparison, value).
 TARGETS = {"sgld_step_ratio": ("<=", 1.05), "train_iter_ratio": ("<=", 1.10), "score_latency_ms": ("<=", 20.0),
@@ -600,49 +597,3 @@ def _met(value: Any, cmp: str, target: float | None) -> bool | None:
         return None
     vals = list(value.values()) if isinstance(value, dict) else [value]
     return all(v <= target if cmp == "<=" else v >= target for v in vals)
-
-
-# -- CLI ---------------------------------------------------------------------------------------------
-def add_cli(sub: argparse._SubParsersAction, commands: dict[str, Callable]) -> None:
-    """Register ``python -m jem_core bench`` (called by :mod:`jem_core.cli`)."""
-    p = sub.add_parser("bench", help="speed benchmarks (ratios to the network's own cost); writes JSON",
-                       description="Measure SGLD and JEM training against the cost of the network itself, "
-                                   "scoring latency, live-chain frame rate and time to accuracy; write a JSON file.")
-    p.add_argument("--out", default="bench.json", help="JSON file to write")
-    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
-                   help="MNIST JEM checkpoint (a freshly initialised ConvNet is used when it is absent)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes (seconds): checks the plumbing only")
-    p.add_argument("--repeats", type=int, default=None, help="interleaved rounds per ratio (default 11, 25 for the ConvNet's SGLD; quick 2)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile of the energy gradient (~1 min more)")
-    p.add_argument("--no-accuracy", action="store_true", help="skip the time-to-accuracy training run")
-    p.add_argument("--accuracy-options", action="store_true",
-                   help="also time bf16/channels_last and JEM++-style settings to accuracy (about a minute more)")
-    p.add_argument("--default-malloc", action="store_true",
-                   help="keep glibc's default allocator thresholds (default: jem_core.perf.tune_malloc first)")
-    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                   help="wall time (default) or this process's CPU time, which other processes on a shared "
-                        "machine do not inflate (use it with --threads 1)")
-    p.set_defaults(cmd="bench")
-    commands["bench"] = _cmd_bench
-
-
-def _cmd_bench(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    if a.repeats is not None and a.repeats < 1:
-        parser.error(f"--repeats must be >= 1; got {a.repeats}")
-    if a.threads is not None:
-        if a.threads < 1:
-            parser.error(f"--threads must be >= 1; got {a.threads}")
-        torch.set_num_threads(a.threads)
-    res = run_benchmarks(a.checkpoint, quick=a.quick, repeats=a.repeats, compile_fn=a.compile,
-                         accuracy=not a.no_accuracy, accuracy_options=a.accuracy_options, clock=a.clock,
-                         tune_allocator=not a.default_malloc,
-                         log=lambda s: print(s, file=sys.stderr, flush=True))
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    summary = {k: res[k] for k in ("sgld_step_ratio", "official_style_ratio", "train_iter_ratio", "score_latency_ms",
-                                   "chain_fps", "time_to_accuracy_s")}
-    print(json.dumps({"out": str(out), **summary, "threads": res["machine"]["threads"], "clock": res["clock"],
-                      "torch": res["machine"]["torch"], "seconds": round(res["seconds_total"], 1)}))
-    return 0

@@ -79,8 +79,8 @@ _TRAIN_HELP = {
     "sgld_init": "chain (re)starts: uniform U[-1, 1] noise (JEM) or gaussian, per-class Gaussians fitted to the data (JEM++)",
     "channels_last": "channels_last memory layout for the model (faster oneDNN convolutions on some CPUs)",
     "crop_padding": "pad-crop augmentation in pixels (-1 = auto: 4 for 32x32)", "flip": "horizontal flips (default: on for CIFAR)",
-    "recipe": "start from a named recipe (settings printed and stored in the checkpoint); other flags given "
-              "with a value different from their default override single settings",
+    "recipe": "start from a named recipe (settings printed and stored in the checkpoint); other training flags "
+              "given beside it override single settings",
     "px_weight_schedule": "p(x) weight by epoch, EPOCH:VALUE,... piecewise constant (e.g. 0:1,0.5:0.1,4:0.05)",
     "energy_l2_schedule": "energy L2 penalty by epoch, EPOCH:VALUE,... piecewise constant",
     "lr_schedule": "learning-rate shape after warm-up: step (--decay-epochs), cosine (to --lr-floor x lr) or constant",
@@ -110,7 +110,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        kw: dict[str, Any] = {"default": default, "help": _TRAIN_HELP.get(f.name, f.name.replace("_", " "))}
+        # No argparse defaults: only the flags given appear in the namespace, so they (and only they)
+        # override a --recipe; without one, TrainConfig's own defaults apply.
+        kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": _TRAIN_HELP.get(f.name, f.name.replace("_", " "))}
         if f.name == "decay_epochs":
             kw.update(type=_pos_int, nargs="*")
         elif isinstance(default, bool) or f.name == "flip":
@@ -197,14 +199,14 @@ def _cmd_train(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .training import TrainConfig
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    given = {k: v for k, v in vars(a).items() if k in fields}
-    if a.recipe:
+    given = {k: v for k, v in vars(a).items() if k in fields}  # the flags given (no argparse defaults)
+    recipe = given.pop("recipe", None)
+    if recipe:
         from .recipes import recipe_config
 
-        defaults = TrainConfig()
-        cfg = recipe_config(a.recipe, **{k: v for k, v in given.items() if k != "recipe" and v != getattr(defaults, k)})
+        cfg = recipe_config(recipe, **given)
         if not dist.is_initialized() or dist.get_rank() == 0:
-            print(json.dumps({"recipe": a.recipe, "settings": dataclasses.asdict(cfg)}), flush=True)
+            print(json.dumps({"recipe": recipe, "settings": dataclasses.asdict(cfg)}), flush=True)
     else:
         cfg = TrainConfig(**given)
     cfg.validate()
@@ -554,9 +556,198 @@ def _cmd_likelihood(a: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     return 0
 
 
+
+# -- evaluate ----------------------------------------------------------------------------------------
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    from .data import SYNTHETIC_OOD
+
+    p = sub.add_parser(
+        "evaluate", help="calibration, OOD detection, adversarial robustness and sample quality; writes a report",
+        description="Evaluate a checkpoint (and optionally a second one to compare with) and write "
+                    "OUT/report.json, OUT/report.md and PNG plots. eps values are in the [0, 1] pixel scale.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint to evaluate")
+    p.add_argument("--compare", default=None, help="a second checkpoint of the same dataset (e.g. the baseline)")
+    p.add_argument("--data-root", default=None, help="torchvision data root (default $JEM_DATA_ROOT or ~/.cache/jem_explorer/data)")
+    p.add_argument("--ood", nargs="+", default=None, metavar="SET",
+                   help="OOD sets: dataset specs (fashion_mnist, cifar10, npz:PATH, folder:PATH) and/or synthetic "
+                        f"sets ({', '.join(SYNTHETIC_OOD)}). Default: the usual OOD dataset when present "
+                        "(fashion_mnist for MNIST) plus all synthetic sets")
+    p.add_argument("--eps", nargs="+", type=_nonneg_float, default=None, metavar="EPS",
+                   help="L∞ eps values for PGD ([0, 1] pixel scale; default 0 0.05 0.1 0.2 0.3)")
+    p.add_argument("--eps-l2", nargs="+", type=_nonneg_float, default=None, metavar="EPS",
+                   help="L2 eps values for PGD ([0, 1] pixel scale; default 0 0.5 1 2 for 28x28, 0 0.25 0.5 1 for 8x8)")
+    p.add_argument("--eps-fgsm", nargs="*", type=_nonneg_float, default=None, metavar="EPS",
+                   help="FGSM eps values (default: the non-zero L∞ ones; give none to skip FGSM)")
+    p.add_argument("--n-test", type=_pos_int, default=5000, help="test images for accuracy and calibration (default %(default)s)")
+    p.add_argument("--n-calib", type=_nonneg_int, default=1000,
+                   help="held-out test images (the last ones) for temperature scaling; 0 = no temperature scaling (default %(default)s)")
+    p.add_argument("--n-ood", type=_pos_int, default=2000, help="images per OOD set (and in-distribution side) (default %(default)s)")
+    p.add_argument("--n-attack", type=_pos_int, default=200, help="attacked test images (default %(default)s)")
+    p.add_argument("--attack-steps", type=_pos_int, default=10, help="PGD steps (default %(default)s)")
+    p.add_argument("--attack-loss", choices=["margin", "ce"], default="margin",
+                   help="loss the attacks maximise: Carlini-Wagner margin (does not saturate on a JEM's large "
+                        "logits) or cross-entropy (default %(default)s)")
+    p.add_argument("--refine-steps", type=_nonneg_int, default=5,
+                   help="SGLD steps of the refined classifier (0 = no refined classifier) (default %(default)s)")
+    p.add_argument("--refine-chains", type=_pos_int, default=2, help="noisy chains averaged by the refined classifier (default %(default)s)")
+    p.add_argument("--refine-gradient", choices=["bpda", "full"], default="bpda",
+                   help="how the refined classifier is attacked: BPDA + EOT (identity backward) or full "
+                        "back-propagation through the SGLD steps (slower) (default %(default)s)")
+    p.add_argument("--n-per-class", type=_pos_int, default=20, help="class-conditional samples per class (default %(default)s)")
+    p.add_argument("--sample-steps", type=_nonneg_int, default=100, help="SGLD steps per sample (default %(default)s)")
+    p.add_argument("--bins", type=_pos_int, default=15, help="calibration bins (default %(default)s)")
+    p.add_argument("--skip", nargs="+", default=[], choices=["calibration", "ood", "robustness", "samples"],
+                   help="parts to leave out (their report keys are null)")
+    p.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
+    p.add_argument("--threads", type=_pos_int, default=1,
+                   help="torch CPU threads (default %(default)s: on shared 2-core machines 2 threads ran these "
+                        "small models 10-100x slower than 1)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(cmd="evaluate")
+
+
+def _cmd_evaluate(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import shlex
+
+    from tqdm.auto import tqdm
+
+    from .data import SYNTHETIC_OOD, data_available
+    from .evaluation.ood import is_known_ood_spec
+    from .evaluation.report import EvalSettings, evaluate_checkpoint, write_report
+    from .training import select_device
+
+    for spec in a.ood or []:
+        if not is_known_ood_spec(spec):
+            parser.error(f"--ood: unknown set {spec!r}; use {', '.join(SYNTHETIC_OOD)} or a dataset spec "
+                         "(fashion_mnist, mnist, cifar10, cifar100, svhn, npz:PATH, folder:PATH)")
+        if spec not in SYNTHETIC_OOD and not (data_available(spec, a.data_root, "test")
+                                              or data_available(spec, a.data_root, "all")):
+            parser.error(f"--ood: the files of {spec!r} are not in the data root "
+                         f"({a.data_root or 'default'}); pass --data-root or drop it")
+    settings = EvalSettings(n_test=a.n_test, n_calib=a.n_calib, n_ood=a.n_ood, n_attack=a.n_attack,
+                            attack_steps=a.attack_steps, eps_linf=a.eps, eps_l2=a.eps_l2, eps_fgsm=a.eps_fgsm,
+                            attack_loss=a.attack_loss,
+                            refine_steps=a.refine_steps, refine_chains=a.refine_chains,
+                            refine_gradient=a.refine_gradient, n_per_class=a.n_per_class,
+                            sample_steps=a.sample_steps, n_bins=a.bins, temperature=a.n_calib > 0, skip=a.skip,
+                            seed=a.seed)
+    if a.threads and (a.device or "cpu").startswith("cpu"):
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    bar = None if a.quiet else tqdm(total=1000, desc="evaluate", file=sys.stderr,
+                                    bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
+
+    def progress(f: float) -> None:
+        if bar is not None:
+            bar.update(int(f * 1000) - bar.n)
+
+    def log(stage: str) -> None:
+        if bar is not None:
+            bar.set_description(stage)
+
+    try:
+        result = evaluate_checkpoint(a.checkpoint, a.data_root, a.ood, a.compare, settings,
+                                     device=select_device(a.device), progress=progress, log=log)
+    finally:
+        if bar is not None:
+            bar.close()
+    command = "python -m jem_core " + " ".join(shlex.quote(x) for x in sys.argv[1:]) if sys.argv[1:2] == ["evaluate"] else None
+    paths = write_report(result, a.out, command=command)
+    summary = {k: result[k] for k in ("checkpoint", "accuracy", "ece", "nll")}
+    if result.get("compare"):
+        summary["compare"] = {k: result["compare"][k] for k in ("checkpoint", "accuracy", "ece", "nll")}
+    print(json.dumps({"report": str(paths["json"]), "markdown": str(paths["markdown"]),
+                      "seconds": result["seconds_total"], **rounded(summary, 4)}))
+    return 0
+
+
+# -- bench -------------------------------------------------------------------------------------------
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from .bench import CLOCKS, DEFAULT_CHECKPOINT
+
+    p = sub.add_parser("bench", help="speed benchmarks (ratios to the network's own cost); writes JSON",
+                       description="Measure SGLD and JEM training against the cost of the network itself, "
+                                   "scoring latency, live-chain frame rate and time to accuracy; write a JSON file.")
+    p.add_argument("--out", default="bench.json", help="JSON file to write")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
+                   help="MNIST JEM checkpoint (a freshly initialised ConvNet is used when it is absent)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (seconds): checks the plumbing only")
+    p.add_argument("--repeats", type=int, default=None, help="interleaved rounds per ratio (default 11, 25 for the ConvNet's SGLD; quick 2)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile of the energy gradient (~1 min more)")
+    p.add_argument("--no-accuracy", action="store_true", help="skip the time-to-accuracy training run")
+    p.add_argument("--accuracy-options", action="store_true",
+                   help="also time bf16/channels_last and JEM++-style settings to accuracy (about a minute more)")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="keep glibc's default allocator thresholds (default: jem_core.perf.tune_malloc first)")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="wall time (default) or this process's CPU time, which other processes on a shared "
+                        "machine do not inflate (use it with --threads 1)")
+    p.set_defaults(cmd="bench")
+
+
+def _cmd_bench(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .bench import run_benchmarks
+
+    if a.repeats is not None and a.repeats < 1:
+        parser.error(f"--repeats must be >= 1; got {a.repeats}")
+    if a.threads is not None:
+        if a.threads < 1:
+            parser.error(f"--threads must be >= 1; got {a.threads}")
+        torch.set_num_threads(a.threads)
+    res = run_benchmarks(a.checkpoint, quick=a.quick, repeats=a.repeats, compile_fn=a.compile,
+                         accuracy=not a.no_accuracy, accuracy_options=a.accuracy_options, clock=a.clock,
+                         tune_allocator=not a.default_malloc,
+                         log=lambda s: print(s, file=sys.stderr, flush=True))
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    summary = {k: res[k] for k in ("sgld_step_ratio", "official_style_ratio", "train_iter_ratio", "score_latency_ms",
+                                   "chain_fps", "time_to_accuracy_s")}
+    print(json.dumps({"out": str(out), **summary, "threads": res["machine"]["threads"], "clock": res["clock"],
+                      "torch": res["machine"]["torch"], "seconds": round(res["seconds_total"], 1)}))
+    return 0
+
+
+# -- import-official ---------------------------------------------------------------------------------
+def _add_import_official(sub: argparse._SubParsersAction) -> None:
+    from .official import _INFER, _OFFICIAL_DATASETS
+
+    p = sub.add_parser(
+        "import-official", help="convert an official JEM checkpoint (github.com/wgrathwohl/JEM) into this format",
+        description="Convert a checkpoint of the official JEM code (train_wrn_ebm.py: {'model_state_dict', "
+                    "'replay_buffer'} or a bare state dict) once: every key and shape is checked, depth/width/norm "
+                    "are inferred from the keys, a few hundred replay-buffer samples are kept, and log p(x) "
+                    "reference quantiles are computed when the test set is available.")
+    p.add_argument("path", metavar="PATH", help="the official checkpoint (.pt)")
+    p.add_argument("--out", required=True, help="our checkpoint to write (.pt)")
+    p.add_argument("--keep-buffer", type=_nonneg_int, default=400, help="replay-buffer samples to keep (0 = none)")
+    p.add_argument("--dataset", choices=_OFFICIAL_DATASETS, default=None,
+                   help="the model's dataset (default: cifar10 for 10 classes, cifar100 for 100; give svhn for SVHN)")
+    p.add_argument("--data-root", default=None, help="torchvision data root holding the test split (for reference statistics)")
+    p.add_argument("--n-reference", type=_nonneg_int, default=2000, help="test images for the reference statistics (0 = skip)")
+    p.add_argument("--norm", choices=[_INFER, "none", "batch", "instance", "layer"], default=_INFER,
+                   help="normalisation (default: inferred from the keys; 'layer' must be given, its keys equal 'instance')")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
+    p.set_defaults(cmd="import_official")
+
+
+def _cmd_import_official(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .official import convert_official
+
+    summary = convert_official(a.path, a.out, keep_buffer=a.keep_buffer, dataset=a.dataset, data_root=a.data_root,
+                               n_reference=a.n_reference, norm=a.norm, device=a.device,
+                               log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(json.dumps(summary))
+    return 0
+
+
+_ADDERS = [_add_train, _add_sample, _add_inpaint, _add_translate, _add_score, _add_likelihood, _add_evaluate,
+           _add_bench, _add_import_official]
 _COMMANDS.update(train=_cmd_train, sample=_cmd_sample, inpaint=_cmd_inpaint, translate=_cmd_translate, score=_cmd_score,
-                 likelihood=_cmd_likelihood)
-_ADDERS = [_add_train, _add_sample, _add_inpaint, _add_translate, _add_score, _add_likelihood]
+                 likelihood=_cmd_likelihood, evaluate=_cmd_evaluate, bench=_cmd_bench, import_official=_cmd_import_official)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -569,24 +760,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for add in _ADDERS:
         add(sub)
-    for extra in _extra_commands():
-        extra(sub, _COMMANDS)
     return p
-
-
-def _extra_commands() -> list[Callable]:
-    """Sub-commands defined next to their concept (evaluation, benchmarks, official import)."""
-    out = []
-    for mod, fn in (("jem_core.evaluation.report", "add_cli"), ("jem_core.bench", "add_cli"), ("jem_core.official", "add_cli")):
-        try:
-            m = __import__(mod, fromlist=[fn])
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
-            continue
-        if hasattr(m, fn):
-            out.append(getattr(m, fn))
-    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -43,7 +43,6 @@ __all__ = [
     "build_from_official",
     "official_metadata",
     "convert_official",
-    "add_cli",
     "CIFAR10_CLASSES",
 ]
 
@@ -416,44 +415,3 @@ def convert_official(path: str | os.PathLike, out: str | os.PathLike, *, keep_bu
             "n_classes": k, "dataset": dataset, "buffer_rows": rows,
             "buffer_kept": 0 if kept is None else int(kept.shape[0]),
             "reference": meta.get("reference", {}).get("split"), "note": note or None}
-
-
-def add_cli(sub: Any, commands: dict[str, Any]) -> None:
-    """Register ``python -m jem_core import-official PATH --out OURS.pt`` (called by :mod:`jem_core.cli`)."""
-    import argparse
-
-    def nonneg(s: str) -> int:
-        v = int(s)
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0; got {v}")
-        return v
-
-    p = sub.add_parser(
-        "import-official", help="convert an official JEM checkpoint (github.com/wgrathwohl/JEM) into this format",
-        description="Convert a checkpoint of the official JEM code (train_wrn_ebm.py: {'model_state_dict', "
-                    "'replay_buffer'} or a bare state dict) once: every key and shape is checked, depth/width/norm "
-                    "are inferred from the keys, a few hundred replay-buffer samples are kept, and log p(x) "
-                    "reference quantiles are computed when the test set is available.")
-    p.add_argument("path", metavar="PATH", help="the official checkpoint (.pt)")
-    p.add_argument("--out", required=True, help="our checkpoint to write (.pt)")
-    p.add_argument("--keep-buffer", type=nonneg, default=400, help="replay-buffer samples to keep (0 = none)")
-    p.add_argument("--dataset", choices=_OFFICIAL_DATASETS, default=None,
-                   help="the model's dataset (default: cifar10 for 10 classes, cifar100 for 100; give svhn for SVHN)")
-    p.add_argument("--data-root", default=None, help="torchvision data root holding the test split (for reference statistics)")
-    p.add_argument("--n-reference", type=nonneg, default=2000, help="test images for the reference statistics (0 = skip)")
-    p.add_argument("--norm", choices=[_INFER, "none", "batch", "instance", "layer"], default=_INFER,
-                   help="normalisation (default: inferred from the keys; 'layer' must be given, its keys equal 'instance')")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
-    p.set_defaults(cmd="import_official")
-    commands["import_official"] = _cmd_import_official
-
-
-def _cmd_import_official(a: Any, parser: Any) -> int:
-    import json
-    import sys
-
-    summary = convert_official(a.path, a.out, keep_buffer=a.keep_buffer, dataset=a.dataset, data_root=a.data_root,
-                               n_reference=a.n_reference, norm=a.norm, device=a.device,
-                               log=lambda s: print(s, file=sys.stderr, flush=True))
-    print(json.dumps(summary))
-    return 0

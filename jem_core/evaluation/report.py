@@ -1,5 +1,5 @@
 """The evaluation report: every measurement of this package on one checkpoint (and a second one to
-compare with), written as ``report.json`` + ``report.md`` + PNG plots, and the ``evaluate`` CLI command.
+compare with), written as ``report.json`` + ``report.md`` + PNG plots (the ``evaluate`` CLI command is in cli.py).
 
 ``python -m jem_core evaluate --checkpoint checkpoints/mnist_jem.pt --compare checkpoints/mnist_baseline.pt
 --data-root ../shared/data --out reports/mnist``
@@ -35,12 +35,9 @@ A part left out with ``--skip`` has the value null.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -56,7 +53,7 @@ from .ood import OOD_SCORES, SCORE_LABELS, is_known_ood_spec, load_ood_set, ood_
 from .robustness import RefinedClassifier, default_eps, robustness_curve
 from .samples import sample_quality
 
-__all__ = ["EvalSettings", "evaluate_checkpoint", "write_report", "default_ood_sets", "add_cli", "REPORT_KEYS"]
+__all__ = ["EvalSettings", "evaluate_checkpoint", "write_report", "default_ood_sets", "REPORT_KEYS"]
 
 REPORT_KEYS = ("checkpoint", "dataset", "n_test", "accuracy", "nll", "ece", "mce", "brier", "ood", "robustness", "samples")
 
@@ -501,128 +498,3 @@ def write_report(result: dict[str, Any], out_dir: str | os.PathLike, command: st
     (out / "report.json").write_text(json.dumps(data, indent=1) + "\n")
     (out / "report.md").write_text(_markdown(data, files, command))
     return {"json": out / "report.json", "markdown": out / "report.md", **{k: out / v for k, v in files.items()}}
-
-
-# ---------------------------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------------------------
-def _nonneg_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
-    if not (v >= 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0; got {s}")
-    return v
-
-
-def _int_at_least(lo: int) -> Callable[[str], int]:
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {s!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}; got {v}")
-        return v
-    return parse
-
-
-def add_cli(sub: argparse._SubParsersAction, commands: dict[str, Callable]) -> None:
-    """Register ``python -m jem_core evaluate`` on the CLI's sub-parsers (called by :mod:`jem_core.cli`)."""
-    p = sub.add_parser(
-        "evaluate", help="calibration, OOD detection, adversarial robustness and sample quality; writes a report",
-        description="Evaluate a checkpoint (and optionally a second one to compare with) and write "
-                    "OUT/report.json, OUT/report.md and PNG plots. eps values are in the [0, 1] pixel scale.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint to evaluate")
-    p.add_argument("--compare", default=None, help="a second checkpoint of the same dataset (e.g. the baseline)")
-    p.add_argument("--data-root", default=None, help="torchvision data root (default $JEM_DATA_ROOT or ~/.cache/jem_explorer/data)")
-    p.add_argument("--ood", nargs="+", default=None, metavar="SET",
-                   help="OOD sets: dataset specs (fashion_mnist, cifar10, npz:PATH, folder:PATH) and/or synthetic "
-                        f"sets ({', '.join(SYNTHETIC_OOD)}). Default: the usual OOD dataset when present "
-                        "(fashion_mnist for MNIST) plus all synthetic sets")
-    p.add_argument("--eps", nargs="+", type=_nonneg_float, default=None, metavar="EPS",
-                   help="L∞ eps values for PGD ([0, 1] pixel scale; default 0 0.05 0.1 0.2 0.3)")
-    p.add_argument("--eps-l2", nargs="+", type=_nonneg_float, default=None, metavar="EPS",
-                   help="L2 eps values for PGD ([0, 1] pixel scale; default 0 0.5 1 2 for 28x28, 0 0.25 0.5 1 for 8x8)")
-    p.add_argument("--eps-fgsm", nargs="*", type=_nonneg_float, default=None, metavar="EPS",
-                   help="FGSM eps values (default: the non-zero L∞ ones; give none to skip FGSM)")
-    p.add_argument("--n-test", type=_int_at_least(1), default=5000, help="test images for accuracy and calibration (default %(default)s)")
-    p.add_argument("--n-calib", type=_int_at_least(0), default=1000,
-                   help="held-out test images (the last ones) for temperature scaling; 0 = no temperature scaling (default %(default)s)")
-    p.add_argument("--n-ood", type=_int_at_least(1), default=2000, help="images per OOD set (and in-distribution side) (default %(default)s)")
-    p.add_argument("--n-attack", type=_int_at_least(1), default=200, help="attacked test images (default %(default)s)")
-    p.add_argument("--attack-steps", type=_int_at_least(1), default=10, help="PGD steps (default %(default)s)")
-    p.add_argument("--attack-loss", choices=["margin", "ce"], default="margin",
-                   help="loss the attacks maximise: Carlini-Wagner margin (does not saturate on a JEM's large "
-                        "logits) or cross-entropy (default %(default)s)")
-    p.add_argument("--refine-steps", type=_int_at_least(0), default=5,
-                   help="SGLD steps of the refined classifier (0 = no refined classifier) (default %(default)s)")
-    p.add_argument("--refine-chains", type=_int_at_least(1), default=2, help="noisy chains averaged by the refined classifier (default %(default)s)")
-    p.add_argument("--refine-gradient", choices=["bpda", "full"], default="bpda",
-                   help="how the refined classifier is attacked: BPDA + EOT (identity backward) or full "
-                        "back-propagation through the SGLD steps (slower) (default %(default)s)")
-    p.add_argument("--n-per-class", type=_int_at_least(1), default=20, help="class-conditional samples per class (default %(default)s)")
-    p.add_argument("--sample-steps", type=_int_at_least(0), default=100, help="SGLD steps per sample (default %(default)s)")
-    p.add_argument("--bins", type=_int_at_least(1), default=15, help="calibration bins (default %(default)s)")
-    p.add_argument("--skip", nargs="+", default=[], choices=["calibration", "ood", "robustness", "samples"],
-                   help="parts to leave out (their report keys are null)")
-    p.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
-    p.add_argument("--threads", type=_int_at_least(1), default=1,
-                   help="torch CPU threads (default %(default)s: on shared 2-core machines 2 threads ran these "
-                        "small models 10-100x slower than 1)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--out", required=True, help="output folder")
-    p.set_defaults(cmd="evaluate")
-    commands["evaluate"] = _cmd_evaluate
-
-
-def _cmd_evaluate(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from tqdm.auto import tqdm
-
-    from ..training import select_device
-
-    for spec in a.ood or []:
-        if not is_known_ood_spec(spec):
-            parser.error(f"--ood: unknown set {spec!r}; use {', '.join(SYNTHETIC_OOD)} or a dataset spec "
-                         "(fashion_mnist, mnist, cifar10, cifar100, svhn, npz:PATH, folder:PATH)")
-        if spec not in SYNTHETIC_OOD and not (data_available(spec, a.data_root, "test")
-                                              or data_available(spec, a.data_root, "all")):
-            parser.error(f"--ood: the files of {spec!r} are not in the data root "
-                         f"({a.data_root or 'default'}); pass --data-root or drop it")
-    settings = EvalSettings(n_test=a.n_test, n_calib=a.n_calib, n_ood=a.n_ood, n_attack=a.n_attack,
-                            attack_steps=a.attack_steps, eps_linf=a.eps, eps_l2=a.eps_l2, eps_fgsm=a.eps_fgsm,
-                            attack_loss=a.attack_loss,
-                            refine_steps=a.refine_steps, refine_chains=a.refine_chains,
-                            refine_gradient=a.refine_gradient, n_per_class=a.n_per_class,
-                            sample_steps=a.sample_steps, n_bins=a.bins, temperature=a.n_calib > 0, skip=a.skip,
-                            seed=a.seed)
-    if a.threads and (a.device or "cpu").startswith("cpu"):
-        torch.set_num_threads(a.threads)
-    torch.manual_seed(a.seed)
-    bar = None if a.quiet else tqdm(total=1000, desc="evaluate", file=sys.stderr,
-                                    bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
-
-    def progress(f: float) -> None:
-        if bar is not None:
-            bar.update(int(f * 1000) - bar.n)
-
-    def log(stage: str) -> None:
-        if bar is not None:
-            bar.set_description(stage)
-
-    try:
-        result = evaluate_checkpoint(a.checkpoint, a.data_root, a.ood, a.compare, settings,
-                                     device=select_device(a.device), progress=progress, log=log)
-    finally:
-        if bar is not None:
-            bar.close()
-    command = "python -m jem_core " + " ".join(shlex.quote(x) for x in sys.argv[1:]) if sys.argv[1:2] == ["evaluate"] else None
-    paths = write_report(result, a.out, command=command)
-    summary = {k: result[k] for k in ("checkpoint", "accuracy", "ece", "nll")}
-    if result.get("compare"):
-        summary["compare"] = {k: result["compare"][k] for k in ("checkpoint", "accuracy", "ece", "nll")}
-    print(json.dumps({"report": str(paths["json"]), "markdown": str(paths["markdown"]),
-                      "seconds": result["seconds_total"], **rounded(summary, 4)}))
-    return 0

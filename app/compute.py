@@ -144,3 +144,23 @@ def digest_files(files: Iterable[Any]) -> str:
         h.update(str(getattr(f, "name", "")).encode())
         h.update(f.getvalue())
     return h.hexdigest()[:16]
+
+
+def current_session_id() -> str | None:
+    """This browser session's id (None outside a script run, e.g. in a bare import)."""
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+    ctx = get_script_run_ctx()
+    return None if ctx is None else ctx.session_id
+
+
+def session_alive(session_id: str | None) -> bool:
+    """True while the browser session is connected (callable from any thread, e.g. a training thread).
+
+    A closed tab disconnects its session; background work started by it can then stop by itself.
+    """
+    from streamlit import runtime
+
+    if session_id is None or not runtime.exists():
+        return True  # no runtime (tests, bare mode): nothing to watch
+    return runtime.get_instance().is_active_session(session_id)

@@ -27,8 +27,8 @@ import streamlit as st
 import torch
 from PIL import Image
 
-from app.compute import (N_WORKERS, Cancelled, _workers, cached, digest_files, progress_box, worker,
-                         workers_busy)
+from app.compute import (N_WORKERS, Cancelled, _workers, cached, current_session_id, digest_files, progress_box,
+                         session_alive, worker, workers_busy)
 from app.figures import (CLASS_COLORS, COLORS, difference_images, fig_chain_energy, fig_chain_predictions, fig_histograms, fig_lines, fig_maps, fig_placement,
                          fig_probabilities, fig_reliability, fig_roc, image_map)
 from app.registry import (CHECKPOINT_DIR, ROOT, SHARED_DATA, TRAIN_RUN, Context, ModelEntry, _default_pair, add_session_entry, bundled_entries, class_names, context,
@@ -42,12 +42,12 @@ __all__ = [
     "CHAIN_INTERVAL", "CHECKPOINT_DIR", "CLASS_COLORS", "COLORS", "Cancelled", "Context", "LIVE_INTERVAL",
     "ModelEntry", "N_WORKERS", "PAGES_DIR", "PAGE_SPECS", "PERSIST", "ROOT", "SHARED_DATA", "TRAIN_RUN",
     "_default_pair", "_workers", "add_session_entry", "bundled_entries", "cached", "class_names", "context",
-    "detected_data_root", "difference_images", "digest_files", "display_scale", "download_json", "download_png",
-    "download_table", "entry_key", "fig_chain_energy", "fig_chain_predictions", "fig_histograms", "fig_lines",
-    "fig_maps", "fig_placement", "fig_probabilities", "fig_reliability", "fig_roc", "grid", "image_map",
-    "load_entry", "make_pages", "n_test_control", "need_test_set", "page_link", "progress_box",
-    "register_finished_training", "run_page", "session_entries", "shape_of", "show_chart", "show_grid",
-    "sidebar", "test_probabilities", "train_set", "worker", "workers_busy",
+    "current_session_id", "detected_data_root", "difference_images", "digest_files", "display_scale",
+    "download_json", "download_png", "download_table", "entry_key", "fig_chain_energy", "fig_chain_predictions",
+    "fig_histograms", "fig_lines", "fig_maps", "fig_placement", "fig_probabilities", "fig_reliability",
+    "fig_roc", "grid", "image_map", "load_entry", "make_pages", "n_test_control", "need_test_set", "page_link",
+    "progress_box", "register_finished_training", "run_page", "session_alive", "session_entries", "shape_of",
+    "show_chart", "show_grid", "sidebar", "test_probabilities", "train_set", "worker", "workers_busy",
 ]
 
 tune_malloc()  # once per server process: faster SGLD steps on CPU (jem_core.perf)

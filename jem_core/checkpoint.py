@@ -20,7 +20,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from torch import nn
 from . import __version__
 from .energy import JEM
 from .models import build_model
+from .utils import atomic_write
 
 __all__ = ["CheckpointError", "LoadedCheckpoint", "save_checkpoint", "load_checkpoint", "read_checkpoint",
            "atomic_torch_save", "check_state_dict", "FORMAT", "REQUIRED_METADATA"]
@@ -61,18 +61,6 @@ class LoadedCheckpoint:
     replay_buffer: torch.Tensor | None
     path: str
     raw: dict[str, Any]
-
-
-def _umask() -> int:
-    """The process umask, read without changing it (``os.umask`` would race with other threads)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o022
 
 
 def _pid_alive(pid: int) -> bool:
@@ -126,33 +114,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     successful save of the same target deletes it (temp files of live writers are kept). The file
     gets the usual permissions (``0o666`` less the umask), not ``mkstemp``'s ``0o600``.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    try:
-        try:
-            os.fchmod(fd, 0o666 & ~_umask())
-        except (AttributeError, OSError):  # no fchmod (Windows) or a file system without modes
-            pass
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        try:  # make the rename itself durable
-            dfd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    path = atomic_write(path, lambda f: torch.save(obj, f))
     _remove_stale_temps(path)
 
 

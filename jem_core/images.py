@@ -29,13 +29,11 @@ import io
 import math
 import numbers
 import os
-import secrets
 import struct
 import warnings
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import IO
 
 import numpy as np
@@ -44,6 +42,8 @@ import torchvision.transforms.functional as TF
 import torchvision.utils
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode
+
+from .utils import atomic_write
 
 __all__ = [
     "ALLOWED_FORMATS",
@@ -820,10 +820,8 @@ def save_grid_png(x: torch.Tensor, path: str | os.PathLike[str], nrow: int | Non
                   scale: int = 1, *, padding: int = 2) -> None:
     """Write :func:`make_grid_image` of ``x`` to ``path`` as PNG, atomically.
 
-    The PNG is written to a temporary file in the same directory and moved into place with
-    ``os.replace``, so ``path`` is either the old file or the complete new one, never a
-    partial write; the temporary file is removed if anything fails. Missing parent
-    directories are created.
+    Written with :func:`jem_core.utils.atomic_write`: ``path`` is either the old file or the
+    complete new one, never a partial write. Missing parent directories are created.
 
     Args:
         x, nrow, scale, padding: as for :func:`make_grid_image`.
@@ -834,21 +832,4 @@ def save_grid_png(x: torch.Tensor, path: str | os.PathLike[str], nrow: int | Non
         OSError: the file cannot be written.
     """
     img = make_grid_image(x, nrow=nrow, padding=padding, scale=scale)
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # A fresh name opened with O_EXCL and mode 0o666 (minus the umask), so the final file
-    # gets the usual permissions (tempfile.mkstemp would leave it 0o600).
-    tmp = target.parent / f".{target.name}.{secrets.token_hex(8)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write(path, lambda f: img.save(f, format="PNG"))

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, Iterator
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Callable, Iterator
 
 import torch
 from torch import nn
 
-__all__ = ["eval_mode", "device_of", "predict_logits", "rounded"]
+__all__ = ["eval_mode", "device_of", "predict_logits", "rounded", "atomic_write"]
 
 
 @contextlib.contextmanager
@@ -89,3 +92,59 @@ def rounded(v: Any, digits: int = 4, significant: bool = False) -> Any:
     if isinstance(v, (list, tuple)):
         return [rounded(x, digits, significant) for x in v]
     return v
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (``os.umask`` would race with other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+    """Write a file so that a crash leaves either the old file or the complete new one, never a partial one.
+
+    ``write(f)`` fills a temp file ``.NAME.PID.XXXXXXXX.tmp`` in the same folder; it is flushed and fsynced,
+    renamed over ``path`` (``os.replace``), and the folder is fsynced so that the rename itself is durable.
+    The file gets the usual permissions (``0o666`` less the umask). On any failure the temp file is removed
+    and the error re-raised. Missing parent folders are created.
+
+    Returns:
+        ``path`` as a ``Path``.
+
+    Raises:
+        OSError: the file cannot be written; whatever ``write`` raises.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    try:
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())
+        except (AttributeError, OSError):  # no fchmod (Windows) or a file system without modes
+            pass
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        try:  # make the rename itself durable
+            dfd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:
+            pass
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path

@@ -11,7 +11,7 @@ JEM objective (Grathwohl et al. 2019, eq. 8-9)::
 ``reinit_freq`` restarts from noise; when the chains are clamped to ``[-1, 1]``, so is the noisy data
 (else the energy learns to reward pixels outside the range no sample can reach).
 ``baseline`` is CE only, same architecture. Semi-supervised (``labels_per_class``): CE sees the labelled subset only; the p(x) term sees all
-images (the seed's "train on unlabeled data" claim). Both objectives run the same number of
+images (the paper's "train on unlabelled data" claim). Both objectives run the same number of
 iterations per epoch (one pass of the full training set), so they see the same number of updates.
 
 The divergence guard: after every iteration, a non-finite loss, gradient or energy, an energy

@@ -29,12 +29,36 @@ from jem_core.training import TrainConfig, Trainer, TrainingDiverged, resolve_ju
 RUN = ui.TRAIN_RUN  # session_state: the current (or last) training run
 OBJECTIVES = {"jem": "JEM", "baseline": "Baseline (cross-entropy)", "semi": "Semi-supervised JEM"}
 MAX_POINTS = 1500  # points per curve drawn
+MAX_ITERATIONS_KEPT = 4000  # per-iteration statistics kept per run (the older half is thinned past it)
+MAX_TRAINING_RUNS = 1  # training runs at once in this server (each holds a core for as long as it trains)
+BUSY = "tr_busy"  # session_state: a Start click found every training slot taken
+
+
+@st.cache_resource
+def _training_slots() -> threading.BoundedSemaphore:
+    """Training runs at once in this server, across sessions: one per spare core (one on 2 cores)."""
+    return threading.BoundedSemaphore(MAX_TRAINING_RUNS)
+
+
+def on_iteration(run: dict, stats: dict) -> None:
+    """Called by the trainer after each iteration (in its thread): keep the curve bounded, and stop when the
+    browser session that started the run is gone, unless the user asked the run to go on without it."""
+    its = run["iterations"]
+    its.append(stats)
+    if len(its) > MAX_ITERATIONS_KEPT:  # thin the older half: memory stays bounded, the recent past is exact
+        half = len(its) // 2
+        its[:half] = its[:half:2]
+    if len(its) % 25 == 0 and not run["keep"] and not ui.session_alive(run["session"]):
+        run["stop_reason"] = "its browser tab was closed (turn on **Keep training** to let a run outlive its tab)"
+        if run["trainer"] is not None:
+            run["trainer"].request_stop()
 
 
 def train_worker(run: dict, cfg: TrainConfig, out: Path) -> None:
-    """Runs in the background thread: never touches Streamlit, only the ``run`` dict."""
+    """Runs in the background thread: never touches Streamlit, only the ``run`` dict. Holds one of the server's
+    training slots (taken by :func:`start`) until it ends."""
     try:
-        trainer = Trainer(cfg, out=out, on_iteration=run["iterations"].append,
+        trainer = Trainer(cfg, out=out, on_iteration=lambda stats: on_iteration(run, stats),
                           on_epoch=lambda m: run["epochs"].append(dataclasses.asdict(m)), log=run["log"].append)
         run["trainer"] = trainer
         if run["stop"]:
@@ -50,6 +74,7 @@ def train_worker(run: dict, cfg: TrainConfig, out: Path) -> None:
         run["status"], run["error"] = "error", f"{type(e).__name__}: {e}"
     finally:
         run["ended"] = time.time()
+        _training_slots().release()
 
 
 def datasets(root: Path) -> list[str]:
@@ -134,11 +159,16 @@ def settings(ctx: ui.Context, disabled: bool) -> tuple[TrainConfig, str]:
 
 def start(cfg: TrainConfig, name: str) -> None:
     ss = st.session_state
+    if not _training_slots().acquire(blocking=False):
+        ss[BUSY] = True  # the page says why nothing started
+        return
+    ss.pop(BUSY, None)
     ss["tr_count"] = ss.get("tr_count", 0) + 1
     out = Path(tempfile.mkdtemp(prefix="jem_explorer_train_")) / f"{name}.pt"
     run = {"name": name, "config": dataclasses.asdict(cfg), "out": str(out), "status": "running", "stop": False,
            "iterations": [], "epochs": [], "log": [], "trainer": None, "error": None, "started": time.time(),
-           "ended": None, "registered": False}
+           "ended": None, "registered": False, "session": ui.current_session_id(),
+           "keep": bool(ss.get("tr_keep", False)), "stop_reason": None}
     run["thread"] = threading.Thread(target=train_worker, args=(run, cfg, out), daemon=True, name=f"train-{name}")
     ss[RUN] = run
     run["thread"].start()
@@ -399,9 +429,19 @@ def main(ctx: ui.Context) -> None:
     run = st.session_state.get(RUN)
     running = bool(run and run["status"] == "running")
     cfg, name = settings(ctx, disabled=running)
-    a, b, _ = st.columns([1, 1, 4])
+    a, b, c = st.columns([1, 1, 4])
     a.button("Start training", key="tr_start", type="primary", disabled=running, on_click=start, args=(cfg, name))
     b.button("Stop training", key="tr_stop", disabled=not running, on_click=stop)
+    keep = c.toggle("Keep training if I close this tab", key="tr_keep", **ui.PERSIST,
+                    help="by default a run stops by itself within about 25 iterations once its browser tab is gone, "
+                         "so that nobody's forgotten run keeps the machine busy")
+    if run is not None:
+        run["keep"] = bool(keep)
+    if st.session_state.pop(BUSY, False):
+        st.warning(f"Another session is training on this machine ({MAX_TRAINING_RUNS} run at a time on its "
+                   f"{ui.N_WORKERS} cores): nothing was started. Try again when it has finished.")
+    if run is not None and run.get("stop_reason") and run["status"] != "running":
+        st.info(f"The run stopped because {run['stop_reason']}.")
 
     if not running:
         time_estimate(cfg)

@@ -446,3 +446,26 @@ def test_heavy_work_waits_for_a_free_worker_and_live_chains_skip_a_tick_instead_
     at.switch_page("../pages/robustness.py").run()
     assert time.monotonic() - t0 >= 1.9, "the attack waited for a worker instead of oversubscribing the cores"
     assert not at.exception and not errors(at) and len(at.dataframe[0].value) == 4
+
+
+def test_one_training_run_at_a_time_and_the_second_session_is_told_why():
+    first, second = open_page("train"), open_page("train")
+    for at in (first, second):
+        at.slider(key="tr_epochs_True").set_value(50)
+        at.run()
+    first.button(key="tr_start").click().run()
+    assert metric(first, "Status") == "running"
+    second.button(key="tr_start").click().run()
+    assert any("Another session is training" in w.value for w in second.warning)
+    assert not [m for m in second.metric if m.label == "Status" and m.value == "running"]
+    first.button(key="tr_stop").click().run()
+    deadline = time.time() + 120
+    while metric(first, "Status") == "running" and time.time() < deadline:
+        time.sleep(0.3)
+        first.run()
+    second.button(key="tr_start").click().run()  # the slot is free again
+    assert metric(second, "Status") == "running"
+    second.button(key="tr_stop").click().run()
+    while metric(second, "Status") == "running" and time.time() < deadline:
+        time.sleep(0.3)
+        second.run()

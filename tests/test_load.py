@@ -5,6 +5,7 @@ chains that keep refreshing, and a closed tab whose chains stop."""
 from __future__ import annotations
 
 import shutil
+import time
 import tempfile
 from pathlib import Path
 
@@ -47,3 +48,37 @@ def test_memory_stays_bounded(measured):
 def test_closing_a_tab_stops_its_chains_within_15_seconds(measured):
     settle = measured["tab_close"]["seconds_to_settle"]
     assert settle is not None and settle <= 15, measured["tab_close"]
+
+
+def test_a_training_run_stops_by_itself_when_its_tab_is_closed():
+    from playwright.sync_api import sync_playwright
+
+    log = Path(tempfile.mkdtemp()) / "server.log"
+    proc = load.start_server(load._free_port(), log, {"OMP_NUM_THREADS": "1", "JEM_EXPLORER_DEFAULT": "digits"})
+    port = proc.args[proc.args.index("--server.port") + 1]
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium",
+                                        args=load.CHROMIUM_ARGS)
+            ctx = browser.new_context()
+            pg = ctx.new_page()
+            pg.set_default_timeout(120_000)
+            pg.goto(f"http://127.0.0.1:{port}/train", wait_until="domcontentloaded")
+            pg.locator(".st-key-tr_start button").filter(visible=True).first.click()
+            iteration = pg.locator('[data-testid="stMetric"]').filter(has_text="Iteration").first
+            iteration.wait_for(state="visible")
+            pg.wait_for_function("() => [...document.querySelectorAll('[data-testid=\"stMetric\"]')].some("
+                                 "e => /Iteration\\s*[1-9]/.test(e.innerText))", timeout=120_000)
+            before = load._cpu_rate(proc.pid, 3)
+            assert before > 0.2, f"the run trains while its tab is open ({before:.2f} cores)"
+            ctx.close()  # the tab goes away without pressing Stop
+            deadline, rate = time.monotonic() + 30, None
+            while time.monotonic() < deadline:
+                rate = load._cpu_rate(proc.pid, 2)
+                if rate < 0.3 * before:
+                    break
+            browser.close()
+        assert rate is not None and rate < 0.3 * before, (
+            f"the server still uses {rate:.2f} cores (training: {before:.2f}) 30 s after the tab closed")
+    finally:
+        load.stop_server(proc)

@@ -17,7 +17,7 @@ from torch import nn
 
 from .energy import energy
 
-__all__ = ["ScoreResult", "logpx_percentile", "score_batch", "UNUSUAL_PERCENTILE"]
+__all__ = ["ScoreResult", "Placement", "logpx_percentile", "place", "score_batch", "UNUSUAL_PERCENTILE"]
 
 UNUSUAL_PERCENTILE = 5.0  # below this percentile of the test set's log p(x) an input is "unusual"
 
@@ -99,3 +99,46 @@ def score_batch(model: nn.Module, x: torch.Tensor, reference: dict | None = None
         out.append(ScoreResult(k, names[k] if k < len(names) else str(k), [float(v) for v in probs[i]],
                                float(e[i]), float(-e[i]), p, None if p is None else p < UNUSUAL_PERCENTILE))
     return out
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one input's score falls among reference (test) scores; higher scores = more typical.
+
+    Attributes:
+        value: the input's score.
+        percentile: share of reference scores strictly below ``value``, in ``[0, 100]``.
+        threshold: the reference's :data:`UNUSUAL_PERCENTILE` th percentile; below it an input is unusual.
+        false_alarm_rate: share of the reference scores below the threshold, in ``[0, 1]`` (about
+            ``UNUSUAL_PERCENTILE / 100`` by construction; ties make it differ).
+        unusual: ``value < threshold``.
+    """
+
+    value: float
+    percentile: float
+    threshold: float
+    false_alarm_rate: float
+    unusual: bool
+
+
+def place(value: float, reference: torch.Tensor | np.ndarray | Sequence[float]) -> Placement:
+    """Place one score among the reference scores of the test set (any OOD score where higher = more typical).
+
+    Args:
+        value: the input's score (e.g. ``log p(x)``, ``max p(y|x)`` or ``-||grad_x log p(x)||``).
+        reference: ``[M]`` the same score on M >= 1 test images.
+
+    Returns:
+        A :class:`Placement`: percentile, the :data:`UNUSUAL_PERCENTILE` threshold (linear-interpolated
+        quantile, numpy's default), the threshold's false-alarm rate on the reference, the verdict.
+
+    Raises:
+        ValueError: an empty reference.
+    """
+    ref = np.asarray(torch.as_tensor(reference).double().cpu() if torch.is_tensor(reference) else reference,
+                     dtype=np.float64).ravel()
+    if ref.size == 0:
+        raise ValueError("the reference scores are empty")
+    thr = float(np.quantile(ref, UNUSUAL_PERCENTILE / 100))
+    return Placement(float(value), float((ref < value).mean() * 100), thr, float((ref < thr).mean()),
+                     bool(value < thr))

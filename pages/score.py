@@ -18,7 +18,7 @@ from jem_core.data import data_available, synthetic_ood
 from jem_core.evaluation import attribution_maps, load_ood_set, ood_score_table
 from jem_core.evaluation.ood import OOD_SCORES, SCORE_LABELS
 from jem_core.images import prepare_uploads
-from jem_core.scoring import UNUSUAL_PERCENTILE, score_batch
+from jem_core.scoring import UNUSUAL_PERCENTILE, place, score_batch
 
 INVERT = {"Auto": None, "Invert": True, "Don't invert": False}
 METHODS = {"saliency": "saliency |∂/∂x|", "integrated_gradients": "integrated gradients"}
@@ -83,23 +83,25 @@ def test_scores(ctx: ui.Context) -> dict[str, torch.Tensor] | None:
 def why(ctx: ui.Context, i: int, x: torch.Tensor, ref: dict[str, torch.Tensor], key: str) -> None:
     """The image's place on the test images' histogram of every OOD score, with percentiles and thresholds."""
     mine = ood_score_table(ctx.model.model, x[i:i + 1], OOD_SCORES)
-    rows, marks = [], {}
-    for sc in OOD_SCORES:
-        t = ref[sc].double()
-        v = float(mine[sc][0])
-        thr = float(torch.quantile(t, UNUSUAL_PERCENTILE / 100))
-        rows.append({"score": SCORE_LABELS[sc], "this image": v,
-                     "percentile among test images": float((t < v).double().mean() * 100),
-                     f"threshold ({UNUSUAL_PERCENTILE:g}th percentile)": thr,
-                     "test images flagged by it": f"{float((t < thr).double().mean()):.1%}",
-                     "verdict": "unusual" if v < thr else "typical"})
-        marks[SCORE_LABELS[sc]] = (t.numpy(), v, thr)
+    places = {sc: place(float(mine[sc][0]), ref[sc]) for sc in OOD_SCORES}
+    rows = [{"score": SCORE_LABELS[sc], "this image": pl.value, "percentile among test images": pl.percentile,
+             f"threshold ({UNUSUAL_PERCENTILE:g}th percentile)": pl.threshold,
+             "test images flagged by it": f"{pl.false_alarm_rate:.1%}", "verdict": "unusual" if pl.unusual else "typical"}
+            for sc, pl in places.items()]
+    marks = {SCORE_LABELS[sc]: (ref[sc], pl.value, pl.threshold) for sc, pl in places.items()}
     ui.show_chart(ui.fig_placement(marks, f"Where this image falls among {len(ref[OOD_SCORES[0]])} "
                                    f"{ctx.dataset} test images (higher = more typical)"), key=f"score_why_{key}")
     st.dataframe(pd.DataFrame(rows), hide_index=True)
-    st.caption("A domain shift (another kind of image) moves all three scores low together; a preprocessing "
-               "problem usually shows in the pictures above (grey background, off-centre or tiny digit) and "
-               "mostly in log p(x), the score that looks at every pixel.")
+    flagged = [SCORE_LABELS[sc] for sc, pl in places.items() if pl.unusual]
+    if len(flagged) == len(places):
+        st.caption("All three scores call it unusual: it differs from the test images in every way these scores "
+                   "see, as another kind of image (a domain shift) does.")
+    elif flagged:
+        st.caption(f"Only {', '.join(flagged)} call{'s' if len(flagged) == 1 else ''} it unusual; the other "
+                   "score(s) place it among typical test images. Look at the preprocessing pictures above: a grey "
+                   "background, a faint or off-centre digit changes some scores more than others.")
+    else:
+        st.caption("All three scores place it among typical test images.")
 
 
 def example_inputs(ctx: ui.Context, test) -> list[tuple[str, torch.Tensor, str]]:

@@ -89,3 +89,17 @@ def test_ood_and_robustness_verdicts_claim_a_lead_only_beyond_the_intervals():
     assert "**a** is the most robust" in robustness_verdict({"a": 0.9, "b": 0.3}, 200, 0.1, "PGD")
     text = robustness_verdict({"a": 0.52, "b": 0.50}, 50, 0.1, "PGD")
     assert "within the uncertainty" in text and "most robust" not in text
+
+
+def test_place_gives_percentile_threshold_and_the_thresholds_false_alarm_rate():
+    from jem_core.scoring import UNUSUAL_PERCENTILE, place
+
+    ref = torch.arange(1000, dtype=torch.float64)  # 0..999
+    typical = place(500.0, ref)
+    assert typical.percentile == pytest.approx(50.0) and not typical.unusual
+    assert typical.threshold == pytest.approx(np.quantile(ref.numpy(), UNUSUAL_PERCENTILE / 100))
+    assert typical.false_alarm_rate == pytest.approx(UNUSUAL_PERCENTILE / 100, abs=0.002)
+    low = place(10.0, ref)
+    assert low.unusual and low.percentile == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        place(1.0, [])

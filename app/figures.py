@@ -76,7 +76,7 @@ def fig_reliability(reports: dict[str, Any], title: str = "Reliability diagram",
     names = list(reports)
     fig = make_subplots(rows=2, cols=len(names), shared_xaxes=True, shared_yaxes="rows", row_heights=[0.74, 0.26],
                         vertical_spacing=0.06, horizontal_spacing=0.04,
-                        subplot_titles=[f"{n} (ECE {reports[n].ece:.3f})" for n in names])
+                        subplot_titles=[f"{n}<br>ECE {reports[n].ece:.3f}" for n in names])
     for i, name in enumerate(names, start=1):
         r = reports[name]
         c = (colors or {}).get(name, COLORS[(i - 1) % len(COLORS)])
@@ -131,6 +131,9 @@ def fig_lines(x: Sequence[float] | dict[str, Sequence[float]], series: dict[str,
                         line=dict(color=(colors or {}).get(name, COLORS[i % len(COLORS)])), error_y=err)
     if yrange is not None:
         fig.update_yaxes(range=list(yrange))
+    xs_all = [v for xs in (x.values() if isinstance(x, dict) else [x]) for v in xs]
+    if xs_all and all(float(v).is_integer() for v in xs_all) and max(xs_all) - min(xs_all) <= 30:
+        fig.update_xaxes(dtick=1)  # epochs and other counts: no fractional ticks
     return _layout(fig, title, xlabel, ylabel, height)
 
 

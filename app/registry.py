@@ -111,7 +111,9 @@ def register_finished_training() -> None:
                 summary = accuracy_summary(read_checkpoint(run["out"]).get("metadata") or {})
             except Exception:  # noqa: BLE001 - the label is a courtesy; the picker entry must still appear
                 summary = ""
-            run["label"] = f"{run['name']} [{summary}] (trained here)" if summary else f"{run['name']} (trained here)"
+            # a run stopped before its first evaluation has no accuracy yet: say so rather than nothing
+            summary = summary or "stopped before its first evaluation: untested, under-trained"
+            run["label"] = f"{run['name']} [{summary}] (trained here)"
             add_session_entry(ModelEntry(run["label"], "trained", run["out"]))
 
 

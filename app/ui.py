@@ -73,7 +73,7 @@ def run_page(body: Callable[[Context], None], title: str, intro: str | None = No
     try:
         body(ctx)
     except Cancelled as c:
-        st.info(f"Cancelled: {c}. Nothing was kept; change the settings or run it again.")
+        st.info(f"Cancelled: {str(c).rstrip('.')}. Nothing was kept; change the settings or run it again.")
     except Exception as e:  # noqa: BLE001 - show any failure in the page, keep the app alive
         st.error(f"This page hit an error: {type(e).__name__}: {e}")
         with st.expander("Details"):

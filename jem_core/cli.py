@@ -470,7 +470,8 @@ def _cmd_score(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             print(json.dumps({"image": path, "error": str(e)}), flush=True)
             continue
         r = score_batch(ck.model, prep.tensor[None].to(dev), m.get("reference"), m.get("class_names"))[0]
-        print(json.dumps({"image": path, **r.to_dict(), "inverted": prep.inverted, "notes": prep.notes}), flush=True)
+        print(json.dumps({"image": path, **r.to_dict(), "inverted": prep.inverted, "blank": prep.blank,
+                          "notes": prep.notes}), flush=True)
     return 1 if failures == len(a.images) else 0
 
 

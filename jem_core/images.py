@@ -50,6 +50,7 @@ __all__ = [
     "MAX_BYTES",
     "MAX_PIXELS",
     "STAGE_SIDE",
+    "BLANK_STD",
     "DIGIT_BOX",
     "WORK_MAX_SIDE",
     "ImageDecodeError",
@@ -78,6 +79,9 @@ MAX_BYTES: int = 20 * 1024 * 1024
 #: ``reducing_gap``) before any float conversion, so memory stays bounded. Model inputs
 #: are at most a few dozen pixels wide, so nothing the model could see is lost.
 WORK_MAX_SIDE: int = 1024
+
+#: Below this pixel standard deviation (``[-1, 1]`` units) a prepared image counts as blank (``PreparedImage.blank``).
+BLANK_STD: float = 0.02
 
 #: Longest side, in pixels, of the preprocessing snapshots kept in ``PreparedImage.stages``.
 STAGE_SIDE: int = 112
@@ -160,6 +164,12 @@ class PreparedImage:
     inverted: bool
     notes: list[str] = field(default_factory=list)
     stages: list[tuple[str, np.ndarray]] = field(default_factory=list)
+
+    @property
+    def blank(self) -> bool:
+        """True when the model input is (nearly) one flat grey level: no content for a verdict to be about
+        (pixel standard deviation below :data:`BLANK_STD` in ``[-1, 1]`` units)."""
+        return float(self.tensor.std()) < BLANK_STD
 
 
 # --------------------------------------------------------------------------- decoding

@@ -149,7 +149,8 @@ class SGLDSampler:
         """One line saying which SGLD form and settings are used (for logs and model cards)."""
         form = "exact Langevin (noise std = sqrt(step size))" if self.exact_langevin else "JEM practical (decoupled)"
         return (f"SGLD {form}: step size {self.step_size:g}, noise std {self.noise_std:g}, "
-                f"clamp {'on' if self.clamp else 'off'}, max update {self.max_update}"
+                f"clamp {'on' if self.clamp else 'off'}, max update per pixel "
+                f"{'off' if self.max_update is None else f'{self.max_update:g}'}"
                 + (", bf16 autocast" if self.bf16 else ""))
 
     def energy_and_grad(self, x: torch.Tensor, y: torch.Tensor | None = None

@@ -22,7 +22,7 @@ def main(ctx: ui.Context) -> None:
                           share.Param("cal_temp", share.flag, share.format_flag)], "calibration")
     a, b, c, d = st.columns(4)
     with d:
-        temperature = st.toggle("Temperature-scaled baseline", key="cal_temp", disabled=ctx.baseline is None,
+        temperature = st.toggle("T-scaled baseline", key="cal_temp", disabled=ctx.baseline is None,
                                 help="the stronger standard reference: softmax(f(x) / T), T fitted on the last 20% "
                                      "of the test split (then left out of the evaluation)", **ui.PERSIST)
         log_y = st.toggle("Log scale histograms", value=True, key="cal_log", **ui.PERSIST)

@@ -15,7 +15,7 @@ import torch
 
 from app import share, ui
 from jem_core.generation import chain_starts, class_translation, inpaint, source_images
-from jem_core.sampler_health import chain_health
+from jem_core.sampler_health import chain_health, sampler_settings_health
 from jem_core.sampling import MASK_KINDS, ChainState, SGLDSampler
 
 STEP_SIZES = [0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 2.0]
@@ -29,6 +29,7 @@ STEP_BUDGET_S = 0.1         # seconds of SGLD per refresh in adaptive mode (half
 HISTORY_POINTS = 400        # energies and predictions kept per chain (older ones thinned)
 TRACES_INTERVAL = 1.0       # seconds between redraws of the energy and prediction traces
 MAX_STEPS_PER_REFRESH = 50
+SETTINGS_CHECKS = {"exact_step"}  # findings about the settings alone, shown under the settings
 AUTOSTARTED = "lg_autostarted"  # session_state: the model whose chains started by themselves
 
 
@@ -60,11 +61,21 @@ def make_sampler(ctx: ui.Context, generator: torch.Generator) -> SGLDSampler:
 
 
 def show_health(chain: ChainState | None, sampler: SGLDSampler, ctx: ui.Context) -> None:
-    """The sampler-health findings for these chains (nothing when they look healthy)."""
+    """The sampler-health findings for these chains (nothing when they look healthy); the findings about the
+    settings alone are shown once, under the settings (:func:`settings_health`)."""
     findings = chain_health(None if chain is None else chain.last_report, sampler.step_size, sampler.noise_std,
                             sampler.exact_langevin, ctx.model.metadata.get("reference"))
     for f in findings:
+        if f.check in SETTINGS_CHECKS:
+            continue
         (st.error if f.level == "error" else st.warning)(f"**Sampler health ({f.check}).** {f.message}")
+
+
+def settings_health() -> None:
+    """Warnings about the sampler settings themselves, right under them (before any chain runs)."""
+    ss = st.session_state
+    for f in sampler_settings_health(float(ss.get("lg_step_size", 1.0)), bool(ss.get("lg_exact", False))):
+        st.warning(f"**Sampler health ({f.check}).** {f.message}")
 
 
 def class_choice(ctx: ui.Context, label: str, key: str, unconditional: bool, default: int = 0) -> int | None:
@@ -142,8 +153,9 @@ def live_view(ctx: ui.Context) -> None:
                  file_name=f"{ctx.name}_chains_step{chain.steps}.png")
     sampler = make_sampler(ctx, s["gen"])
     show_health(chain, sampler, ctx)
+    steps_per_refresh = s.get("k_auto", 1) if ss.get("lg_auto_k", True) else int(ss.get("lg_every", 10))
     speed = (f" Measured here: {s['per_step'] * 1000:.0f} ms per SGLD step of {chain.x.shape[0]} chains, so "
-             f"{s.get('k_auto', 1) if ss.get('lg_auto_k', True) else int(ss.get('lg_every', 10))} steps per "
+             f"{steps_per_refresh} step{'s' if steps_per_refresh != 1 else ''} per "
              f"refresh (one refresh every {ui.CHAIN_INTERVAL:g} s)." if "per_step" in s else "")
     if s.get("waited"):
         st.caption(f":hourglass: Every worker of this server is busy ({ui.workers_busy()} of {ui.N_WORKERS}): the "
@@ -205,7 +217,7 @@ def chains_tab(ctx: ui.Context) -> None:
     cols[2].button("Resume", key="lg_resume", on_click=resume_chains, disabled=not can_resume)
     cols[3].button("Reset", key="lg_reset", on_click=reset_chains, disabled=s is None)
 
-    left, right = st.columns([2, 3])
+    left, right = st.columns([3, 2])
     with left:
         @st.fragment(run_every=ui.CHAIN_INTERVAL if running else None)
         def live() -> None:
@@ -315,6 +327,7 @@ def url_params(ctx: ui.Context) -> list[share.Param]:
 def main(ctx: ui.Context) -> None:
     publish = share.sync(url_params(ctx), "langevin")
     sgld_settings()
+    settings_health()
     chains, inpaint, translate = st.tabs(["Chains", "In-painting", "Class translation"])
     with chains:
         chains_tab(ctx)

@@ -128,7 +128,7 @@ def main(ctx: ui.Context) -> None:
         m3.metric("ESS of the weights", f"{s['ess']:.1f} / {s['chains']}", help=f"log-weight variance {s['log_w_var']:.3g}")
         if s["reverse_log_z"] is not None:
             m4.metric("Reverse log Ẑ (diagnostic)", f"{s['reverse_log_z']:.2f}", f"gap {s['gap']:+.2f} nats",
-                      delta_color="off", help="from approximate samples (forward end states resampled by weight, "
+                      delta_color="off", delta_arrow="off", help="from approximate samples (forward end states resampled by weight, "
                                               "then HMC at b = 1): not a bound")
         if s["test_images"] and s["test_bits_per_dim"] is not None:
             t1, t2, t3, _ = st.columns(4)

@@ -74,6 +74,20 @@ def run_attacks(ctx: ui.Context, s: dict, progress) -> dict:
     return {"settings": s, "curves": curves}
 
 
+def default_settings(ctx: ui.Context) -> dict:
+    """The page's default attack: PGD L∞ on 50 images (100 for 8x8 digits), 4 eps values, 10 steps, no refinement."""
+    return {"kind": "pgd_linf", "eps": [0.0, 0.1, 0.2, 0.3], "steps": 10, "n": 100 if ctx.shape[-1] <= 8 else 50,
+            "refine": False, "refine_steps": 5, "refine_chains": 2}
+
+
+def attack_cost(s: dict) -> float:
+    """Forward-backward passes of an attack, up to a constant: images x eps values x steps (x the refinement's
+    ``(1 + steps) x chains`` when the refined classifier is attacked too)."""
+    steps = 1 if s["kind"] == "fgsm" else s["steps"]
+    refine = 1 + (1 + s["refine_steps"]) * s["refine_chains"] if s["refine"] else 1
+    return s["n"] * max(1, len([e for e in s["eps"] if e > 0])) * steps * refine
+
+
 def attack_results(ctx: ui.Context, s: dict) -> dict:
     """The curves for settings ``s``, shared by every session (computed once per model pair and settings)."""
     key = ("robustness", tuple(s["models"]), ctx.dataset, str(ctx.data_root),
@@ -139,9 +153,14 @@ def main(ctx: ui.Context) -> None:
     ss = st.session_state
     r = ss.get(RESULT)
     first = r is None or r["settings"]["models"] != s["models"] or r["settings"]["dataset"] != ctx.dataset
+    size = attack_cost(s) / attack_cost(default_settings(ctx))
+    if first and not clicked and size > 1.5 and not ss.get(NO_AUTO):
+        st.info(f"These settings ask for an attack about {size:.0f}x the size of the default one, so it does not start "
+                "by itself: press **Run attacks** to start it.")
+        return
     if clicked or (first and not ss.get(NO_AUTO)):
-        # The first visit computes the attack with the settings shown, so the page makes its point at once
-        # (unless the user cancelled that once: then only the button starts an attack).
+        # The first visit computes the attack with the settings shown (no larger than the default), so the page
+        # makes its point at once (unless the user cancelled that once: then only the button starts an attack).
         try:
             r = ss[RESULT] = attack_results(ctx, s)
         except ui.Cancelled:
@@ -158,8 +177,8 @@ def main(ctx: ui.Context) -> None:
     cols = st.columns(len(clean))
     for col, (name, acc) in zip(cols, clean.items()):
         iv = wilson_interval(int(round(acc * rs["n"])), rs["n"])
-        col.metric(f"Clean accuracy: {name}", f"{acc:.4f}", help=f"95% Wilson interval {iv.lo:.3f}-{iv.hi:.3f} on "
-                   f"{rs['n']} images")
+        col.metric(f"Clean accuracy: {name}", f"{acc:.4f}")
+        col.caption(f"95% interval {iv.lo:.3f}-{iv.hi:.3f} (Wilson, {rs['n']} images)")
     colors = {name: ui.COLORS[i % len(ui.COLORS)] for i, name in enumerate(r["curves"])}
     ci = {name: [wilson_interval(int(round(a * rs["n"])), rs["n"]) for a in accs] for name, accs in r["curves"].items()}
     ui.show_chart(ui.fig_lines(rs["eps"], r["curves"], f"{ATTACKS[rs['kind']]}: accuracy under attack "

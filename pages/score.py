@@ -17,7 +17,7 @@ from app import ui
 from jem_core.data import data_available, synthetic_ood
 from jem_core.evaluation import attribution_maps, load_ood_set, ood_score_table
 from jem_core.evaluation.ood import OOD_SCORES, SCORE_LABELS
-from jem_core.images import prepare_uploads
+from jem_core.images import MAX_BYTES, prepare_uploads
 from jem_core.scoring import UNUSUAL_PERCENTILE, place, score_batch
 
 INVERT = {"Auto": None, "Invert": True, "Don't invert": False}
@@ -26,11 +26,12 @@ N_EXAMPLES = 2
 N_REFERENCE = 1000  # test images behind the reference histograms of the verdict
 
 
-def inputs(ctx: ui.Context) -> tuple[list[str], torch.Tensor | None, list[list[str]], list[list]]:
-    """(names, images [N, C, H, W], preprocessing notes, preprocessing pictures) from the uploads and the
-    example inputs."""
+def inputs(ctx: ui.Context) -> tuple[list[str], torch.Tensor | None, list[list[str]], list[list], list[bool]]:
+    """(names, images [N, C, H, W], preprocessing notes, preprocessing pictures, blank flags) from the uploads
+    and the example inputs."""
     c, h, _ = ctx.shape
-    files = st.file_uploader("Upload images (PNG/JPEG)", type=["png", "jpg", "jpeg", "gif", "bmp", "webp", "tif",
+    files = st.file_uploader(f"Upload images (PNG, JPEG, GIF, BMP, WebP or TIFF; up to {MAX_BYTES // 2**20} MB each)",
+                             type=["png", "jpg", "jpeg", "gif", "bmp", "webp", "tif",
                                                                "tiff"], accept_multiple_files=True, key="score_upload",
                              help=f"any size or colour: converted to {c}x{h}x{h} like the model's training data")
     a, b, d = st.columns(3)
@@ -48,7 +49,7 @@ def inputs(ctx: ui.Context) -> tuple[list[str], torch.Tensor | None, list[list[s
     examples = d.toggle("Show example inputs", value=True, key="score_examples", disabled=ctx.test_set() is None,
                         help=f"{N_EXAMPLES} test images, a Fashion-MNIST item (when available) and uniform noise, "
                              "scored like uploads", **ui.PERSIST)
-    names, tensors, notes, stages = [], [], [], []
+    names, tensors, notes, stages, blanks = [], [], [], [], []
     if files:
         prepared, errors = prepare_uploads([(f.name, f.getvalue()) for f in files], c, h, INVERT[invert],
                                            digit_style=digit_style)
@@ -59,6 +60,7 @@ def inputs(ctx: ui.Context) -> tuple[list[str], torch.Tensor | None, list[list[s
             tensors.append(p.tensor)
             notes.append(p.notes)
             stages.append(p.stages)
+            blanks.append(p.blank)
     test = ctx.test_set()
     if examples and test is not None:
         for name, x, note in example_inputs(ctx, test):
@@ -66,7 +68,8 @@ def inputs(ctx: ui.Context) -> tuple[list[str], torch.Tensor | None, list[list[s
             tensors.append(x)
             notes.append([note])
             stages.append([])
-    return names, (torch.stack(tensors) if tensors else None), notes, stages
+            blanks.append(False)
+    return names, (torch.stack(tensors) if tensors else None), notes, stages, blanks
 
 
 def test_scores(ctx: ui.Context) -> dict[str, torch.Tensor] | None:
@@ -128,7 +131,7 @@ def verdict(r, dataset: str) -> None:
 
 
 def main(ctx: ui.Context) -> None:
-    names, x, notes, stages = inputs(ctx)
+    names, x, notes, stages, blanks = inputs(ctx)
     if x is None:
         st.info("Upload one or more images (a photo of a handwritten digit works; so does anything else, which "
                 "the energy should flag as unusual).")
@@ -146,7 +149,7 @@ def main(ctx: ui.Context) -> None:
     rows = []
     for i, (name, r) in enumerate(zip(names, results)):
         row = {"image": name, "predicted label": r.label, "class": r.label_name,
-               "p(predicted)": r.probabilities[r.label], "energy E(x)": r.energy, "log p(x)": r.log_px,
+               "p(predicted)": r.probabilities[r.label], "energy E(x)": r.energy, "-E(x) (unnormalised log p(x))": r.log_px,
                "log p(x) percentile": r.percentile, "unusual": r.unusual}
         if base is not None:
             row["baseline predicted label"] = base[i].label
@@ -177,10 +180,15 @@ def main(ctx: ui.Context) -> None:
                               key=f"score_maps_{i}")
             m1, m2, m3, v = st.columns([1, 1, 1, 3])
             m1.metric("Energy E(x)", f"{r.energy:.3f}")
-            m2.metric("log p(x)", f"{r.log_px:.3f}", help="unnormalised: logsumexp of the logits = -E(x)")
+            m2.metric("-E(x)", f"{r.log_px:.3f}", help="the unnormalised log p(x) (logsumexp of the logits): "
+                      "log p(x) = -E(x) - log Z; the Likelihood page estimates log Z")
             m3.metric("Percentile", "n/a" if r.percentile is None else f"{r.percentile:.1f}",
                       help=f"of log p(x) among the {dataset} test images (checkpoint's reference statistics)")
             with v:
+                if blanks[i]:
+                    st.warning("No visible content: after preprocessing this image is one flat grey level, so the "
+                               "prediction and the energy below are the model's answer to a blank picture and say "
+                               "little about the upload. See the preprocessing steps.")
                 verdict(r, dataset)
             with st.expander("Preprocessing steps"):
                 if stages[i]:

@@ -265,9 +265,12 @@ def checkpoint_history(ctx: ui.Context) -> None:
         st.info(f"{ctx.name} carries no training history. Choose the settings and press **Start training**.")
         return
     m = ctx.model.metadata
+    staged = bool((m.get("train_args") or {}).get("init_from"))
     st.markdown(f"**How {ctx.name} was trained** (per-epoch figures stored in its checkpoint: "
                 f"`{m.get('objective')}` on `{m.get('dataset')}`, {len(hist)} epochs, "
-                f"{sum(h.get('seconds', 0) for h in hist) / 60:.1f} min recorded). Press **Start training** "
+                f"{sum(h.get('seconds', 0) for h in hist) / 60:.1f} min recorded"
+                + ("; this is the last stage of a staged training that started from another checkpoint, whose "
+                   "earlier stages the model card lists" if staged else "") + "). Press **Start training** "
                 "to train your own; its curves replace these.")
     ep = [h["epoch"] for h in hist]
     a, b, c = st.columns(3)

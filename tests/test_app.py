@@ -469,3 +469,22 @@ def test_one_training_run_at_a_time_and_the_second_session_is_told_why():
     while metric(second, "Status") == "running" and time.time() < deadline:
         time.sleep(0.3)
         second.run()
+
+
+def test_a_blank_upload_is_called_blank_and_a_large_linked_attack_waits_for_its_button():
+    at = open_page("score")
+    at.toggle(key="score_examples").set_value(False)
+    white = io.BytesIO()
+    Image.new("RGB", (1, 1), (255, 255, 255)).save(white, format="PNG")
+    at.file_uploader(key="score_upload").set_value(("white.png", white.getvalue(), "image/png")).run()
+    assert not at.exception and any(w.value.startswith("No visible content") for w in at.warning)
+
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(HOME, default_timeout=TIMEOUT).run()
+    at.switch_page("../pages/robustness.py")
+    at.query_params["rb_refine"] = "1"
+    at.query_params["rb_n"] = "300"
+    at.run()
+    assert not at.exception and not at.dataframe, "a link cannot start an attack larger than the default by itself"
+    assert any("does not start by itself" in i.value for i in at.info)

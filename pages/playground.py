@@ -271,7 +271,7 @@ def controls(s: dict) -> None:
 
 
 def buttons(s: dict) -> None:
-    cols = st.columns(8)
+    cols = [*st.columns(4), *st.columns(4)]  # two rows: every label stays whole at 1280 px
     running = s["running"]
     if running:
         cols[0].button("Pause", key="pg_pause", on_click=on_run, args=(False,), type="primary")
@@ -299,7 +299,7 @@ def live_view(s: dict) -> None:
     for t in (jem, base):
         t.advance_chains(CHAIN_STEPS)
     hj, hb = jem.history[-1], base.history[-1]
-    cols = st.columns(8)
+    cols = [*st.columns(4), *st.columns(4)]  # two rows of figures: every value stays whole at 1280 px
     cols[0].metric("Iteration", jem.iteration)
     cols[1].metric("JEM test accuracy", f"{hj['accuracy']:.3f}")
     cols[2].metric("Baseline test accuracy", f"{hb['accuracy']:.3f}")

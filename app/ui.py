@@ -17,6 +17,7 @@ evaluation results go through :func:`cached`; per-user state lives in ``st.sessi
 from __future__ import annotations
 
 import json
+import os
 import math
 import traceback
 from typing import Any, Callable
@@ -56,7 +57,7 @@ PAGES_DIR = ROOT / "pages"
 #: Seconds between ticks of live parts (training curves, the playground).
 LIVE_INTERVAL = 0.5
 #: Seconds between refreshes of the live Langevin chains (each refresh spends at most about half of it on SGLD).
-CHAIN_INTERVAL = 0.2
+CHAIN_INTERVAL = float(os.environ.get("JEM_CHAIN_INTERVAL", 0.2))
 PERSIST = {"persist_state": "session"}  # page widgets keep their value across page switches
 
 

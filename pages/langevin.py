@@ -149,8 +149,11 @@ def live_view(ctx: ui.Context) -> None:
     b.metric(f"Mean energy {what}", f"{mean_e:.3f}")
     c.metric("Status", "running" if s["running"] else ("finished" if chain.steps >= target else "paused"))
     n = chain.x.shape[0]
-    ui.show_grid(chain.x, f"{n} chains from {s['init']}, {what}, after {chain.steps} steps", key="lg_grid",
-                 file_name=f"{ctx.name}_chains_step{chain.steps}.png")
+    caption = f"{n} chains from {s['init']}, {what}, after {chain.steps} steps"
+    if s["running"]:  # one picture per refresh; the PNG download is offered once the chains rest
+        st.image(ui.grid(chain.x), caption=caption)
+    else:
+        ui.show_grid(chain.x, caption, key="lg_grid", file_name=f"{ctx.name}_chains_step{chain.steps}.png")
     sampler = make_sampler(ctx, s["gen"])
     show_health(chain, sampler, ctx)
     steps_per_refresh = s.get("k_auto", 1) if ss.get("lg_auto_k", True) else int(ss.get("lg_every", 10))

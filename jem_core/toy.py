@@ -43,7 +43,7 @@ import collections
 import csv
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import parse_qsl
@@ -926,8 +926,8 @@ def pretrained_pair(dataset: str = "toy:moons", seed: int = 0, iterations: int =
 
 
 def save_points_png(points: torch.Tensor, path: str | Path, size: int = 400) -> None:
-    """Write points as a scatter plot over the box: a ``size x size`` PNG, white background, the box's
-    frame and axes through 0 in grey, one 2-pixel-radius dot per point (points outside the box are skipped).
+    """Write points as a scatter plot over the box (matplotlib): a ``size x size`` PNG with the box's frame
+    and the axes through 0; points outside the box are not drawn.
 
     Args:
         points: ``[N, 2]`` or ``[N, 2, 1, 1]`` in box units.
@@ -937,25 +937,26 @@ def save_points_png(points: torch.Tensor, path: str | Path, size: int = 400) -> 
     Raises:
         ValueError: bad shape or size.
     """
-    from PIL import Image, ImageDraw
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     if size < 50:
         raise ValueError(f"size must be >= 50 pixels; got {size}")
     p = points_of(points).detach().double().cpu().numpy()
-    img = Image.new("RGB", (size, size), "white")
-    d = ImageDraw.Draw(img)
-    m = size - 1
-
-    def px(v: np.ndarray) -> np.ndarray:
-        return (v - BOX[0]) / (BOX[1] - BOX[0]) * m
-
-    d.rectangle([0, 0, m, m], outline=(160, 160, 160))
-    c = float(px(np.array(0.0)))
-    d.line([(c, 0), (c, m)], fill=(220, 220, 220))
-    d.line([(0, c), (m, c)], fill=(220, 220, 220))
-    for x, y in p:
-        if BOX[0] <= x <= BOX[1] and BOX[0] <= y <= BOX[1]:
-            u, v = float(px(np.array(x))), float(m - px(np.array(y)))
-            d.ellipse([u - 2, v - 2, u + 2, v + 2], fill=(31, 119, 180))
+    inside = (p >= BOX[0]).all(1) & (p <= BOX[1]).all(1)
+    dpi = 100
+    fig, ax = plt.subplots(figsize=(size / dpi, size / dpi), dpi=dpi)
+    ax.scatter(p[inside, 0], p[inside, 1], s=4, color="#1f77b4", linewidths=0)
+    ax.axhline(0, color="#dddddd", lw=0.8, zorder=0)
+    ax.axvline(0, color="#dddddd", lw=0.8, zorder=0)
+    ax.set_xlim(*BOX)
+    ax.set_ylim(*BOX)
+    ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.subplots_adjust(0, 0, 1, 1)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, format="PNG")
+    fig.savefig(path, format="png", dpi=dpi)
+    plt.close(fig)

@@ -160,42 +160,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 DUMP_RANK_WEIGHTS_ENV = "JEM_DUMP_RANK_WEIGHTS"
 
 
-def _init_distributed(cfg: Any) -> bool:
-    """Join the process group when torchrun started more than one process; True if this call joined.
-
-    Backend nccl when the device (``cfg.device``, else CUDA when available) is CUDA, each process
-    taking ``cuda:LOCAL_RANK`` (``cfg.device`` is rewritten to it); else gloo on the CPU.
-
-    Raises:
-        ValueError: CUDA asked for but absent, or fewer CUDA devices than processes on this node.
-    """
-    import os
-
-    import torch.distributed as dist
-
-    from .training import select_device
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if "RANK" not in os.environ or world <= 1 or dist.is_initialized():
-        return False
-    dev = select_device(cfg.device)
-    if dev.type == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if local >= torch.cuda.device_count():
-            raise ValueError(f"process with LOCAL_RANK {local} has no GPU: this node has {torch.cuda.device_count()} "
-                             "CUDA device(s); start at most that many processes per node (--nproc_per_node)")
-        torch.cuda.set_device(local)
-        cfg.device, backend = f"cuda:{local}", "nccl"
-    else:
-        cfg.device, backend = "cpu", "gloo"
-    dist.init_process_group(backend)
-    return True
-
-
 def _cmd_train(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import torch.distributed as dist
 
     from .data import dataset_shape
+    from .distributed import init_from_environment
     from .training import TrainConfig
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -211,7 +180,10 @@ def _cmd_train(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         cfg = TrainConfig(**given)
     cfg.validate()
     dataset_shape(cfg.dataset)  # unknown names fail here, before any work
-    joined = _init_distributed(cfg)
+    device = init_from_environment(cfg.device)
+    joined = device is not None
+    if joined:
+        cfg.device = device
     try:
         return _run_train(a, parser, cfg)
     finally:
@@ -313,7 +285,7 @@ def _cmd_sample(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .checkpoint import load_checkpoint
     from .generation import draw_samples
     from .images import save_grid_png
-    from .training import select_device
+    from .utils import select_device
 
     ck = load_checkpoint(a.checkpoint, device=select_device(a.device))
     k = int(ck.metadata["n_classes"])
@@ -377,7 +349,7 @@ def _sources(a: argparse.Namespace, label: int | None = None):
     from .data import DataUnavailableError, load_dataset
     from .generation import source_images
     from .sampling import SGLDSampler
-    from .training import select_device
+    from .utils import select_device
 
     dev = select_device(a.device)
     ck = load_checkpoint(a.checkpoint, device=dev)
@@ -454,7 +426,7 @@ def _cmd_score(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .checkpoint import load_checkpoint
     from .images import ImageDecodeError, load_image_file, prepare_upload
     from .scoring import score_batch
-    from .training import select_device
+    from .utils import select_device
 
     dev = select_device(a.device)
     ck = load_checkpoint(a.checkpoint, device=dev)
@@ -509,7 +481,7 @@ def _cmd_likelihood(a: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     from .checkpoint import load_checkpoint
     from .data import load_dataset
     from .likelihood import PUBLISHED_MNIST_BPD, LikelihoodError, estimate_log_likelihood, pixel_levels
-    from .training import select_device
+    from .utils import select_device
 
     if a.chains < 2:
         raise LikelihoodError(f"--chains must be >= 2; got {a.chains}")
@@ -617,7 +589,7 @@ def _cmd_evaluate(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     from .data import SYNTHETIC_OOD, data_available
     from .evaluation.ood import is_known_ood_spec
     from .evaluation.report import EvalSettings, evaluate_checkpoint, write_report
-    from .training import select_device
+    from .utils import select_device
 
     for spec in a.ood or []:
         if not is_known_ood_spec(spec):

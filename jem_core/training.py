@@ -1,13 +1,12 @@
-"""Training: the JEM objective and the cross-entropy baseline, with a divergence guard and resume.
+"""Training: configuration, the loop, the divergence and drift guards, validation and epoch selection, resume.
 
-JEM objective (Grathwohl et al. 2019, eq. 8-9)::
+What lives here: :class:`TrainConfig`, :class:`Trainer` (one guarded step at a time or :meth:`Trainer.fit`),
+checkpoint and resume-state writing. What does not: the loss of a batch (:mod:`jem_core.losses`: the JEM
+objective of Grathwohl et al. 2019, eq. 8-9, and the cross-entropy baseline), SGLD and the replay buffer
+(:mod:`jem_core.sampling`), torch.distributed plumbing (:mod:`jem_core.distributed`), the checkpoint format
+(:mod:`jem_core.checkpoint`), schedules (:mod:`jem_core.schedules`) and drift detection (:mod:`jem_core.drift`).
 
-    loss = CE(f(x_l), y_l)                                      # log p(y|x)
-         + px_weight  * [mean E(x_data) - mean E(x_sample)]     # contrastive log p(x) (eq. 2-3)
-         + pxy_weight * [mean E(x_data, y) - mean E(x_sample_y, y)]   # optional log p(x|y)
-         + energy_l2  * mean(E(x_data)^2 + E(x_sample)^2)       # stabiliser (Du & Mordatch 2019)
-
-``x_sample`` come from SGLD chains continued from a persistent replay buffer (PCD) with
+The samples of the p(x) term come from SGLD chains continued from a persistent replay buffer (PCD) with
 ``reinit_freq`` restarts from noise; when the chains are clamped to ``[-1, 1]``, so is the noisy data
 (else the energy learns to reward pixels outside the range no sample can reach).
 ``baseline`` is CE only, same architecture. Semi-supervised (``labels_per_class``): CE sees the labelled subset only; the p(x) term sees all
@@ -58,13 +57,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointError, atomic_torch_save, load_checkpoint, read_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from .data import ImageDataset, augment, labelled_subset, load_dataset
-from .energy import JEM, log_px_unnormalized
-from .models import build_model, count_parameters
+from .distributed import (any_rank, dist_info, evaluate_over_ranks, gather_rank_states, mean_over_ranks,
+                          reshard_buffer, unused_parameters)
 from .drift import DriftMonitor, DriftSignal
+from .energy import JEM, log_px_unnormalized
+from .losses import baseline_loss, jem_loss
+from .models import build_model, count_parameters
 from .sampling import ClassGaussians, ReplayBuffer, SGLDSampler, frozen_parameters
 from .schedules import LR_SCHEDULES, lr_factor, parse_schedule, schedule_value
+from .utils import select_device
 
 __all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "EpochMetrics", "reference_statistics",
            "evaluate_classifier", "resume_path", "select_device", "split_validation", "resolve_judge"]
@@ -78,16 +81,6 @@ class TrainingDiverged(RuntimeError):
 #: +-SAMPLE_ABS_LIMIT (or a non-finite one) means the sampler exploded (e.g. a far too large step size
 #: without clamping), even while the energies still look finite.
 SAMPLE_ABS_LIMIT = 100.0
-
-
-def select_device(device: str | None = None) -> torch.device:
-    """``device`` if given (``"cpu"``, ``"cuda"``, ``"cuda:1"``), else CUDA when available, else CPU."""
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu")
-    return dev
 
 
 @dataclass
@@ -332,7 +325,7 @@ class Trainer:
         self.log = log or (lambda s: None)
         self._stop = threading.Event()
         self.device = select_device(config.device)
-        self.rank, self.world_size = _dist_info()
+        self.rank, self.world_size = dist_info()
         torch.manual_seed(config.seed + self.rank)
         self.gen = torch.Generator().manual_seed(config.seed + 1000 * self.rank)
         self.train_set = train_set or load_dataset(config.dataset, "train", config.data_root)
@@ -359,7 +352,7 @@ class Trainer:
             # DDP broadcasts rank 0's weights here, so the per-rank seeds above do not matter for them.
             # The WRN's f.linear / energy_output exist for key compatibility only and get no gradient:
             # DDP must be told, or it fails on the second iteration.
-            unused = _unused_parameters(self.model, (c, h, h), self.device)
+            unused = unused_parameters(self.model, (c, h, h), self.device)
             if unused:
                 self.log(f"DDP: {len(unused)} parameters never reach the loss ({', '.join(unused[:4])}"
                          f"{' ...' if len(unused) > 4 else ''}); find_unused_parameters=True")
@@ -596,12 +589,8 @@ class Trainer:
         lr = self.current_lr()
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        out: dict[str, float] = {}
         if c.objective == "baseline":
-            logits = self.ddp_model(x_lab if lab_idx is not None else x)
-            loss = F.cross_entropy(logits, y_lab)
-            out.update(ce=float(loss.detach()), px=0.0, energy_data=float(-torch.logsumexp(logits.detach(), 1).mean()),
-                       energy_samples=float("nan"))
+            loss, out = baseline_loss(self.ddp_model, x_lab, y_lab)
         else:
             assert self.buffer is not None and self.sampler is not None
             n = x.shape[0]
@@ -618,35 +607,16 @@ class Trainer:
                 if self._has_train_mode_layers:
                     self.model.train()
             self.buffer.update(buf_idx, x_q)
-            parts = [x_lab] + ([x] if lab_idx is not None else []) + [x_q]
-            logits_all = self.ddp_model(torch.cat(parts))
-            nl = x_lab.shape[0]
-            logits_lab = logits_all[:nl]
-            logits_data = logits_all[nl:nl + n] if lab_idx is not None else logits_lab
-            logits_q = logits_all[-n:]
-            ce = F.cross_entropy(logits_lab, y_lab)
-            lse_d, lse_q = torch.logsumexp(logits_data, 1), torch.logsumexp(logits_q, 1)
-            px = lse_q.mean() - lse_d.mean()  # = E(data) - E(samples)
-            pxw, l2 = self.current_px_weight(), self.current_energy_l2()
-            loss = ce + pxw * px
-            if c.pxy_weight > 0:
-                pxy = logits_q.gather(1, y_cond[:, None]).mean() - logits_lab[:n].gather(1, y_cond[:, None]).mean()
-                loss = loss + c.pxy_weight * pxy
-            if l2 > 0:
-                loss = loss + l2 * (lse_d.pow(2).mean() + lse_q.pow(2).mean())
-            out.update(ce=float(ce.detach()), px=float(px.detach()), energy_data=float(-lse_d.detach().mean()),
-                       energy_samples=float(-lse_q.detach().mean()), sample_absmax=float(x_q.detach().abs().max()),
-                       px_weight=pxw, energy_l2=l2)
-            logits = logits_lab
-            out["logit_absmax"] = float(logits_all.detach().abs().max())
+            loss, out = jem_loss(self.ddp_model, x_lab, y_lab, x_q, x_data=x if lab_idx is not None else None,
+                                 y_cond=y_cond, px_weight=self.current_px_weight(), pxy_weight=c.pxy_weight,
+                                 energy_l2=self.current_energy_l2())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norms = [p.grad.detach().norm() for p in self.model.parameters() if p.grad is not None]
         gnorm = float(torch.stack(norms).norm()) if norms else 0.0
         grad_ok = math.isfinite(gnorm)
         out["grad_norm"] = gnorm
-        out.update(loss=float(loss.detach()), lr=lr, grad_finite=float(grad_ok),
-                   accuracy=float((logits.detach().argmax(1) == y_lab).float().mean()))
+        out.update(loss=float(loss.detach()), lr=lr, grad_finite=float(grad_ok))
         return out
 
     def _diverged(self, s: dict[str, float]) -> str | None:
@@ -680,7 +650,7 @@ class Trainer:
         s = self.train_step(idx, lab_idx)
         reason = self._diverged(s)
         if self.world_size > 1:  # all ranks roll back / stop together, so collectives stay in step
-            reason, self._agreed_stop = _any_rank(reason, self.stopped, self.device)
+            reason, self._agreed_stop = any_rank(reason, self.stopped, self.device)
         if reason:
             self._rollback(reason)
             return None
@@ -757,12 +727,12 @@ class Trainer:
             if self.val_set is not None:
                 ev = {"accuracy": float("nan"), "nll": float("nan")}  # the test split waits for the final report
             elif self.world_size > 1:  # each rank scores every W-th test image; sums are combined
-                ev = _evaluate_over_ranks(self.model, self.test_set.x, self.test_set.y, self.device)
+                ev = evaluate_over_ranks(evaluate_classifier, self.model, self.test_set.x, self.test_set.y, self.device)
             else:
                 ev = evaluate_classifier(self.model, self.test_set.x, self.test_set.y, device=self.device)
             avg = {k: v / max(1, count) for k, v in sums.items()}
             if self.world_size > 1:
-                avg = _mean_over_ranks(avg, self.device)
+                avg = mean_over_ranks(avg, self.device)
             new = self.events[events0:]
             nan = float("nan")
             val = self.validate() if self.val_set is not None else {}
@@ -1008,7 +978,7 @@ class Trainer:
         rng = {"torch": torch.get_rng_state(), "gen": self.gen.get_state()}
         rng_per_rank = None
         if self.world_size > 1:
-            full, rng_per_rank = _gather_rank_states(None if self.buffer is None else self.buffer.buffer, rng)
+            full, rng_per_rank = gather_rank_states(None if self.buffer is None else self.buffer.buffer, rng)
             if buf_state is not None:
                 buf_state["buffer"] = full  # rank slices in rank order; resume() re-slices it
         if self.rank != 0:
@@ -1079,8 +1049,8 @@ class Trainer:
         if self.buffer is not None and t.get("buffer") is not None:
             state = dict(t["buffer"])
             if saved_world > 1 or self.world_size > 1:  # this rank's share of all ranks' chains
-                state["buffer"] = _reshard_buffer(state["buffer"], saved_world, self.world_size, self.rank,
-                                                  len(self.buffer), state.get("n_classes"))
+                state["buffer"] = reshard_buffer(state["buffer"], saved_world, self.world_size, self.rank,
+                                                 len(self.buffer), state.get("n_classes"))
             self.buffer.load_state_dict(state)
         rng = t.get("rng") if saved_world == self.world_size == 1 else None
         if saved_world == self.world_size > 1 and t.get("rng_per_rank"):
@@ -1090,117 +1060,3 @@ class Trainer:
             self.gen.set_state(rng["gen"])
         self._take_snapshot()
         self.log(f"resumed from {src} at epoch {self.epoch}, iteration {self.iteration}")
-
-
-# -- torch.distributed helpers (active only when launched by torchrun) --------------------------------
-# Every helper below except _dist_info/_unused_parameters/_reshard_buffer is a collective: all ranks must
-# call it the same number of times, in the same order (the trainer makes every decision that could
-# break this -- roll back, stop -- the same on all ranks).
-def _dist_info() -> tuple[int, int]:
-    """``(rank, world size)``; ``(0, 1)`` unless a process group is initialised."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _unused_parameters(model: nn.Module, shape: tuple[int, int, int], device: torch.device) -> list[str]:
-    """Names of trainable parameters that get no gradient from the logits (one tiny forward/backward)."""
-    was = model.training
-    model.eval()  # no batch-norm statistics updates from the probe
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    try:
-        out = model(torch.zeros(2, *shape, device=device)).float().sum()
-        grads = torch.autograd.grad(out, [p for _, p in named], allow_unused=True)
-    finally:
-        model.train(was)
-    return [n for (n, _), g in zip(named, grads) if g is None]
-
-
-def _any_rank(reason: str | None, stop: bool, device: torch.device) -> tuple[str | None, bool]:
-    """The decision after an iteration, the same on all ranks: ``(divergence reason or None, stop)``,
-    where any rank's divergence or stop request counts for all."""
-    import torch.distributed as dist
-
-    flags = torch.tensor([1.0 if reason else 0.0, 1.0 if stop else 0.0], device=device)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    diverged, stop_any = bool(flags[0] > 0), bool(flags[1] > 0)
-    return ((reason or "divergence on another rank") if diverged else None), stop_any
-
-
-def _mean_over_ranks(d: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Average each value over ranks (every rank ran the same number of iterations)."""
-    import torch.distributed as dist
-
-    keys = sorted(d)
-    t = torch.tensor([d[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    t /= dist.get_world_size()
-    return {k: float(v) for k, v in zip(keys, t)}
-
-
-def _evaluate_over_ranks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> dict[str, float]:
-    """:func:`evaluate_classifier` on the whole test set, each rank scoring every W-th image."""
-    import torch.distributed as dist
-
-    rank, world = dist.get_rank(), dist.get_world_size()
-    xs, ys = x[rank::world], y[rank::world]
-    part = evaluate_classifier(model, xs, ys, device=device)
-    n = len(xs)
-    t = torch.tensor([part["accuracy"] * n, part["nll"] * n, float(n)], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    total = max(1.0, float(t[2]))
-    return {"accuracy": float(t[0]) / total, "nll": float(t[1]) / total}
-
-
-def _gather_rank_states(buffer: torch.Tensor | None, rng: dict) -> tuple[torch.Tensor | None, list[dict]]:
-    """Every rank's replay buffer (concatenated in rank order, on the CPU; None without one) and RNG states."""
-    import torch.distributed as dist
-
-    world = dist.get_world_size()
-    rngs: list[Any] = [None] * world
-    dist.all_gather_object(rngs, rng)
-    if buffer is None:
-        return None, rngs
-    parts = [torch.empty_like(buffer) for _ in range(world)]
-    dist.all_gather(parts, buffer.contiguous())
-    return torch.cat([p.cpu() for p in parts]), rngs
-
-
-def _reshard_buffer(full: torch.Tensor, saved_world: int, world: int, rank: int, rows: int,
-                    n_classes: int | None) -> torch.Tensor:
-    """This rank's ``rows`` rows of a replay buffer saved by ``saved_world`` ranks (slices concatenated
-    in rank order), for a run of ``world`` ranks.
-
-    With the same world size each rank gets back exactly its own chains. Otherwise each rank takes
-    an even contiguous share (per class for a class-conditional buffer, whose slices are laid out
-    as ``n_classes`` blocks), cut to ``rows`` or topped up with fresh U[-1, 1] noise (from the
-    global torch RNG, seeded per rank).
-
-    Returns:
-        ``[rows, C, H, W]`` float32 on the CPU.
-
-    Raises:
-        CheckpointError: a class-conditional buffer whose size does not split into the saved layout.
-    """
-    from .sampling import init_noise
-
-    full = full.detach().cpu().float()
-    shape = tuple(full.shape[1:])
-
-    def share(pool: torch.Tensor, want: int) -> torch.Tensor:
-        p = pool.shape[0]
-        out = pool[rank * p // world:(rank + 1) * p // world][:want]
-        if out.shape[0] < want:
-            out = torch.cat([out, init_noise(want - out.shape[0], shape, None).cpu()])
-        return out
-
-    if not n_classes:
-        return share(full, rows)
-    if full.shape[0] % (saved_world * n_classes):
-        raise CheckpointError(f"class-conditional replay buffer of {full.shape[0]} rows does not split into "
-                              f"{saved_world} rank(s) x {n_classes} classes")
-    block = full.shape[0] // (saved_world * n_classes)
-    pools = full.view(saved_world, n_classes, block, *shape).transpose(0, 1).reshape(n_classes, saved_world * block, *shape)
-    return torch.cat([share(pools[k], rows // n_classes) for k in range(n_classes)])

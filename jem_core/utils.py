@@ -1,4 +1,5 @@
-"""Small helpers every part of the library shares: eval mode, batched logits, the model's device, JSON rounding.
+"""Small helpers every part of the library shares: eval mode, batched logits, the model's device, choosing a
+device, JSON rounding, atomic writes.
 
 What lives here: plumbing with no JEM meaning. What does not: energies (:mod:`jem_core.energy`), sampling,
 evaluation metrics, anything that needs Streamlit.
@@ -16,7 +17,7 @@ from typing import IO, Any, Callable, Iterator
 import torch
 from torch import nn
 
-__all__ = ["eval_mode", "device_of", "predict_logits", "rounded", "atomic_write"]
+__all__ = ["eval_mode", "device_of", "select_device", "predict_logits", "rounded", "atomic_write"]
 
 
 @contextlib.contextmanager
@@ -39,6 +40,22 @@ def device_of(model: nn.Module) -> torch.device:
     """The device of the model's first parameter (CPU for a model without parameters)."""
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+def select_device(device: str | None = None) -> torch.device:
+    """``device`` if given (``"cpu"``, ``"cuda"``, ``"cuda:1"``), else CUDA when available, else CPU.
+
+    ``None``, ``""`` and ``"auto"`` all mean "choose".
+
+    Raises:
+        ValueError: CUDA asked for but not available.
+    """
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    return dev
 
 
 @torch.no_grad()

@@ -19,7 +19,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from jem_core.training import TrainConfig, Trainer, _reshard_buffer, resume_path
+from jem_core.distributed import reshard_buffer
+from jem_core.training import TrainConfig, Trainer, resume_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,13 +110,13 @@ def test_reshard_buffer_keeps_chains_and_class_blocks():
     # Two ranks saved 2 x [3 classes x 2 rows]; row value = 100 * rank + 10 * class + j.
     saved = torch.tensor([100 * r + 10 * k + j for r in range(2) for k in range(3) for j in range(2)],
                          dtype=torch.float32).view(-1, 1, 1, 1)
-    same = [_reshard_buffer(saved, 2, 2, r, 6, 3).flatten().tolist() for r in range(2)]
+    same = [reshard_buffer(saved, 2, 2, r, 6, 3).flatten().tolist() for r in range(2)]
     assert same == [[0, 1, 10, 11, 20, 21], [100, 101, 110, 111, 120, 121]]  # exactly each rank's own chains
-    one = _reshard_buffer(saved, 2, 1, 0, 12, 3).flatten().tolist()  # one process: every chain, class blocks kept
+    one = reshard_buffer(saved, 2, 1, 0, 12, 3).flatten().tolist()  # one process: every chain, class blocks kept
     assert one == [0, 1, 100, 101, 10, 11, 110, 111, 20, 21, 120, 121]
-    three = [_reshard_buffer(saved, 2, 3, r, 3, 3).flatten() for r in range(3)]  # 1 row per class each
+    three = [reshard_buffer(saved, 2, 3, r, 3, 3).flatten() for r in range(3)]  # 1 row per class each
     assert all((t // 10 % 10).tolist() == [0, 1, 2] for t in three)  # class k stays in block k
-    flat = _reshard_buffer(saved, 2, 4, 3, 5, None)  # unconditional, short share topped up with noise
+    flat = reshard_buffer(saved, 2, 4, 3, 5, None)  # unconditional, short share topped up with noise
     assert flat.shape == (5, 1, 1, 1) and flat[:3].flatten().tolist() == [111, 120, 121]
     assert flat[3:].abs().max() <= 1
 

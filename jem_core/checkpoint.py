@@ -1,5 +1,10 @@
 """Checkpoints: weights + metadata (+ a small replay buffer), written atomically, loaded safely.
 
+What lives here: the file format, atomic writing, the one safe ``torch.load`` of the library
+(:func:`safe_torch_load`, also used for official JEM files), and building a model from a checkpoint dict with
+every key and shape checked. What does not: mapping the official JEM code's files onto this format
+(:mod:`jem_core.official`), resume state contents (:mod:`jem_core.training`).
+
 File format (a ``torch.save`` dict of tensors and plain Python values only)::
 
     {"format": "jem_explorer/1",
@@ -34,7 +39,8 @@ from .models import build_model
 from .utils import atomic_write
 
 __all__ = ["CheckpointError", "LoadedCheckpoint", "save_checkpoint", "load_checkpoint", "read_checkpoint",
-           "atomic_torch_save", "check_state_dict", "FORMAT", "REQUIRED_METADATA"]
+           "safe_torch_load", "check_format", "checkpoint_from_dict", "atomic_torch_save", "check_state_dict",
+           "state_dict_mismatch", "FORMAT", "REQUIRED_METADATA"]
 
 FORMAT = "jem_explorer/1"
 REQUIRED_METADATA = ("arch", "in_channels", "image_size", "n_classes")
@@ -189,19 +195,31 @@ def _file_kind(head: bytes) -> str | None:
     return kind
 
 
-def read_checkpoint(source: str | os.PathLike | bytes, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint file (or its bytes) safely and check its structure; no model is built.
+def safe_torch_load(source: str | os.PathLike | bytes, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(source, map_location, weights_only=True)`` with every failure turned into one clear error.
+
+    The one place the library unpickles a file it did not write itself (our checkpoints, resume states,
+    the official JEM code's checkpoints): only tensors and plain containers are accepted, a file whose
+    unpickling would build arbitrary objects or run code is refused, never executed, and the message never
+    advises loading unsafely (torch's own message does).
+
+    Args:
+        source: a path, or the raw bytes of a file (an upload).
+        map_location: where tensors go (default the CPU).
+
+    Returns:
+        The loaded object, unchecked (a dict for our checkpoints; see :func:`read_checkpoint`).
 
     Raises:
-        CheckpointError: missing, unreadable, corrupt or truncated file; a pickle that is
-            refused by ``weights_only=True`` (it would run code); not a JEM Explorer checkpoint.
+        CheckpointError: the file is missing; it was refused (it holds objects that could run code); it is
+            corrupt, truncated or another format (the message says what it looks like, e.g. "a PNG image").
     """
     name = "<uploaded bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
     if not isinstance(source, (bytes, bytearray)) and not Path(source).is_file():
         raise CheckpointError(f"checkpoint {name} does not exist")
     try:
         f = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
-        obj = torch.load(f, map_location=map_location, weights_only=True)
+        return torch.load(f, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types here (UnpicklingError, RuntimeError, EOFError...)
         text = str(e)
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
@@ -215,11 +233,22 @@ def read_checkpoint(source: str | os.PathLike | bytes, map_location: str | torch
         # unpickler cannot parse: either could run code if loaded unsafely.
         if "GLOBAL" in text or "Unsupported global" in text or ("Unsupported operand" in text and head[:1] == b"\x80"):
             raise CheckpointError(
-                f"{name} was refused: it contains Python objects that could run code when unpickled "
-                f"(only tensors and plain values are accepted). Re-save it as a state dict. Detail: {msg}") from e
+                f"{name} was refused by weights_only=True loading: it contains Python objects that could run code "
+                f"when unpickled (only tensors and plain values are accepted). Re-save it as a state dict. "
+                f"Detail: {msg}") from e
         kind = _file_kind(head)
         raise CheckpointError(f"{name} is not a readable checkpoint (corrupt, truncated or another format"
                               f"{'; it is ' + kind if kind else ''}): {msg}") from e
+
+
+def check_format(obj: Any, name: str = "checkpoint") -> None:
+    """Check that a loaded object is a JEM Explorer checkpoint: a dict with ``"state_dict"`` and ``"metadata"``,
+    the metadata holding :data:`REQUIRED_METADATA`.
+
+    Raises:
+        CheckpointError: another structure (an official JEM checkpoint gets a pointer to ``import-official``),
+            or metadata lacking required keys.
+    """
     if not isinstance(obj, dict) or "state_dict" not in obj or "metadata" not in obj:
         keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
         hint = (" It looks like an official JEM checkpoint: convert it with "
@@ -231,6 +260,21 @@ def read_checkpoint(source: str | os.PathLike | bytes, map_location: str | torch
     missing = [k for k in REQUIRED_METADATA if k not in meta] if isinstance(meta, dict) else list(REQUIRED_METADATA)
     if missing:
         raise CheckpointError(f"{name}: metadata lacks {missing}")
+
+
+def read_checkpoint(source: str | os.PathLike | bytes, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint file (or its bytes) safely and check its structure; no model is built.
+
+    Returns:
+        The checkpoint dict (the file format in the module docstring).
+
+    Raises:
+        CheckpointError: see :func:`safe_torch_load` (missing, refused, unreadable) and :func:`check_format`
+            (not a JEM Explorer checkpoint).
+    """
+    name = "<uploaded bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
+    obj = safe_torch_load(source, map_location)
+    check_format(obj, name)
     return obj
 
 
@@ -276,11 +320,31 @@ def load_checkpoint(source: str | os.PathLike | bytes, device: str | torch.devic
         device: where to put the model.
 
     Raises:
-        CheckpointError: see :func:`read_checkpoint` and :func:`check_state_dict`; also when the
-            metadata names an unknown architecture or the replay buffer has the wrong shape.
+        CheckpointError: see :func:`read_checkpoint` and :func:`checkpoint_from_dict`.
     """
     name = "<uploaded bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
-    obj = read_checkpoint(source)
+    return checkpoint_from_dict(read_checkpoint(source), name, device)
+
+
+def checkpoint_from_dict(obj: dict[str, Any], name: str = "checkpoint",
+                         device: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """Build the model of a checkpoint dict (the file format in the module docstring) with every key and shape
+    checked; the importer of official checkpoints (:mod:`jem_core.official`) maps its files onto this format.
+
+    Args:
+        obj: the checkpoint dict (from :func:`read_checkpoint`, or built in memory).
+        name: how messages name it (a path, ``"<uploaded bytes>"``...).
+        device: where to put the model.
+
+    Returns:
+        A :class:`LoadedCheckpoint`; its model is a :class:`JEM` in eval mode on ``device``, its replay buffer
+        ``[M, C, H, W]`` float32 or None.
+
+    Raises:
+        CheckpointError: see :func:`check_format`; the metadata names an unknown architecture or bad arguments;
+            the weights do not fit it (:func:`check_state_dict`); the replay buffer has the wrong shape.
+    """
+    check_format(obj, name)
     meta = obj["metadata"]
     try:
         backbone = build_model(meta["arch"], int(meta["in_channels"]), int(meta["n_classes"]), meta.get("arch_kwargs"))

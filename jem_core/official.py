@@ -1,29 +1,34 @@
 """Import checkpoints written by the official JEM code (Grathwohl et al. 2019, github.com/wgrathwohl/JEM).
 
+What lives here: the mapping of an official file onto this project's checkpoint format (unwrapping, the key
+map, the architecture inferred from key names and shapes, the replay buffer's checks) and the one-time
+conversion behind ``python -m jem_core import-official``. What does not: reading files and building models
+with every key and shape checked -- that is the normal loader's job (:mod:`jem_core.checkpoint`:
+:func:`~jem_core.checkpoint.safe_torch_load`, :func:`~jem_core.checkpoint.checkpoint_from_dict`), and every
+failure is its :class:`~jem_core.checkpoint.CheckpointError`.
+
 The official ``train_wrn_ebm.py`` saves ``{"model_state_dict": f.state_dict(), "replay_buffer":
 buffer}`` where ``f`` is its ``F``/``CCF`` module (a WideResNet trunk ``f`` plus the heads
 ``energy_output`` and ``class_output``) and ``buffer`` is a float tensor ``[10000, 3, 32, 32]`` in
 roughly ``[-1, 1]``. Shared checkpoints are sometimes a bare state dict instead. This module:
 
-- reads the file safely (:func:`read_official`: ``torch.load(..., weights_only=True)`` always;
-  a checkpoint is untrusted input and is never unpickled with arbitrary code),
 - unwraps it (:func:`load_official_state_dict`), infers the architecture from key names and
   shapes alone (:func:`infer_wrn_config`),
-- rebuilds a :class:`~jem_core.wideresnet.WideResNet` and loads it with every key and shape
-  checked (:func:`build_from_official`): a mismatch raises :class:`OfficialCheckpointError`
-  naming the keys; a half-loaded model is never returned,
+- maps the keys onto :class:`~jem_core.wideresnet.WideResNet`'s (the same layout: only a ``module.`` prefix is
+  dropped and BatchNorm's ``num_batches_tracked``, absent before PyTorch 0.4.1, filled in) and hands the result
+  to the normal loader (:func:`build_from_official`): a mismatch raises naming the keys; a half-loaded model is
+  never returned,
 - and describes it for our checkpoint metadata (:func:`official_metadata`).
 
 Typical use (the ``import-official`` CLI command)::
 
-    model, config, buffer = build_from_official(read_official(path))
+    model, config, buffer = build_from_official(safe_torch_load(path))
     save_checkpoint(out, model, official_metadata(config, path), replay_buffer=buffer)
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 import re
 import warnings
 from collections.abc import Mapping
@@ -31,12 +36,10 @@ from typing import Any
 
 import torch
 
-from .checkpoint import list_names, state_dict_mismatch
+from .checkpoint import FORMAT, CheckpointError, checkpoint_from_dict, list_names, safe_torch_load
 from .wideresnet import WideResNet
 
 __all__ = [
-    "OfficialCheckpointError",
-    "read_official",
     "load_official_state_dict",
     "infer_wrn_config",
     "validate_replay_buffer",
@@ -48,40 +51,6 @@ __all__ = [
 
 _IMAGE_SIZE = 32
 _LAYER_KEY = re.compile(r"^f\.layer([123])\.(\d+)\.")
-
-
-class OfficialCheckpointError(ValueError):
-    """An official JEM checkpoint could not be read, recognised or loaded (the message says why)."""
-
-
-def read_official(path: str | os.PathLike) -> Any:
-    """Read an official JEM checkpoint file with ``torch.load(path, map_location="cpu", weights_only=True)``.
-
-    Only tensors, dicts, lists and other plain data are accepted: a file whose unpickling would
-    construct arbitrary objects or run code is refused, never executed.
-
-    Returns:
-        The loaded object (normally a dict; pass it to :func:`build_from_official`).
-
-    Raises:
-        OfficialCheckpointError: the file is missing, unreadable, corrupt, not a torch file, or
-            needs more than ``weights_only`` loading allows. The message has the path and reason.
-    """
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - every failure becomes one clear error type
-        lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-        if isinstance(exc, pickle.UnpicklingError):
-            # torch's own message suggests retrying with weights_only=False: never repeat that advice.
-            detail = next((ln for ln in lines if "global" in ln.lower()), "")
-            reason = ("refused by weights_only=True loading: the file holds objects other than tensors and "
-                      "plain containers, and a checkpoint is never unpickled with arbitrary code"
-                      + (f" ({detail})" if detail else ""))
-        else:
-            reason = f"{type(exc).__name__}: {lines[0] if lines else ''}"
-        raise OfficialCheckpointError(
-            f"could not read official JEM checkpoint {os.fspath(path)!s}: {reason}"
-        ) from exc
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -105,14 +74,14 @@ def load_official_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], Any | N
     :func:`validate_replay_buffer` (which :func:`build_from_official` calls).
 
     Raises:
-        OfficialCheckpointError: ``obj`` is neither form.
+        CheckpointError: ``obj`` is neither form.
     """
     buffer = None
     if isinstance(obj, Mapping) and "model_state_dict" in obj:
         sd = obj["model_state_dict"]
         buffer = obj.get("replay_buffer")
         if not _is_state_dict(sd):
-            raise OfficialCheckpointError(
+            raise CheckpointError(
                 "'model_state_dict' of the checkpoint is not a state dict (a non-empty mapping of names to tensors); "
                 f"got {type(sd).__name__}"
             )
@@ -124,7 +93,7 @@ def load_official_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], Any | N
             what = f"a dict with keys {', '.join(keys)}" if keys else "an empty dict"
         else:
             what = f"a {type(obj).__name__}"
-        raise OfficialCheckpointError(
+        raise CheckpointError(
             "not an official JEM checkpoint: expected a dict with 'model_state_dict' (and optionally "
             f"'replay_buffer'), or a bare state dict of tensors; got {what}"
         )
@@ -150,13 +119,13 @@ def infer_wrn_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         ``dict(depth=, widen_factor=, n_classes=, in_channels=, norm=, trunk_linear_out=)``.
 
     Raises:
-        OfficialCheckpointError: the keys do not look like the official JEM WideResNet.
+        CheckpointError: the keys do not look like the official JEM WideResNet.
     """
     sd = _strip_module_prefix(state_dict)
     needed = ["f.conv1.weight", "f.layer1.0.conv1.weight", "class_output.weight"]
     missing = [k for k in needed if k not in sd]
     if missing:
-        raise OfficialCheckpointError(
+        raise CheckpointError(
             "state dict does not look like the official JEM WideResNet (F/CCF from train_wrn_ebm.py): "
             f"missing {list_names(missing)}; first keys: {list_names(list(sd)[:8])}"
         )
@@ -168,29 +137,29 @@ def infer_wrn_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     counts = {s: len(b) for s, b in blocks.items()}
     for s, b in blocks.items():
         if b != set(range(len(b))):
-            raise OfficialCheckpointError(f"f.layer{s} has non-contiguous block indices {sorted(b)}")
+            raise CheckpointError(f"f.layer{s} has non-contiguous block indices {sorted(b)}")
     if len(set(counts.values())) != 1 or counts[1] == 0:
-        raise OfficialCheckpointError(
+        raise CheckpointError(
             "the three WideResNet stages must have the same number of blocks; found "
             f"layer1={counts[1]}, layer2={counts[2]}, layer3={counts[3]}"
         )
     n = counts[1]
     width_ch = int(sd["f.layer1.0.conv1.weight"].shape[0])
     if width_ch % 16 != 0:
-        raise OfficialCheckpointError(
+        raise CheckpointError(
             f"f.layer1.0.conv1.weight has {width_ch} output channels, not a multiple of 16: not an official WideResNet"
         )
     bn_keys = {k[len("f.bn1."):] for k in sd if k.startswith("f.bn1.")}
     if "running_mean" in bn_keys:
         norm = "batch"
     elif {"loc", "scale"} & bn_keys:
-        raise OfficialCheckpointError(
+        raise CheckpointError(
             "this checkpoint uses the official ActNorm (norm='act', keys f.bn1.loc/scale), which is not supported"
         )
     elif "weight" in bn_keys:
         norm = "instance"
     elif bn_keys:
-        raise OfficialCheckpointError(f"unrecognised normalisation keys f.bn1.{{{', '.join(sorted(bn_keys))}}}")
+        raise CheckpointError(f"unrecognised normalisation keys f.bn1.{{{', '.join(sorted(bn_keys))}}}")
     else:
         norm = None
     lin = sd.get("f.linear.weight")
@@ -212,18 +181,18 @@ def validate_replay_buffer(buffer: Any, in_channels: int = 3) -> torch.Tensor | 
     ``UserWarning`` saying how many.
 
     Raises:
-        OfficialCheckpointError: not a floating tensor of shape ``[N, in_channels, 32, 32]``, or
+        CheckpointError: not a floating tensor of shape ``[N, in_channels, 32, 32]``, or
             holds NaN/Inf.
     """
     if buffer is None or (isinstance(buffer, (list, tuple)) and len(buffer) == 0):
         return None
     if not isinstance(buffer, torch.Tensor):
-        raise OfficialCheckpointError(f"replay_buffer must be a tensor [N, C, 32, 32]; got {type(buffer).__name__}")
+        raise CheckpointError(f"replay_buffer must be a tensor [N, C, 32, 32]; got {type(buffer).__name__}")
     if not buffer.is_floating_point():
-        raise OfficialCheckpointError(f"replay_buffer must be a floating tensor; got dtype {buffer.dtype}")
+        raise CheckpointError(f"replay_buffer must be a floating tensor; got dtype {buffer.dtype}")
     expected = (in_channels, _IMAGE_SIZE, _IMAGE_SIZE)
     if buffer.dim() != 4 or tuple(buffer.shape[1:]) != expected:
-        raise OfficialCheckpointError(
+        raise CheckpointError(
             f"replay_buffer must have shape [N, {in_channels}, 32, 32]; got {list(buffer.shape)}"
         )
     if buffer.shape[0] == 0:
@@ -231,7 +200,7 @@ def validate_replay_buffer(buffer: Any, in_channels: int = 3) -> torch.Tensor | 
     buf = buffer.detach().to(device="cpu", dtype=torch.float32).contiguous()
     if not torch.isfinite(buf).all():
         bad = int((~torch.isfinite(buf)).flatten(1).any(1).sum())
-        raise OfficialCheckpointError(f"replay_buffer holds NaN/Inf values in {bad} of {buf.shape[0]} samples")
+        raise CheckpointError(f"replay_buffer holds NaN/Inf values in {bad} of {buf.shape[0]} samples")
     outside = int(((buf < -1) | (buf > 1)).sum())
     if outside:
         warnings.warn(
@@ -243,13 +212,15 @@ def validate_replay_buffer(buffer: Any, in_channels: int = 3) -> torch.Tensor | 
     return buf
 
 
-def _check_keys(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> None:
-    problem = state_dict_mismatch(model.state_dict(), dict(sd))
-    if problem:
-        raise OfficialCheckpointError(f"checkpoint does not match the inferred {model.extra_repr()}: {problem}")
-    nonfinite = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if nonfinite:
-        raise OfficialCheckpointError(f"checkpoint weights hold NaN/Inf in: {list_names(nonfinite)}")
+def _map_keys(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The official keys as :class:`WideResNet` names them: the same layout, with BatchNorm's
+    ``num_batches_tracked`` (absent from checkpoints of PyTorch < 0.4.1; it does not affect outputs) filled in
+    as 0 next to every ``running_mean``."""
+    out = dict(sd)
+    for k in sd:
+        if k.endswith(".running_mean"):
+            out.setdefault(k[: -len("running_mean")] + "num_batches_tracked", torch.zeros((), dtype=torch.long))
+    return out
 
 
 _INFER = "infer"
@@ -259,8 +230,8 @@ def build_from_official(obj: Any, *, norm: str | None = _INFER) -> tuple[WideRes
     """Rebuild an official JEM model as a :class:`WideResNet` with every key and shape checked.
 
     Args:
-        obj: what :func:`read_official` returned (a dict with ``"model_state_dict"`` or a bare
-            state dict), or a path, which is then read with :func:`read_official`.
+        obj: what :func:`~jem_core.checkpoint.safe_torch_load` returned for the file (a dict with
+            ``"model_state_dict"`` or a bare state dict), or a path, which is then read with it.
         norm: ``"infer"`` (default) to take the normalisation from the keys; give ``"layer"``
             for an official ``--norm layer`` model (its keys equal ``"instance"``'s).
 
@@ -271,36 +242,32 @@ def build_from_official(obj: Any, *, norm: str | None = _INFER) -> tuple[WideRes
         (see :func:`validate_replay_buffer`).
 
     Raises:
-        OfficialCheckpointError: unreadable or unrecognised input; missing keys, unexpected keys
-            or shape mismatches (listed by name); NaN/Inf weights; a malformed replay buffer.
+        CheckpointError: unreadable or unrecognised input; missing keys, unexpected keys
+            or shape mismatches (listed by name, by :func:`~jem_core.checkpoint.checkpoint_from_dict`);
+            NaN/Inf weights; a malformed replay buffer.
     """
+    source = os.fspath(obj) if isinstance(obj, (str, os.PathLike)) else "(in memory)"
     if isinstance(obj, (str, os.PathLike)):
-        obj = read_official(obj)
+        obj = safe_torch_load(obj)
     sd, raw_buffer = load_official_state_dict(obj)
     config = infer_wrn_config(sd)
     if norm != _INFER:
         if config["norm"] in ("instance", "layer") and norm in ("instance", "layer"):
             config["norm"] = norm
         elif norm != config["norm"] and not (norm == "none" and config["norm"] is None):
-            raise OfficialCheckpointError(
+            raise CheckpointError(
                 f"norm={norm!r} was asked for, but the checkpoint's keys say norm={config['norm']!r}"
             )
-    try:
-        model = WideResNet(depth=config["depth"], widen_factor=config["widen_factor"],
-                           n_classes=config["n_classes"], in_channels=config["in_channels"],
-                           norm=config["norm"], trunk_linear_out=config["trunk_linear_out"])
-    except ValueError as exc:
-        raise OfficialCheckpointError(f"cannot build a WideResNet for inferred config {config}: {exc}") from exc
-    sd = dict(sd)
-    # Checkpoints from PyTorch < 0.4.1 lack BatchNorm's num_batches_tracked; it does not affect outputs.
-    for k, v in model.state_dict().items():
-        if k.endswith(".num_batches_tracked") and k not in sd:
-            sd[k] = torch.zeros_like(v, device="cpu")
-    _check_keys(model, sd)
-    model.load_state_dict(sd, strict=True)
-    model.eval()
+    sd = _map_keys(sd)
+    name = (f"official JEM checkpoint {source} (architecture inferred from its keys: WRN-{config['depth']}-{config['widen_factor']}, "
+            f"norm {config['norm']})")
+    loaded = checkpoint_from_dict({"format": FORMAT, "state_dict": sd, "metadata": official_metadata(config, source),
+                                   "replay_buffer": None}, name)
+    nonfinite = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if nonfinite:
+        raise CheckpointError(f"checkpoint weights hold NaN/Inf in: {list_names(nonfinite)}")
     buffer = validate_replay_buffer(raw_buffer, in_channels=config["in_channels"])
-    return model, config, buffer
+    return loaded.model.f, config, buffer
 
 
 def official_metadata(config: Mapping[str, Any], source_path: str | os.PathLike) -> dict[str, Any]:
@@ -366,7 +333,7 @@ def convert_official(path: str | os.PathLike, out: str | os.PathLike, *, keep_bu
         ``reference``: its split description or None, ``note``).
 
     Raises:
-        OfficialCheckpointError: unreadable or mismatching checkpoint (keys named), bad arguments.
+        CheckpointError: unreadable or mismatching checkpoint (keys named), bad arguments.
     """
     from .checkpoint import save_checkpoint
     from .data import data_available, dataset_shape, load_dataset
@@ -374,17 +341,17 @@ def convert_official(path: str | os.PathLike, out: str | os.PathLike, *, keep_bu
 
     say = log or (lambda s: None)
     if os.path.exists(out) and os.path.exists(path) and os.path.samefile(path, out):
-        raise OfficialCheckpointError(f"--out {os.fspath(out)} is the input file; choose another path")
+        raise CheckpointError(f"--out {os.fspath(out)} is the input file; choose another path")
     if keep_buffer < 0 or n_reference < 0:
-        raise OfficialCheckpointError(f"keep_buffer and n_reference must be >= 0; got {keep_buffer}, {n_reference}")
+        raise CheckpointError(f"keep_buffer and n_reference must be >= 0; got {keep_buffer}, {n_reference}")
     model, config, buffer = build_from_official(path, norm=norm)
     meta = official_metadata(config, path)
     k = int(config["n_classes"])
     if dataset is not None:
         if dataset not in _OFFICIAL_DATASETS:
-            raise OfficialCheckpointError(f"dataset must be one of {', '.join(_OFFICIAL_DATASETS)}; got {dataset!r}")
+            raise CheckpointError(f"dataset must be one of {', '.join(_OFFICIAL_DATASETS)}; got {dataset!r}")
         if dataset_shape(dataset)[2] != k:
-            raise OfficialCheckpointError(f"dataset {dataset} has {dataset_shape(dataset)[2]} classes but the "
+            raise CheckpointError(f"dataset {dataset} has {dataset_shape(dataset)[2]} classes but the "
                                           f"checkpoint's class_output has {k}")
         meta["dataset"] = dataset
     dataset = meta["dataset"]

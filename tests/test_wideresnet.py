@@ -16,13 +16,12 @@ import torch
 import torch.nn.functional as tnf
 from torch import nn
 
+from jem_core.checkpoint import CheckpointError, safe_torch_load
 from jem_core.official import (
-    OfficialCheckpointError,
     build_from_official,
     infer_wrn_config,
     load_official_state_dict,
     official_metadata,
-    read_official,
     validate_replay_buffer,
 )
 from jem_core.wideresnet import WideResNet
@@ -212,12 +211,12 @@ def test_infer_wrn_config(depth, width, norm, n_classes):
 
 
 def test_infer_rejects_other_models():
-    with pytest.raises(OfficialCheckpointError, match="missing"):
+    with pytest.raises(CheckpointError, match="missing"):
         infer_wrn_config(nn.Linear(3, 2).state_dict())
     with torch.device("meta"):
         sd = _OfficialF(16, 1).state_dict()
     sd = {k: v for k, v in sd.items() if not k.startswith("f.layer3.1.")}  # layer3 one block short
-    with pytest.raises(OfficialCheckpointError, match="same number of blocks"):
+    with pytest.raises(CheckpointError, match="same number of blocks"):
         infer_wrn_config(sd)
 
 
@@ -227,7 +226,7 @@ def test_wrapped_checkpoint_file_with_module_prefix_and_buffer(tmp_path):
     buffer = torch.rand(20, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     path = tmp_path / "ckpt.pt"
     torch.save({"model_state_dict": {"module." + k: v for k, v in sd.items()}, "replay_buffer": buffer}, path)
-    model, cfg, buf = build_from_official(read_official(path))
+    model, cfg, buf = build_from_official(safe_torch_load(path))
     assert buf.shape == (20, 3, 32, 32) and buf.dtype == torch.float32
     assert torch.equal(buf, buffer)
     x = buffer[:2]
@@ -237,7 +236,7 @@ def test_wrapped_checkpoint_file_with_module_prefix_and_buffer(tmp_path):
     assert build_from_official(path)[2].shape == (20, 3, 32, 32)
     bare = tmp_path / "bare.pt"
     torch.save(sd, bare)
-    sd2, raw = load_official_state_dict(read_official(bare))
+    sd2, raw = load_official_state_dict(safe_torch_load(bare))
     assert raw is None and list(sd2) == list(sd)
     assert build_from_official(bare)[2] is None
 
@@ -248,7 +247,7 @@ def test_legacy_non_zip_format_loads(tmp_path):
     path = tmp_path / "legacy.pt"
     torch.save({"model_state_dict": sd, "replay_buffer": torch.zeros(4, 3, 32, 32)}, path,
                _use_new_zipfile_serialization=False)
-    model, cfg, buf = build_from_official(read_official(path))
+    model, cfg, buf = build_from_official(safe_torch_load(path))
     assert cfg["depth"] == 10 and buf.shape == (4, 3, 32, 32)
     assert torch.equal(model.state_dict()["class_output.weight"], sd["class_output.weight"])
 
@@ -263,16 +262,16 @@ def test_replay_buffer_validation():
     for bad, msg in [(torch.zeros(5, 3, 28, 28), "shape"), (torch.zeros(5, 1, 32, 32), "shape"),
                      (torch.zeros(5, 3, 32, 32, dtype=torch.uint8), "floating"), ("noise", "tensor"),
                      (torch.full((2, 3, 32, 32), float("nan")), "NaN")]:
-        with pytest.raises(OfficialCheckpointError, match=msg):
+        with pytest.raises(CheckpointError, match=msg):
             validate_replay_buffer(bad)
     _, sd = _official_state_dict(10, 1)
-    with pytest.raises(OfficialCheckpointError, match="replay_buffer"):
+    with pytest.raises(CheckpointError, match="replay_buffer"):
         build_from_official({"model_state_dict": sd, "replay_buffer": torch.zeros(3, 3, 16, 16)})
 
 
 @pytest.mark.parametrize("obj", [[1, 2], {"state": 1}, {}, "x", {"model_state_dict": {"a": 1}}])
 def test_unrecognised_objects_raise(obj):
-    with pytest.raises(OfficialCheckpointError, match="state dict|official JEM"):
+    with pytest.raises(CheckpointError, match="state dict|official JEM"):
         load_official_state_dict(obj)
 
 
@@ -289,9 +288,9 @@ def _mutations():
 
 @pytest.mark.parametrize("pattern,sd", _mutations(), ids=["missing", "unexpected", "shape"])
 def test_mismatched_state_dict_names_the_key(pattern, sd):
-    with pytest.raises(OfficialCheckpointError, match=pattern):
+    with pytest.raises(CheckpointError, match=pattern):
         build_from_official(sd)
-    with pytest.raises(OfficialCheckpointError, match=pattern):  # also through the wrapped form
+    with pytest.raises(CheckpointError, match=pattern):  # also through the wrapped form
         build_from_official({"model_state_dict": sd, "replay_buffer": torch.zeros(2, 3, 32, 32)})
 
 
@@ -300,7 +299,7 @@ def test_nonfinite_weights_rejected():
     sd = dict(sd)
     sd["f.layer1.0.conv1.weight"] = sd["f.layer1.0.conv1.weight"].clone()
     sd["f.layer1.0.conv1.weight"][0, 0, 0, 0] = float("inf")
-    with pytest.raises(OfficialCheckpointError, match="f.layer1.0.conv1.weight"):
+    with pytest.raises(CheckpointError, match="f.layer1.0.conv1.weight"):
         build_from_official(sd)
 
 
@@ -317,7 +316,7 @@ def test_norm_override_layer_and_conflict():
     _, sd = _official_state_dict(10, 1, norm="instance")
     model, cfg, _ = build_from_official(sd, norm="layer")
     assert cfg["norm"] == "layer" and isinstance(model.f.bn1, nn.GroupNorm)
-    with pytest.raises(OfficialCheckpointError, match="norm="):
+    with pytest.raises(CheckpointError, match="norm="):
         build_from_official(sd, norm="batch")
 
 
@@ -335,9 +334,9 @@ def test_read_official_never_runs_pickled_code(tmp_path):
     path = tmp_path / "evil.pt"
     _, sd = _official_state_dict(10, 1)
     torch.save({"model_state_dict": sd, "replay_buffer": _Exploit(marker)}, path)
-    with pytest.raises(OfficialCheckpointError, match=r"evil\.pt.*weights_only"):
-        read_official(path)
-    with pytest.raises(OfficialCheckpointError) as info:
+    with pytest.raises(CheckpointError, match=r"evil\.pt.*weights_only"):
+        safe_torch_load(path)
+    with pytest.raises(CheckpointError) as info:
         build_from_official(path)
     assert "weights_only=False" not in str(info.value)  # no advice to disable the protection
     assert not marker.exists()
@@ -347,12 +346,40 @@ def test_read_official_never_runs_pickled_code(tmp_path):
 
 
 def test_read_official_missing_and_corrupt_files(tmp_path):
-    with pytest.raises(OfficialCheckpointError, match="nope.pt"):
-        read_official(tmp_path / "nope.pt")
+    with pytest.raises(CheckpointError, match="nope.pt"):
+        safe_torch_load(tmp_path / "nope.pt")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(OfficialCheckpointError, match="junk.pt"):
-        read_official(junk)
+    with pytest.raises(CheckpointError, match="junk.pt"):
+        safe_torch_load(junk)
+
+
+def test_both_loaders_read_files_through_one_safe_load(tmp_path):
+    """Our loader and the official importer refuse a bad file with the same error class and message."""
+    from jem_core.checkpoint import load_checkpoint
+
+    png = tmp_path / "picture.pt"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    with pytest.raises(CheckpointError) as ours:
+        load_checkpoint(png)
+    with pytest.raises(CheckpointError) as official:
+        build_from_official(png)
+    assert str(ours.value) == str(official.value) and "a PNG image" in str(ours.value)
+
+
+def test_official_import_is_a_key_map_onto_the_normal_loader(monkeypatch):
+    import jem_core.official as official
+
+    seen = []
+    real = official.checkpoint_from_dict
+    monkeypatch.setattr(official, "checkpoint_from_dict", lambda obj, *a, **k: (seen.append(obj), real(obj, *a, **k))[1])
+    off, sd = _official_state_dict(10, 1, norm="batch")
+    model, cfg, _ = build_from_official({"module." + k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")})
+    assert len(seen) == 1 and seen[0]["metadata"] == official_metadata(cfg, "(in memory)")
+    assert set(seen[0]["state_dict"]) == set(sd)  # prefix dropped, num_batches_tracked filled in
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), off.classify(x), rtol=0, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- metadata

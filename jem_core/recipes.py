@@ -36,12 +36,13 @@ RECIPES: dict[str, dict[str, Any]] = {
                          lr_schedule="cosine", lr_floor=0.05, crop_padding=1, val_split=300, guard_every=10),
     },
     "mnist-jem": {
-        "description": ("MNIST JEM in one run: p(x) weight 1 -> 0.1 (epoch 0.5) -> 0.05 (epoch 3.5) with an energy "
-                        "penalty, 10 SGLD steps, cosine learning rate, 5,000 validation images, bf16 SGLD, drift guard"),
+        "description": ("MNIST JEM in one run: p(x) weight 1 -> 0.1 (epoch 0.5) -> 0.05 (epoch 4) with an energy "
+                        "penalty, 10 SGLD steps, Adam at 1e-3 with a cosine decay, 5,000 validation images, bf16 SGLD, "
+                        "drift guard"),
         "target": {"accuracy": 0.985, "classifier_fd": 0.15, "conditional_accuracy": 0.90},
-        "settings": dict(dataset="mnist", objective="jem", epochs=6, batch_size=64, lr=1e-4, warmup_iters=1000,
+        "settings": dict(dataset="mnist", objective="jem", epochs=8, batch_size=64, lr=1e-3, warmup_iters=200,
                          lr_schedule="cosine", lr_floor=0.1, px_weight=1.0,
-                         px_weight_schedule="0:1,0.5:0.1,3.5:0.05", energy_l2_schedule="0:0,0.5:0.0005,3.5:0.001",
+                         px_weight_schedule="0:1,0.5:0.1,4:0.05", energy_l2_schedule="0:0,0.5:0.0005,4:0.001",
                          sgld_steps=10, buffer_size=10000, keep_buffer=400, sgld_bf16=True, channels_last=True,
                          val_split=5000, sample_eval=500, judge="bundled:mnist_baseline.pt", drift_guard=True,
                          guard_every=50),

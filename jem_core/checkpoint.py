@@ -35,6 +35,7 @@ from torch import nn
 
 from . import __version__
 from .energy import JEM
+from .errors import BadInput
 from .models import build_model
 from .utils import atomic_write
 
@@ -46,7 +47,7 @@ FORMAT = "jem_explorer/1"
 REQUIRED_METADATA = ("arch", "in_channels", "image_size", "n_classes")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BadInput):
     """A checkpoint could not be read or does not fit; the message says what is wrong."""
 
 

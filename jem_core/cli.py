@@ -1,6 +1,14 @@
 """The command-line interface: ``python -m jem_core train | sample | inpaint | translate | score | likelihood | evaluate | bench | import-official``.
 
-Every command reports bad input argparse-style (``error: ...`` and exit status 2), never a traceback.
+What lives here: argument parsing, the calls into the library and the output (JSON lines, PNG files). What
+does not: anything the commands compute (the library modules they call).
+
+Errors: bad input is reported argparse-style with exit status 2 -- a sub-command's own checks print that
+sub-command's usage (``python -m jem_core train: error: ...``), and the library's
+:class:`~jem_core.errors.BadInput` (bad option values, unknown datasets, unreadable checkpoints...) and
+:class:`~jem_core.data.DataUnavailableError` (data files missing) become one line ``python -m jem_core CMD:
+error: MESSAGE``. A diverged training run exits with 3, Ctrl-C with 130. Any other exception is an error of
+the program itself and propagates with its traceback.
 """
 
 from __future__ import annotations
@@ -343,10 +351,12 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(cmd="translate")
 
 
-def _sources(a: argparse.Namespace, label: int | None = None):
-    """Checkpoint, sampler, generator and start images for inpaint/translate."""
+def _sources(a: argparse.Namespace, parser: argparse.ArgumentParser, label: int | None = None):
+    """Checkpoint, sampler, generator and start images for inpaint/translate (``parser``: the sub-command's,
+    for errors in ``--from``/``--to``)."""
     from .checkpoint import load_checkpoint
     from .data import DataUnavailableError, load_dataset
+    from .errors import BadInput
     from .generation import source_images
     from .sampling import SGLDSampler
     from .utils import select_device
@@ -356,11 +366,11 @@ def _sources(a: argparse.Namespace, label: int | None = None):
     k = int(ck.metadata["n_classes"])
     for flag, v in (("--from", label), ("--to", getattr(a, "target", None))):
         if v is not None and not 0 <= v < k:
-            raise ValueError(f"{flag} must lie in [0, {k}) for this {k}-class model; got {v}")
+            parser.error(f"{flag} must lie in [0, {k}) for this {k}-class model; got {v}")
     test = None
     try:
         test = load_dataset(ck.metadata.get("dataset", ""), "test", a.data_root)
-    except (DataUnavailableError, ValueError) as e:
+    except (DataUnavailableError, BadInput) as e:
         print(f"note: no test set ({e}); starting from the checkpoint's replay buffer", file=sys.stderr)
     g = torch.Generator().manual_seed(a.seed)
     x, y, where = source_images(ck, a.n, g, label=label, test_set=test)
@@ -380,7 +390,7 @@ def _cmd_inpaint(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .generation import inpaint
     from .images import save_grid_png
 
-    ck, sampler, g, x, y, where = _sources(a)
+    ck, sampler, g, x, y, where = _sources(a, parser)
     bar, tick = _bar(a.steps, "in-painting")
     x0, chain = inpaint(x, a.mask, sampler, a.steps, y if a.conditional else None, g, tick)
     bar.close()
@@ -395,7 +405,7 @@ def _cmd_translate(a: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     from .generation import class_translation
     from .images import save_grid_png
 
-    ck, sampler, g, x, _, where = _sources(a, label=a.source)
+    ck, sampler, g, x, _, where = _sources(a, parser, label=a.source)
     bar, tick = _bar(a.steps, "translating")
     frames, chain = class_translation(ck, x, a.target, sampler, a.steps, a.frames, tick)
     bar.close()
@@ -484,7 +494,7 @@ def _cmd_likelihood(a: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     from .utils import select_device
 
     if a.chains < 2:
-        raise LikelihoodError(f"--chains must be >= 2; got {a.chains}")
+        parser.error(f"--chains must be >= 2; got {a.chains}")
     dev = select_device(a.device)
     ck = load_checkpoint(a.checkpoint, device=dev)
     m = ck.metadata
@@ -736,22 +746,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The parser of sub-command ``command`` (its ``error`` prints that sub-command's usage)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[command]
+    raise LookupError(f"no sub-command {command!r}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (2 for bad input, as argparse does)."""
-    from .checkpoint import CheckpointError
+    """Run the CLI; returns the exit status.
+
+    Exit status: 0 on success (``score``: 1 when no image could be read); 2 for bad input (argparse's own
+    errors; a sub-command's checks, with its usage; :class:`~jem_core.errors.BadInput` and
+    :class:`~jem_core.data.DataUnavailableError` from the library, as one line ``PROG CMD: error: MESSAGE``
+    on stderr); 3 for a diverged training run; 130 on Ctrl-C.
+
+    Raises:
+        Any other exception of a command, unchanged: it is a bug, and shows as one (a traceback).
+    """
     from .data import DataUnavailableError
+    from .errors import BadInput
     from .perf import tune_malloc
     from .training import TrainingDiverged
 
     parser = build_parser()
     a = parser.parse_args(argv)
+    cmd_parser = _subparser(parser, a.command)
     tune_malloc()  # SGLD activations stay in the heap instead of fresh mmap pages (jem_core.perf, bench/README.md)
     try:
-        return _COMMANDS[a.cmd](a, parser)
-    except (CheckpointError, DataUnavailableError, ValueError) as e:
-        parser.exit(2, f"{parser.prog} {a.command}: error: {e}\n")
+        return _COMMANDS[a.cmd](a, cmd_parser)
+    except (BadInput, DataUnavailableError) as e:
+        cmd_parser.exit(2, f"{cmd_parser.prog}: error: {e}\n")
     except TrainingDiverged as e:
-        parser.exit(3, f"{parser.prog} {a.command}: error: {e}\n")
+        cmd_parser.exit(3, f"{cmd_parser.prog}: error: {e}\n")
     except KeyboardInterrupt:
         parser.exit(130, "interrupted\n")
     return 0

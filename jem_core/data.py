@@ -40,6 +40,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .errors import BadInput
+
 __all__ = [
     "ImageDataset",
     "DataUnavailableError",
@@ -146,12 +148,12 @@ def _hw_to_nchw(x: np.ndarray) -> np.ndarray:
         return x.transpose(0, 3, 1, 2)
     if x.ndim == 4 and x.shape[1] in (1, 3):
         return x
-    raise ValueError(f"images must be N x H x W, N x H x W x C or N x C x H x W with C in (1, 3); got {x.shape}")
+    raise BadInput(f"images must be N x H x W, N x H x W x C or N x C x H x W with C in (1, 3); got {x.shape}")
 
 
 def _parse(spec: str) -> tuple[str, str | None]:
     if not isinstance(spec, str) or not spec:
-        raise ValueError(f"dataset spec must be a non-empty string; got {spec!r}")
+        raise BadInput(f"dataset spec must be a non-empty string; got {spec!r}")
     if spec.startswith("npz:"):
         return "npz", spec[4:]
     if spec.startswith("folder:"):
@@ -159,13 +161,13 @@ def _parse(spec: str) -> tuple[str, str | None]:
     if spec[:4].lower() == "toy:":
         from .toy import parse_toy_spec
 
-        parse_toy_spec(spec)  # raises ValueError saying what is wrong
+        parse_toy_spec(spec)  # raises BadInput saying what is wrong
         return "toy", spec
     name = spec.lower().replace("-", "_")
     if name == "fashionmnist":
         name = "fashion_mnist"
     if name not in BUILTIN_DATASETS:
-        raise ValueError(
+        raise BadInput(
             f"unknown dataset {spec!r}; use one of {', '.join(BUILTIN_DATASETS)}, npz:PATH or folder:PATH"
         )
     return name, None
@@ -177,7 +179,7 @@ def dataset_shape(spec: str) -> tuple[int, int, int] | None:
     Generated ``toy:`` sets give ``(2, 1, K)`` (points as ``[N, 2, 1, 1]``).
 
     Raises:
-        ValueError: unknown or malformed spec.
+        BadInput: unknown or malformed spec.
     """
     name, path = _parse(spec)
     if name == "toy":
@@ -383,7 +385,8 @@ def load_dataset(spec: str, split: str = "train", data_root: str | os.PathLike |
         :class:`ImageDataset` with ``x`` ``[N, C, H, W]`` float32 in ``[-1, 1]``.
 
     Raises:
-        ValueError: unknown spec or split.
+        BadInput: unknown or malformed spec; images of an npz file that are not N x H x W (x C).
+        ValueError: unknown split.
         DataUnavailableError: files missing (offline) or unreadable; the message says where to put them.
     """
     if split not in ("train", "test", "all"):
@@ -421,7 +424,7 @@ def download_dataset(spec: str, data_root: str | os.PathLike | None = None,
         The raw folder that now holds the uncompressed IDX files.
 
     Raises:
-        ValueError: another spec.
+        BadInput: another spec.
         DataUnavailableError: a file could not be fetched from any mirror (offline); the message says
             where to put the files by hand.
     """
@@ -433,8 +436,8 @@ def download_dataset(spec: str, data_root: str | os.PathLike | None = None,
     name, _ = _parse(spec)
     classes = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST}
     if name not in classes:
-        raise ValueError(f"download_dataset handles mnist and fashion_mnist; got {spec!r} (torchvision downloads "
-                         "the others on first use when online)")
+        raise BadInput(f"download_dataset handles mnist and fashion_mnist; got {spec!r} (torchvision downloads "
+                       "the others on first use when online)")
     root = resolve_data_root(data_root)
     raw = root / _TV_FOLDERS[name] / "raw"
     resources = classes[name].resources
@@ -498,7 +501,7 @@ def synthetic_ood(kind: str, reference: torch.Tensor, n: int | None = None,
         ``[n, C, H, W]`` float32 in ``[-1, 1]``.
 
     Raises:
-        ValueError: unknown kind or empty reference.
+        BadInput: unknown kind. ValueError: empty reference (fewer than 2 images for interp).
     """
     if reference.dim() != 4 or reference.shape[0] == 0:
         raise ValueError(f"reference must be a non-empty [M, C, H, W] tensor; got {tuple(reference.shape)}")
@@ -522,7 +525,7 @@ def synthetic_ood(kind: str, reference: torch.Tensor, n: int | None = None,
     if kind == "inverted":
         idx = torch.arange(n) % m
         return -reference[idx]
-    raise ValueError(f"unknown synthetic OOD set {kind!r}; use one of {', '.join(SYNTHETIC_OOD)}")
+    raise BadInput(f"unknown synthetic OOD set {kind!r}; use one of {', '.join(SYNTHETIC_OOD)}")
 
 
 def augment(x: torch.Tensor, crop_padding: int = 0, flip: bool = False, noise_std: float = 0.0,

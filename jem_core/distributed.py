@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError
+from .errors import BadInput
 from .utils import select_device
 
 __all__ = ["init_from_environment", "dist_info", "unused_parameters", "any_rank", "mean_over_ranks",
@@ -37,7 +38,7 @@ def init_from_environment(device: str | None) -> str | None:
         group; None when it did not (not launched by torchrun, one process, or a group already exists).
 
     Raises:
-        ValueError: CUDA asked for but absent, or fewer CUDA devices than processes on this node.
+        BadInput: CUDA asked for but absent, or fewer CUDA devices than processes on this node.
     """
     import torch.distributed as dist
 
@@ -48,8 +49,8 @@ def init_from_environment(device: str | None) -> str | None:
     if dev.type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if local >= torch.cuda.device_count():
-            raise ValueError(f"process with LOCAL_RANK {local} has no GPU: this node has {torch.cuda.device_count()} "
-                             "CUDA device(s); start at most that many processes per node (--nproc_per_node)")
+            raise BadInput(f"process with LOCAL_RANK {local} has no GPU: this node has {torch.cuda.device_count()} "
+                           "CUDA device(s); start at most that many processes per node (--nproc_per_node)")
         torch.cuda.set_device(local)
         device, backend = f"cuda:{local}", "nccl"
     else:

@@ -15,6 +15,7 @@ import torch
 
 from .checkpoint import LoadedCheckpoint
 from .data import ImageDataset
+from .errors import BadInput
 from .sampling import ChainState, SGLDReport, SGLDSampler, frozen_parameters, half_mask, init_noise, inpaint_start
 from .utils import predict_logits
 
@@ -35,8 +36,8 @@ def chain_starts(ck: LoadedCheckpoint, n: int, init: str = "auto", generator: to
         data: ``[M, C, H, W]`` float32 in ``[-1, 1]`` (e.g. test images), for ``init="data"``.
 
     Raises:
-        ValueError: ``init="buffer"`` but the checkpoint stores no buffer, ``init="data"`` without
-            data, or unknown init.
+        BadInput: ``init="buffer"`` but the checkpoint stores no buffer.
+        ValueError: ``init="data"`` without data, or unknown init.
     """
     m = ck.metadata
     shape = (int(m["in_channels"]), int(m["image_size"]), int(m["image_size"]))
@@ -44,7 +45,7 @@ def chain_starts(ck: LoadedCheckpoint, n: int, init: str = "auto", generator: to
         init = "buffer" if ck.replay_buffer is not None and len(ck.replay_buffer) else "noise"
     if init == "buffer":
         if ck.replay_buffer is None or not len(ck.replay_buffer):
-            raise ValueError("this checkpoint stores no replay buffer; use init='noise'")
+            raise BadInput("this checkpoint stores no replay buffer; use init='noise'")
         idx = torch.randint(0, len(ck.replay_buffer), (n,), generator=generator)
         return ck.replay_buffer[idx].clone().to(device), "buffer"
     if init == "noise":
@@ -117,7 +118,8 @@ def source_images(ck: LoadedCheckpoint, n: int, generator: torch.Generator | Non
         ``m = min(n, available)``.
 
     Raises:
-        ValueError: ``n < 1``; no test set and no stored buffer; no image of class ``label``.
+        BadInput: no test set and no stored buffer; no image of class ``label``.
+        ValueError: ``n < 1``.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1; got {n}")
@@ -127,12 +129,12 @@ def source_images(ck: LoadedCheckpoint, n: int, generator: torch.Generator | Non
     else:
         buf = ck.replay_buffer
         if buf is None or not len(buf):
-            raise ValueError("needs a test set or a checkpoint that stores a replay buffer")
+            raise BadInput("needs a test set or a checkpoint that stores a replay buffer")
         ys = predict_logits(ck.model, buf).argmax(1)
         pool = torch.arange(len(buf)) if label is None else torch.nonzero(ys == label).flatten()
         where, xs = "replay-buffer samples", buf
     if len(pool) == 0:
-        raise ValueError(f"no {where[:-1]} of class {label}; pass the test set (--data-root) instead")
+        raise BadInput(f"no {where[:-1]} of class {label}; pass the test set (--data-root) instead")
     idx = pool[torch.randperm(len(pool), generator=generator)[:n]]
     return xs[idx].clone(), ys[idx].clone(), where
 
@@ -212,11 +214,12 @@ def class_translation(ck: LoadedCheckpoint, x: torch.Tensor, target: int, sample
         ``(frames, chain)``: ``n_frames`` snapshots ``[N, C, H, W]`` and the finished chain.
 
     Raises:
-        ValueError: ``target`` outside the model's classes, bad ``steps``/``n_frames``.
+        BadInput: ``target`` outside the model's classes.
+        ValueError: bad ``steps``/``n_frames``.
     """
     k = int(ck.metadata["n_classes"])
     if not 0 <= target < k:
-        raise ValueError(f"target class must lie in [0, {k}); got {target}")
+        raise BadInput(f"target class must lie in [0, {k}); got {target}")
     chain = ChainState(x=x.clone(), y=torch.full((len(x),), int(target), dtype=torch.long, device=x.device))
     frames = advance_in_frames(chain, sampler, steps, n_frames, on_frame)
     return frames, chain

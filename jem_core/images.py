@@ -43,6 +43,7 @@ import torchvision.utils
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode
 
+from .errors import BadInput
 from .utils import atomic_write
 
 __all__ = [
@@ -120,7 +121,7 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeEr
                   KeyError, struct.error, zlib.error)
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(BadInput):
     """An image could not be read or prepared.
 
     The message names the file, says what is wrong and what to do, and is meant to be

@@ -67,6 +67,7 @@ import torch
 from torch import nn
 
 from .energy import energy as _energy_from_logits
+from .errors import BadInput
 
 __all__ = ["LikelihoodError", "EnergyFn", "SCHEDULES", "SAMPLERS", "BOUNDARIES", "PUBLISHED_MNIST_BPD",
            "beta_schedule", "log_mean_exp", "effective_sample_size", "bootstrap_se", "model_energy_fn",
@@ -96,7 +97,7 @@ PUBLISHED_MNIST_BPD = [
 ]
 
 
-class LikelihoodError(ValueError):
+class LikelihoodError(BadInput):
     """Bad input to the likelihood estimators (shapes, ranges, settings); the message says which."""
 
 

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from .checkpoint import FORMAT, CheckpointError, checkpoint_from_dict, list_names, safe_torch_load
+from .errors import BadInput
 from .wideresnet import WideResNet
 
 __all__ = [
@@ -333,26 +334,28 @@ def convert_official(path: str | os.PathLike, out: str | os.PathLike, *, keep_bu
         ``reference``: its split description or None, ``note``).
 
     Raises:
-        CheckpointError: unreadable or mismatching checkpoint (keys named), bad arguments.
+        CheckpointError: unreadable or mismatching checkpoint (keys named).
+        BadInput: bad arguments (``out`` is ``path``, negative counts, a dataset that does not fit).
     """
     from .checkpoint import save_checkpoint
     from .data import data_available, dataset_shape, load_dataset
-    from .training import reference_statistics, select_device
+    from .training import reference_statistics
+    from .utils import select_device
 
     say = log or (lambda s: None)
     if os.path.exists(out) and os.path.exists(path) and os.path.samefile(path, out):
-        raise CheckpointError(f"--out {os.fspath(out)} is the input file; choose another path")
+        raise BadInput(f"--out {os.fspath(out)} is the input file; choose another path")
     if keep_buffer < 0 or n_reference < 0:
-        raise CheckpointError(f"keep_buffer and n_reference must be >= 0; got {keep_buffer}, {n_reference}")
+        raise BadInput(f"keep_buffer and n_reference must be >= 0; got {keep_buffer}, {n_reference}")
     model, config, buffer = build_from_official(path, norm=norm)
     meta = official_metadata(config, path)
     k = int(config["n_classes"])
     if dataset is not None:
         if dataset not in _OFFICIAL_DATASETS:
-            raise CheckpointError(f"dataset must be one of {', '.join(_OFFICIAL_DATASETS)}; got {dataset!r}")
+            raise BadInput(f"dataset must be one of {', '.join(_OFFICIAL_DATASETS)}; got {dataset!r}")
         if dataset_shape(dataset)[2] != k:
-            raise CheckpointError(f"dataset {dataset} has {dataset_shape(dataset)[2]} classes but the "
-                                          f"checkpoint's class_output has {k}")
+            raise BadInput(f"dataset {dataset} has {dataset_shape(dataset)[2]} classes but the "
+                           f"checkpoint's class_output has {k}")
         meta["dataset"] = dataset
     dataset = meta["dataset"]
     meta["class_names"] = list(CIFAR10_CLASSES) if dataset == "cifar10" else [str(i) for i in range(k)]

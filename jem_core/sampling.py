@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .energy import class_energy, energy
+from .errors import BadInput
 
 __all__ = ["SGLDSampler", "SGLDReport", "ReplayBuffer", "ClassGaussians", "ChainState", "init_noise", "half_mask",
            "patch_mask", "MASK_KINDS", "frozen_parameters"]
@@ -346,7 +347,8 @@ class ReplayBuffer:
             chains from the data's class Gaussians (JEM++; per-class blocks from their own class).
 
     Raises:
-        ValueError: bad size or reinit frequency.
+        BadInput: a size below 1 (or, class-conditional, below ``n_classes``): the size is a user's setting.
+        ValueError: reinit frequency outside [0, 1].
     """
 
     def __init__(self, size: int, shape: tuple[int, int, int], reinit_freq: float = 0.05,
@@ -357,7 +359,7 @@ class ReplayBuffer:
         if n_classes is not None:
             size = (size // n_classes) * n_classes
         if size < 1:
-            raise ValueError(f"buffer size must be >= 1 (and >= n_classes); got {size}")
+            raise BadInput(f"buffer size must be >= 1 (and >= n_classes); got {size}")
         self.shape = tuple(shape)
         self.reinit_freq = float(reinit_freq)
         self.n_classes = n_classes

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import math
 
+from .errors import BadInput
+
 __all__ = ["parse_schedule", "schedule_value", "lr_factor", "LR_SCHEDULES"]
 
 #: The learning-rate shapes :func:`lr_factor` knows.
@@ -38,25 +40,25 @@ def parse_schedule(text: str) -> list[tuple[float, float]]:
         the pairs sorted by epoch (an empty list for an empty string).
 
     Raises:
-        ValueError: a malformed pair, a negative or non-finite number, or a repeated epoch.
+        BadInput: a malformed pair, a negative or non-finite number, or a repeated epoch.
     """
     pairs: list[tuple[float, float]] = []
     for part in (p.strip() for p in text.split(",")):
         if not part:
             continue
         if part.count(":") != 1:
-            raise ValueError(f"schedule entry {part!r} must be EPOCH:VALUE (e.g. '0:1,2:0.1')")
+            raise BadInput(f"schedule entry {part!r} must be EPOCH:VALUE (e.g. '0:1,2:0.1')")
         a, b = part.split(":")
         try:
             e, v = float(a), float(b)
         except ValueError:
-            raise ValueError(f"schedule entry {part!r}: EPOCH and VALUE must be numbers") from None
+            raise BadInput(f"schedule entry {part!r}: EPOCH and VALUE must be numbers") from None
         if not (math.isfinite(e) and e >= 0 and math.isfinite(v) and v >= 0):
-            raise ValueError(f"schedule entry {part!r}: EPOCH and VALUE must be finite numbers >= 0")
+            raise BadInput(f"schedule entry {part!r}: EPOCH and VALUE must be finite numbers >= 0")
         pairs.append((e, v))
     pairs.sort()
     if len({e for e, _ in pairs}) != len(pairs):
-        raise ValueError(f"schedule {text!r} repeats an epoch")
+        raise BadInput(f"schedule {text!r} repeats an epoch")
     return pairs
 
 

@@ -54,6 +54,7 @@ from torch import nn
 
 from .data import DataUnavailableError, ImageDataset
 from .energy import energy as energy_of_logits
+from .errors import BadInput
 
 __all__ = ["BOX", "TOY_DATASETS", "ToySpec", "parse_toy_spec", "is_toy_spec", "toy_shape", "load_toy",
            "points_of", "grid_points", "Quadrature", "log_z_quadrature", "DensityGrid", "density_grid",
@@ -101,21 +102,21 @@ def parse_toy_spec(spec: str) -> ToySpec:
     """Parse ``toy:NAME[?key=value&...]`` or ``toy:csv:PATH`` (grammar in the module docstring).
 
     Raises:
-        ValueError: not a toy spec, unknown name, unknown option, or an option value out of range;
+        BadInput: not a toy spec, unknown name, unknown option, or an option value out of range;
             the message lists what is accepted.
     """
     if not is_toy_spec(spec):
-        raise ValueError(f"not a toy dataset spec: {spec!r} (toy specs start with 'toy:')")
+        raise BadInput(f"not a toy dataset spec: {spec!r} (toy specs start with 'toy:')")
     body = spec[4:]
     if body.lower().startswith("csv:"):
         path = body[4:]
         if not path:
-            raise ValueError("toy:csv: needs a file path, e.g. toy:csv:points.csv (3 columns: x1, x2, label)")
+            raise BadInput("toy:csv: needs a file path, e.g. toy:csv:points.csv (3 columns: x1, x2, label)")
         return ToySpec("csv", n=0, path=path, k=0)
     name, _, query = body.partition("?")
     name = name.strip().lower()
     if name not in TOY_DATASETS:
-        raise ValueError(f"unknown toy dataset {name!r} in {spec!r}; use one of "
+        raise BadInput(f"unknown toy dataset {name!r} in {spec!r}; use one of "
                          f"{', '.join('toy:' + k for k in TOY_DATASETS)} or toy:csv:PATH")
     noise, k = TOY_DATASETS[name]
     opts: dict[str, Any] = {"n": 2000, "noise": noise, "seed": 0, "k": k or 3}
@@ -123,21 +124,21 @@ def parse_toy_spec(spec: str) -> ToySpec:
     try:
         pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
     except ValueError as e:
-        raise ValueError(f"cannot read the options of {spec!r}: write them as ?key=value&key=value ({e})") from e
+        raise BadInput(f"cannot read the options of {spec!r}: write them as ?key=value&key=value ({e})") from e
     for key, value in pairs:
         key = key.strip().lower()
         if key not in allowed:
-            raise ValueError(f"unknown option {key!r} for toy:{name}; accepted: {', '.join(sorted(allowed))}")
+            raise BadInput(f"unknown option {key!r} for toy:{name}; accepted: {', '.join(sorted(allowed))}")
         try:
             opts[key] = float(value) if key == "noise" else int(value)
         except ValueError as e:
-            raise ValueError(f"option {key}={value!r} of {spec!r} must be a {'number' if key == 'noise' else 'whole number'}") from e
+            raise BadInput(f"option {key}={value!r} of {spec!r} must be a {'number' if key == 'noise' else 'whole number'}") from e
     if not 40 <= opts["n"] <= _MAX_POINTS:
-        raise ValueError(f"n must lie in [40, {_MAX_POINTS}] for {spec!r}; got {opts['n']}")
+        raise BadInput(f"n must lie in [40, {_MAX_POINTS}] for {spec!r}; got {opts['n']}")
     if not (opts["noise"] >= 0 and math.isfinite(opts["noise"]) and opts["noise"] <= 0.5):
-        raise ValueError(f"noise must lie in [0, 0.5] (box units; the box is [-1, 1]^2) for {spec!r}; got {opts['noise']}")
+        raise BadInput(f"noise must lie in [0, 0.5] (box units; the box is [-1, 1]^2) for {spec!r}; got {opts['noise']}")
     if not 2 <= opts["k"] <= 8:
-        raise ValueError(f"k (spiral arms) must lie in [2, 8] for {spec!r}; got {opts['k']}")
+        raise BadInput(f"k (spiral arms) must lie in [2, 8] for {spec!r}; got {opts['k']}")
     return ToySpec(name, n=int(opts["n"]), noise=float(opts["noise"]), seed=int(opts["seed"]), k=int(opts["k"]))
 
 
@@ -145,7 +146,7 @@ def toy_shape(spec: str) -> tuple[int, int, int] | None:
     """``(2, 1, n_classes)`` of a generated toy set without generating it; None for ``toy:csv:``.
 
     Raises:
-        ValueError: malformed spec (see :func:`parse_toy_spec`).
+        BadInput: malformed spec (see :func:`parse_toy_spec`).
     """
     s = parse_toy_spec(spec)
     return None if s.kind == "csv" else (2, 1, s.k)
@@ -190,7 +191,7 @@ def _generate(s: ToySpec) -> tuple[np.ndarray, np.ndarray]:
         if have >= s.n:
             break
     else:
-        raise ValueError(f"noise {s.noise} puts too many toy:{s.kind} points outside the box [-1, 1]^2; lower it")
+        raise BadInput(f"noise {s.noise} puts too many toy:{s.kind} points outside the box [-1, 1]^2; lower it")
     x, y = np.concatenate(xs)[: s.n], np.concatenate(ys)[: s.n]
     return x, y.astype(np.int64)
 
@@ -268,7 +269,8 @@ def load_toy(spec: str, split: str = "train") -> ImageDataset:
         ``[-1, 1]^2`` and ``y`` ``[N]`` int64; the same spec always gives the same points.
 
     Raises:
-        ValueError: malformed spec or split.
+        BadInput: malformed spec, or noise that puts too many points outside the box.
+        ValueError: unknown split.
         DataUnavailableError: a CSV that is missing or malformed.
     """
     from .data import _split_indices

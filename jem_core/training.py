@@ -63,6 +63,7 @@ from .distributed import (any_rank, dist_info, evaluate_over_ranks, gather_rank_
                           reshard_buffer, unused_parameters)
 from .drift import DriftMonitor, DriftSignal
 from .energy import JEM, log_px_unnormalized
+from .errors import BadInput
 from .losses import baseline_loss, jem_loss
 from .models import build_model, count_parameters
 from .sampling import ClassGaussians, ReplayBuffer, SGLDSampler, frozen_parameters
@@ -153,7 +154,11 @@ class TrainConfig:
     max_drift_events: int = 6           # after this many drift rescues training stops (the chosen epoch is kept)
 
     def validate(self) -> None:
-        """Raise ValueError naming the first bad setting."""
+        """Check every setting.
+
+        Raises:
+            BadInput: naming the first bad setting (its range and the value given).
+        """
         checks = [
             (self.objective in ("jem", "baseline"), f"objective must be 'jem' or 'baseline'; got {self.objective!r}"),
             (self.epochs >= 1, f"epochs must be >= 1; got {self.epochs}"),
@@ -186,12 +191,12 @@ class TrainConfig:
         ]
         for ok, msg in checks:
             if not ok:
-                raise ValueError(msg)
+                raise BadInput(msg)
         for name in ("px_weight_schedule", "energy_l2_schedule"):
             try:
                 parse_schedule(getattr(self, name))
-            except ValueError as e:
-                raise ValueError(f"{name.replace('_', ' ')}: {e}") from None
+            except BadInput as e:
+                raise BadInput(f"{name.replace('_', ' ')}: {e}") from None
 
 
 @dataclass
@@ -235,11 +240,11 @@ def split_validation(train: ImageDataset, n_val: int, batch_size: int = 2) -> tu
     the training data; for MNIST ``n_val = 5000`` keeps images 55,000-59,999.
 
     Raises:
-        ValueError: ``n_val`` leaves fewer than ``batch_size`` training images, or is < 1.
+        BadInput: ``n_val`` leaves fewer than ``batch_size`` training images, or is < 1.
     """
     n = len(train)
     if n_val < 1 or n - n_val < max(2, batch_size):
-        raise ValueError(f"validation split of {n_val} images leaves {n - n_val} of {n} training images "
+        raise BadInput(f"validation split of {n_val} images leaves {n - n_val} of {n} training images "
                          f"(need at least one batch of {batch_size})")
     keep = n - n_val
     tr = ImageDataset(train.x[:keep], train.y[:keep], train.n_classes, train.name, train.split, train.class_names, train.note)
@@ -309,7 +314,8 @@ class Trainer:
         log: called with human-readable lines (divergence events, checkpoints).
 
     Raises:
-        ValueError: bad config; :class:`~jem_core.data.DataUnavailableError`: data missing.
+        BadInput: bad config (or a bad dataset spec, device, validation split, ``init_from`` checkpoint:
+        :class:`~jem_core.checkpoint.CheckpointError`); :class:`~jem_core.data.DataUnavailableError`: data missing.
     """
 
     def __init__(self, config: TrainConfig, out: str | os.PathLike | None = None,

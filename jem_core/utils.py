@@ -17,6 +17,8 @@ from typing import IO, Any, Callable, Iterator
 import torch
 from torch import nn
 
+from .errors import BadInput
+
 __all__ = ["eval_mode", "device_of", "select_device", "predict_logits", "rounded", "atomic_write"]
 
 
@@ -48,13 +50,13 @@ def select_device(device: str | None = None) -> torch.device:
     ``None``, ``""`` and ``"auto"`` all mean "choose".
 
     Raises:
-        ValueError: CUDA asked for but not available.
+        BadInput: CUDA asked for but not available.
     """
     if device in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+        raise BadInput(f"device {device!r} requested but CUDA is not available; use --device cpu")
     return dev
 
 

@@ -95,3 +95,48 @@ def test_translate_refuses_a_class_the_model_lacks(tiny_jem, tmp_path):
     r = run_cli("translate", "--checkpoint", tiny_jem, "--from", "11", "--to", "1", "--out", tmp_path / "x.png",
                 check=False)
     assert r.returncode == 2 and "--from must lie in [0, 10)" in r.stderr and "Traceback" not in r.stderr
+
+
+# -- which errors are the user's: BadInput -> one line and exit 2; anything else -> a traceback -----------------
+def test_bad_input_from_the_library_is_one_clear_line_and_exit_2(capsys):
+    from jem_core.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--dataset", "toy:moons?n=5", "--out", "unused.pt"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert err.splitlines() == [f"python -m jem_core train: error: {err.split('error: ', 1)[1].strip()}"]
+    assert "n must lie in [40," in err and "toy:moons?n=5" in err and "usage:" not in err
+
+
+def test_a_subcommand_check_prints_the_subcommand_usage(tiny_jem, tmp_path, capsys):
+    from jem_core.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--checkpoint", str(tiny_jem), "--out", str(tmp_path / "x.png"), "--label", "12"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--label must lie in [0, 10)" in err
+    assert err.startswith("usage: python -m jem_core sample ") and "python -m jem_core sample: error:" in err
+    assert "{train,sample" not in err  # not the top-level usage
+
+
+def test_an_internal_value_error_is_a_traceback_not_exit_2(monkeypatch, capsys):
+    import jem_core.data
+    from jem_core.cli import main
+    from jem_core.errors import BadInput
+
+    def broken(spec):
+        raise ValueError("a bug inside the library")
+
+    monkeypatch.setattr(jem_core.data, "dataset_shape", broken)
+    with pytest.raises(ValueError, match="a bug inside the library") as info:
+        main(["train", "--dataset", "digits", "--out", "unused.pt"])
+    assert not isinstance(info.value, BadInput) and "error:" not in capsys.readouterr().err
+
+    def refused(spec):  # the same call raising the user-input class is reported as bad input
+        raise BadInput(f"unknown dataset {spec!r}")
+
+    monkeypatch.setattr(jem_core.data, "dataset_shape", refused)
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--dataset", "digits", "--out", "unused.pt"])
+    assert e.value.code == 2 and "train: error: unknown dataset 'digits'" in capsys.readouterr().err

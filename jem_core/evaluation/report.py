@@ -46,6 +46,7 @@ import torch
 
 from ..checkpoint import LoadedCheckpoint, load_checkpoint
 from ..data import SYNTHETIC_OOD, data_available, load_dataset
+from ..errors import BadInput
 from ..utils import predict_logits, rounded
 from .calibration import calibration_report, fit_temperature
 from .figures import model_label, plot_reliability, plot_robustness, plot_roc
@@ -95,7 +96,7 @@ class EvalSettings:
                 checks.append((e >= 0 and math.isfinite(e), f"eps values must be >= 0; got {e}"))
         for ok, msg in checks:
             if not ok:
-                raise ValueError(msg)
+                raise BadInput(msg)
         self.n_test, self.n_calib, self.n_ood, self.n_attack = int(n_test), int(n_calib), int(n_ood), int(n_attack)
         self.attack_steps, self.attack_loss = int(attack_steps), attack_loss
         self.eps_linf, self.eps_l2, self.eps_fgsm = eps_linf, eps_l2, eps_fgsm
@@ -149,7 +150,7 @@ def _split_test(n_total: int, s: EvalSettings) -> tuple[int, int]:
         n_calib = min(n_calib, max(2, n_total // 4))
     n_eval = min(s.n_test, n_total - n_calib)
     if n_eval < 1:
-        raise ValueError(f"the test set has only {n_total} images")
+        raise BadInput(f"the test set has only {n_total} images")
     return n_eval, n_calib
 
 
@@ -273,7 +274,8 @@ def evaluate_checkpoint(path: str | os.PathLike, data_root: str | os.PathLike | 
 
     Raises:
         CheckpointError: unreadable checkpoint; DataUnavailableError: test or OOD data missing;
-        ValueError: bad settings, unknown OOD set, or checkpoints of different data shapes.
+        BadInput: bad settings, unknown OOD set, or checkpoints of different data shapes;
+        ValueError: both ``settings`` and keyword settings given.
     """
     s = settings or EvalSettings(**kwargs)
     if settings is not None and kwargs:
@@ -286,16 +288,16 @@ def evaluate_checkpoint(path: str | os.PathLike, data_root: str | os.PathLike | 
         m2 = ck2.metadata
         shape2 = (int(m2["in_channels"]), int(m2["image_size"]), int(m2["n_classes"]))
         if shape2 != shape or m2.get("dataset") != m.get("dataset"):
-            raise ValueError(f"--compare checkpoint is for {m2.get('dataset')} {shape2} but {path} is for "
-                             f"{m.get('dataset')} {shape}; compare models of the same dataset")
+            raise BadInput(f"--compare checkpoint is for {m2.get('dataset')} {shape2} but {path} is for "
+                           f"{m.get('dataset')} {shape}; compare models of the same dataset")
     dataset = str(m.get("dataset"))
     ood_sets = list(ood_sets) if ood_sets is not None else default_ood_sets(dataset, data_root)
     unknown = [o for o in ood_sets if not is_known_ood_spec(o)]
     if unknown:
-        raise ValueError(f"unknown OOD set(s) {unknown}; use {', '.join(SYNTHETIC_OOD)} or a dataset spec")
+        raise BadInput(f"unknown OOD set(s) {unknown}; use {', '.join(SYNTHETIC_OOD)} or a dataset spec")
     test = load_dataset(dataset, "test", data_root, download=False)
     if tuple(test.x.shape[1:]) != shape[:1] + (shape[1], shape[1]):
-        raise ValueError(f"test images of {dataset} are {tuple(test.x.shape[1:])} but the model expects {shape[:2]}")
+        raise BadInput(f"test images of {dataset} are {tuple(test.x.shape[1:])} but the model expects {shape[:2]}")
     n_eval, n_calib = _split_test(len(test), s)
     test_x, test_y = test.x[:n_eval], test.y[:n_eval]
     calib = (test.x[len(test) - n_calib:], test.y[len(test) - n_calib:]) if n_calib else None

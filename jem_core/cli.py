@@ -164,10 +164,6 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(cmd="train")
 
 
-#: Set to a folder to make every rank write its final weights there as ``rank{r}.pt`` (tests compare them).
-DUMP_RANK_WEIGHTS_ENV = "JEM_DUMP_RANK_WEIGHTS"
-
-
 def _cmd_train(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import torch.distributed as dist
 
@@ -200,8 +196,6 @@ def _cmd_train(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _run_train(a: argparse.Namespace, parser: argparse.ArgumentParser, cfg: Any) -> int:
-    import os
-
     import torch.distributed as dist
     from tqdm.auto import tqdm
 
@@ -254,10 +248,6 @@ def _run_train(a: argparse.Namespace, parser: argparse.ArgumentParser, cfg: Any)
                              if trainer.val_set is not None else {}),
                           "divergence_events": sum(e.get("kind") != "drift" for e in trainer.events),
                           "drift_events": sum(e.get("kind") == "drift" for e in trainer.events)}))
-    dump = os.environ.get(DUMP_RANK_WEIGHTS_ENV)
-    if dump:
-        Path(dump).mkdir(parents=True, exist_ok=True)
-        torch.save({k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}, Path(dump) / f"rank{rank}.pt")
     if dist.is_initialized():
         dist.barrier()  # rank 0 may still be writing; leave together
     return 0

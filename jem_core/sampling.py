@@ -154,21 +154,25 @@ class SGLDSampler:
                 f"{'off' if self.max_update is None else f'{self.max_update:g}'}"
                 + (", bf16 autocast" if self.bf16 else ""))
 
-    def energy_and_grad(self, x: torch.Tensor, y: torch.Tensor | None = None
+    def energy_and_grad(self, x: torch.Tensor, y: torch.Tensor | None = None, create_graph: bool = False
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Energy ``[N]``, its gradient ``dE/dx`` ``[N, C, H, W]`` and the logits ``[N, K]`` at ``x``.
 
         ``y`` (``[N]`` int64) selects the class-conditional energy ``E(x, y)``; None gives ``E(x)``.
-        The returned tensors are detached.
+        The returned tensors are detached, unless ``create_graph``: then they keep their graph back to ``x``
+        (when ``x`` requires grad; else to a fresh leaf copy of it), ``dE/dx`` included, so that a loss of a
+        later sample can be back-propagated through the step (``torch.autograd.grad(create_graph=True)``).
         """
         amp = (torch.autocast(x.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext())
         with torch.enable_grad():
-            xg = x.detach().requires_grad_(True)
+            xg = x if create_graph and x.requires_grad else x.detach().requires_grad_(True)
             with amp:
                 logits = self.model(xg)
             logits = logits.float()  # energies in float32 whatever the network computed in
             e = energy(logits) if y is None else class_energy(logits, y)
-            (grad,) = torch.autograd.grad(e.sum(), xg)
+            (grad,) = torch.autograd.grad(e.sum(), xg, create_graph=create_graph)
+        if create_graph:
+            return e, grad, logits
         return e.detach(), grad, logits.detach()
 
     def step_(self, x: torch.Tensor, y: torch.Tensor | None = None, mask: torch.Tensor | None = None
@@ -181,16 +185,23 @@ class SGLDSampler:
             mask: optional bool tensor broadcastable to ``x``; True = pixel is sampled,
                 False = pixel kept as it is (in-painting).
         """
-        e, logits, _ = self._step(x, y, mask, measure=False)
+        _, e, logits, _ = self._step(x, y, mask, measure=False)
         return e, logits
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor | None, mask: torch.Tensor | None, measure: bool
-              ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-        # ``measure``: also return (||dE/dx|| [N], overshoot fraction [N]) for the health checks; only on the
-        # steps that are reported, so the other steps cost nothing extra.
-        e, grad, logits = self.energy_and_grad(x, y)
-        gnorm = grad.flatten(1).norm(dim=1) if measure else None
-        upd = grad.mul_(-self.grad_coef)
+    def _step(self, x: torch.Tensor, y: torch.Tensor | None, mask: torch.Tensor | None, measure: bool,
+              differentiable: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """The SGLD update (formula in the module docstring); returns ``(new x, energy, logits, stats)``.
+
+        Without ``differentiable`` ``x`` is updated in place and returned. With it, ``x`` is left alone and the
+        new samples are a differentiable function of it (``dE/dx`` with ``create_graph``). ``measure``: also
+        return (||dE/dx|| [N], overshoot fraction [N]) for the health checks; only on the steps that are
+        reported, so the other steps cost nothing extra.
+        """
+        e, grad, logits = self.energy_and_grad(x, y, create_graph=differentiable)
+        gnorm = grad.detach().flatten(1).norm(dim=1) if measure else None
+        # (the in-place operations below act on tensors made in this step only, so the graph stays valid)
+        upd = grad * (-self.grad_coef) if differentiable else grad.mul_(-self.grad_coef)
         if self.noise_std > 0:
             if self._noise is None or self._noise.shape != x.shape or self._noise.device != x.device:
                 self._noise = torch.empty_like(x)
@@ -200,22 +211,33 @@ class SGLDSampler:
             upd.clamp_(-self.max_update, self.max_update)
         if mask is not None:
             upd.mul_(mask)
-        x.add_(upd)
+        x = x + upd if differentiable else x.add_(upd)
         stats = None
         if measure:
-            stats = (gnorm, (x.abs() > 1.5).flatten(1).float().mean(1))
+            stats = (gnorm, (x.detach().abs() > 1.5).flatten(1).float().mean(1))
         if self.clamp:
-            x.clamp_(-1.0, 1.0)
-        return e, logits, stats
+            x = x.clamp(-1.0, 1.0) if differentiable else x.clamp_(-1.0, 1.0)
+        return x, e, logits, stats
 
-    def step(self, x: torch.Tensor, y: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """One SGLD step; returns the new samples ``[N, C, H, W]`` (``x`` is not modified)."""
+    def step(self, x: torch.Tensor, y: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+             differentiable: bool = False) -> torch.Tensor:
+        """One SGLD step; returns the new samples ``[N, C, H, W]`` (``x`` is not modified).
+
+        Args:
+            x, y, mask: see :meth:`step_`.
+            differentiable: keep the autograd graph: the new samples are a differentiable function of ``x``
+                (through ``dE/dx``, computed with ``create_graph=True``), for attacks that back-propagate
+                through the sampler. Costs a second-order backward pass.
+        """
+        if differentiable:
+            return self._step(x, y, mask, measure=False, differentiable=True)[0]
         out = x.detach().clone()
         self.step_(out, y, mask)
         return out
 
     def run(self, x: torch.Tensor, n_steps: int, y: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-            every: int = 0, callback: Callable[[SGLDReport], bool | None] | None = None) -> torch.Tensor:
+            every: int = 0, callback: Callable[[SGLDReport], bool | None] | None = None,
+            differentiable: bool = False) -> torch.Tensor:
         """Run ``n_steps`` SGLD steps from ``x`` (not modified); returns the final samples.
 
         Args:
@@ -224,16 +246,17 @@ class SGLDSampler:
             y, mask: see :meth:`step_`.
             every: call ``callback`` every ``every`` steps (and after the last); 0 = never.
             callback: receives an :class:`SGLDReport`; returning ``False`` stops the run early.
+            differentiable: see :meth:`step`; the result keeps its graph back to ``x`` through every step.
 
         Raises:
             ValueError: if ``n_steps < 0`` or ``every < 0``.
         """
         if n_steps < 0 or every < 0:
             raise ValueError(f"n_steps and every must be >= 0; got {n_steps}, {every}")
-        out = x.detach().clone()
+        out = x if differentiable else x.detach().clone()
         for t in range(1, n_steps + 1):
             report = callback is not None and every and (t % every == 0 or t == n_steps)
-            e, logits, stats = self._step(out, y, mask, measure=bool(report))
+            out, e, logits, stats = self._step(out, y, mask, measure=bool(report), differentiable=differentiable)
             if report:
                 if callback(SGLDReport(t, out, e, logits, *stats)) is False:
                     break

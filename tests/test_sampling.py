@@ -169,3 +169,28 @@ def test_chain_history_stays_bounded_and_keeps_the_recent_past_at_full_resolutio
     assert chain.step_history == sorted(chain.step_history) and chain.step_history[-1] == 500
     recent = chain.step_history[-20:]
     assert recent == list(range(481, 501)), "the last steps are all kept"
+
+
+def test_differentiable_steps_are_the_same_update_and_carry_the_gradient():
+    """``run(differentiable=True)`` (the refined classifier's full back-propagation) makes the same moves as the
+    plain sampler and is differentiable in its start point (checked against central differences)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    x0 = torch.rand(2, 2, 2, 2) * 0.6 - 0.3  # far from the clamp at +-1
+
+    def sampler(seed=1):
+        return SGLDSampler(model, step_size=0.5, noise_std=0.01, max_update=0.5,
+                           generator=torch.Generator().manual_seed(seed))
+
+    plain = sampler().run(x0, 3)
+    x = x0.clone().requires_grad_(True)
+    moved = sampler().run(x, 3, differentiable=True)
+    assert moved.requires_grad and torch.allclose(moved.detach(), plain, atol=1e-6)
+    assert torch.allclose(sampler().step(x0, differentiable=True).detach(), sampler().step(x0), atol=1e-6)
+    w = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
+    (grad,) = torch.autograd.grad((moved * w).sum(), x)
+    v, h = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3)), 1e-2
+    f = lambda z: float((sampler().run(z, 3) * w).sum())  # noqa: E731 (the same noise every call)
+    along_v = float((grad * v).sum())
+    assert along_v == pytest.approx((f(x0 + h * v) - f(x0 - h * v)) / (2 * h), rel=1e-4)
+    assert abs(along_v - float((v * w).sum())) > 1e-3  # not the identity: the gradient goes through dE/dx

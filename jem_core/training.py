@@ -146,6 +146,8 @@ class TrainConfig:
     val_split: int = 0                  # hold out the last N training images for validation (0 = none)
     sample_eval: int = 0                # replay-buffer samples judged per epoch (needs val_split; 0 = off)
     judge: str | None = None            # classifier checkpoint judging buffer samples ("bundled:NAME" = checkpoints/NAME)
+    ais_temps: int = 0                  # per-epoch AIS estimate of the validation log p(x) with this many temperatures (0 = off)
+    ais_chains: int = 16                # its AIS chains
     drift_guard: bool = False           # watch for slow drift and roll back before it (jem_core.drift; single process only)
     drift_gap_limit: float = 5.0        # |E(data) - E(samples)| limit (nats, window mean)
     drift_energy_shift: float = 25.0    # limit on E(data)'s move from its level (nats, window mean)
@@ -183,6 +185,8 @@ class TrainConfig:
             (0 <= self.lr_floor <= 1, f"lr floor must lie in [0, 1]; got {self.lr_floor}"),
             (self.val_split >= 0, f"validation split must be >= 0 images; got {self.val_split}"),
             (self.sample_eval >= 0, f"sample evaluation size must be >= 0; got {self.sample_eval}"),
+            (self.ais_temps >= 0 and self.ais_chains >= 2,
+             f"AIS temperatures must be >= 0 and AIS chains >= 2; got {self.ais_temps}, {self.ais_chains}"),
             (self.drift_gap_limit > 0, f"drift gap limit must be > 0; got {self.drift_gap_limit}"),
             (self.drift_energy_shift > 0, f"drift energy shift must be > 0; got {self.drift_energy_shift}"),
             (self.drift_growth > 1, f"drift growth must be > 1; got {self.drift_growth}"),
@@ -226,6 +230,8 @@ class EpochMetrics:
     drift_events: int = 0                 # drift rescues during the epoch
     grad_norm: float = float("nan")       # mean total gradient norm
     logit_absmax: float = float("nan")    # mean over iterations of the batch's max |logit|
+    val_log_px: float = float("nan")      # mean validation log p(x), nats per image (small-budget forward AIS)
+    val_log_z_se: float = float("nan")    # bootstrap SE of that run's log Z (nats)
 
 
 def resume_path(out: str | os.PathLike) -> Path:
@@ -524,7 +530,7 @@ class Trainer:
             if refresh:  # fresh chains start far from the data's energy: give them time before judging
                 self.monitor.start_iter = self.iteration + 4 * self.monitor.window
         event = {"kind": "drift", "epoch": self.epoch, "iteration": self.iteration, "signal": sig.signal,
-                 "seen": sig.seen, "began_at": sig.began_at,
+                 "seen": sig.seen, "began_at": sig.began_at, "refreshed": refresh,
                  "rolled_back_to": snap["iteration"] if snap is not None else None, "actions": actions,
                  "reason": f"drift: {sig.seen}", "new_lr_scale": self.lr_scale, "px_weight": self.current_px_weight(),
                  "energy_l2": self.current_energy_l2(), "drift": self.drift_count}
@@ -753,9 +759,16 @@ class Trainer:
                              px_weight=self.current_px_weight() if self.cfg.objective == "jem" else nan,
                              energy_l2=self.current_energy_l2() if self.cfg.objective == "jem" else nan,
                              drift_events=sum(e.get("kind") == "drift" for e in new),
-                             grad_norm=avg.get("grad_norm", nan), logit_absmax=avg.get("logit_absmax", nan))
+                             grad_norm=avg.get("grad_norm", nan), logit_absmax=avg.get("logit_absmax", nan),
+                             val_log_px=val.get("log_px", nan), val_log_z_se=val.get("log_z_se", nan))
             self.history.append(m)
             seen = self._sample_drift(m)
+            if seen is not None and any(e.get("refreshed") for e in new):
+                # The guard itself restarted the chains from noise during this epoch: their distance says
+                # nothing about the model yet. Not judged (and not eligible for selection, by that distance).
+                self.log(f"epoch {self.epoch}: buffer samples not judged ({seen}), the replay buffer was "
+                         "refreshed during this epoch")
+                seen = None
             if seen is not None:
                 self._sample_rescue(m, seen)
                 chosen = False
@@ -814,7 +827,10 @@ class Trainer:
             ``sample_eval`` > 0, ``"sample_fd"`` (classifier-feature Fréchet distance, Heusel et al. 2017
             eq. 6, between ``sample_eval`` replay-buffer samples and as many validation images, in the
             judge's feature space; >= 0) and ``"sample_agreement"`` (fraction in [0, 1] of those samples the
-            judge labels as the model does; NaN without a separate judge).
+            judge labels as the model does; NaN without a separate judge); with ``ais_temps`` > 0, ``"log_px"``
+            (mean ``log p(x)`` of the validation images in nats, :func:`jem_core.likelihood.quick_log_px`:
+            forward AIS with ``ais_temps`` temperatures and ``ais_chains`` chains, an over-statement that
+            shrinks with more temperatures) and ``"log_z_se"`` (nats).
 
         Raises:
             RuntimeError: no validation split.
@@ -842,6 +858,13 @@ class Trainer:
                     out["sample_agreement"] = float((self.judge(xs.to(self.device)).argmax(1) == own).float().mean())
         finally:
             self.model.train(was)
+        if self.cfg.ais_temps:
+            from .likelihood import quick_log_px
+
+            with torch.enable_grad():
+                lp = quick_log_px(self.model, xv[:1000], self.cfg.ais_temps, self.cfg.ais_chains,
+                                  seed=self.cfg.seed + self.epoch, device=self.device)
+            out["log_px"], out["log_z_se"] = lp["log_px"], lp["log_z_se"]
         return out
 
     def _sample_drift(self, m: EpochMetrics) -> str | None:

@@ -19,8 +19,8 @@ from torch import nn
 from jem_core.likelihood import (ConstantEnergy, LikelihoodError, TruncatedGaussian, TruncatedGaussianMixture, ais,
                                  beta_schedule, bits_per_dim, bootstrap_se, boundary_acceptance, convergence_sweep,
                                  dequantize, effective_sample_size, estimate_log_likelihood, forward_ais,
-                                 mh_chains, mh_transition, model_energy_fn, pixel_levels, reverse_ais,
-                                 tune_step_sizes)
+                                 mh_chains, mh_transition, model_energy_fn, pixel_levels, quick_log_px,
+                                 reverse_ais, tune_step_sizes)
 from jem_core.likelihood import _reflect  # the wall reflection itself
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
@@ -249,6 +249,31 @@ def test_report_recovers_a_known_density():
     assert [r["temps"] for r in s["sweep"]] == [50, 100, 200]
     assert s["uniform_bits_per_dim"] == pytest.approx(8.0)
     json.dumps(s, default=float)
+
+
+class _OneLogit(nn.Module):
+    """A "classifier" with one logit ``-E(x)``, so that its JEM energy is ``E`` (here a known density)."""
+
+    def __init__(self, energy):
+        super().__init__()
+        self.energy, self.scale = energy, nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return -self.scale * self.energy(x)[:, None]
+
+
+def test_quick_log_px_recovers_a_known_density_and_restores_the_model():
+    tg = TruncatedGaussian(0.1, 0.4, (1, 4, 4))
+    x = tg.sample(200, _gen(21))
+    model = _OneLogit(tg).train()
+    r = quick_log_px(model, x, n_temps=100, n_chains=64, seed=3)
+    exact = float((-tg(x).double() - tg.log_z()).mean())
+    assert r["log_z_se"] > 0
+    assert r["log_px"] == pytest.approx(exact, abs=3 * r["log_z_se"] + 1e-6)
+    assert r["log_px"] == pytest.approx(-float(tg(x).double().mean()) - r["log_z"], abs=1e-9)
+    assert model.training and model.scale.requires_grad  # eval mode and frozen weights only for the estimate
+    with pytest.raises(LikelihoodError, match="in \\[-1, 1\\]"):
+        quick_log_px(model, 2 * torch.ones(3, 1, 4, 4))
 
 
 def test_bad_inputs_raise_our_error():

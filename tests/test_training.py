@@ -303,3 +303,31 @@ def test_samples_breaking_up_at_an_epoch_end_roll_back_to_the_last_healthy_epoch
     assert any("energy penalty" in a for a in ev[0]["actions"])
     healthy = t._epoch_good["model"]  # the state the run ended in is epoch 2's, not epoch 3's
     assert all(torch.equal(v, healthy[k]) for k, v in t.model.state_dict().items())
+
+
+def test_an_epoch_whose_buffer_the_guard_refreshed_is_not_judged_by_its_samples(digits, tmp_path):
+    tr, te = digits
+    t = Trainer(_cfg(epochs=3, max_iters_per_epoch=4, val_split=300, sample_eval=100, drift_guard=True,
+                     guard_every=2, drift_growth=1e9, drift_gap_limit=1e9, drift_energy_shift=1e9,
+                     judge="bundled:digits_baseline.pt", ais_temps=10, ais_chains=4),
+                out=tmp_path / "s.pt", train_set=tr, test_set=te)
+    real, logs = t.validate, []
+
+    def judged():
+        out = real()
+        if t.epoch == 3:
+            out["sample_fd"] = 100 * min(h.sample_fd for h in t.history)  # as far as fresh noise chains are
+        return out
+
+    def refresh_during_epoch_3(s):
+        if t.epoch == 2 and not any(e.get("refreshed") for e in t.events):  # as the guard does on a repeated drift
+            t.events.append({"kind": "drift", "signal": "gap", "seen": "injected", "refreshed": True,
+                             "epoch": t.epoch, "iteration": t.iteration})
+
+    t.validate, t.on_iteration, t.log = judged, refresh_during_epoch_3, logs.append
+    t.fit()
+    assert not [e for e in t.events if e.get("signal") == "samples"]  # no roll-back to epoch 2 for it
+    assert any(line.startswith("epoch 3: buffer samples not judged") for line in logs), logs
+    assert t.final["epoch"] in (1, 2)  # its distance still keeps epoch 3 from being chosen
+    # the per-epoch likelihood estimate (ais_temps) is recorded for every epoch
+    assert all(math.isfinite(h.val_log_px) and math.isfinite(h.val_log_z_se) for h in t.history)

@@ -341,7 +341,9 @@ def live_view(s: dict) -> None:
                   key="pg_h_gap")
 
 
-def main() -> None:
+def main(ctx: ui.Context) -> None:
+    """The page under :func:`app.ui.run_page`. ``ctx`` (the sidebar's models) is not used: the playground trains
+    its own pair of 2-D models."""
     ss = st.session_state
     for k, v in [*((KEYS[f], getattr(ToySettings(), f)) for f in KEYS), ("pg_log", True), ("pg_3d", False)]:
         ss.setdefault(k, v)
@@ -366,14 +368,5 @@ def main() -> None:
     live()
 
 
-st.title("2-D playground")
-st.caption("One network is both a classifier and a density: in two dimensions both fit on one screen and p(x) "
-           "is exact (log Z by quadrature on a grid over the box).")
-try:
-    main()
-except Exception as e:  # noqa: BLE001 - show any failure in the page, keep the app alive
-    import traceback
-
-    st.error(f"This page hit an error: {type(e).__name__}: {e}")
-    with st.expander("Details"):
-        st.code("".join(traceback.format_exception(e)))
+ui.run_page(main, "2-D playground", "One network is both a classifier and a density: in two dimensions both fit "
+            "on one screen and p(x) is exact (log Z by quadrature on a grid over the box).")

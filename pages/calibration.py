@@ -10,7 +10,7 @@ import streamlit as st
 
 from app import share, ui
 from jem_core.evaluation import TemperatureScaled, calibration_report, fit_temperature, predict_logits, predict_proba
-from jem_core.evaluation.verdicts import calibration_verdict, ece_bootstrap, wilson_interval
+from jem_core.evaluation.verdicts import calibration_verdict, ece_intervals, wilson_interval
 
 
 def main(ctx: ui.Context) -> None:
@@ -47,15 +47,16 @@ def main(ctx: ui.Context) -> None:
                           "Classifying with the temperature-scaled baseline...")
         reports[f"{bname} + temperature T={t:.2f}"] = calibration_report(probs, y, n_bins)
 
+    intervals = ece_intervals(list(reports.values()))  # one bootstrap for the verdict and the table
     if len(reports) >= 2:
         (na, ra), (nb, rb) = list(reports.items())[:2]
         st.markdown("**What these numbers show.** " + calibration_verdict(
-            na, ra, nb, rb, f"the first {n:,} {ctx.dataset} test images") + " The reliability diagram below shows "
-            "where: bars below the diagonal are over-confident bins, bars above it under-confident ones.")
+            na, ra, nb, rb, f"the first {n:,} {ctx.dataset} test images", intervals=intervals) + " The reliability "
+            "diagram below shows where: bars below the diagonal are over-confident bins, bars above it "
+            "under-confident ones.")
     rows = []
-    for name, r in reports.items():
+    for (name, r), ece in zip(reports.items(), intervals[0]):
         acc = wilson_interval(int(r.correct.sum()), n)
-        ece, _ = ece_bootstrap(r.confidences, r.correct, n_bins)
         rows.append({"model": name, "accuracy": r.accuracy, "accuracy 95% CI": f"{acc.lo:.4f}-{acc.hi:.4f}",
                      "ECE": r.ece, "ECE 95% CI": f"{ece.lo:.4f}-{ece.hi:.4f}", "MCE": r.mce, "NLL": r.nll,
                      "Brier": r.brier, "test images": n, "bins": n_bins})

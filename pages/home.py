@@ -5,7 +5,7 @@ import streamlit as st
 
 from app import ui
 from jem_core.evaluation import calibration_report
-from jem_core.evaluation.verdicts import calibration_verdict, ece_bootstrap, wilson_interval
+from jem_core.evaluation.verdicts import calibration_verdict, ece_intervals, wilson_interval
 
 INTRO = r"""
 A **Joint Energy-based Model** (Grathwohl et al., 2019, *Your classifier is secretly an energy based
@@ -52,7 +52,7 @@ def main(ctx: ui.Context) -> None:
     test = ctx.test_set()
     n = min(N_HOME, len(test)) if test is not None else 0
     models = ctx.models()
-    reports = {}
+    reports, captions = {}, {}
     for col, (name, ck, key) in zip(st.columns(len(models)), models):
         with col:
             m = ck.metadata
@@ -64,14 +64,11 @@ def main(ctx: ui.Context) -> None:
                 rep = calibration_report(ui.test_probabilities(ctx, name, ck, key, n), test.y[:n], 15)
                 reports[name] = rep
                 acc = wilson_interval(int(rep.correct.sum()), n)
-                ece, _ = ece_bootstrap(rep.confidences, rep.correct, 15)
                 a.metric(f"Accuracy ({n:,} test images)", f"{acc.value * 100:.2f}%",
                          help="on the first test images; the model card's figure is on the whole test split")
                 b.metric(f"ECE ({n:,} {ctx.dataset} test images)", f"{rep.ece:.4f}",
                          help="expected calibration error, 15 equal-width bins (0 = calibrated)")
-                st.caption(f"95% intervals: accuracy {acc.lo * 100:.2f}-{acc.hi * 100:.2f}% (Wilson), ECE "
-                           f"{ece.lo:.4f}-{ece.hi:.4f} (bootstrap) · on the first {n:,} test images, so the accuracy "
-                           "differs from the model card's whole-split figure")
+                captions[name] = (st.empty(), acc)  # filled in below, once the ECE intervals are there
             else:
                 card = (m.get("metrics") or {}).get("test_accuracy")
                 a.metric("Test accuracy (model card)", f"{card * 100:.2f}%" if isinstance(card, float) else "n/a")
@@ -82,11 +79,17 @@ def main(ctx: ui.Context) -> None:
             else:
                 st.info("No replay buffer stored (a baseline classifier is not trained to sample); "
                         "draw chains on the Langevin page.")
+    # One bootstrap for every model's ECE interval and the verdict's paired difference (not one per use).
+    intervals = ece_intervals(list(reports.values())) if reports else ([], None)
+    for (slot, acc), ece in zip(captions.values(), intervals[0]):
+        slot.caption(f"95% intervals: accuracy {acc.lo * 100:.2f}-{acc.hi * 100:.2f}% (Wilson), ECE "
+                     f"{ece.lo:.4f}-{ece.hi:.4f} (bootstrap) · on the first {n:,} test images, so the accuracy "
+                     "differs from the model card's whole-split figure")
     if len(reports) == 2:
         (na, ra), (nb, rb) = reports.items()
         st.markdown("**Calibration, measured here.** " + calibration_verdict(
-            na, ra, nb, rb, f"these {n:,} {ctx.dataset} test images") + " See the Calibration page's "
-            "reliability diagram.")
+            na, ra, nb, rb, f"these {n:,} {ctx.dataset} test images", intervals=intervals) + " See the Calibration "
+            "page's reliability diagram.")
     if test is None:
         st.info(ctx.data_message + " ECE and the evaluation pages need test images; scoring uploads and "
                 "sampling work from the checkpoint alone.")

@@ -187,6 +187,21 @@ def test_langevin_inpainting_and_class_translation_show_results():
     assert any(c.startswith("0 -> 1") for c in captions), captions
 
 
+def test_home_and_calibration_bootstrap_the_ece_once_per_run(monkeypatch):
+    """The ECE intervals beside each model and the verdict's paired difference come from one bootstrap."""
+    import jem_core.evaluation.verdicts as verdicts
+
+    calls = []
+    real = verdicts._ece_boot
+    monkeypatch.setattr(verdicts, "_ece_boot", lambda pairs, *a: (calls.append(len(pairs)), real(pairs, *a))[1])
+    at = open_page("home")
+    assert calls == [2] and "Calibration, measured here" in " ".join(m.value for m in at.markdown)
+    assert sum("ECE 0." in c.value and "(bootstrap)" in c.value for c in at.caption) == 2
+    calls.clear()
+    at.switch_page("../pages/calibration.py").run()
+    assert not at.exception and calls == [2]
+
+
 def test_calibration_table_and_bin_count():
     at = open_page("calibration")
     table = at.dataframe[0].value

@@ -9,8 +9,8 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from jem_core.evaluation.calibration import calibration_report
-from jem_core.evaluation.verdicts import (auroc_bootstrap, calibration_verdict, ece_bootstrap, ood_verdict,
-                                         robustness_verdict, wilson_interval)
+from jem_core.evaluation.verdicts import (auroc_bootstrap, calibration_verdict, ece_bootstrap, ece_intervals,
+                                         ood_verdict, robustness_verdict, wilson_interval)
 
 
 def test_wilson_interval_matches_a_textbook_value_and_covers_at_its_nominal_rate():
@@ -67,6 +67,22 @@ def test_calibration_verdict_names_the_better_model_whichever_it_is_and_says_whe
     twin, _ = _classifier(2000, 0.8, 0.8, seed=2)
     text = calibration_verdict("B", r_good, "C", calibration_report(twin, y, 15), "these images")
     assert "within the uncertainty" in text and "better calibrated here" not in text
+
+
+def test_ece_intervals_of_several_models_from_one_bootstrap_equal_the_single_ones():
+    over, y = _classifier(500, 0.8, 0.99, seed=3)
+    good, _ = _classifier(500, 0.8, 0.8, seed=4)
+    r_over, r_good = calibration_report(over, y, 15), calibration_report(good, y, 15)
+    (e_over, e_good), diff = ece_intervals([r_over, r_good])
+    assert e_over == ece_bootstrap(r_over.confidences, r_over.correct, 15)[0]
+    assert e_good == ece_bootstrap(r_good.confidences, r_good.correct, 15)[0]
+    assert diff == ece_bootstrap(r_over.confidences, r_over.correct, 15, other=(r_good.confidences, r_good.correct))[1]
+    assert ece_intervals([r_good]) == ([e_good], None)
+    # the verdict given these intervals says exactly what it says when it computes them itself
+    assert (calibration_verdict("A", r_over, "B", r_good, "x", intervals=((e_over, e_good), diff))
+            == calibration_verdict("A", r_over, "B", r_good, "x"))
+    with pytest.raises(ValueError, match="same number of bins"):
+        ece_intervals([r_over, calibration_report(good, y, 10)])
 
 
 def test_auroc_bootstrap_equals_scikit_learn_and_ties_count_half():

@@ -7,7 +7,8 @@ follows the numbers whichever way they come out, and says so when the difference
 - :func:`wilson_interval`: a binomial proportion's interval (accuracy, robust accuracy) in closed form
   (Wilson 1927; recommended over the normal interval by Brown, Cai and DasGupta 2001).
 - :func:`ece_bootstrap`: ECE with a percentile-bootstrap interval, and the paired bootstrap of the ECE
-  difference of two classifiers on the same images (Efron and Tibshirani 1993, ch. 13).
+  difference of two classifiers on the same images (Efron and Tibshirani 1993, ch. 13);
+  :func:`ece_intervals`: the same for several classifiers from one bootstrap.
 - :func:`auroc_bootstrap`: AUROC (the Mann-Whitney statistic) with a percentile-bootstrap interval,
   in-distribution and OOD scores resampled separately.
 - :func:`calibration_verdict`, :func:`ood_verdict`, :func:`robustness_verdict`: sentences.
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
-__all__ = ["Interval", "wilson_interval", "ece_bootstrap", "auroc_bootstrap", "calibration_verdict",
+__all__ = ["Interval", "wilson_interval", "ece_bootstrap", "ece_intervals", "auroc_bootstrap", "calibration_verdict",
            "ood_verdict", "robustness_verdict"]
 
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
@@ -92,6 +93,24 @@ def _ece_resampled(conf: np.ndarray, correct: np.ndarray, idx: np.ndarray, n_bin
     return np.abs(per_bin).sum(1) / n
 
 
+def _ece_boot(pairs: list[tuple[np.ndarray, np.ndarray]], n_bins: int, n_boot: int, seed: int
+              ) -> tuple[list[Interval], list[np.ndarray], list[float]]:
+    """The bootstrap shared by :func:`ece_bootstrap` and :func:`ece_intervals`: one set of resampled image
+    indices (from ``seed``) for every classifier; returns each one's :class:`Interval`, its ``[n_boot]``
+    resampled ECEs and its point ECE."""
+    n = pairs[0][0].shape[0]
+    if n == 0 or any(c.shape[0] != n or k.shape[0] != n for c, k in pairs):
+        raise ValueError("confidences and correct must be non-empty and of one length (the same images for every "
+                         f"classifier); got lengths {[(c.shape[0], k.shape[0]) for c, k in pairs]}")
+    if n_bins < 1 or n_boot < 100:
+        raise ValueError(f"need n_bins >= 1 and n_boot >= 100; got {n_bins} and {n_boot}")
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    full = np.arange(n)[None]
+    boots = [_ece_resampled(c, k, idx, n_bins) for c, k in pairs]
+    points = [float(_ece_resampled(c, k, full, n_bins)[0]) for c, k in pairs]
+    return ([Interval(p, *map(float, np.percentile(e, [2.5, 97.5]))) for p, e in zip(points, boots)], boots, points)
+
+
 def ece_bootstrap(confidences, correct, n_bins: int = 15, n_boot: int = 1000, seed: int = 0,
                   other: tuple | None = None) -> tuple[Interval, Interval | None]:
     """ECE (equal-width bins) with a 95% percentile-bootstrap interval; optionally the paired difference.
@@ -114,25 +133,42 @@ def ece_bootstrap(confidences, correct, n_bins: int = 15, n_boot: int = 1000, se
     Raises:
         ValueError: empty input, mismatched lengths, ``n_bins < 1`` or ``n_boot < 100``.
     """
-    conf, corr = _np(confidences), _np(correct)
-    n = conf.shape[0]
-    if n == 0 or corr.shape[0] != n:
-        raise ValueError(f"confidences and correct must be non-empty and of one length; got {n} and {corr.shape[0]}")
-    if n_bins < 1 or n_boot < 100:
-        raise ValueError(f"need n_bins >= 1 and n_boot >= 100; got {n_bins} and {n_boot}")
-    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
-    full = np.arange(n)[None]
-    e = _ece_resampled(conf, corr, idx, n_bins)
-    point = float(_ece_resampled(conf, corr, full, n_bins)[0])
-    ece = Interval(point, *map(float, np.percentile(e, [2.5, 97.5])))
+    pairs = [(_np(confidences), _np(correct))] + ([(_np(other[0]), _np(other[1]))] if other is not None else [])
+    intervals, boots, points = _ece_boot(pairs, n_bins, n_boot, seed)
     if other is None:
-        return ece, None
-    conf2, corr2 = _np(other[0]), _np(other[1])
-    if conf2.shape[0] != n:
-        raise ValueError(f"the second classifier must be scored on the same {n} images; got {conf2.shape[0]}")
-    d = e - _ece_resampled(conf2, corr2, idx, n_bins)
-    point2 = float(_ece_resampled(conf2, corr2, full, n_bins)[0])
-    return ece, Interval(point - point2, *map(float, np.percentile(d, [2.5, 97.5])))
+        return intervals[0], None
+    d = boots[0] - boots[1]
+    return intervals[0], Interval(points[0] - points[1], *map(float, np.percentile(d, [2.5, 97.5])))
+
+
+def ece_intervals(reports: list, n_boot: int = 1000, seed: int = 0) -> tuple[list[Interval], Interval | None]:
+    """Every classifier's ECE interval from one bootstrap, and the paired difference of the first two.
+
+    The numbers equal :func:`ece_bootstrap` on each report (same ``seed``, so the same resampled images) and,
+    for the difference, ``ece_bootstrap(first, other=second)``; one call computes each classifier's resampled
+    ECEs once (a page showing the intervals and :func:`calibration_verdict` need not repeat the bootstrap).
+
+    Args:
+        reports: :class:`~jem_core.evaluation.calibration.CalibrationReport` s on the same images (same order)
+            and the same number of bins; at least one.
+        n_boot, seed: see :func:`ece_bootstrap`.
+
+    Returns:
+        ``(intervals, difference)``: one :class:`Interval` per report (ECE units, ``[0, 1]``), and
+        ``ECE(first) - ECE(second)`` with its paired 95% interval (None for a single report).
+
+    Raises:
+        ValueError: no reports, reports on different numbers of images or with different bin counts,
+            ``n_boot < 100``.
+    """
+    if not reports or len({r.n_bins for r in reports}) != 1:
+        raise ValueError(f"need at least one report, all with the same number of bins; got {[r.n_bins for r in reports]}")
+    intervals, boots, points = _ece_boot([(_np(r.confidences), _np(r.correct)) for r in reports],
+                                         reports[0].n_bins, n_boot, seed)
+    if len(reports) < 2:
+        return intervals, None
+    d = boots[0] - boots[1]
+    return intervals, Interval(points[0] - points[1], *map(float, np.percentile(d, [2.5, 97.5])))
 
 
 def _auroc_rows(s_in: np.ndarray, s_out: np.ndarray) -> np.ndarray:
@@ -178,7 +214,8 @@ def _confidence_side(accuracy: float, mean_conf: float) -> str:
     return f"{side} (mean confidence {mean_conf:.3f} against accuracy {accuracy:.3f})"
 
 
-def calibration_verdict(name_a: str, report_a, name_b: str, report_b, where: str, n_boot: int = 1000) -> str:
+def calibration_verdict(name_a: str, report_a, name_b: str, report_b, where: str, n_boot: int = 1000,
+                        intervals: tuple[list[Interval], Interval | None] | None = None) -> str:
     """A sentence comparing two classifiers' ECE on the same images, with 95% intervals.
 
     Args:
@@ -187,15 +224,15 @@ def calibration_verdict(name_a: str, report_a, name_b: str, report_b, where: str
             (same order) and the same number of bins.
         where: what the images are, e.g. ``"these 2,000 MNIST test images"``.
         n_boot: bootstrap resamples.
+        intervals: :func:`ece_intervals` of ``[report_a, report_b, ...]`` when the caller has them already
+            (then no bootstrap runs here); None computes them.
 
     Returns:
         Markdown text: both ECEs with intervals, which is better calibrated (or that the difference is
         within the uncertainty, when the paired interval of the difference contains 0), and whether
         each model is over- or under-confident.
     """
-    ea, diff = ece_bootstrap(report_a.confidences, report_a.correct, report_a.n_bins, n_boot,
-                             other=(report_b.confidences, report_b.correct))
-    eb, _ = ece_bootstrap(report_b.confidences, report_b.correct, report_b.n_bins, n_boot)
+    (ea, eb, *_), diff = intervals if intervals is not None else ece_intervals([report_a, report_b], n_boot)
     head = (f"On {where} the ECE of **{name_a}** is {ea.text()} and that of **{name_b}** is {eb.text()}")
     if diff is not None and diff.excludes(0.0):
         better, worse = (name_a, name_b) if diff.value < 0 else (name_b, name_a)

@@ -12,6 +12,7 @@ plotly curves of what its callbacks recorded.
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 import tempfile
 import threading
@@ -153,7 +154,7 @@ def settings(ctx: ui.Context, disabled: bool) -> tuple[TrainConfig, str]:
                       keep_buffer=400, n_reference=2000, val_split=int(n_val), drift_guard=bool(drift and jem),
                       px_weight_schedule=px_sched.strip() if jem else "", lr_schedule="cosine", lr_floor=0.1,
                       sample_eval=(300 if small else 500) if n_val and jem else 0, judge=judge,
-                      guard_every=10 if small else 50)
+                      ais_temps=50 if n_val and jem else 0, guard_every=10 if small else 50)
     return cfg, "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name.strip()) or f"run{n_runs}"
 
 
@@ -256,6 +257,17 @@ def validation_curves(epochs: list[dict], ends: list[int], events: list[dict]) -
                            "iteration", "distance", height=300)
         mark_events(fig, events)
         ui.show_chart(fig, key="tr_fd")
+    log_px = [m.get("val_log_px") for m in epochs]
+    if any(isinstance(v, (int, float)) and math.isfinite(v) for v in log_px):
+        fig = ui.fig_lines(ends, {"validation log p(x)": log_px},
+                           "Normalised likelihood of validation images (nats per image, higher is better)",
+                           "iteration", "nats", height=280)
+        mark_events(fig, events)
+        ui.show_chart(fig, key="tr_logpx")
+        se = max((m.get("val_log_z_se") or 0.0) for m in epochs)
+        st.caption("Mean log p(x) = -E(x) - log Z of up to 1,000 validation images, log Z by a small forward-AIS "
+                   f"run per epoch (bootstrap SE up to {se:.2g} nats). Few temperatures over-state log p(x): read "
+                   "the trend, and the Likelihood page for a reported figure.")
 
 
 def checkpoint_history(ctx: ui.Context) -> None:

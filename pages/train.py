@@ -6,7 +6,8 @@ iterations before a run. The result (the epoch chosen on validation) joins the m
 only) with its accuracy in the label, and can be downloaded or saved into a folder.
 
 Widgets -> :class:`jem_core.training.Trainer` (``fit`` in a ``threading.Thread``, ``request_stop``) ->
-plotly curves of what its callbacks recorded.
+plotly curves of what its callbacks recorded. Each run writes into its own temporary folder
+(:mod:`app.runs`), deleted once nothing can use it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import shutil
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from app import ui
+from app import runs, ui
 from jem_core.data import BUILTIN_DATASETS, DataUnavailableError, data_available, download_dataset
 from jem_core.recipes import RECIPES, recipe_config
 from jem_core.training import TrainConfig, Trainer, TrainingDiverged, resolve_judge
@@ -55,9 +55,10 @@ def on_iteration(run: dict, stats: dict) -> None:
             run["trainer"].request_stop()
 
 
-def train_worker(run: dict, cfg: TrainConfig, out: Path) -> None:
+def train_worker(run: dict, cfg: TrainConfig, out: Path, folders: runs.RunFolders) -> None:
     """Runs in the background thread: never touches Streamlit, only the ``run`` dict. Holds one of the server's
-    training slots (taken by :func:`start`) until it ends."""
+    training slots (taken by :func:`start`) until it ends; then tells ``folders`` that the run's folder holds
+    only what the page still reads (:meth:`app.runs.RunFolders.ended`)."""
     try:
         trainer = Trainer(cfg, out=out, on_iteration=lambda stats: on_iteration(run, stats),
                           on_epoch=lambda m: run["epochs"].append(dataclasses.asdict(m)), log=run["log"].append)
@@ -75,6 +76,7 @@ def train_worker(run: dict, cfg: TrainConfig, out: Path) -> None:
         run["status"], run["error"] = "error", f"{type(e).__name__}: {e}"
     finally:
         run["ended"] = time.time()
+        folders.ended(out.parent, out)
         _training_slots().release()
 
 
@@ -165,12 +167,19 @@ def start(cfg: TrainConfig, name: str) -> None:
         return
     ss.pop(BUSY, None)
     ss["tr_count"] = ss.get("tr_count", 0) + 1
-    out = Path(tempfile.mkdtemp(prefix="jem_explorer_train_")) / f"{name}.pt"
+    folders = runs.run_folders()
+    folders.sweep()
+    try:
+        out = folders.new(ui.current_session_id()) / f"{name}.pt"
+    except OSError:
+        _training_slots().release()
+        raise
     run = {"name": name, "config": dataclasses.asdict(cfg), "out": str(out), "status": "running", "stop": False,
            "iterations": [], "epochs": [], "log": [], "trainer": None, "error": None, "started": time.time(),
            "ended": None, "registered": False, "session": ui.current_session_id(),
            "keep": bool(ss.get("tr_keep", False)), "stop_reason": None}
-    run["thread"] = threading.Thread(target=train_worker, args=(run, cfg, out), daemon=True, name=f"train-{name}")
+    run["thread"] = threading.Thread(target=train_worker, args=(run, cfg, out, folders), daemon=True,
+                                     name=f"train-{name}")
     ss[RUN] = run
     run["thread"].start()
 
@@ -441,6 +450,7 @@ def time_estimate(cfg: TrainConfig) -> None:
 
 
 def main(ctx: ui.Context) -> None:
+    runs.run_folders().sweep()  # the folders of runs whose tab is gone
     run = st.session_state.get(RUN)
     running = bool(run and run["status"] == "running")
     cfg, name = settings(ctx, disabled=running)

@@ -310,6 +310,33 @@ def test_train_in_the_background_stop_and_the_model_joins_the_picker():
     assert any(o.endswith("(trained here)") for o in at.sidebar.selectbox(key="sb_model").options)
     assert any("model picker" in s.value for s in at.success)
     assert not errors(at)
+    # The run's folder keeps the checkpoint the picker reads; the resume state (never read by the app) is gone.
+    out = Path(at.session_state["tr_run"]["out"])
+    assert out.is_file() and out.parent.name.startswith("jem_explorer_train_")
+    assert not Path(str(out) + ".resume.pt").exists()
+
+
+def test_run_folders_are_deleted_once_nothing_can_use_them(tmp_path):
+    from app.runs import RunFolders
+
+    alive = {"a": True, "b": True}
+    folders = RunFolders(lambda s: alive.get(s, False), root=str(tmp_path))
+    kept, empty, running = folders.new("a"), folders.new("a"), folders.new("b")
+    for f in (kept, running):
+        (f / "m.pt").write_bytes(b"weights")
+        (f / "m.pt.resume.pt").write_bytes(b"optimizer and whole buffer")
+    folders.ended(kept, kept / "m.pt")
+    folders.ended(empty, empty / "m.pt")  # the run ended before writing a checkpoint
+    assert sorted(p.name for p in kept.iterdir()) == ["m.pt"] and not empty.exists()
+    assert folders.sweep() == [] and kept.exists()  # its session still uses it (the picker)
+    alive["a"] = alive["b"] = False  # both tabs closed
+    assert folders.sweep() == [kept] and not kept.exists()
+    assert running.exists() and (running / "m.pt.resume.pt").exists()  # still training: kept
+    folders.ended(running, running / "m.pt")
+    assert folders.sweep() == [running] and not running.exists()
+    last = folders.new("c")
+    folders.remove_all()  # at server exit
+    assert not last.exists() and folders.folders == [] and list(tmp_path.iterdir()) == []
 
 
 MNIST_PAIR = [ROOT / "checkpoints" / "mnist_jem.pt", ROOT / "checkpoints" / "mnist_baseline.pt"]

@@ -97,6 +97,8 @@ _TRAIN_HELP = {
                  "the test split is then used once, for the chosen epoch)",
     "sample_eval": "replay-buffer samples judged per epoch on the validation split (0 = off)",
     "judge": "classifier checkpoint judging buffer samples (bundled:NAME = the project's checkpoints/NAME)",
+    "ais_temps": "per-epoch AIS estimate of the validation log p(x) in nats with this many temperatures (0 = off)",
+    "ais_chains": "AIS chains of that estimate (>= 2)",
     "drift_guard": "detect slow drift (energy gap, E(data), logit and gradient growth) and roll back before it",
     "drift_gap_limit": "drift limit on |E(data) - E(samples)| (nats, window mean)",
     "drift_energy_shift": "drift limit on the move of E(data) from its level (nats, window mean)",
@@ -128,7 +130,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         elif f.name in positive:
             kw["type"] = _pos_int
         elif f.name in ("sgld_steps", "warmup_iters", "max_retries", "keep_buffer", "val_split", "sample_eval",
-                        "max_drift_events"):
+                        "max_drift_events", "ais_temps"):
             kw["type"] = _nonneg_int
         elif f.name in ("lr", "sgld_step_size", "divergence_threshold"):
             kw["type"] = _pos_float
@@ -217,7 +219,8 @@ def _run_train(a: argparse.Namespace, parser: argparse.ArgumentParser, cfg: Any)
             val = ({"val_accuracy": _num(m.val_accuracy, 4), "val_ece": _num(m.val_ece, 4), "val_nll": _num(m.val_nll, 4),
                     "sample_fd": _num(m.sample_fd, 4), "sample_agreement": _num(m.sample_agreement, 4),
                     "px_weight": _num(m.px_weight, 4), "energy_l2": _num(m.energy_l2, 5),
-                    "drift_events": m.drift_events} if math.isfinite(m.val_accuracy) else {})
+                    "drift_events": m.drift_events, "val_log_px": _num(m.val_log_px, 2)}
+                   if math.isfinite(m.val_accuracy) else {})
             print(json.dumps({"epoch": m.epoch, "test_accuracy": _num(m.test_accuracy, 4), **val, "loss": round(m.loss, 4),
                               "ce": _num(m.ce, 4), "E_data_minus_E_samples": _num(m.px, 4),
                               "energy_data": _num(m.energy_data, 3), "energy_samples": _num(m.energy_samples, 3),

@@ -37,13 +37,15 @@ RECIPES: dict[str, dict[str, Any]] = {
     },
     "mnist-jem": {
         "description": ("MNIST JEM in one run: p(x) weight 1 -> 0.1 (epoch 0.5) -> 0.05 (epoch 4) with an energy "
-                        "penalty, 10 SGLD steps, Adam at 1e-3 with a cosine decay, 5,000 validation images, bf16 SGLD, "
+                        "penalty, 10 SGLD steps clipped to +-0.05 per pixel from class Gaussians (JEM++), Adam at "
+                        "1e-3 with a cosine decay, 5,000 validation images, bf16 SGLD, a per-epoch AIS log p(x), "
                         "drift guard"),
         "target": {"accuracy": 0.985, "classifier_fd": 0.15, "conditional_accuracy": 0.90},
         "settings": dict(dataset="mnist", objective="jem", epochs=8, batch_size=64, lr=1e-3, warmup_iters=200,
                          lr_schedule="cosine", lr_floor=0.1, px_weight=1.0,
                          px_weight_schedule="0:1,0.5:0.1,4:0.05", energy_l2_schedule="0:0,0.5:0.0005,4:0.001",
-                         sgld_steps=10, buffer_size=10000, keep_buffer=400, sgld_bf16=True, channels_last=True,
+                         sgld_steps=10, sgld_init="gaussian", sgld_max_update=0.05, buffer_size=10000,
+                         keep_buffer=400, sgld_bf16=True, channels_last=True, ais_temps=50, ais_chains=16,
                          val_split=5000, sample_eval=500, judge="bundled:mnist_baseline.pt", drift_guard=True,
                          guard_every=50),
     },

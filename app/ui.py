@@ -62,13 +62,16 @@ PERSIST = {"persist_state": "session"}  # page widgets keep their value across p
 
 
 # ------------------------------------------------------------------------------------ page runner
-def run_page(body: Callable[[Context], None], title: str, intro: str | None = None) -> None:
-    """Title, intro, then ``body(ctx)``; any failure is shown in the page and the app keeps working."""
+def run_page(body: Callable[[Context | None], None], title: str, intro: str | None = None,
+             needs_model: bool = True) -> None:
+    """Title, intro, then ``body(ctx)``; any failure is shown in the page and the app keeps working.
+
+    ``needs_model=False`` for a page that does not use the sidebar's models (``body`` may get None)."""
     st.title(title)
     if intro:
         st.caption(intro)
     ctx = context()
-    if ctx is None:
+    if ctx is None and needs_model:
         st.error("No model is loaded: choose or upload one in the sidebar.")
         return
     try:

@@ -71,17 +71,18 @@ def recipe_config(name: str, **overrides: Any):
         overrides: TrainConfig fields to change (e.g. ``seed=1``, ``data_root="..."``).
 
     Raises:
-        ValueError: unknown recipe or unknown field.
+        BadInput: unknown recipe or unknown field.
     """
+    from .errors import BadInput
     from .training import TrainConfig
 
     if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; known: {', '.join(recipe_names())}")
+        raise BadInput(f"unknown recipe {name!r}; known: {', '.join(recipe_names())}")
     settings = {**RECIPES[name]["settings"], **overrides, "recipe": name}
     fields = set(TrainConfig.__dataclass_fields__)
     bad = sorted(set(settings) - fields)
     if bad:
-        raise ValueError(f"unknown training setting(s) {', '.join(bad)}")
+        raise BadInput(f"unknown training setting(s) {', '.join(bad)}")
     return TrainConfig(**settings)
 
 

@@ -341,9 +341,9 @@ def live_view(s: dict) -> None:
                   key="pg_h_gap")
 
 
-def main(ctx: ui.Context) -> None:
+def main(ctx: ui.Context | None) -> None:
     """The page under :func:`app.ui.run_page`. ``ctx`` (the sidebar's models) is not used: the playground trains
-    its own pair of 2-D models."""
+    its own pair of 2-D models, and works with no model loaded."""
     ss = st.session_state
     for k, v in [*((KEYS[f], getattr(ToySettings(), f)) for f in KEYS), ("pg_log", True), ("pg_3d", False)]:
         ss.setdefault(k, v)
@@ -369,4 +369,4 @@ def main(ctx: ui.Context) -> None:
 
 
 ui.run_page(main, "2-D playground", "One network is both a classifier and a density: in two dimensions both fit "
-            "on one screen and p(x) is exact (log Z by quadrature on a grid over the box).")
+            "on one screen and p(x) is exact (log Z by quadrature on a grid over the box).", needs_model=False)

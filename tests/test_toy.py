@@ -334,3 +334,17 @@ def test_semi_supervised_toy_jem_uses_only_the_labelled_points():
     row, _ = jem.measure(32)
     assert 0.5 <= row["accuracy"] <= 1.0 and jem.iteration == 60
     assert jem.clone().trainer.cfg.labels_per_class == 3
+
+
+def test_playground_page_works_with_no_model_loaded(monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from app import ui
+
+    monkeypatch.setenv("JEM_EXPLORER_DEFAULT", "digits")
+    monkeypatch.setattr(ui, "context", lambda: None)  # as when no checkpoint could be loaded
+    at = AppTest.from_file(str(ROOT / "app" / "Home.py"), default_timeout=180).run()
+    at.switch_page("../pages/playground.py").run()
+    assert not at.exception, at.exception
+    assert not [e.value for e in at.error], [e.value for e in at.error]
+    assert "JEM test accuracy" in {m.label for m in at.metric}

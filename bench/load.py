@@ -5,14 +5,17 @@ this machine), then drives Debian's Chromium through Playwright:
 
 - ``--chains N`` sessions open the Langevin page, whose chains start by themselves and refresh live; in the
   page, a 50 ms timer records each change of the grid's "after N steps" caption (one refresh);
-- ``--browse M`` sessions cycle through every page (page-load times), run the default attack, upload an
-  image on the Score page;
+- ``--browse M`` sessions cycle through every page, run the default attack, upload an image on the Score
+  page; per page load two times: until the page shows its content or says it is computing ("shown": a
+  chart, an image, a metric, a progress box or a notice under the title) and until the server has finished
+  the page's script, computations included ("idle");
 - ``--train`` adds one session that trains a digits JEM on the Train page.
 
 Every ``--sample`` seconds it records the server's resident memory and CPU time (``/proc``) and every
 session's refreshes; exceptions shown in a page or printed by the server are collected. At the end it closes
-one chain session's tab and measures how long the server's CPU use takes to fall back (the tab's work must
-stop). Bounded: ``--minutes`` of load, then everything is closed.
+the other sessions, waits for the server to settle with one chain session left, then closes that tab and
+measures how long the server's CPU use takes to fall back (the tab's work must stop). Bounded: ``--minutes``
+of load, then everything is closed.
 
     python bench/load.py --chains 4 --browse 1 --minutes 10 --out bench/load.json
     python bench/load.py --chains 1 --browse 0 --minutes 2 --out bench/load_one.json   # the refresh rate
@@ -112,6 +115,12 @@ def _idle(pg, timeout_ms: int = 120_000) -> None:
                          " return !e || !/running|stop/i.test(e.innerText); }", timeout=timeout_ms)
 
 
+#: What a page shows once it has loaded: its content, or a progress box or notice while it computes.
+SHOWN = ('[data-testid="stMain"] :is([data-testid="stPlotlyChart"], [data-testid="stImage"], '
+         '[data-testid="stMetric"], [data-testid="stProgress"], [data-testid="stAlert"], '
+         '[data-testid="stExpander"])')
+
+
 def _exceptions(pg) -> list[str]:
     return [t[:300] for t in pg.locator('[data-testid="stException"]').all_inner_texts()] + \
            [t[:300] for t in pg.get_by_text("This page hit an error").all_inner_texts()]
@@ -184,9 +193,11 @@ def run(url: str, server_pid: int | None, chains: int, browse: int, train: bool,
                 try:
                     pg.goto(f"{url}/{page}", wait_until="domcontentloaded")
                     pg.locator("h1").first.wait_for(state="visible")
+                    pg.locator(SHOWN).first.wait_for(state="visible")
+                    shown = time.monotonic() - t0
                     _idle(pg)
-                    result["page_loads"].append({"session": name, "page": page or "home",
-                                                 "s": round(time.monotonic() - t0, 2)})
+                    result["page_loads"].append({"session": name, "page": page or "home", "s": round(shown, 2),
+                                                 "s_idle": round(time.monotonic() - t0, 2)})
                     if page == "score":
                         pg.locator(".st-key-score_upload input[type=file]").set_input_files(str(upload))
                         _idle(pg)
@@ -213,20 +224,24 @@ def run(url: str, server_pid: int | None, chains: int, browse: int, train: bool,
                 "gap_ms_median": round(statistics.median(gaps), 1) if gaps else None,
                 "gap_ms_max": round(max(gaps), 1) if gaps else None}
             result["exceptions"] += [f"{name}/langevin: {e}" for e in _exceptions(pg)]
-        # Closing a tab: its chains must stop; the server's CPU use falls back within seconds.
+        # Closing a tab: its chains must stop; the server's CPU use falls back within seconds. The other
+        # sessions go first (their work ends with them), so that the last tab's share is measurable.
         if server_pid and chain_pages:
+            for _, ctx, _ in chain_pages[:-1] + browsers:
+                ctx.close()
+            time.sleep(20)
             name, ctx, _ = chain_pages[-1]
             before = _cpu_rate(server_pid, 5)
             ctx.close()
             t_close = time.monotonic()
             settle = None
-            others = len(chain_pages) - 1 + len(browsers)
             while time.monotonic() - t_close < 30:
                 rate = _cpu_rate(server_pid, 2)
-                if rate < (before * (others / (others + 1)) + 0.1 if others else 0.1):
+                if rate < 0.1:
                     settle = round(time.monotonic() - t_close, 1)
                     break
-            result["tab_close"] = {"session": name, "cpu_before": round(before, 2), "seconds_to_settle": settle}
+            result["tab_close"] = {"session": name, "closed_first": len(chain_pages) - 1 + len(browsers),
+                                   "cpu_before": round(before, 2), "seconds_to_settle": settle}
         browser.close()
     if log is not None and log.is_file():
         result["exceptions"] += server_errors(log.read_text(errors="replace"))
@@ -239,8 +254,9 @@ def run(url: str, server_pid: int | None, chains: int, browse: int, train: bool,
     rates = [s["refresh_per_s"] for s in result["sessions"].values()]
     if rates:
         result["slowest_over_fastest"] = round(min(rates) / max(rates), 2) if max(rates) else 0.0
-    loads = [x["s"] for x in result["page_loads"] if x["session"].startswith("browse")]
-    result["page_load_s_max"] = round(max(loads), 2) if loads else None
+    loads = [x for x in result["page_loads"] if x["session"].startswith("browse")]
+    result["page_load_s_max"] = round(max(x["s"] for x in loads), 2) if loads else None
+    result["page_idle_s_max"] = round(max(x["s_idle"] for x in loads), 2) if loads else None
     return result
 
 
@@ -315,7 +331,8 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2))
     plot(result, out.with_suffix(".png"))
     summary = {k: result.get(k) for k in ("rss_mb_after_first_minute", "rss_mb_end", "rss_growth_mb",
-                                          "slowest_over_fastest", "page_load_s_max", "tab_close")}
+                                          "slowest_over_fastest", "page_load_s_max", "page_idle_s_max",
+                                          "tab_close")}
     summary["refresh_per_s"] = {n: s["refresh_per_s"] for n, s in result["sessions"].items()}
     summary["exceptions"] = len(result["exceptions"])
     print(json.dumps(summary), flush=True)

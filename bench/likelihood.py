@@ -25,10 +25,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from jem_core.bench import machine_info  # noqa: E402
 from jem_core.checkpoint import load_checkpoint  # noqa: E402
 from jem_core.likelihood import forward_ais, model_energy_fn, tune_step_sizes  # noqa: E402
 from jem_core.perf import tune_malloc  # noqa: E402
+
+from bench.speed import machine_info  # noqa: E402
 
 MODELS = ["checkpoints/digits_jem.pt", "checkpoints/mnist_jem.pt"]
 

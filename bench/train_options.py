@@ -121,7 +121,7 @@ def main() -> None:
     unknown = [n for n in names if n not in OPTIONS]
     if unknown:
         raise SystemExit(f"error: unknown option(s) {', '.join(unknown)}; known: {', '.join(OPTIONS)}")
-    from jem_core.bench import machine_info
+    from bench.speed import machine_info
 
     out = Path(a.out)
     result = {"recipe": a.recipe, "iters": a.iters, "evals": a.evals, "machine": machine_info(), "records": []}

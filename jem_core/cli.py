@@ -1,7 +1,8 @@
-"""The command-line interface: ``python -m jem_core train | sample | inpaint | translate | score | likelihood | evaluate | bench | import-official``.
+"""The command-line interface: ``python -m jem_core train | sample | inpaint | translate | score | likelihood | evaluate | import-official``.
 
 What lives here: argument parsing, the calls into the library and the output (JSON lines, PNG files). What
-does not: anything the commands compute (the library modules they call).
+does not: anything the commands compute (the library modules they call), nor the speed benchmarks
+(``python bench/speed.py``, tooling beside the library).
 
 Errors: bad input is reported argparse-style with exit status 2 -- a sub-command's own checks print that
 sub-command's usage (``python -m jem_core train: error: ...``), and the library's
@@ -639,54 +640,6 @@ def _cmd_evaluate(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     return 0
 
 
-# -- bench -------------------------------------------------------------------------------------------
-def _add_bench(sub: argparse._SubParsersAction) -> None:
-    from .bench import CLOCKS, DEFAULT_CHECKPOINT
-
-    p = sub.add_parser("bench", help="speed benchmarks (ratios to the network's own cost); writes JSON",
-                       description="Measure SGLD and JEM training against the cost of the network itself, "
-                                   "scoring latency, live-chain frame rate and time to accuracy; write a JSON file.")
-    p.add_argument("--out", default="bench.json", help="JSON file to write")
-    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
-                   help="MNIST JEM checkpoint (a freshly initialised ConvNet is used when it is absent)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes (seconds): checks the plumbing only")
-    p.add_argument("--repeats", type=int, default=None, help="interleaved rounds per ratio (default 11, 25 for the ConvNet's SGLD; quick 2)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile of the energy gradient (~1 min more)")
-    p.add_argument("--no-accuracy", action="store_true", help="skip the time-to-accuracy training run")
-    p.add_argument("--accuracy-options", action="store_true",
-                   help="also time bf16/channels_last and JEM++-style settings to accuracy (about a minute more)")
-    p.add_argument("--default-malloc", action="store_true",
-                   help="keep glibc's default allocator thresholds (default: jem_core.perf.tune_malloc first)")
-    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                   help="wall time (default) or this process's CPU time, which other processes on a shared "
-                        "machine do not inflate (use it with --threads 1)")
-    p.set_defaults(cmd="bench")
-
-
-def _cmd_bench(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .bench import run_benchmarks
-
-    if a.repeats is not None and a.repeats < 1:
-        parser.error(f"--repeats must be >= 1; got {a.repeats}")
-    if a.threads is not None:
-        if a.threads < 1:
-            parser.error(f"--threads must be >= 1; got {a.threads}")
-        torch.set_num_threads(a.threads)
-    res = run_benchmarks(a.checkpoint, quick=a.quick, repeats=a.repeats, compile_fn=a.compile,
-                         accuracy=not a.no_accuracy, accuracy_options=a.accuracy_options, clock=a.clock,
-                         tune_allocator=not a.default_malloc,
-                         log=lambda s: print(s, file=sys.stderr, flush=True))
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    summary = {k: res[k] for k in ("sgld_step_ratio", "official_style_ratio", "train_iter_ratio", "score_latency_ms",
-                                   "chain_fps", "time_to_accuracy_s")}
-    print(json.dumps({"out": str(out), **summary, "threads": res["machine"]["threads"], "clock": res["clock"],
-                      "torch": res["machine"]["torch"], "seconds": round(res["seconds_total"], 1)}))
-    return 0
-
-
 # -- import-official ---------------------------------------------------------------------------------
 def _add_import_official(sub: argparse._SubParsersAction) -> None:
     from .official import _INFER, _OFFICIAL_DATASETS
@@ -721,9 +674,9 @@ def _cmd_import_official(a: argparse.Namespace, parser: argparse.ArgumentParser)
 
 
 _ADDERS = [_add_train, _add_sample, _add_inpaint, _add_translate, _add_score, _add_likelihood, _add_evaluate,
-           _add_bench, _add_import_official]
+           _add_import_official]
 _COMMANDS.update(train=_cmd_train, sample=_cmd_sample, inpaint=_cmd_inpaint, translate=_cmd_translate, score=_cmd_score,
-                 likelihood=_cmd_likelihood, evaluate=_cmd_evaluate, bench=_cmd_bench, import_official=_cmd_import_official)
+                 likelihood=_cmd_likelihood, evaluate=_cmd_evaluate, import_official=_cmd_import_official)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,8 @@
 """Speed benchmarks: SGLD sampling and JEM training against the cost of the network itself.
 
-``python -m jem_core bench --out bench.json`` (a few minutes; not part of the tests, which run the
-tiny ``--quick`` mode only to check the output's keys).
+``python bench/speed.py --out bench.json`` (a few minutes; not part of the tests, which run the
+tiny ``--quick`` mode only to check the output's keys). Tooling beside the library: nothing in ``jem_core``
+or the app imports this file; the library's one speed setting it measures lives in :mod:`jem_core.perf`.
 
 The floor of one SGLD step is one forward pass plus one ``torch.autograd.grad`` of the summed
 energy with respect to the input, with the parameters frozen: the least any sampler can do.
@@ -60,11 +61,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .utils import rounded
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from jem_core.utils import rounded  # noqa: E402
 
 __all__ = ["run_benchmarks", "interleaved", "median_ratio", "floor_step", "official_style_sample", "TARGETS"]
 
-#: Issue 6's targets: (comparison, value).
+#: The targets: (comparison, value).
 TARGETS = {"sgld_step_ratio": ("<=", 1.05), "train_iter_ratio": ("<=", 1.10), "score_latency_ms": ("<=", 20.0),
            "chain_fps": (">=", 5.0), "time_to_accuracy_s": ("report", None)}
 
@@ -153,7 +158,7 @@ def bench_sgld(model: nn.Module, shape: tuple[int, int, int], batch: int, n_step
     ``channels_last`` copy of the model) and ``compile`` (``torch.compile`` of the energy-gradient
     function, then our update; compile time reported separately).
     """
-    from .sampling import ReplayBuffer, SGLDSampler, frozen_parameters
+    from jem_core.sampling import ReplayBuffer, SGLDSampler, frozen_parameters
 
     model = model.eval()
     g = torch.Generator().manual_seed(seed)
@@ -213,7 +218,7 @@ def bench_sgld(model: nn.Module, shape: tuple[int, int, int], batch: int, n_step
 
 def _compiled_energy_grad(model: nn.Module, x: torch.Tensor) -> tuple[Callable, float]:
     """``torch.compile`` of (energy, dE/dx, logits) at ``x``; returns the function and its compile time."""
-    from .sampling import frozen_parameters
+    from jem_core.sampling import frozen_parameters
 
     def energy_grad(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         xg = x.detach().requires_grad_(True)
@@ -239,9 +244,9 @@ def bench_train_iter(shape: tuple[int, int, int], iters: int, sgld_steps: int, b
     batch plus one forward/backward of the data and sampled batches concatenated.
     The first iteration (epoch set-up, first snapshot) is warm-up and not counted.
     """
-    from .data import ImageDataset
-    from .sampling import frozen_parameters
-    from .training import TrainConfig, Trainer
+    from jem_core.data import ImageDataset
+    from jem_core.sampling import frozen_parameters
+    from jem_core.training import TrainConfig, Trainer
 
     g = torch.Generator().manual_seed(seed)
     c, h, _ = shape
@@ -314,8 +319,8 @@ def _digit_png(side: int = 28) -> bytes:
 def bench_score_latency(model: nn.Module, metadata: dict[str, Any], repeats: int,
                         clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
     """Milliseconds to score one uploaded 28x28 PNG end to end: decode, preprocess, forward, energy, percentile."""
-    from .images import prepare_upload
-    from .scoring import score_batch
+    from jem_core.images import prepare_upload
+    from jem_core.scoring import score_batch
 
     png = _digit_png(int(metadata["image_size"]))
     channels, side = int(metadata["in_channels"]), int(metadata["image_size"])
@@ -343,8 +348,8 @@ def bench_chain_fps(model: nn.Module, shape: tuple[int, int, int], n_chains: int
     ``bf16`` and ``channels_last`` time the options: the sampler's bf16 autocast, and a copy of the
     model in ``channels_last`` layout (what the app would load once).
     """
-    from .images import make_grid_image
-    from .sampling import ChainState, SGLDSampler, init_noise
+    from jem_core.images import make_grid_image
+    from jem_core.sampling import ChainState, SGLDSampler, init_noise
 
     g = torch.Generator().manual_seed(seed)
     x0 = start[:n_chains].clone() if start is not None and len(start) >= n_chains else init_noise(n_chains, shape, g)
@@ -370,7 +375,7 @@ def bench_time_to_accuracy(target: float = 0.95, max_epochs: int | None = None,
                            **config: Any) -> dict[str, Any]:
     """Wall time of ``train`` on digits (default JEM settings unless ``config`` overrides) until the
     test accuracy reaches ``target``; trains at most the default number of epochs (or ``max_epochs``)."""
-    from .training import TrainConfig, Trainer, TrainingDiverged
+    from jem_core.training import TrainConfig, Trainer, TrainingDiverged
 
     t0 = clock()
     cfg = TrainConfig(dataset="digits", max_iters_per_epoch=max_iters_per_epoch, **config)
@@ -400,7 +405,7 @@ def bench_time_to_accuracy(target: float = 0.95, max_epochs: int | None = None,
 
 _FRESH_FLOOR = """
 import statistics, sys, time, torch
-from jem_core.bench import CLOCKS, floor_step
+from bench.speed import CLOCKS, floor_step
 from jem_core.energy import JEM
 from jem_core.models import ConvNet
 from jem_core.perf import tune_malloc
@@ -433,7 +438,7 @@ def bench_malloc(batch: int, steps: int, rounds: int = 2, clock: str = "wall") -
         args = [str(torch.get_num_threads()), clock, str(batch), str(steps), "1" if tuned else "0"]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
         r = subprocess.run([sys.executable, "-c", _FRESH_FLOOR, *args], capture_output=True, text=True, env=env,
-                           cwd=Path(__file__).resolve().parents[1], timeout=600, check=True)
+                           cwd=ROOT, timeout=600, check=True)
         t, applied = r.stdout.split()
         return float(t), applied == "True"
 
@@ -456,9 +461,9 @@ def _quantile(v: list[float], q: float) -> float:
 
 def _load_mnist_model(checkpoint: str | None) -> tuple[nn.Module, dict[str, Any], torch.Tensor | None, str]:
     """The bundled MNIST JEM, or a freshly initialised 28x28 ConvNet when the checkpoint is absent."""
-    from .checkpoint import load_checkpoint
-    from .energy import JEM
-    from .models import ConvNet
+    from jem_core.checkpoint import load_checkpoint
+    from jem_core.energy import JEM
+    from jem_core.models import ConvNet
 
     if checkpoint and Path(checkpoint).is_file():
         ck = load_checkpoint(checkpoint)
@@ -528,8 +533,8 @@ def run_benchmarks(checkpoint: str | None = DEFAULT_CHECKPOINT, quick: bool = Fa
             (page faults), which adds run-to-run offsets of 5-15% at 2 threads.
         log: progress lines.
     """
-    from .perf import tune_malloc
-    from .wideresnet import WideResNet
+    from jem_core.perf import tune_malloc
+    from jem_core.wideresnet import WideResNet
 
     t_start = time.perf_counter()
     mode = "quick" if quick else "full"
@@ -604,3 +609,54 @@ def _met(value: Any, cmp: str, target: float | None) -> bool | None:
         return None
     vals = list(value.values()) if isinstance(value, dict) else [value]
     return all(v <= target if cmp == "<=" else v >= target for v in vals)
+
+
+# -- the command line --------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    """``python bench/speed.py [--quick] [--out FILE] ...``: run :func:`run_benchmarks`, write its JSON to
+    ``--out`` and print a one-line JSON summary; bad option values exit 2 with the usage."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(
+        prog="python bench/speed.py",
+        description="Measure SGLD and JEM training against the cost of the network itself, "
+                    "scoring latency, live-chain frame rate and time to accuracy; write a JSON file.")
+    p.add_argument("--out", default="bench.json", help="JSON file to write")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
+                   help="MNIST JEM checkpoint (a freshly initialised ConvNet is used when it is absent)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (seconds): checks the plumbing only")
+    p.add_argument("--repeats", type=int, default=None, help="interleaved rounds per ratio (default 11, 25 for the ConvNet's SGLD; quick 2)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile of the energy gradient (~1 min more)")
+    p.add_argument("--no-accuracy", action="store_true", help="skip the time-to-accuracy training run")
+    p.add_argument("--accuracy-options", action="store_true",
+                   help="also time bf16/channels_last and JEM++-style settings to accuracy (about a minute more)")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="keep glibc's default allocator thresholds (default: jem_core.perf.tune_malloc first)")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="wall time (default) or this process's CPU time, which other processes on a shared "
+                        "machine do not inflate (use it with --threads 1)")
+    a = p.parse_args(argv)
+    if a.repeats is not None and a.repeats < 1:
+        p.error(f"--repeats must be >= 1; got {a.repeats}")
+    if a.threads is not None:
+        if a.threads < 1:
+            p.error(f"--threads must be >= 1; got {a.threads}")
+        torch.set_num_threads(a.threads)
+    res = run_benchmarks(a.checkpoint, quick=a.quick, repeats=a.repeats, compile_fn=a.compile,
+                         accuracy=not a.no_accuracy, accuracy_options=a.accuracy_options, clock=a.clock,
+                         tune_allocator=not a.default_malloc,
+                         log=lambda s: print(s, file=sys.stderr, flush=True))
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    summary = {k: res[k] for k in ("sgld_step_ratio", "official_style_ratio", "train_iter_ratio", "score_latency_ms",
+                                   "chain_fps", "time_to_accuracy_s")}
+    print(json.dumps({"out": str(out), **summary, "threads": res["machine"]["threads"], "clock": res["clock"],
+                      "torch": res["machine"]["torch"], "seconds": round(res["seconds_total"], 1)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

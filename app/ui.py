@@ -32,23 +32,21 @@ from app.compute import (N_WORKERS, Cancelled, _workers, cached, current_session
                          session_alive, worker, workers_busy)
 from app.figures import (CLASS_COLORS, COLORS, difference_images, fig_chain_energy, fig_chain_predictions, fig_histograms, fig_lines, fig_maps, fig_placement,
                          fig_probabilities, fig_reliability, fig_roc, image_map)
-from app.registry import (CHECKPOINT_DIR, ROOT, SHARED_DATA, TRAIN_RUN, Context, ModelEntry, _default_pair, add_session_entry, bundled_entries, class_names, context,
-                          detected_data_root, entry_key, load_entry, register_finished_training,
-                          session_entries, shape_of, sidebar, test_probabilities, train_set)
+from app.registry import (CHECKPOINT_DIR, ROOT, TRAIN_RUN, Context, ModelEntry, _default_pair, context, shape_of, sidebar,
+                          test_probabilities)
 from jem_core.data import ImageDataset
 from jem_core.images import make_grid_image, png_bytes
 from jem_core.perf import tune_malloc
 
 __all__ = [
     "CHAIN_INTERVAL", "CHECKPOINT_DIR", "CLASS_COLORS", "COLORS", "Cancelled", "Context", "LIVE_INTERVAL",
-    "ModelEntry", "N_WORKERS", "PAGES_DIR", "PAGE_SPECS", "PERSIST", "ROOT", "SHARED_DATA", "TRAIN_RUN",
-    "_default_pair", "_workers", "add_session_entry", "bundled_entries", "cached", "class_names", "context",
-    "current_session_id", "detected_data_root", "difference_images", "digest_files", "display_scale",
-    "download_json", "download_png", "download_table", "entry_key", "fig_chain_energy", "fig_chain_predictions",
+    "ModelEntry", "N_WORKERS", "PAGES_DIR", "PAGE_SPECS", "PERSIST", "ROOT", "TRAIN_RUN", "_default_pair",
+    "_workers", "cached", "context", "current_session_id", "difference_images", "digest_files", "display_scale",
+    "download_json", "download_png", "download_table", "fig_chain_energy", "fig_chain_predictions",
     "fig_histograms", "fig_lines", "fig_maps", "fig_placement", "fig_probabilities", "fig_reliability",
-    "fig_roc", "grid", "image_map", "load_entry", "make_pages", "n_test_control", "need_test_set", "page_link",
-    "progress_box", "register_finished_training", "run_page", "session_alive", "session_entries", "shape_of",
-    "show_chart", "show_grid", "sidebar", "test_probabilities", "train_set", "worker", "workers_busy",
+    "fig_roc", "grid", "image_map", "make_pages", "n_test_control", "need_test_set", "page_link",
+    "progress_box", "run_page", "session_alive", "shape_of",
+    "show_chart", "show_grid", "sidebar", "test_probabilities", "worker", "workers_busy",
 ]
 
 tune_malloc()  # once per server process: faster SGLD steps on CPU (jem_core.perf)

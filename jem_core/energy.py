@@ -7,9 +7,10 @@ should treat it like one", section 2:
 - eq. (5): ``p(x) = sum_y exp(f(x)[y]) / Z``, so ``E(x) = -logsumexp_y f(x)[y]``;
 - ``p(y|x) = softmax(f(x))[y]`` is the usual classifier, independent of ``Z``.
 
-``log p(x)`` and ``log p(x|y)`` are only known up to the constant ``log Z``; the
-functions below return the *unnormalised* values (``log p~``), which is what
-sampling, OOD scores and the JEM loss need.
+``log p(x)`` and ``log p(x, y)`` are only known up to the constant ``log Z``; the
+functions below return the *unnormalised* values (``log p~(x) = -E(x)``; ``log p~(x, y) = -E(x, y)``
+is :func:`class_energy` negated), which is what sampling, OOD scores and the JEM loss need.
+What does not live here: sampling (:mod:`jem_core.sampling`) and ``log Z`` (:mod:`jem_core.likelihood`).
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ __all__ = [
     "energy",
     "class_energy",
     "log_px_unnormalized",
-    "log_pxy_unnormalized",
-    "log_px_given_y_unnormalized",
     "log_p_y_given_x",
     "JEM",
 ]
@@ -75,20 +74,6 @@ def class_energy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def log_px_unnormalized(logits: torch.Tensor) -> torch.Tensor:
     """Unnormalised ``log p~(x) = logsumexp_y f(x)[y] = -E(x)``; ``[N, K] -> [N]``."""
     return -energy(logits)
-
-
-def log_pxy_unnormalized(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Unnormalised ``log p~(x, y) = f(x)[y] = -E(x, y)``; ``[N, K], [N] -> [N]``."""
-    return -class_energy(logits, y)
-
-
-def log_px_given_y_unnormalized(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``log p~(x|y) = f(x)[y]`` up to ``log Z_y``; same as :func:`log_pxy_unnormalized`.
-
-    With ``Z_y = Z p(y)`` and a uniform label prior the class-conditional density shares
-    the joint's unnormalised value; the constant differs, which sampling does not see.
-    """
-    return log_pxy_unnormalized(logits, y)
 
 
 def log_p_y_given_x(logits: torch.Tensor) -> torch.Tensor:

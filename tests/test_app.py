@@ -207,7 +207,15 @@ def test_calibration_table_and_bin_count():
     table = at.dataframe[0].value
     assert list(table["model"]) == ["digits_jem", "digits_baseline"]
     assert {"accuracy", "ECE", "MCE", "NLL", "Brier"} <= set(table.columns)
-    assert (table["ECE"] >= 0).all() and (table["ECE"] <= 1).all()
+    from jem_core.checkpoint import load_checkpoint
+    from jem_core.data import load_dataset
+    from jem_core.evaluation import calibration_report, predict_proba
+
+    test = load_dataset("digits", "test")
+    for i, path in enumerate(DIGITS):  # the first n (all 360) test images, 15 bins
+        want = calibration_report(predict_proba(load_checkpoint(path).model, test.x), test.y, 15)
+        assert table["accuracy"][i] == pytest.approx(want.accuracy, abs=1e-6)
+        assert table["ECE"][i] == pytest.approx(want.ece, abs=1e-6) and table["MCE"][i] == pytest.approx(want.mce, abs=1e-6)
     assert len(at.dataframe[1].value) == 2 * 15
     at.slider(key="cal_bins").set_value(5).run()
     assert len(at.dataframe[1].value) == 2 * 5

@@ -7,7 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+from jem_core.checkpoint import load_checkpoint
+from jem_core.images import prepare_upload
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,8 +54,18 @@ def test_score_prints_one_json_line_per_image_and_survives_bad_files(tiny_jem, t
     rows = [json.loads(l) for l in r.stdout.splitlines()]
     assert [row["image"] for row in rows] == [str(good), str(bad), str(tmp_path / "missing.png")]
     ok = rows[0]
-    assert 0 <= ok["label"] < 10 and abs(sum(ok["probabilities"]) - 1) < 1e-5
-    assert 0 <= ok["percentile"] <= 100 and ok["log_px"] == pytest.approx(-ok["energy"])
+    # the printed numbers are the model's own on the image as the CLI prepares it (digit-style, auto inversion)
+    ck = load_checkpoint(tiny_jem)
+    m = ck.metadata
+    prep = prepare_upload(good.read_bytes(), good.name, int(m["in_channels"]), int(m["image_size"]), digit_style=True)
+    with torch.no_grad():
+        logits = ck.model(prep.tensor[None])[0].double()
+    log_px = float(torch.logsumexp(logits, 0))
+    assert ok["label"] == int(logits.argmax()) and ok["inverted"] == prep.inverted
+    assert ok["probabilities"] == pytest.approx(torch.softmax(logits, 0).tolist(), abs=1e-5)
+    assert ok["log_px"] == pytest.approx(log_px, abs=1e-4) and ok["energy"] == pytest.approx(-log_px, abs=1e-4)
+    q = np.asarray(m["reference"]["logpx_quantiles"])  # percentile: linear interpolation in the reference quantiles
+    assert ok["percentile"] == pytest.approx(float(np.interp(log_px, q, np.linspace(0, 100, len(q)))), abs=0.01)
     assert "error" in rows[1] and "error" in rows[2]
 
 

@@ -341,8 +341,16 @@ def test_classifier_fid_is_zero_for_identical_sets_and_sample_quality_reports(mo
     assert classifier_fid(model, torch.rand_like(x) * 2 - 1, x) > 1.0
     ck = load_checkpoint(digits_jem_path)
     q = sample_quality(ck, model, digits_test.x, n_per_class=3, steps=5, keep_samples=True)
-    assert 0 <= q["conditional_accuracy"] <= 1 and q["classifier_fid"] >= 0 and q["n_samples"] == 30
-    assert q["_samples"]["x"].shape == (30, 1, 8, 8) and q["_samples"]["y"].tolist() == sum(([c] * 3 for c in range(10)), [])
+    xs, ys = q["_samples"]["x"], q["_samples"]["y"]
+    assert q["n_samples"] == 30 and q["n_reference"] == 30
+    assert xs.shape == (30, 1, 8, 8) and ys.tolist() == sum(([c] * 3 for c in range(10)), [])
+    # the judge's accuracy on these samples, their distance to the first 30 test images, the floor: the next 30
+    with torch.no_grad():
+        judged = float((model(xs).argmax(1) == ys).float().mean())
+    assert q["conditional_accuracy"] == pytest.approx(judged, abs=1e-6)
+    assert q["classifier_fid"] == pytest.approx(classifier_fid(model, xs, digits_test.x[:30]), rel=1e-4, abs=1e-4)
+    floor = classifier_fid(model, digits_test.x[30:60], digits_test.x[:30])
+    assert q["classifier_fid_floor"] == pytest.approx(floor, rel=1e-4, abs=1e-4)
 
 
 # -- report and CLI -----------------------------------------------------------------------------------------
@@ -361,12 +369,15 @@ def test_evaluate_cli_on_digits_writes_every_report_key(digits_jem_path, digits_
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["report"] == str(out / "report.json")
     rep = json.loads((out / "report.json").read_text())
-    for r in (rep, rep["compare"]):
+    test = load_dataset("digits", "test")
+    for r, path in ((rep, digits_jem_path), (rep["compare"], digits_baseline_path)):
         for k in REPORT_KEYS:
             assert k in r, k
         assert r["dataset"] == "digits" and r["n_test"] == 120
+        net = load_checkpoint(path).model
+        want = calibration_report(predict_proba(net, test.x[:120]), test.y[:120], 15).summary()
         for k in ("accuracy", "nll", "ece", "mce", "brier"):
-            assert isinstance(r[k], float)
+            assert r[k] == pytest.approx(want[k], abs=1e-5), k
         assert set(r["ood"]) == {"uniform", "constant", "inverted"}
         for scores in r["ood"].values():
             assert set(scores) == {"log_px", "max_prob", "neg_grad_norm"}
@@ -375,7 +386,9 @@ def test_evaluate_cli_on_digits_writes_every_report_key(digits_jem_path, digits_
         for key in ("linf", "l2"):
             rows = r["robustness"][key]
             assert [row["eps"] for row in rows] == [0.0, 0.1 if key == "linf" else 0.5]
-            assert all(isinstance(row["accuracy"], float) and isinstance(row["accuracy_refined"], float) for row in rows)
+            assert rows[0]["accuracy"] == pytest.approx(accuracy(net, test.x[:20], test.y[:20]), abs=1e-6)  # eps 0
+            assert rows[1]["accuracy"] <= rows[0]["accuracy"]
+            assert all(0 <= row["accuracy_refined"] <= 1 for row in rows)
         assert set(r["samples"]) >= {"conditional_accuracy", "classifier_fid"}
     assert rep["checkpoint"] == str(digits_jem_path) and rep["compare"]["checkpoint"] == str(digits_baseline_path)
     md = (out / "report.md").read_text()

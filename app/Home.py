@@ -2,6 +2,9 @@
 
 Sets up the page, draws the shared sidebar (model, baseline, dataset, data root) and wires the pages
 of the top-level ``pages/`` folder with ``st.navigation``.
+
+What does not live here: the sidebar (``app/registry.py``), page plumbing and the page list (``app/ui.py``),
+the pages themselves (``pages/``).
 """
 
 import sys

@@ -12,6 +12,9 @@ rest is re-exported from the modules that own it, so a page reads ``ui.cached``,
 
 Caching (docs/ARCHITECTURE.md): checkpoints and datasets are ``st.cache_resource`` (shared, never mutated);
 evaluation results go through :func:`cached`; per-user state lives in ``st.session_state``.
+
+What does not live here: the logic of the re-exported pieces (the modules above) and anything computed
+(``jem_core``).
 """
 
 from __future__ import annotations

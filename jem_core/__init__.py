@@ -8,6 +8,9 @@ Modules, one per concept: :mod:`energy`, :mod:`models`, :mod:`data`, :mod:`image
 :mod:`sampling`, :mod:`training`, :mod:`checkpoint`, :mod:`evaluation`, :mod:`likelihood`
 (normalised ``log p(x)``: ``log Z`` by annealed importance sampling).
 Images everywhere inside the library are ``[N, C, H, W]`` float32 in ``[-1, 1]``.
+
+What does not live here: anything of Streamlit (the dashboard: ``app/``, ``pages/``) and the speed and
+load benchmarks (``bench/``, tooling beside the library).
 """
 
 __version__ = "0.1.0"

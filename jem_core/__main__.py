@@ -1,4 +1,4 @@
-"""``python -m jem_core``: see :mod:`jem_core.cli`."""
+"""``python -m jem_core``: the entry point only; the commands and their parsing live in :mod:`jem_core.cli`."""
 
 import sys
 

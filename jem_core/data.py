@@ -28,6 +28,9 @@ Fashion-MNIST test images, with their licences) serves the ``test`` split of ``m
 offline machine evaluates the bundled MNIST models. Training splits always come from a data root.
 
 Pixel ``p`` in ``0..255`` maps to ``p / 127.5 - 1`` (JEM's normalisation).
+
+What does not live here: 2-D toy data (:mod:`jem_core.toy`), decoding of uploaded images
+(:mod:`jem_core.images`), OOD scores and metrics (:mod:`jem_core.evaluation.ood`).
 """
 
 from __future__ import annotations

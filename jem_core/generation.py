@@ -5,6 +5,9 @@ Chains start from the checkpoint's stored replay buffer (short-run from PCD stat
 samples at test time) or from ``U[-1, 1]`` noise, and run SGLD on ``E(x)`` or ``E(x, y)``
 (Grathwohl et al. 2019, sec. 4 and appendix). In-painting runs SGLD on the masked pixels only;
 class translation runs conditional SGLD on ``E(x, y=target)`` from images of another class.
+
+What does not live here: the sampler, chain state and masks (:mod:`jem_core.sampling`), judging samples
+(:mod:`jem_core.evaluation.samples`), showing chains (``pages/langevin.py``).
 """
 
 from __future__ import annotations

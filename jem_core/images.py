@@ -21,6 +21,8 @@ Preprocessing (:func:`to_model_input`) turns any decoded image into what a model
 ``channels`` (1 or 3) x ``size`` x ``size``; every step it takes (EXIF rotation, alpha
 compositing, colour conversion, padding to square, resizing, inversion, ...) is recorded
 as a human-readable note so that the dashboard can show the user what the model saw.
+
+What does not live here: datasets (:mod:`jem_core.data`), scoring a prepared input (:mod:`jem_core.scoring`).
 """
 
 from __future__ import annotations

@@ -54,6 +54,9 @@ affine map ``u_256 = 128 (x + 1)`` takes the box onto ``[0, 256)^D`` with Jacobi
 uniform density on the box gives exactly ``log2(L)`` bits/dim (8 for MNIST, 4.09 for digits), so
 digits' figures are not comparable with MNIST's. The "continuous" figure evaluates the density at
 the stored pixel values instead of dequantised ones (same formula, no noise).
+
+What does not live here: the energies (:mod:`jem_core.energy`), exact ``log Z`` by quadrature in 2-D
+(:mod:`jem_core.toy`), SGLD (:mod:`jem_core.sampling`; AIS uses its own Metropolis-corrected transitions).
 """
 
 from __future__ import annotations

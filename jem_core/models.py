@@ -7,6 +7,9 @@
   3x32x32 (CIFAR-10/100, SVHN), with the official state-dict key names.
 - :class:`MLP`: a small fully connected network for 2-D point data (``toy:`` datasets, stored as
   ``[N, 2, 1, 1]``), with SiLU activations, smooth as the JEM authors advise for stable sampling.
+
+What does not live here: the WideResNet's blocks (:mod:`jem_core.wideresnet`), energies
+(:mod:`jem_core.energy`), loading weights into a model (:mod:`jem_core.checkpoint`).
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ glibc's maximum (32 MiB on 64-bit) and the trim threshold to 1 GiB keeps freed b
 for reuse. Measured on the 2-vCPU machine (``bench/README.md``): a forward pass plus ``dE/dx`` of the
 MNIST ConvNet at batch 64 went from 28 to 19 ms on 1 thread and from 18 to 10 ms on 2 threads.
 The cost: the process keeps its peak heap instead of returning it to the operating system.
+
+What does not live here: the benchmarks that measure it (``bench/speed.py``), device choice
+(:mod:`jem_core.utils`).
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ The recipes replace hand-chained stages (``--init-from`` runs, each with a fresh
 optimizer) by schedules inside one run (:mod:`jem_core.schedules`): the MNIST recipe keeps JEM's p(x)
 weight 1 for the first half epoch, while the sampler forms, then lowers it to 0.1 and later 0.05 with an
 energy L2 penalty (Du & Mordatch 2019, section 3.3), the settings of the earlier three stages.
+
+What does not live here: what each setting does (:mod:`jem_core.training`), schedule parsing
+(:mod:`jem_core.schedules`).
 """
 
 from __future__ import annotations

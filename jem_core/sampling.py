@@ -15,6 +15,9 @@ A ``mask`` (True = pixel is sampled, False = kept fixed) gives in-painting.
 The sampler exposes one step (:meth:`SGLDSampler.step`) and a driver (:meth:`SGLDSampler.run`)
 that reports every ``k`` steps, so a dashboard can draw live chains without its own loop logic
 (the ``scheduler.step`` / ``update_fn`` split of diffusers and score_sde).
+
+What does not live here: samples, in-painting and translation from a checkpoint (:mod:`jem_core.generation`),
+chain health checks (:mod:`jem_core.sampler_health`), AIS transitions (:mod:`jem_core.likelihood`).
 """
 
 from __future__ import annotations

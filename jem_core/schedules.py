@@ -15,6 +15,9 @@ The learning-rate factor (multiplying the peak rate) is one of
 
 each times a linear warm-up ``(i + 1) / warmup_iters`` over the first ``warmup_iters`` iterations
 (Goyal et al. 2017, section 2.2).
+
+What does not live here: applying them during training (:mod:`jem_core.training`), named recipes
+(:mod:`jem_core.recipes`).
 """
 
 from __future__ import annotations

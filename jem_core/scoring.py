@@ -4,6 +4,9 @@ The percentile compares an input's unnormalised ``log p(x) = logsumexp_y f(x)[y]
 (Grathwohl et al. 2019, eq. 5) with the quantiles of the same quantity on the model's test
 set, which every checkpoint carries (``metadata["reference"]["logpx_quantiles"]``), so scoring
 works offline without the dataset. A low percentile means the input is unusual for the model.
+
+What does not live here: decoding and preprocessing uploads (:mod:`jem_core.images`), computing the
+reference quantiles (at training or import: :mod:`jem_core.training`, :mod:`jem_core.official`).
 """
 
 from __future__ import annotations

@@ -35,6 +35,9 @@ buffer (uniform on the box), augmentation, clamping and checkpoints treat them l
 error is ``O(h^2)`` (e.g. Press et al., *Numerical Recipes*, 3rd ed., sec. 4.1-4.3), so comparing with the
 ``G/2`` grid estimates it: ``err(G) ≈ |log Z_G - log Z_{G/2}| / 3`` (Richardson). That estimate is the
 ``error`` reported with every value.
+
+What does not live here: the trainer it drives (:mod:`jem_core.training`), the MLP (:mod:`jem_core.models`),
+AIS (:mod:`jem_core.likelihood`), the 2-D playground page (``pages/playground.py``).
 """
 
 from __future__ import annotations

@@ -22,6 +22,9 @@ Key layout (equal to the official ``F``/``CCF`` module, so official checkpoints 
     f.linear.{weight,bias}  (the trunk's own classifier: UNUSED, kept for key compatibility)
     energy_output.{weight,bias}  (UNUSED, kept for key compatibility)
     class_output.{weight,bias}   (the classifier head: logits = class_output(f(x)))
+
+What does not live here: the other backbones and the factory (:mod:`jem_core.models`), reading official
+checkpoint files (:mod:`jem_core.official`).
 """
 
 from __future__ import annotations

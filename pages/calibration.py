@@ -1,6 +1,9 @@
 """Calibration: confidence histograms, reliability diagrams and a table of accuracy, ECE, MCE, NLL, Brier.
 
 Widgets -> :func:`jem_core.evaluation.calibration_report` on ``p(y|x)`` of the test split -> plotly figures.
+
+What does not live here: the metrics and intervals (:mod:`jem_core.evaluation`), the figure builders
+(``app/figures.py``).
 """
 
 from __future__ import annotations

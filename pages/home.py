@@ -1,5 +1,9 @@
 """Home: what JEM is in a few sentences, a "start here" path through the pages, the loaded models at a
-glance (accuracy, ECE with intervals, samples) and a calibration verdict written from those numbers."""
+glance (accuracy, ECE with intervals, samples) and a calibration verdict written from those numbers.
+
+What does not live here: the metrics and verdicts (:mod:`jem_core.evaluation`), the sidebar
+(``app/registry.py``).
+"""
 
 import streamlit as st
 

@@ -3,6 +3,8 @@
 Widgets -> :func:`jem_core.likelihood.estimate_log_likelihood` (cached per model and settings) -> the
 estimate with its interval, the annealing curve, the convergence sweep, the forward/reverse gap and the
 test set's log p(x) in nats.
+
+What does not live here: AIS itself (:mod:`jem_core.likelihood`), the figure builders (``app/figures.py``).
 """
 
 from __future__ import annotations

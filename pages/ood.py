@@ -3,6 +3,9 @@ synthetic sets, an uploaded folder of images); histograms, ROC curves, AUROC / A
 
 Widgets -> :func:`jem_core.evaluation.ood_score_table` / :func:`~jem_core.evaluation.ood_metrics` /
 :func:`~jem_core.evaluation.roc_curve_data` -> plotly figures and a table.
+
+What does not live here: the scores, metrics and OOD sets (:mod:`jem_core.evaluation.ood`,
+:mod:`jem_core.data`), the figure builders (``app/figures.py``).
 """
 
 from __future__ import annotations

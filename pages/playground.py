@@ -6,6 +6,8 @@ Widgets -> :class:`jem_core.toy.ToyTrainer` (``apply`` settings, ``train`` a few
 tick of an ``st.fragment``, ``advance_chains``, ``measure``) -> plotly figures. The trained pair the page
 opens with is trained once per server (``st.cache_resource``) and copied into each session; per-session
 memory is bounded by the trainer (capped history and trails).
+
+What does not live here: training and every exact quantity (:mod:`jem_core.toy`).
 """
 
 from __future__ import annotations

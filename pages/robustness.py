@@ -3,6 +3,9 @@ with SGLD refinement before classifying; a gallery of clean / adversarial / diff
 
 Widgets -> :func:`jem_core.evaluation.robustness_curve` and :func:`~jem_core.evaluation.attack` -> plotly.
 Attack results are per user (``st.session_state``).
+
+What does not live here: the attacks and the refined classifier (:mod:`jem_core.evaluation.robustness`),
+the figure builders (``app/figures.py``).
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ for the predicted class and for the energy.
 Widgets -> :func:`jem_core.images.prepare_uploads` -> :func:`jem_core.scoring.score_batch` and
 :func:`jem_core.evaluation.attribution_maps` -> pictures, plotly charts, a table.
 Works offline without the dataset: the percentile uses the checkpoint's reference statistics.
+
+What does not live here: decoding, scoring and attributions (:mod:`jem_core.images`, :mod:`jem_core.scoring`,
+:mod:`jem_core.evaluation.attribution`).
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ only) with its accuracy in the label, and can be downloaded or saved into a fold
 Widgets -> :class:`jem_core.training.Trainer` (``fit`` in a ``threading.Thread``, ``request_stop``) ->
 plotly curves of what its callbacks recorded. Each run writes into its own temporary folder
 (:mod:`app.runs`), deleted once nothing can use it.
+
+What does not live here: the training loop and its guards (:mod:`jem_core.training`), the run folders
+(:mod:`app.runs`).
 """
 
 from __future__ import annotations

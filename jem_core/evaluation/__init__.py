@@ -9,6 +9,9 @@ Modules (each importable on its own; nothing here imports streamlit or plotting 
 - :mod:`.attribution`: captum Saliency / Integrated Gradients / Noise Tunnel maps for a class or the energy;
 - :mod:`.samples`: class-conditional sample accuracy and classifier-feature Fréchet distance;
 - :mod:`.report`: :func:`~.report.evaluate_checkpoint`, :func:`~.report.write_report`, the CLI command.
+
+What does not live here: the energies and samplers they measure (:mod:`jem_core.energy`,
+:mod:`jem_core.sampling`) and the dashboard's figures (``app/figures.py``).
 """
 
 from .attribution import attribution_maps

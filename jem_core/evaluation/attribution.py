@@ -9,6 +9,8 @@ Targets:
 Methods (captum): ``saliency`` (|gradient|; Simonyan et al. 2014), ``integrated_gradients``
 (Sundararajan et al. 2017; path from a baseline image to the input) and ``noise_tunnel``
 (SmoothGrad over Integrated Gradients; Smilkov et al. 2017).
+
+What does not live here: showing the maps (``pages/score.py``), the energy itself (:mod:`jem_core.energy`).
 """
 
 from __future__ import annotations

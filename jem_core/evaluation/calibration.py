@@ -11,6 +11,9 @@ calibrated than a standard one. Temperature scaling (Guo et al. 2017, sec. 4.2) 
 "standard classifier" reference: one scalar ``T`` fitted on held-out data, ``p = softmax(f(x) / T)``.
 
 ECE and MCE come from torchmetrics, the Brier score from scikit-learn.
+
+What does not live here: intervals and verdict sentences (:mod:`.verdicts`), reliability plots
+(:mod:`.figures`, ``app/figures.py``).
 """
 
 from __future__ import annotations

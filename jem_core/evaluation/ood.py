@@ -11,6 +11,9 @@ in-distribution**:
 Metrics treat in-distribution as the **positive** class (scikit-learn's ``roc_auc_score``,
 ``average_precision_score`` and ``roc_curve``): AUROC, AUPR-in, and FPR@95TPR = the fraction of
 OOD inputs accepted at the threshold that accepts 95% of in-distribution inputs.
+
+What does not live here: generating the synthetic OOD sets (:mod:`jem_core.data`), AUROC intervals and
+verdicts (:mod:`.verdicts`), ROC plots (:mod:`.figures`, ``app/figures.py``).
 """
 
 from __future__ import annotations

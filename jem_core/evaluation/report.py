@@ -31,6 +31,9 @@ What is measured, per model (see the modules for the formulas and sources):
      "ood_sets", "ood_set_sizes", "test_set_note", "settings", "seconds_total"}
 
 A part left out with ``--skip`` has the value null.
+
+What does not live here: the measurements (the sibling modules), the command's arguments
+(:mod:`jem_core.cli`), the plots' drawing (:mod:`.figures`).
 """
 
 from __future__ import annotations

@@ -26,6 +26,9 @@ inputs far (measured: a digits baseline refined with 5 steps kept 75% under BPDA
 but only 27% under the plain model's adversarial images), so :func:`robustness_curve` counts the
 refined classifier correct only when it survives both the adaptive attack and the transfer of the
 plain classifier's adversarial image (per-example worst case).
+
+What does not live here: the SGLD step the refinement runs (:mod:`jem_core.sampling`), verdict sentences
+(:mod:`.verdicts`).
 """
 
 from __future__ import annotations

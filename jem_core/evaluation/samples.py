@@ -13,6 +13,9 @@ eq. 6, with a domain-specific feature extractor):
   judge's ``features`` as its feature extractor). ``classifier_fid_floor`` is the same distance
   between two disjoint sets of test images of the samples' size: the value a perfect sampler would
   reach with this many images.
+
+What does not live here: drawing the samples (:mod:`jem_core.generation`), the trainer's per-epoch check
+of replay-buffer samples (:mod:`jem_core.training`).
 """
 
 from __future__ import annotations

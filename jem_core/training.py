@@ -422,7 +422,7 @@ class Trainer:
                          "(weak: the agreement is then not reported)")
             else:
                 self.judge = load_checkpoint(jp, device=self.device).model.eval()
-                self.judge_name = str(jp)
+                self.judge_name = config.judge  # as given ("bundled:NAME" or a path), not this machine's path
         self.best: dict | None = None       # the epoch chosen on validation: {"epoch", "score", "model", "buffer"}
         self.final: dict | None = None      # the chosen epoch's test report (written when fit ends)
 

@@ -3,6 +3,10 @@
 Widgets -> :class:`jem_core.sampling.ChainState` / :class:`~jem_core.sampling.SGLDSampler` -> image grids
 and plotly traces. The live chains advance ``k`` steps per tick of an ``st.fragment``; the chain state
 is per user (``st.session_state``).
+
+What does not live here: the sampler, the chains and the health checks (``jem_core.sampling``,
+``jem_core.sampler_health``), in-painting and translation (``jem_core.generation``), image grids and figures
+(``app/ui.py``, ``app/figures.py``).
 """
 
 from __future__ import annotations

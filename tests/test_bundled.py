@@ -58,7 +58,7 @@ def test_mnist_jem_conditional_samples_are_classified_as_their_label():
 def test_mnist_jem_energy_does_not_reward_pixels_outside_the_data_range():
     """The clamp shortcut (checkpoints/README.md): with clamped chains, an energy trained on unclamped noisy data
     learns that pixels below -1 mean "data". The first bundled MNIST JEM lowered E(x) by 84 when 500 test digits
-    were pushed down by 0.024 per pixel on average; the current one, trained on clamped data, by 0.17."""
+    were pushed down by 0.024 per pixel on average; the three-stage one by 0.17, the recipe's (bundled now) by 0.08."""
     ck = load_checkpoint(CK / "mnist_jem.pt")
     x = _test_split("mnist").x[:500]
     push = 0.03 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).abs()

@@ -58,7 +58,7 @@ PAGES_DIR = ROOT / "pages"
 #: Seconds between ticks of live parts (training curves, the playground).
 LIVE_INTERVAL = 0.5
 #: Seconds between refreshes of the live Langevin chains (each refresh spends at most about half of it on SGLD).
-CHAIN_INTERVAL = float(os.environ.get("JEM_CHAIN_INTERVAL", 0.2))
+CHAIN_INTERVAL = float(os.environ.get("JEM_CHAIN_INTERVAL", 0.15))
 PERSIST = {"persist_state": "session"}  # page widgets keep their value across page switches
 
 

@@ -121,6 +121,14 @@ SHOWN = ('[data-testid="stMain"] :is([data-testid="stPlotlyChart"], [data-testid
          '[data-testid="stExpander"])')
 
 
+def _restart_finished(chain_pages) -> None:
+    """Chains that reached their 2,000 steps start again (a soak never idles; a refresh count is not cut
+    short by finished chains)."""
+    for _, _, pg in chain_pages:
+        if pg.locator('[data-testid="stMetric"]').filter(has_text="finished").count():
+            pg.locator(".st-key-lg_start button").filter(visible=True).first.click()
+
+
 def _exceptions(pg) -> list[str]:
     return [t[:300] for t in pg.locator('[data-testid="stException"]').all_inner_texts()] + \
            [t[:300] for t in pg.get_by_text("This page hit an error").all_inner_texts()]
@@ -182,9 +190,7 @@ def run(url: str, server_pid: int | None, chains: int, browse: int, train: bool,
                     rss, cpu = _proc_stats(server_pid)
                     result["memory"].append({"t": round(now - start, 2), "rss_mb": round(rss, 1), "cpu_s": round(cpu, 2)})
                 next_sample += sample_s
-                for _, _, pg in chain_pages:  # chains that reached their 2,000 steps start again: a soak never idles
-                    if pg.locator('[data-testid="stMetric"]').filter(has_text="finished").count():
-                        pg.locator(".st-key-lg_start button").filter(visible=True).first.click()
+            _restart_finished(chain_pages)
             for name, _, pg in browsers:
                 if name == "train":
                     continue
@@ -209,9 +215,10 @@ def run(url: str, server_pid: int | None, chains: int, browse: int, train: bool,
                     result["exceptions"] += [f"{name}/{page}: {e}" for e in _exceptions(pg)]
                 except Exception as e:  # noqa: BLE001 - a timeout or a crash of one page is a finding, not the end
                     result["exceptions"].append(f"{name}/{page}: {type(e).__name__}: {str(e)[:200]}")
+                _restart_finished(chain_pages)
             step += 1
             if not browsers:
-                time.sleep(min(1.0, max(0.0, next_sample - time.monotonic())))
+                time.sleep(min(0.5, max(0.0, next_sample - time.monotonic())))
         elapsed = time.monotonic() - start
         for name, _, pg in chain_pages:
             stamps = pg.evaluate("window.__refreshes") or []
@@ -229,8 +236,11 @@ def run(url: str, server_pid: int | None, chains: int, browse: int, train: bool,
         if server_pid and chain_pages:
             for _, ctx, _ in chain_pages[:-1] + browsers:
                 ctx.close()
-            time.sleep(20)
-            name, ctx, _ = chain_pages[-1]
+            if len(chain_pages) > 1 or browsers:
+                time.sleep(20)
+            name, ctx, last = chain_pages[-1]
+            last.locator(".st-key-lg_start button").filter(visible=True).first.click()  # running chains
+            time.sleep(3)
             before = _cpu_rate(server_pid, 5)
             ctx.close()
             t_close = time.monotonic()

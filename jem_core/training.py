@@ -764,7 +764,7 @@ class Trainer:
             self.history.append(m)
             seen = self._sample_drift(m)
             if seen is not None and any(e.get("refreshed") for e in new):
-                # The guard itself restarted the chains from noise during this epoch: their distance says
+                # The guard itself restarted the chains (from their start law) during this epoch: their distance says
                 # nothing about the model yet. Not judged (and not eligible for selection, by that distance).
                 self.log(f"epoch {self.epoch}: buffer samples not judged ({seen}), the replay buffer was "
                          "refreshed during this epoch")

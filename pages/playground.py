@@ -220,20 +220,32 @@ def fig_energy(grid, surface: bool) -> go.Figure:
     return _square(fig, "energy E(x) = -logsumexp f(x)")
 
 
-def fig_history(jem: ToyTrainer, base: ToyTrainer, key: str, title: str, ylabel: str) -> go.Figure:
-    fig = go.Figure()
-    for i, (name, t) in enumerate((("JEM", jem), ("baseline", base))):
-        h = t.history
-        fig.add_scatter(x=[r["iteration"] for r in h], y=[r[key] for r in h], name=name, mode="lines",
-                        line=dict(color=ui.COLORS[i]))
-        if key == "log_z":
-            pts = [r for r in h if "ais_log_z" in r]
+#: The training histories, one panel each: (history key, panel title).
+HISTORY_PANELS = [("accuracy", "Test accuracy"), ("test_log_px", "Exact test log p(x) (nats)"),
+                  ("log_z", "log Z: quadrature (line), AIS ± 2 SE (x)"), ("ece", "ECE (15 bins)"),
+                  ("gap", "E(data) - E(samples), JEM")]
+
+
+def fig_histories(jem: ToyTrainer, base: ToyTrainer) -> go.Figure:
+    """Every training history of the pair in one figure, one panel per quantity (one chart for the browser to
+    draw instead of five), against the iteration."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=len(HISTORY_PANELS), subplot_titles=[t for _, t in HISTORY_PANELS],
+                        horizontal_spacing=0.05)
+    for col, (key, _) in enumerate(HISTORY_PANELS, start=1):
+        for i, (name, t) in enumerate((("JEM", jem), ("baseline", base))):
+            h = t.history
+            fig.add_scatter(x=[r["iteration"] for r in h], y=[r[key] for r in h], name=name, mode="lines",
+                            line=dict(color=ui.COLORS[i]), legendgroup=name, showlegend=col == 1, row=1, col=col)
+            pts = [r for r in h if "ais_log_z" in r] if key == "log_z" else []
             if pts:
                 fig.add_scatter(x=[r["iteration"] for r in pts], y=[r["ais_log_z"] for r in pts], mode="markers",
                                 name=f"{name} AIS ± 2 SE", marker=dict(color=ui.COLORS[i], symbol="x", size=9),
-                                error_y=dict(type="data", array=[2 * r["ais_se"] for r in pts]))
-    fig.update_layout(title=title, xaxis_title="iteration", yaxis_title=ylabel, height=260,
-                      margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h", y=-0.3))
+                                error_y=dict(type="data", array=[2 * r["ais_se"] for r in pts]), row=1, col=col)
+        fig.update_xaxes(title_text="iteration", row=1, col=col)
+    fig.update_layout(height=300, margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h", y=-0.35))
+    fig.update_annotations(font_size=12)
     return fig
 
 
@@ -330,17 +342,8 @@ def live_view(s: dict) -> None:
                        + (f", replay buffer {histogram_distance(buf, grid, 8):.2f}" if buf is not None else
                           " (no replay buffer: the baseline never samples)")
                        + f". Grid {RESOLUTION}x{RESOLUTION}; log Z error {grid.log_z_error:.1e} nats.")
-    a, b, c, d = st.columns(4)
-    with a:
-        ui.show_chart(fig_history(jem, base, "accuracy", "Test accuracy", "accuracy"), key="pg_h_acc")
-    with b:
-        ui.show_chart(fig_history(jem, base, "test_log_px", "Exact test log p(x)", "nats"), key="pg_h_logp")
-    with c:
-        ui.show_chart(fig_history(jem, base, "log_z", "log Z: quadrature (line), AIS (x)", "nats"), key="pg_h_logz")
-    with d:
-        ui.show_chart(fig_history(jem, base, "ece", "ECE (15 bins)", "ECE"), key="pg_h_ece")
-    ui.show_chart(fig_history(jem, base, "gap", "E(data) - E(samples), JEM (mean of the last 25 iterations)", "energy"),
-                  key="pg_h_gap")
+    ui.show_chart(fig_histories(jem, base), key="pg_histories")
+    st.caption("E(data) - E(samples) is the JEM's mean over its last 25 iterations (the baseline draws no samples).")
 
 
 def main(ctx: ui.Context | None) -> None:

@@ -71,6 +71,7 @@ from torch import nn
 
 from .energy import energy as _energy_from_logits
 from .errors import BadInput
+from .utils import predict_logits
 
 __all__ = ["LikelihoodError", "EnergyFn", "SCHEDULES", "SAMPLERS", "BOUNDARIES", "PUBLISHED_MNIST_BPD",
            "beta_schedule", "log_mean_exp", "effective_sample_size", "bootstrap_se", "model_energy_fn",
@@ -1113,9 +1114,7 @@ def quick_log_px(model: nn.Module, x: torch.Tensor, n_temps: int = 100, n_chains
                                 seed=seed + 1, device=device)
         fwd = forward_ais(energy_fn, shape, n_temps=int(n_temps), n_chains=int(n_chains), step_sizes=steps,
                           seed=seed, device=device)
-        with torch.no_grad():
-            e = torch.cat([energy_fn(x[i:i + batch_size].to(device)).double().cpu()
-                           for i in range(0, len(x), batch_size)])
+        e = _energy_from_logits(predict_logits(model, x, batch_size)).double()
     finally:
         for p in frozen:
             p.requires_grad_(True)

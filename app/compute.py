@@ -1,7 +1,7 @@
 """Shared computation in the dashboard: the result cache, its progress box, and the server-wide worker limit.
 
 - :func:`cached`: a small LRU of evaluation results shared by every session, keyed by everything a result
-  depends on; a miss computes inside :func:`progress_box` (elapsed time, time left from measured throughput,
+  depends on and bounded in entries and in megabytes (:data:`CACHE_MB`); a miss computes inside :func:`progress_box` (elapsed time, time left from measured throughput,
   a Cancel button) while holding a :func:`worker` slot.
 - :func:`worker`: at most :data:`N_WORKERS` heavy computations at once in this server (one per core, each on
   one torch thread), with a visible wait for a free one; live views ask without waiting and skip a tick.
@@ -31,10 +31,48 @@ T = TypeVar("T")
 N_WORKERS = max(1, int(os.environ.get("JEM_WORKERS", 0)) or (os.cpu_count() or 1))
 torch.set_num_threads(int(os.environ.get("JEM_TORCH_THREADS", 1)))
 
+#: Bound of the shared result cache in megabytes of tensor and array data (``$JEM_CACHE_MB`` overrides);
+#: the least recently used results are dropped first.
+CACHE_MB = float(os.environ.get("JEM_CACHE_MB", 256))
+
 
 @st.cache_resource
 def _store() -> dict[str, Any]:
-    return {"lock": threading.Lock(), "data": OrderedDict()}
+    return {"lock": threading.Lock(), "data": OrderedDict(), "bytes": {}}
+
+
+def nbytes(value: Any, _seen: set[int] | None = None) -> int:
+    """Bytes of tensor and array data held by ``value`` (tensors, NumPy arrays, and containers of them:
+    dicts, lists, tuples, sets, dataclasses, objects' ``__dict__``); each object counted once. Other objects
+    count 0: the result cache's bound is on the data that dominates it (images, logits, scores)."""
+    import dataclasses
+
+    import numpy as np
+
+    seen = set() if _seen is None else _seen
+    if id(value) in seen:
+        return 0
+    seen.add(id(value))
+    if isinstance(value, torch.Tensor):
+        return value.element_size() * value.nelement()
+    if isinstance(value, np.ndarray):
+        return int(value.nbytes)
+    if isinstance(value, dict):
+        return sum(nbytes(v, seen) for v in value.values())
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return sum(nbytes(v, seen) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return sum(nbytes(getattr(value, f.name), seen) for f in dataclasses.fields(value))
+    if hasattr(value, "__dict__") and not isinstance(value, type):
+        return sum(nbytes(v, seen) for v in vars(value).values())
+    return 0
+
+
+def cache_stats() -> dict[str, float]:
+    """The shared result cache now: ``{"entries": int, "mb": float}`` (megabytes of tensor and array data)."""
+    s = _store()
+    with s["lock"]:
+        return {"entries": len(s["data"]), "mb": sum(s["bytes"].values()) / 2**20}
 
 
 class Cancelled(Exception):
@@ -120,7 +158,9 @@ def cached(key: tuple, compute: Callable[[Callable[[float], None]], T], label: s
     holding a :func:`worker` slot (so at most :data:`N_WORKERS` computations run at once, server-wide).
 
     ``compute`` receives a ``progress(fraction)`` callback. Keys must name everything the result
-    depends on (model keys from :func:`entry_key`, dataset, number of images, settings).
+    depends on (model keys from :func:`entry_key`, dataset, number of images, settings). The store keeps at
+    most ``max_items`` results and :data:`CACHE_MB` megabytes of their tensor and array data (:func:`nbytes`),
+    dropping the least recently used first; a result larger than the bound is returned but not kept.
     Raises :class:`Cancelled` when the user cancelled this computation.
     """
     s = _store()
@@ -130,10 +170,15 @@ def cached(key: tuple, compute: Callable[[Callable[[float], None]], T], label: s
             return s["data"][key]
     with worker(label), progress_box(label) as progress:
         value = compute(progress)
+    size, limit = nbytes(value), CACHE_MB * 2**20
     with s["lock"]:
-        s["data"][key] = value
-        while len(s["data"]) > max_items:
-            s["data"].popitem(last=False)
+        if size > limit:
+            return value
+        s["data"][key], s["bytes"][key] = value, size
+        s["data"].move_to_end(key)
+        while len(s["data"]) > max_items or sum(s["bytes"].values()) > limit:
+            old, _ = s["data"].popitem(last=False)
+            s["bytes"].pop(old, None)
     return value
 
 

@@ -29,13 +29,13 @@ sys.path.insert(0, str(ROOT))
 
 #: option name -> (description, TrainConfig settings that differ from the recipe).
 OPTIONS: dict[str, tuple[str, dict]] = {
-    "recipe": ("the recipe as defined (mnist-jem: 10 SGLD steps, uniform starts, bf16 + channels-last, Adam 1e-3)", {}),
+    "recipe": ("the recipe as defined (mnist-jem: 10 SGLD steps clipped to +-0.05 per pixel from class "
+               "Gaussians, bf16 + channels-last, Adam 1e-3)", {}),
     "steps5": ("5 SGLD steps", {"sgld_steps": 5}),
     "steps20": ("20 SGLD steps", {"sgld_steps": 20}),
-    "proximal": ("10 steps clipped to +-0.05 per pixel (proximal SGLD), uniform starts",
-                 {"sgld_max_update": 0.05}),
-    "jempp": ("10 clipped steps (+-0.05) from class Gaussians (JEM++)",
-              {"sgld_max_update": 0.05, "sgld_init": "gaussian"}),
+    "noclip": ("no per-pixel update clip (plain SGLD steps from class Gaussians)", {"sgld_max_update": None}),
+    "uniform": ("clipped steps from uniform noise instead of class Gaussians", {"sgld_init": "uniform"}),
+    "plain": ("JEM's chains: no clip, uniform starts", {"sgld_max_update": None, "sgld_init": "uniform"}),
     "float32": ("float32 SGLD, default memory layout", {"sgld_bf16": False, "channels_last": False}),
     "sgd": ("SGD, momentum 0.9, lr 0.05", {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9}),
     "adam1e-4": ("Adam 1e-4 (the earlier recipe's rate)", {"lr": 1e-4}),

@@ -1,6 +1,7 @@
 """2-D playground: a JEM and a baseline trained on the same 2-D points with the same seed, side by side:
-decision regions with the data, the density p(x) normalised by quadrature, the energy, replay-buffer
-particles and fresh SGLD chains with trails, and exact numbers over training time.
+decision regions with the data, the density p(x) normalised by quadrature (its log is the energy, shifted;
+the energy surface on request), replay-buffer particles and fresh SGLD chains with trails, and exact numbers
+over training time.
 
 Widgets -> :class:`jem_core.toy.ToyTrainer` (``apply`` settings, ``train`` a few guarded iterations per
 tick of an ``st.fragment``, ``advance_chains``, ``measure``) -> plotly figures. The trained pair the page
@@ -209,15 +210,11 @@ def fig_density(t: ToyTrainer, grid, log_scale: bool) -> go.Figure:
     return _square(fig, f"{'log ' if log_scale else ''}p(x), log Z = {grid.log_z:.3f} ± {grid.log_z_error:.1e}")
 
 
-def fig_energy(grid, surface: bool) -> go.Figure:
-    if surface:
-        fig = go.Figure(go.Surface(x=grid.xs, y=grid.xs, z=grid.energy, colorscale="RdBu_r", showscale=False))
-        fig.update_layout(title="E(x) surface", height=340, margin=dict(l=0, r=0, t=40, b=0),
-                          scene=dict(xaxis_title="x1", yaxis_title="x2", zaxis_title="E"))
-        return fig
-    fig = go.Figure(go.Contour(x=grid.xs, y=grid.xs, z=grid.energy, colorscale="RdBu_r", ncontours=20, showscale=False,
-                               hovertemplate="E(x) %{z:.2f}<extra></extra>"))
-    return _square(fig, "energy E(x) = -logsumexp f(x)")
+def fig_energy_surface(grid) -> go.Figure:
+    fig = go.Figure(go.Surface(x=grid.xs, y=grid.xs, z=grid.energy, colorscale="RdBu_r", showscale=False))
+    fig.update_layout(title="E(x) = -logsumexp f(x), surface", height=340, margin=dict(l=0, r=0, t=40, b=0),
+                      scene=dict(xaxis_title="x1", yaxis_title="x2", zaxis_title="E"))
+    return fig
 
 
 #: The training histories, one panel each: (history key, panel title).
@@ -301,7 +298,9 @@ def buttons(s: dict) -> None:
     cols[6].button("AIS estimate", key="pg_ais", on_click=on_ais,
                    help="log Z by annealed importance sampling (100 temperatures, 64 chains) beside the quadrature")
     cols[7].toggle("log p(x)", key="pg_log", **ui.PERSIST)
-    st.toggle("3-D energy surface", key="pg_3d", **ui.PERSIST)
+    st.toggle("Energy surface (3-D)", key="pg_3d", **ui.PERSIST,
+              help="log p(x) = -E(x) - log Z, so the log p(x) map already shows the energy, shifted and "
+                   "with its sign flipped; this adds E(x) as a 3-D surface per model")
 
 
 def live_view(s: dict) -> None:
@@ -335,7 +334,8 @@ def live_view(s: dict) -> None:
             st.markdown(f"**{title}**")
             ui.show_chart(fig_regions(t, grid), key=f"pg_regions_{key}")
             ui.show_chart(fig_density(t, grid, log_scale), key=f"pg_density_{key}")
-            ui.show_chart(fig_energy(grid, surface), key=f"pg_energy_{key}")
+            if surface:
+                ui.show_chart(fig_energy_surface(grid), key=f"pg_energy_{key}")
             buf = t.buffer_points(2000)
             tv = histogram_distance(torch.stack(list(t.trail))[-1], grid, 8) if t.trail else math.nan
             st.caption(f"Histogram distance (TV, 8x8 bins) to p(x): live chains {tv:.2f}"
@@ -359,7 +359,8 @@ def main(ctx: ui.Context | None) -> None:
     buttons(s)
     st.caption("What to watch: the JEM's p(x) (middle row) follows the data while the baseline's logsumexp "
                "spreads mass where there is none (compare the exact test log p(x)); red dots are fresh SGLD chains "
-               "with trails, white dots the replay buffer. Exact Langevin with a small step samples p(x); JEM's image "
+               "with trails, white dots the replay buffer; the log p(x) map is the energy map, since log p(x) = "
+               "-E(x) - log Z. Exact Langevin with a small step samples p(x); JEM's image "
                "setting (step 1, noise 0.01) overshoots in 2-D and piles particles on the walls. **Make it diverge** "
                "then **Train**: the guard rolls back and halves the learning rate, then gives up.")
 

@@ -538,3 +538,45 @@ def test_a_blank_upload_is_called_blank_and_a_large_linked_attack_waits_for_its_
     at.run()
     assert not at.exception and not at.dataframe, "a link cannot start an attack larger than the default by itself"
     assert any("does not start by itself" in i.value for i in at.info)
+
+
+def test_the_shared_result_cache_stays_within_its_megabytes_dropping_the_least_recently_used(monkeypatch):
+    """Results are kept while their tensor data fits CACHE_MB; a new one drops the least recently used
+    first, a hit refreshes a result's place, and one larger than the bound is returned but not kept."""
+    import numpy as np
+    import torch
+
+    from app import compute
+
+    monkeypatch.setattr(compute, "CACHE_MB", 3.0)
+    s = compute._store()
+    kept = dict(s["data"]), dict(s["bytes"])  # other tests' results, put back afterwards
+    s["data"].clear()
+    s["bytes"].clear()
+    calls = []
+
+    def mib():
+        return torch.zeros(2**18)  # 1 MiB of float32
+
+    def get(k, v):
+        return compute.cached(("t", k), lambda p: (calls.append(k), v())[1], "test")
+
+    try:
+        get("a", lambda: {"x": mib(), "y": np.zeros(2**17)})  # 1 + 1 MiB (a dict of a tensor and an array)
+        get("b", mib)
+        assert compute.cache_stats() == {"entries": 2, "mb": 3.0}
+        get("a", mib)  # a hit: not computed again, now the most recently used
+        get("c", mib)  # 4 MiB would exceed 3: b (the least recently used) goes
+        assert calls == ["a", "b", "c"] and compute.cache_stats() == {"entries": 2, "mb": 3.0}
+        get("a", mib)
+        get("b", mib)  # a kept; b recomputed, which drops c (a was used since)
+        assert calls == ["a", "b", "c", "b"] and ("t", "a") in s["data"] and ("t", "c") not in s["data"]
+        big = get("big", lambda: torch.zeros(2**20))  # 4 MiB: returned, not kept
+        assert big.numel() == 2**20 and ("t", "big") not in s["data"]
+        same = torch.zeros(2**18)
+        assert compute.nbytes([same, same, {"k": same}]) == 2**20  # one object counted once
+    finally:
+        s["data"].clear()
+        s["bytes"].clear()
+        s["data"].update(kept[0])
+        s["bytes"].update(kept[1])

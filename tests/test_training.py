@@ -263,6 +263,41 @@ def test_injected_drift_is_caught_rolled_back_and_recorded(digits, tmp_path):
     assert all(torch.isfinite(p).all() for p in ck.model.parameters())
 
 
+def test_a_drift_with_samples_above_the_data_gives_the_chains_more_steps_not_a_fresh_buffer(digits, tmp_path):
+    """Samples stuck above the data's energy (a negative gap) mean the chains fall behind the model: the
+    response doubles the SGLD steps (up to max_sgld_scale), keeps the p(x) weight and never refreshes the
+    buffer; the steps are used from then on and survive a resume."""
+    from jem_core.drift import DriftSignal
+
+    tr, te = digits
+    out = tmp_path / "lag.pt"
+    kw = dict(max_iters_per_epoch=4, val_split=300, drift_guard=True, guard_every=2, px_weight=0.1, max_sgld_scale=4)
+    t = Trainer(_cfg(epochs=1, **kw), out=out, train_set=tr, test_set=te)
+    t.fit()
+    px, steps = t.current_px_weight(), []
+    for k in range(3):  # the same signal three times: a positive gap would refresh the buffer from the 2nd on
+        restored = t._snapshots[-1]["buffer"].clone() if t._snapshots else None
+        t._drift_rescue(DriftSignal("gap", "gap: E(data) - E(samples) = -9 (limit +-5)", t.iteration, t.iteration,
+                                    {"gap": -9.0}))
+        steps.append(t.current_sgld_steps())
+        if restored is not None:
+            assert torch.equal(t.buffer.buffer, restored)  # the snapshot's chains, not fresh noise
+    assert steps == [10, 20, 20]  # 5 -> 10 -> 20, capped at 4x
+    assert t.current_px_weight() == pytest.approx(px)
+    ev = [e for e in t.events if e["kind"] == "drift"]
+    assert not any(e["refreshed"] for e in ev) and ev[0]["sgld_steps"] == 10
+    assert any("SGLD steps 5 -> 10" in a for a in ev[0]["actions"]) and not any("p(x)" in a for a in ev[0]["actions"])
+    t.save(out)
+    t2 = Trainer(_cfg(epochs=2, **kw), out=out, train_set=tr, test_set=te)
+    t2.resume(out)
+    assert t2.current_sgld_steps() == 20
+    used = []
+    run = t2.sampler.run
+    t2.sampler.run = lambda x, n, **k: (used.append(n), run(x, n, **k))[1]
+    t2.fit()
+    assert used and set(used) == {20}
+
+
 def test_resume_keeps_schedule_drift_and_selection_state(digits, tmp_path):
     tr, te = digits
     out = tmp_path / "rs.pt"

@@ -106,7 +106,6 @@ _TRAIN_HELP = {
     "drift_growth": "drift limit factor on logit magnitude and gradient norm growth",
     "drift_sustain": "suspect windows in a row that count as a drift",
     "max_drift_events": "drift rescues before training stops (the epoch chosen on validation is kept)",
-    "max_sgld_scale": "drift rescues raise the SGLD steps per iteration to at most this many times --sgld-steps",
 }
 
 
@@ -118,7 +117,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="checkpoint path to write (.pt); the resume state goes to OUT.resume.pt")
     p.add_argument("--resume", action="store_true", help="continue from OUT.resume.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    positive = {"epochs", "batch_size", "buffer_size", "guard_every", "n_reference", "max_sgld_scale"}
+    positive = {"epochs", "batch_size", "buffer_size", "guard_every", "n_reference"}
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]

@@ -13,7 +13,9 @@ number stays finite. A roll-back to the last snapshot then returns to a state al
 - ``grad``: mean total gradient L2 norm of the loss with respect to the parameters.
 
 A window is *suspect* when a statistic is past half its limit, and a *drift* fires when one is past its
-full limit, or when ``sustain`` suspect windows follow each other (a trend that does not go away):
+full limit, or when ``sustain`` suspect windows follow each other *and* the statistic grew over them by more
+than a fifth of the way from half its limit to its limit (a trend that does not go away; a statistic that
+holds still past half its limit is an offset, e.g. a gap of -2.6 that an energy penalty holds, not a drift):
 
 - ``|gap| > gap_limit``;
 - ``|energy| - |reference| > energy_shift`` (reference: median ``energy`` of the healthy windows kept;
@@ -89,23 +91,25 @@ class DriftMonitor:
         self._start = 0
         self._streak_start: int | None = None
         self._streak = 0
+        self._streak_first: dict[str, float] = {}  # each suspect statistic's value at its first suspect window
 
     def state_dict(self) -> dict:
         """Everything needed to continue after a resume (plain Python numbers and lists)."""
         return {"healthy": self.healthy, "windows": self.windows, "streak_start": self._streak_start,
-                "streak": self._streak}
+                "streak": self._streak, "streak_first": self._streak_first}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`; the partly filled window is dropped."""
         self.healthy = [dict(w) for w in state.get("healthy", [])]
         self.windows = [dict(w) for w in state.get("windows", [])]
         self._streak_start, self._streak = state.get("streak_start"), int(state.get("streak", 0))
+        self._streak_first = dict(state.get("streak_first", {}))
         self._sums, self._n = {}, 0
 
     def reset_to(self, iteration: int) -> None:
         """Forget windows after ``iteration`` (after a roll-back to a snapshot taken there) and the streak."""
         self.healthy = [w for w in self.healthy if w["iteration"] <= iteration]
-        self._sums, self._n, self._streak_start, self._streak = {}, 0, None, 0
+        self._sums, self._n, self._streak_start, self._streak, self._streak_first = {}, 0, None, 0, {}
         self._start = iteration
 
     def update(self, iteration: int, stats: dict[str, float]) -> DriftSignal | None:
@@ -132,31 +136,42 @@ class DriftMonitor:
             if iteration >= self.start_iter or not self.healthy:
                 self.healthy = (self.healthy + [w])[-self.keep:]
             return None
-        fired, suspect = self._judge(w)
+        fired, suspect, trend = self._judge(w)
         if suspect or fired:
             if self._streak_start is None:
                 self._streak_start = int(w["iteration"])
+                self._streak_first = {}
             self._streak += 1
+            for key, (value, _, _) in trend.items():
+                self._streak_first.setdefault(key, value)
         else:
-            self._streak_start, self._streak = None, 0
+            self._streak_start, self._streak, self._streak_first = None, 0, {}
             self.healthy = (self.healthy + [w])[-self.keep:]
             return None
         if fired is None and self._streak >= self.sustain:
-            fired = f"{suspect} for {self._streak} windows of {self.window} iterations in a row"
+            grown = [k for k, (value, margin, _) in trend.items() if value - self._streak_first.get(k, value) > margin]
+            if grown:
+                k = grown[0]
+                measure = {"gap": "|gap|", "energy": "the shift", "logits": "the factor", "grad": "the factor"}[k]
+                fired = (f"{k}: {trend[k][2]} for {self._streak} windows of {self.window} iterations in a row "
+                         f"({measure} up from {self._streak_first[k]:.3g})")
         if fired is None:
             return None
         began = self._streak_start if self._streak_start is not None else int(w["iteration"])
         sig = DriftSignal(fired.split(":", 1)[0], fired, began, iteration, {k: v for k, v in w.items()})
-        self._streak_start, self._streak = None, 0
+        self._streak_start, self._streak, self._streak_first = None, 0, {}
         return sig
 
     def _ref(self, key: str) -> float | None:
         vals = [w[key] for w in self.healthy if key in w]
         return statistics.median(vals) if vals else None
 
-    def _judge(self, w: dict[str, float]) -> tuple[str | None, str | None]:
-        """``(fired description or None, suspect description or None)`` for a closed window."""
+    def _judge(self, w: dict[str, float]) -> tuple[str | None, str | None, dict[str, tuple[float, float, str]]]:
+        """``(fired description or None, suspect description or None, trend)`` for a closed window; ``trend``
+        maps each statistic past half its limit to ``(value, the growth over a streak that counts as a trend,
+        description)``."""
         fired = suspect = None
+        trend: dict[str, tuple[float, float, str]] = {}
         checks: list[tuple[str, float, float, str]] = []
         if "gap" in w:
             checks.append(("gap", abs(w["gap"]), self.gap_limit,
@@ -178,4 +193,6 @@ class DriftMonitor:
                 fired = f"{key}: {text}"
             elif value > half and suspect is None:
                 suspect = f"{key}: {text}"
-        return fired, suspect
+            if value > half:
+                trend[key] = (value, (limit - half) / 5, text)
+        return fired, suspect, trend

@@ -154,7 +154,6 @@ class TrainConfig:
     drift_growth: float = 4.0           # limit factor on logit magnitude and gradient norm growth
     drift_sustain: int = 4              # suspect windows in a row that count as a drift
     max_drift_events: int = 6           # after this many drift rescues training stops (the chosen epoch is kept)
-    max_sgld_scale: int = 4             # drift responses raise the SGLD steps to at most this many times sgld_steps
 
     def validate(self) -> None:
         """Check every setting.
@@ -193,7 +192,6 @@ class TrainConfig:
             (self.drift_growth > 1, f"drift growth must be > 1; got {self.drift_growth}"),
             (self.drift_sustain >= 2, f"drift sustain must be >= 2 windows; got {self.drift_sustain}"),
             (self.max_drift_events >= 0, f"max drift events must be >= 0; got {self.max_drift_events}"),
-            (self.max_sgld_scale >= 1, f"max SGLD scale must be >= 1; got {self.max_sgld_scale}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -406,7 +404,6 @@ class Trainer:
         self._l2_sched = parse_schedule(config.energy_l2_schedule)
         self.px_scale = 1.0                 # drift responses multiply the scheduled p(x) weight by this
         self.l2_floor = 0.0                 # drift responses raise the energy penalty to at least this
-        self.sgld_scale = 1                 # drift responses multiply the SGLD steps per iteration by this
         self.drift_count = 0
         self._drift_stop = False
         self._snapshots: collections.deque = collections.deque(maxlen=config.drift_sustain + 4)
@@ -454,10 +451,6 @@ class Trainer:
         return max(schedule_value(self._l2_sched, max(self.progress, float(self.epoch)), self.cfg.energy_l2),
                    self.l2_floor)
 
-    def current_sgld_steps(self) -> int:
-        """SGLD steps per training iteration now: ``sgld_steps`` times the drift responses' scale (1, 2, 4, ...)."""
-        return self.cfg.sgld_steps * self.sgld_scale
-
     def request_stop(self) -> None:
         """Ask :meth:`fit` to stop after the current iteration (thread-safe)."""
         self._stop.set()
@@ -491,20 +484,21 @@ class Trainer:
             self.buffer.buffer.copy_(snap["buffer"])
 
     def _drift_rescue(self, sig: DriftSignal) -> None:
-        """Respond to a drift: roll back to the last snapshot taken at or before ``sig.began_at``, lower the
-        learning rate by ``lr_backoff``; for an energy, gap or samples drift raise the energy penalty (to twice
-        its value, at least 1e-3). Then by the drift's direction:
+        """Respond to a drift: roll back to the last snapshot taken at or before ``sig.began_at``, then by
+        the drift's kind:
 
-        - samples *above* the data's energy (gap ``E(data) - E(samples)`` below ``-drift_gap_limit``): the
-          chains fall behind the model, so they get twice the SGLD steps (at most ``max_sgld_scale`` times
-          the configured number); the p(x) weight is kept and the buffer is not refreshed (fresh chains
-          would start further still above the data's energy: in this project's MNIST runs under clipped
-          JEM++ chains a refresh turned a gap of -9 into -73 and -153);
-        - samples *below* the data's energy (gap above the limit) or a samples drift, under a p(x) weight
-          below 1: the weight is doubled (at most to 1: the samples run away under weak contrastive
-          pressure in this project's digits runs), and the buffer is refreshed when the previous drift
-          had the same signal;
-        - logit or gradient growth: the p(x) weight is halved.
+        - samples *above* the data's energy (gap ``E(data) - E(samples)`` below ``-drift_gap_limit``, or a
+          growing negative gap): the contrastive term pushes the data down and the samples up faster than the
+          chains follow, so the p(x) weight is halved and the energy penalty raised (to twice its value, at
+          least 1e-3), the learning rate kept (cross-entropy learns on at full rate), the buffer never
+          refreshed (in this project's MNIST runs under clipped JEM++ chains, fresh chains sat further still
+          above the data's energy: a refresh turned a gap of -9 into -73 and -153; with 40 SGLD steps instead
+          of 10 and half the rate the gap still grew from -1.9 to -5.2 in 150 iterations);
+        - every other drift: the learning rate is lowered by ``lr_backoff``; for a positive gap, an energy
+          or a samples drift the energy penalty is raised as above and, under a p(x) weight below 1, the
+          weight doubled (at most to 1: the samples run below the data under a weak contrastive term in
+          this project's digits runs); for logit or gradient growth the p(x) weight is halved; the buffer is
+          refreshed when the previous drift had the same signal.
 
         Records the event in :attr:`events` and the log; sets the stop flag after ``max_drift_events``."""
         c = self.cfg
@@ -518,27 +512,22 @@ class Trainer:
                 self._snapshots.pop()
             self._snapshot = snap
             actions.append(f"rolled back to iteration {snap['iteration']}")
-        old_lr = self.current_lr()
-        self.lr_scale *= c.lr_backoff
-        actions.append(f"learning rate {old_lr:.3g} -> {self.current_lr():.3g}")
         lagging = sig.signal == "gap" and sig.values.get("gap", 0.0) < 0
+        if not lagging:
+            old_lr = self.current_lr()
+            self.lr_scale *= c.lr_backoff
+            actions.append(f"learning rate {old_lr:.3g} -> {self.current_lr():.3g}")
         if sig.signal in ("gap", "energy", "samples"):
             old = self.current_energy_l2()
             self.l2_floor = max(2 * old, 1e-3)
             actions.append(f"energy penalty {old:.3g} -> {self.current_energy_l2():.3g}")
-            old = self.current_px_weight()
-            if lagging:
-                if self.sgld_scale * 2 <= c.max_sgld_scale:
-                    steps = self.current_sgld_steps()
-                    self.sgld_scale *= 2
-                    actions.append(f"SGLD steps {steps} -> {self.current_sgld_steps()}")
-            elif sig.signal in ("gap", "samples") and 0 < old < 1:
-                # a p(x) term weaker than JEM's lets the samples run below the data: give it back weight
-                self.px_scale *= min(2.0, 1.0 / old)
-                actions.append(f"p(x) weight {old:.3g} -> {self.current_px_weight():.3g}")
-        else:
-            old = self.current_px_weight()
+        old = self.current_px_weight()
+        if lagging or sig.signal in ("logits", "grad"):
             self.px_scale *= 0.5
+            actions.append(f"p(x) weight {old:.3g} -> {self.current_px_weight():.3g}")
+        elif sig.signal in ("gap", "samples") and 0 < old < 1:
+            # a p(x) term weaker than JEM's lets the samples run below the data: give it back weight
+            self.px_scale *= min(2.0, 1.0 / old)
             actions.append(f"p(x) weight {old:.3g} -> {self.current_px_weight():.3g}")
         last = next((e for e in reversed(self.events) if e.get("kind") == "drift"), None)
         refresh = (last is not None and last.get("signal") == sig.signal and self.buffer is not None
@@ -556,8 +545,7 @@ class Trainer:
                  "seen": sig.seen, "began_at": sig.began_at, "refreshed": refresh,
                  "rolled_back_to": snap["iteration"] if snap is not None else None, "actions": actions,
                  "reason": f"drift: {sig.seen}", "new_lr_scale": self.lr_scale, "px_weight": self.current_px_weight(),
-                 "energy_l2": self.current_energy_l2(), "sgld_steps": self.current_sgld_steps(),
-                 "drift": self.drift_count}
+                 "energy_l2": self.current_energy_l2(), "drift": self.drift_count}
         self.events.append(event)
         self.log(f"drift at iteration {self.iteration} ({sig.seen}; began at iteration {sig.began_at}): "
                  + "; ".join(actions) + f" (drift {self.drift_count}/{c.max_drift_events})")
@@ -638,7 +626,7 @@ class Trainer:
                 self.model.eval()
             try:
                 with frozen_parameters(self.model):  # SGLD needs dE/dx only
-                    x_q = self.sampler.run(x_q, self.current_sgld_steps(), y=y_cond)
+                    x_q = self.sampler.run(x_q, c.sgld_steps, y=y_cond)
             finally:
                 if self._has_train_mode_layers:
                     self.model.train()
@@ -1042,8 +1030,7 @@ class Trainer:
             "retries": self.retries, "lr_scale": self.lr_scale, "events": self.events,
             "history": [dataclasses.asdict(h) for h in self.history],
             "buffer": buf_state, "rng": rng, "world_size": self.world_size, "rng_per_rank": rng_per_rank,
-            "px_scale": self.px_scale, "l2_floor": self.l2_floor, "sgld_scale": self.sgld_scale,
-            "drift_count": self.drift_count,
+            "px_scale": self.px_scale, "l2_floor": self.l2_floor, "drift_count": self.drift_count,
             "monitor": self.monitor.state_dict() if self.monitor is not None else None, "best": self.best,
         }
         # The checkpoint first, the resume state second: a kill between the two leaves the resume state
@@ -1094,7 +1081,6 @@ class Trainer:
         self.events = list(t.get("events", []))
         self.history = [EpochMetrics(**h) for h in t.get("history", [])]
         self.px_scale, self.l2_floor = float(t.get("px_scale", 1.0)), float(t.get("l2_floor", 0.0))
-        self.sgld_scale = int(t.get("sgld_scale", 1))
         self.drift_count = int(t.get("drift_count", 0))
         if self.monitor is not None and t.get("monitor"):
             self.monitor.load_state_dict(t["monitor"])

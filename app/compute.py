@@ -5,6 +5,9 @@
   a Cancel button) while holding a :func:`worker` slot.
 - :func:`worker`: at most :data:`N_WORKERS` heavy computations at once in this server (one per core, each on
   one torch thread), with a visible wait for a free one; live views ask without waiting and skip a tick.
+- :func:`live_share`: the live views of all sessions together use at most :data:`LIVE_SHARE` of the workers'
+  time; with more sessions live, each gets a smaller compute budget per refresh (fewer steps, same refresh
+  rate), so pages and other computations still find a free core.
 
 What does not live here: what is computed (``jem_core``) and how results are shown (``app/figures.py``).
 """
@@ -34,6 +37,38 @@ torch.set_num_threads(int(os.environ.get("JEM_TORCH_THREADS", 1)))
 #: Bound of the shared result cache in megabytes of tensor and array data (``$JEM_CACHE_MB`` overrides);
 #: the least recently used results are dropped first.
 CACHE_MB = float(os.environ.get("JEM_CACHE_MB", 256))
+
+
+#: Share of the workers' time that all sessions' live views (the Langevin chains) may use together
+#: (``$JEM_LIVE_SHARE`` overrides): with 0.5 on 2 cores the chains of every session together use about one core.
+LIVE_SHARE = float(os.environ.get("JEM_LIVE_SHARE", 0.5))
+#: A live view that has not ticked for this many seconds no longer counts as live.
+LIVE_WINDOW_S = 2.0
+
+
+@st.cache_resource
+def _live() -> dict[str, Any]:
+    return {"lock": threading.Lock(), "seen": {}}
+
+
+def live_share(session: str | None, duty: float, now: float | None = None) -> tuple[float, int]:
+    """Register a tick of ``session``'s live view and return ``(factor, live)``: the factor in (0, 1] by
+    which the view scales its compute budget, and how many sessions' live views ticked in the last
+    :data:`LIVE_WINDOW_S` seconds (this one included).
+
+    ``duty`` is the fraction of wall time one view computes at its full budget (e.g. 0.5: half of each
+    refresh interval). The factor is ``min(1, LIVE_SHARE * N_WORKERS / (live * duty))``: the live views
+    together stay within :data:`LIVE_SHARE` of the workers' time. ``now`` (seconds, monotonic) is for tests.
+    """
+    t = time.monotonic() if now is None else now
+    state = _live()
+    with state["lock"]:
+        seen = state["seen"]
+        seen[session] = t
+        for k in [k for k, v in seen.items() if t - v > LIVE_WINDOW_S]:
+            del seen[k]
+        live = len(seen)
+    return min(1.0, LIVE_SHARE * N_WORKERS / (live * max(duty, 1e-9))), live
 
 
 @st.cache_resource

@@ -31,8 +31,8 @@ import streamlit as st
 import torch
 from PIL import Image
 
-from app.compute import (N_WORKERS, Cancelled, _workers, cached, current_session_id, digest_files, progress_box,
-                         session_alive, worker, workers_busy)
+from app.compute import (N_WORKERS, Cancelled, _workers, cached, current_session_id, digest_files, live_share,
+                         progress_box, session_alive, worker, workers_busy)
 from app.figures import (CLASS_COLORS, COLORS, difference_images, fig_chain_energy, fig_chain_predictions, fig_histograms, fig_lines, fig_maps, fig_placement,
                          fig_probabilities, fig_reliability, fig_roc, image_map)
 from app.registry import (CHECKPOINT_DIR, ROOT, TRAIN_RUN, Context, ModelEntry, _default_pair, context, shape_of, sidebar,
@@ -47,7 +47,7 @@ __all__ = [
     "_workers", "cached", "context", "current_session_id", "difference_images", "digest_files", "display_scale",
     "download_json", "download_png", "download_table", "fig_chain_energy", "fig_chain_predictions",
     "fig_histograms", "fig_lines", "fig_maps", "fig_placement", "fig_probabilities", "fig_reliability",
-    "fig_roc", "grid", "image_map", "make_pages", "n_test_control", "need_test_set", "page_link",
+    "fig_roc", "grid", "image_map", "live_share", "make_pages", "n_test_control", "need_test_set", "page_link",
     "progress_box", "run_page", "session_alive", "shape_of",
     "show_chart", "show_grid", "sidebar", "test_probabilities", "worker", "workers_busy",
 ]

@@ -133,6 +133,8 @@ def live_view(ctx: ui.Context) -> None:
         auto = bool(ss.get("lg_auto_k", True))
         k = min(int(s.get("k_auto") or ss.get("lg_every", 10)) if auto else int(ss.get("lg_every", 10)),
                 target - chain.steps)
+        share, live = ui.live_share(ui.current_session_id(), STEP_BUDGET_S / ui.CHAIN_INTERVAL)
+        s["share"], s["live"] = share, live
         if k > 0:
             with ui.worker("live chains", wait=False) as free:
                 if free:  # when every worker is busy, this refresh only redraws: the view slows, never freezes
@@ -140,8 +142,8 @@ def live_view(ctx: ui.Context) -> None:
                     chain.advance(make_sampler(ctx, s["gen"]), k, every=1)
                     per_step = (time.perf_counter() - t0) / k
                     s["per_step"] = per_step if "per_step" not in s else 0.7 * s["per_step"] + 0.3 * per_step
-                    # Next refresh: as many steps as fit in the compute budget at the measured speed.
-                    s["k_auto"] = max(1, min(MAX_STEPS_PER_REFRESH, int(STEP_BUDGET_S / s["per_step"])))
+                    # Next refresh: as many steps as fit in this session's share of the compute budget.
+                    s["k_auto"] = max(1, min(MAX_STEPS_PER_REFRESH, int(share * STEP_BUDGET_S / s["per_step"])))
                 s["waited"] = not free
         if chain.steps >= target:
             s["running"] = False
@@ -164,6 +166,11 @@ def live_view(ctx: ui.Context) -> None:
     speed = (f" Measured here: {s['per_step'] * 1000:.0f} ms per SGLD step of {chain.x.shape[0]} chains, so "
              f"{steps_per_refresh} step{'s' if steps_per_refresh != 1 else ''} per "
              f"refresh (one refresh every {ui.CHAIN_INTERVAL:g} s)." if "per_step" in s else "")
+    if s.get("share", 1.0) < 1.0 and ss.get("lg_auto_k", True):
+        st.caption(f":hourglass: {s['live']} sessions run live chains on this server: each gets "
+                   f"{s['share'] * STEP_BUDGET_S * 1000:.0f} ms of SGLD per refresh instead of "
+                   f"{STEP_BUDGET_S * 1000:.0f} ms (fewer steps per refresh, the same refresh rate), so that pages "
+                   "and other computations still find a free core.")
     if s.get("waited"):
         st.caption(f":hourglass: Every worker of this server is busy ({ui.workers_busy()} of {ui.N_WORKERS}): the "
                    "chains wait for a free one and continue by themselves.")

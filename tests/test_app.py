@@ -580,3 +580,28 @@ def test_the_shared_result_cache_stays_within_its_megabytes_dropping_the_least_r
         s["bytes"].clear()
         s["data"].update(kept[0])
         s["bytes"].update(kept[1])
+
+
+def test_live_views_share_at_most_their_part_of_the_workers_and_forget_closed_sessions(monkeypatch):
+    """live_share: alone or with one other session a live view keeps its full budget; four at once share
+    LIVE_SHARE of the workers (each gets half at 0.5 x 2 workers / (4 x 0.5 duty)); a session that stopped
+    ticking for LIVE_WINDOW_S no longer counts."""
+    from app import compute
+
+    monkeypatch.setattr(compute, "N_WORKERS", 2)
+    monkeypatch.setattr(compute, "LIVE_SHARE", 0.5)
+    state = compute._live()
+    kept = dict(state["seen"])
+    state["seen"].clear()
+    try:
+        assert compute.live_share("a", 0.5, now=100.0) == (1.0, 1)
+        assert compute.live_share("b", 0.5, now=100.1) == (1.0, 2)
+        compute.live_share("c", 0.5, now=100.2)
+        factor, live = compute.live_share("d", 0.5, now=100.3)
+        assert live == 4 and factor == pytest.approx(0.5)
+        assert live * 0.5 * factor == pytest.approx(compute.LIVE_SHARE * compute.N_WORKERS)  # one core in all
+        # a, b and c closed their tabs: 2.5 s later only d ticks on, with its full budget again
+        assert compute.live_share("d", 0.5, now=102.8) == (1.0, 1)
+    finally:
+        state["seen"].clear()
+        state["seen"].update(kept)

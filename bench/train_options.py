@@ -52,25 +52,32 @@ def run_option(recipe: str, name: str, iters: int, evals: int, seed: int, data_r
     per_epoch = max(1, iters // evals)
     cfg = recipe_config(recipe, seed=seed, data_root=data_root, epochs=evals, max_iters_per_epoch=per_epoch,
                         **settings)
+    from jem_core.training import TrainingDiverged
+
     t0 = time.perf_counter()
     trainer = Trainer(cfg)
-    hist = trainer.fit()
+    try:
+        trainer.fit()
+        gave_up = None
+    except TrainingDiverged as e:  # the guard gave up: a row of the table, not the end of the benchmark
+        gave_up = str(e)
+    hist = trainer.history
     wall = time.perf_counter() - t0
     train_s = sum(h.seconds for h in hist)
     done = sum(h.iterations for h in hist)
     reached = [sum(h.seconds for h in hist[:i + 1]) for i, h in enumerate(hist) if h.val_accuracy >= to]
     final = trainer.final or {}
-    chosen = next((h for h in hist if h.epoch == final.get("epoch")), hist[-1])
+    chosen = next((h for h in hist if h.epoch == final.get("epoch")), hist[-1] if hist else None)
     return {"option": name, "description": desc, "settings": settings, "seed": seed, "iterations": done,
             "train_seconds": round(train_s, 1), "wall_seconds": round(wall, 1),
             "ms_per_iteration": round(1000 * train_s / max(done, 1), 1),
             f"seconds_to_val_{to}": round(reached[0], 1) if reached else float("nan"),
             "val_accuracy": [round(h.val_accuracy, 4) for h in hist],
             "chosen_epoch": final.get("epoch"), "test_accuracy": final.get("test_accuracy"),
-            "test_ece": final.get("test_ece"), "sample_fd": round(chosen.sample_fd, 4),
-            "sample_agreement": round(chosen.sample_agreement, 4),
-            "divergence_events": sum(h.divergence_events for h in hist),
-            "drift_events": sum(h.drift_events for h in hist)}
+            "test_ece": final.get("test_ece"), "sample_fd": round(chosen.sample_fd, 4) if chosen else float("nan"),
+            "sample_agreement": round(chosen.sample_agreement, 4) if chosen else float("nan"),
+            "divergence_events": sum(e["kind"] == "divergence" for e in trainer.events),
+            "drift_events": sum(e["kind"] == "drift" for e in trainer.events), "gave_up": gave_up}
 
 
 def table(records: list[dict]) -> str:
@@ -98,7 +105,8 @@ def table(records: list[dict]) -> str:
             ", ".join(fmt(r["test_ece"], "{:.3f}") for r in rs),
             ", ".join(fmt(r["sample_fd"], "{:.3f}") for r in rs),
             ", ".join(fmt(r["sample_agreement"] and 100 * r["sample_agreement"], "{:.1f}%") for r in rs),
-            ", ".join(f"{r['divergence_events']} / {r['drift_events']}" for r in rs)]) + " |")
+            ", ".join(f"{r['divergence_events']} / {r['drift_events']}" + (" (gave up)" if r.get("gave_up") else "")
+                      for r in rs)]) + " |")
     return "\n".join(lines)
 
 

@@ -267,15 +267,16 @@ def test_injected_drift_is_caught_rolled_back_and_recorded(digits, tmp_path):
     assert all(torch.isfinite(p).all() for p in ck.model.parameters())
 
 
-def test_a_drift_with_samples_above_the_data_halves_the_px_weight_and_keeps_the_rate_and_the_buffer(digits, tmp_path):
-    """Samples stuck above the data's energy (a negative gap): the contrastive term outruns the chains, so the
-    response halves the p(x) weight and raises the energy penalty, keeps the learning rate, and never
-    refreshes the buffer, even when the same drift comes back (a positive gap would get a refresh)."""
+def test_a_drift_with_samples_above_the_data_raises_the_penalty_and_keeps_the_rate_weight_and_buffer(digits, tmp_path):
+    """Samples stuck above the data's energy (a negative gap): the contrastive term outruns the chains. The
+    response raises the energy penalty to at least px_weight / (gap_limit / 2), which holds the energies
+    (and so the gap) near +-px / (4 l2), keeps the learning rate and the p(x) weight, and never refreshes the
+    buffer, even when the same drift comes back (a positive gap gets the rate lowered and the weight raised)."""
     from jem_core.drift import DriftSignal
 
     tr, te = digits
-    t = Trainer(_cfg(epochs=1, max_iters_per_epoch=4, val_split=300, drift_guard=True, guard_every=2, px_weight=0.1),
-                out=tmp_path / "lag.pt", train_set=tr, test_set=te)
+    t = Trainer(_cfg(epochs=1, max_iters_per_epoch=4, val_split=300, drift_guard=True, guard_every=2, px_weight=0.1,
+                     drift_gap_limit=5.0), out=tmp_path / "lag.pt", train_set=tr, test_set=te)
     t.fit()
     lr, px = t.current_lr(), t.current_px_weight()
     for k in range(2):
@@ -285,12 +286,12 @@ def test_a_drift_with_samples_above_the_data_halves_the_px_weight_and_keeps_the_
         assert torch.equal(t.buffer.buffer, snap)  # the snapshot's chains, not fresh noise
     ev = [e for e in t.events if e["kind"] == "drift"]
     assert len(ev) == 2 and not any(e["refreshed"] for e in ev)
-    assert t.current_px_weight() == pytest.approx(px / 4) and t.current_lr() == pytest.approx(lr)
-    assert ev[0]["energy_l2"] == pytest.approx(1e-3) and ev[1]["energy_l2"] == pytest.approx(2e-3)
-    assert not any("learning rate" in a for e in ev for a in e["actions"])
+    assert t.current_px_weight() == pytest.approx(px) and t.current_lr() == pytest.approx(lr)
+    assert ev[0]["energy_l2"] == pytest.approx(0.1 / 2.5) and ev[1]["energy_l2"] == pytest.approx(0.08)
+    assert not any("learning rate" in a or "p(x) weight" in a for e in ev for a in e["actions"])
     t._drift_rescue(DriftSignal("gap", "gap: E(data) - E(samples) = 9 (limit +-5)", t.iteration, t.iteration,
                                 {"gap": 9.0}))  # the other direction: the rate is lowered, the weight raised
-    assert t.current_lr() == pytest.approx(lr * t.cfg.lr_backoff) and t.current_px_weight() == pytest.approx(px / 2)
+    assert t.current_lr() == pytest.approx(lr * t.cfg.lr_backoff) and t.current_px_weight() == pytest.approx(2 * px)
 
 
 def test_resume_keeps_schedule_drift_and_selection_state(digits, tmp_path):

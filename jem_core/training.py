@@ -498,8 +498,9 @@ class Trainer:
 
         - samples *above* the data's energy (gap ``E(data) - E(samples)`` below ``-drift_gap_limit``, or a
           growing negative gap): the contrastive term pushes the data down and the samples up faster than the
-          chains follow; the energy penalty ``l2 * (E(data)^2 + E(samples)^2)`` then holds the energies at
-          about ``+-px_weight / (4 l2)``, so the penalty is raised to at least ``px_weight / (drift_gap_limit / 2)``
+          chains follow; the energy penalty ``l2 * (E(data)^2 + E(samples)^2)`` against the term
+          ``px_weight * (E(data) - E(samples))`` holds the energies at most at ``-+px_weight / (2 l2)``, the gap
+          at ``-px_weight / l2``, so the penalty is raised to at least ``px_weight / (drift_gap_limit / 2)``
           (and to at least twice its value, at least 1e-3), which holds the gap within half its limit; the
           learning rate and the p(x) weight are kept (cross-entropy learns on at full rate; a weaker p(x)
           term let the samples' FD climb from 0.04 to 0.18 in this project's MNIST runs) and the buffer is
@@ -535,7 +536,7 @@ class Trainer:
                 self.l2_floor = max(self.l2_floor, self.current_px_weight() / (c.drift_gap_limit / 2))
             actions.append(f"energy penalty {old:.3g} -> {self.current_energy_l2():.3g}")
         old = self.current_px_weight()
-        if lagging:
+        if lagging:  # the p(x) weight stays (see above)
             pass
         elif sig.signal in ("logits", "grad"):
             self.px_scale *= 0.5

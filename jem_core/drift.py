@@ -92,6 +92,7 @@ class DriftMonitor:
         self._streak_start: int | None = None
         self._streak = 0
         self._streak_first: dict[str, float] = {}  # each suspect statistic's value at its first suspect window
+        self._rebase_until, self._rebase_keys = -1, ()  # see rebase()
 
     def state_dict(self) -> dict:
         """Everything needed to continue after a resume (plain Python numbers and lists)."""
@@ -105,6 +106,17 @@ class DriftMonitor:
         self._streak_start, self._streak = state.get("streak_start"), int(state.get("streak", 0))
         self._streak_first = dict(state.get("streak_first", {}))
         self._sums, self._n = {}, 0
+
+    def rebase(self, iteration: int, keys: tuple[str, ...] = ("logits", "grad"), windows: int = 2) -> None:
+        """After the loss itself changed (a drift response raised a penalty or changed a weight), the gradient
+        norm and logit levels are not comparable with the old ones: forget their reference and do not judge
+        ``keys`` for ``windows`` windows from ``iteration``; the next healthy windows set the new reference.
+        The gap and E(data) go on being judged."""
+        self._rebase_until = iteration + windows * self.window
+        self._rebase_keys = tuple(keys)
+        for w in self.healthy:
+            for k in keys:
+                w.pop(k, None)
 
     def reset_to(self, iteration: int) -> None:
         """Forget windows after ``iteration`` (after a roll-back to a snapshot taken there) and the streak."""
@@ -182,6 +194,8 @@ class DriftMonitor:
                            f"E(data) = {w['energy']:.4g}, {abs(w['energy']) - abs(ref_e):.3g} further from 0 than "
                            f"its level {ref_e:.4g} (limit {self.energy_shift:g})"))
         for key, name in (("logits", "max |logit|"), ("grad", "gradient norm")):
+            if key in self._rebase_keys and w["iteration"] < self._rebase_until:
+                continue
             ref = self._ref(key)
             if key in w and ref is not None and ref > 0:
                 checks.append((key, w[key] / ref, self.growth,

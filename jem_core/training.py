@@ -554,10 +554,10 @@ class Trainer:
             actions.append("replay buffer refreshed (the same drift came back)")
         if self.monitor is not None:
             self.monitor.reset_to(snap["iteration"] if snap is not None else self.iteration)
-            # Fresh chains start far from the data's energy; a changed loss has a gradient of another scale:
-            # give either time before judging.
-            grace = 4 if refresh else 2
-            self.monitor.start_iter = max(self.monitor.start_iter, self.iteration + grace * self.monitor.window)
+            if refresh:  # fresh chains start far from the data's energy: give them time before judging
+                self.monitor.start_iter = self.iteration + 4 * self.monitor.window
+            # the loss changed (a penalty or a weight): its gradient norm and logits have another level
+            self.monitor.rebase(self.iteration)
         event = {"kind": "drift", "epoch": self.epoch, "iteration": self.iteration, "signal": sig.signal,
                  "seen": sig.seen, "began_at": sig.began_at, "refreshed": refresh,
                  "rolled_back_to": snap["iteration"] if snap is not None else None, "actions": actions,

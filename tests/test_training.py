@@ -242,6 +242,14 @@ def test_drift_monitor_fires_on_a_trend_and_names_where_it_began():
     assert sig is not None and sig.signal == "energy"
     for i in range(10, 14):  # energies moving towards 0 (an energy penalty's effect) are no drift
         assert m2.update(i, {"energy": -0.5}) is None
+    # a rescue changed the loss: a gradient norm at 10x the old level is its new level, not a drift
+    m3 = DriftMonitor(window=2, growth=4.0)
+    for i in range(8):
+        assert m3.update(i, {"grad": 7.0, "gap": 0.1}) is None
+    m3.rebase(8)
+    assert all(m3.update(i, {"grad": 75.0, "gap": 0.1}) is None for i in range(8, 20))
+    fired = [m3.update(i, {"grad": 750.0, "gap": 0.1}) for i in range(20, 22)]  # 10x the new level
+    assert fired[-1] is not None and fired[-1].signal == "grad"
 
 
 def test_injected_drift_is_caught_rolled_back_and_recorded(digits, tmp_path):

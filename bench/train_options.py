@@ -70,7 +70,7 @@ def run_option(recipe: str, name: str, iters: int, evals: int, seed: int, data_r
     chosen = next((h for h in hist if h.epoch == final.get("epoch")), hist[-1] if hist else None)
     return {"option": name, "description": desc, "settings": settings, "seed": seed, "iterations": done,
             "train_seconds": round(train_s, 1), "wall_seconds": round(wall, 1),
-            "ms_per_iteration": round(1000 * train_s / max(done, 1), 1),
+            "ms_per_iteration": round(1000 * train_s / done, 1) if done else float("nan"),
             f"seconds_to_val_{to}": round(reached[0], 1) if reached else float("nan"),
             "val_accuracy": [round(h.val_accuracy, 4) for h in hist],
             "chosen_epoch": final.get("epoch"), "test_accuracy": final.get("test_accuracy"),
@@ -91,20 +91,20 @@ def table(records: list[dict]) -> str:
              "test accuracy (%) | ECE | FD | agrees | events |", "|---|---|---|---|---|---|---|---|---|"]
     order = [k for k in OPTIONS if k in by] + [k for k in by if k not in OPTIONS]
 
-    def fmt(v, f):
-        return "never" if v is None or (isinstance(v, float) and math.isnan(v)) else f.format(v)
+    def fmt(v, f, missing="never"):
+        return missing if v is None or (isinstance(v, float) and math.isnan(v)) else f.format(v)
 
     for name in order:
         rs = by[name]
         lines.append("| " + " | ".join([
             rs[0]["description"],
-            ", ".join(fmt(r["ms_per_iteration"], "{:.0f}") for r in rs),
+            ", ".join(fmt(r["ms_per_iteration"] or float("nan"), "{:.0f}", "-") for r in rs),
             ", ".join(fmt(r[to_key], "{:.0f}") for r in rs),
             "; ".join(" / ".join(f"{100 * v:.1f}" for v in r["val_accuracy"]) for r in rs),
-            ", ".join(fmt(r["test_accuracy"] and 100 * r["test_accuracy"], "{:.2f}") for r in rs),
-            ", ".join(fmt(r["test_ece"], "{:.3f}") for r in rs),
-            ", ".join(fmt(r["sample_fd"], "{:.3f}") for r in rs),
-            ", ".join(fmt(r["sample_agreement"] and 100 * r["sample_agreement"], "{:.1f}%") for r in rs),
+            ", ".join(fmt(r["test_accuracy"] and 100 * r["test_accuracy"], "{:.2f}", "-") for r in rs),
+            ", ".join(fmt(r["test_ece"], "{:.3f}", "-") for r in rs),
+            ", ".join(fmt(r["sample_fd"], "{:.3f}", "-") for r in rs),
+            ", ".join(fmt(r["sample_agreement"] and 100 * r["sample_agreement"], "{:.1f}%", "-") for r in rs),
             ", ".join(f"{r['divergence_events']} / {r['drift_events']}" + (" (gave up)" if r.get("gave_up") else "")
                       for r in rs)]) + " |")
     return "\n".join(lines)

@@ -25,6 +25,8 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 import streamlit as st
 import torch
 
+from jem_core.perf import release_free_memory
+
 T = TypeVar("T")
 
 #: Heavy computations (evaluations, attacks, AIS, live-chain steps) that may run at once in this server,
@@ -205,8 +207,11 @@ def cached(key: tuple, compute: Callable[[Callable[[float], None]], T], label: s
         if key in s["data"]:
             s["data"].move_to_end(key)
             return s["data"][key]
-    with worker(label), progress_box(label) as progress:
-        value = compute(progress)
+    try:
+        with worker(label), progress_box(label) as progress:
+            value = compute(progress)
+    finally:  # the computation's peak heap goes back to the system instead of staying with the server
+        release_free_memory()
     size, limit = nbytes(value), CACHE_MB * 2**20
     with s["lock"]:
         if size > limit:

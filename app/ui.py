@@ -52,7 +52,9 @@ __all__ = [
     "show_chart", "show_grid", "sidebar", "test_probabilities", "worker", "workers_busy",
 ]
 
-tune_malloc()  # once per server process: faster SGLD steps on CPU (jem_core.perf)
+# Once per server process: faster SGLD steps on CPU, and every session's threads share N_WORKERS malloc arenas
+# (each arena keeps its peak heap under these settings; jem_core.perf, bench/README.md).
+tune_malloc(arena_max=N_WORKERS)
 
 PAGES_DIR = ROOT / "pages"
 #: Seconds between ticks of live parts (training curves, the playground).

@@ -7,7 +7,11 @@ every SGLD step page-faults through all its activations anew. Raising the mmap t
 glibc's maximum (32 MiB on 64-bit) and the trim threshold to 1 GiB keeps freed blocks in the heap
 for reuse. Measured on the 2-vCPU machine (``bench/README.md``): a forward pass plus ``dE/dx`` of the
 MNIST ConvNet at batch 64 went from 28 to 19 ms on 1 thread and from 18 to 10 ms on 2 threads.
-The cost: the process keeps its peak heap instead of returning it to the operating system.
+The cost: the process keeps its peak heap instead of returning it to the operating system, and it
+does so per malloc *arena*: glibc gives threads their own arenas (up to 8 per core), so a server whose
+many threads each run torch (the dashboard: a script thread per session and run) keeps a peak heap per
+arena. ``tune_malloc(arena_max=N)`` caps the arenas, so all threads share N of them. Measured with the
+dashboard's load harness (``bench/README.md``, "The dashboard under load").
 
 What does not live here: the benchmarks that measure it (``bench/speed.py``), device choice
 (:mod:`jem_core.utils`).
@@ -20,30 +24,56 @@ import ctypes.util
 import os
 import sys
 
-__all__ = ["tune_malloc", "MMAP_THRESHOLD", "TRIM_THRESHOLD"]
+__all__ = ["tune_malloc", "release_free_memory", "MMAP_THRESHOLD", "TRIM_THRESHOLD"]
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc's mallopt parameter numbers
 MMAP_THRESHOLD = 32 * 2**20  # the largest value glibc accepts on 64-bit
 TRIM_THRESHOLD = 2**30
 _tuned = False
 
 
-def tune_malloc() -> bool:
-    """Raise glibc's mmap and trim thresholds for this process (see the module docstring).
+def tune_malloc(arena_max: int | None = None) -> bool:
+    """Raise glibc's mmap and trim thresholds for this process (see the module docstring); with
+    ``arena_max`` (>= 1), also cap the number of malloc arenas at it (for a process with many threads that
+    allocate tensors, e.g. the dashboard's server; call it before those threads start).
 
-    Returns True when the settings are in effect (now or from an earlier call). Does nothing and
+    Returns True when the threshold settings are in effect (now or from an earlier call). Does nothing and
     returns False off glibc (macOS, Windows, musl) and when the user set ``MALLOC_MMAP_THRESHOLD_``,
-    ``MALLOC_TRIM_THRESHOLD_`` or ``GLIBC_TUNABLES`` (their choice wins).
+    ``MALLOC_TRIM_THRESHOLD_`` or ``GLIBC_TUNABLES`` (their choice wins); the arena cap is skipped when the
+    user set ``MALLOC_ARENA_MAX`` or ``GLIBC_TUNABLES``.
+
+    Raises:
+        ValueError: if ``arena_max`` is given and below 1.
     """
     global _tuned
-    if _tuned:
-        return True
-    if not sys.platform.startswith("linux") or any(
-            k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")):
+    if arena_max is not None and arena_max < 1:
+        raise ValueError(f"arena_max must be >= 1; got {arena_max}")
+    if not sys.platform.startswith("linux"):
         return False
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):  # no libc by that name, or a libc without mallopt (musl)
         return False
+    if arena_max is not None and not any(k in os.environ for k in ("MALLOC_ARENA_MAX", "GLIBC_TUNABLES")):
+        mallopt(_M_ARENA_MAX, int(arena_max))
+    if _tuned:
+        return True
+    if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")):
+        return False
     _tuned = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     return _tuned
+
+
+def release_free_memory() -> bool:
+    """Return the heap's free pages to the operating system (glibc's ``malloc_trim(0)``, which also releases
+    whole free pages inside the heap, not only at its top). Under :func:`tune_malloc`'s trim threshold a
+    process otherwise keeps the peak heap of its largest computation; a server calls this after one.
+    Cost: a walk over the free lists (milliseconds). Returns True when memory was released, False when
+    none could be or off glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    return bool(trim(0))

@@ -10,8 +10,9 @@ MNIST ConvNet at batch 64 went from 28 to 19 ms on 1 thread and from 18 to 10 ms
 The cost: the process keeps its peak heap instead of returning it to the operating system, and it
 does so per malloc *arena*: glibc gives threads their own arenas (up to 8 per core), so a server whose
 many threads each run torch (the dashboard: a script thread per session and run) keeps a peak heap per
-arena. ``tune_malloc(arena_max=N)`` caps the arenas, so all threads share N of them. Measured with the
-dashboard's load harness (``bench/README.md``, "The dashboard under load").
+arena. ``tune_malloc(arena_max=N)`` caps the arenas, so all threads share N of them; with the dashboard's
+load harness neither the cap nor :func:`release_free_memory` lowered the server's memory plateau measurably
+(``bench/README.md``, "The dashboard under load").
 
 What does not live here: the benchmarks that measure it (``bench/speed.py``), device choice
 (:mod:`jem_core.utils`).

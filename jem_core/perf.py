@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 
@@ -31,6 +32,17 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc's mallo
 MMAP_THRESHOLD = 32 * 2**20  # the largest value glibc accepts on 64-bit
 TRIM_THRESHOLD = 2**30
 _tuned = False
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> ctypes.CDLL | None:
+    """glibc, loaded once; None off Linux or when no C library can be loaded."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
 
 
 def tune_malloc(arena_max: int | None = None) -> bool:
@@ -49,11 +61,8 @@ def tune_malloc(arena_max: int | None = None) -> bool:
     global _tuned
     if arena_max is not None and arena_max < 1:
         raise ValueError(f"arena_max must be >= 1; got {arena_max}")
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):  # no libc by that name, or a libc without mallopt (musl)
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:  # not Linux, no libc by that name, or a libc without mallopt (musl)
         return False
     if arena_max is not None and not any(k in os.environ for k in ("MALLOC_ARENA_MAX", "GLIBC_TUNABLES")):
         mallopt(_M_ARENA_MAX, int(arena_max))
@@ -71,10 +80,5 @@ def release_free_memory() -> bool:
     process otherwise keeps the peak heap of its largest computation; a server calls this after one.
     Cost: a walk over the free lists (milliseconds). Returns True when memory was released, False when
     none could be or off glibc."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return False
-    return bool(trim(0))
+    trim = getattr(_libc(), "malloc_trim", None)
+    return bool(trim(0)) if trim is not None else False

@@ -534,15 +534,13 @@ class Trainer:
             old = self.current_energy_l2()
             self.l2_floor = max((4 if lagging else 2) * old, 1e-3)
             actions.append(f"energy penalty {old:.3g} -> {self.current_energy_l2():.3g}")
-        old = self.current_px_weight()
-        if lagging:  # the p(x) weight stays (see above)
-            pass
-        elif sig.signal in ("logits", "grad"):
+        old = self.current_px_weight()  # (kept when the samples lag: see above)
+        if sig.signal in ("logits", "grad"):
             self.px_scale *= 0.5
-            actions.append(f"p(x) weight {old:.3g} -> {self.current_px_weight():.3g}")
-        elif sig.signal in ("gap", "samples") and 0 < old < 1:
+        elif sig.signal in ("gap", "samples") and 0 < old < 1 and not lagging:
             # a p(x) term weaker than JEM's lets the samples run below the data: give it back weight
             self.px_scale *= min(2.0, 1.0 / old)
+        if self.current_px_weight() != old:
             actions.append(f"p(x) weight {old:.3g} -> {self.current_px_weight():.3g}")
         last = next((e for e in reversed(self.events) if e.get("kind") == "drift"), None)
         refresh = (last is not None and last.get("signal") == sig.signal and self.buffer is not None

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from bench import load
 
@@ -103,6 +104,20 @@ def _goto(pg, link: str, title: str) -> None:
     _wait_idle(pg)
 
 
+def _pause_chains(pg) -> None:
+    """Press the Langevin page's Pause if its chains still run.
+
+    A run can finish between any check and the click, which disables the button; so the click is tried with a
+    short timeout and a disabled button afterwards counts as paused (the run ended by itself).
+    """
+    pause = pg.locator(".st-key-lg_pause button").filter(visible=True).first
+    try:
+        pause.click(timeout=5000)
+    except PlaywrightTimeout:
+        assert not pause.is_enabled(), "the Pause button stayed enabled but could not be clicked for 5 s"
+    _wait_idle(pg)
+
+
 def _assert_ok(pg, title: str) -> None:
     assert _title(pg, title).first.is_visible(), f"page title {title!r} not shown"
     exc = pg.locator('[data-testid="stException"]')
@@ -150,10 +165,7 @@ def test_dashboard_in_chromium(page, tmp_path):
     _wait_single(pg, start)
     # The chains started by themselves on the first visit; pause them (or let them finish) first, so that the
     # click on Start does not land in the full rerun that ends a finishing run.
-    pause = pg.locator(".st-key-lg_pause button").filter(visible=True).first
-    if pause.is_enabled():
-        pause.click()
-    _wait_idle(pg)
+    _pause_chains(pg)
     start.click()
     steps = pg.get_by_text(re.compile(r"after \d+ steps"))
     steps.first.wait_for(state="visible")
@@ -174,10 +186,7 @@ def test_dashboard_in_chromium(page, tmp_path):
     assert changed, f"the chain grid did not change after Start (still {first_text!r})"
     _assert_ok(pg, "Langevin chains")
     # Stop the live chains so that they do not load the machine for the rest of the test.
-    pause = pg.locator(".st-key-lg_pause button").filter(visible=True).first
-    if pause.is_enabled():
-        pause.click()
-    _wait_idle(pg)
+    _pause_chains(pg)
 
     # Score an image: upload a PNG and read "Predicted label: K".
     png = _digit_png(tmp_path / "one.png")
@@ -230,10 +239,7 @@ def test_a_link_with_exact_langevin_at_step_one_shows_the_sampler_warning(page, 
     warning = pg.locator('[data-testid="stAlert"]').filter(has_text="Sampler health (exact_step)")
     warning.first.wait_for(state="visible")
     assert "sqrt(1)" in warning.first.inner_text()
-    pause = pg.locator(".st-key-lg_pause button").filter(visible=True).first
-    if pause.is_enabled():
-        pause.click()
-    _wait_idle(pg)
+    _pause_chains(pg)
 
 
 def test_the_playground_figures_update_while_training_runs(page, server):

@@ -8,6 +8,9 @@
 - :func:`live_share`: the live views of all sessions together use at most :data:`LIVE_SHARE` of the workers'
   time; with more sessions live, each gets a smaller compute budget per refresh (fewer steps, same refresh
   rate), so pages and other computations still find a free core.
+- :func:`in_background`: work the server does once, ahead of any visit (at low CPU priority, on a worker).
+- :func:`start_memory_keeper`: the server's freed heap goes back to the system every
+  :data:`MEMORY_RELEASE_S` seconds, whichever thread freed it.
 
 What does not live here: what is computed (``jem_core``) and how results are shown (``app/figures.py``).
 """
@@ -48,9 +51,13 @@ CACHE_MB = float(os.environ.get("JEM_CACHE_MB", 96))
 LIVE_SHARE = float(os.environ.get("JEM_LIVE_SHARE", 0.5))
 #: A live view that has not ticked for this many seconds no longer counts as live.
 LIVE_WINDOW_S = 2.0
+#: Seconds between two hand-backs of the server's free heap to the system (``$JEM_MEMORY_RELEASE_S``; 0: never).
+MEMORY_RELEASE_S = float(os.environ.get("JEM_MEMORY_RELEASE_S", 10))
+#: CPU niceness added to the threads of :func:`in_background` (work nobody waits for yet).
+BACKGROUND_NICE = 10
 
 
-@st.cache_resource
+@st.cache_resource(show_spinner=False)
 def _live() -> dict[str, Any]:
     return {"lock": threading.Lock(), "seen": {}}
 
@@ -75,7 +82,7 @@ def live_share(session: str | None, duty: float, now: float | None = None) -> tu
     return min(1.0, LIVE_SHARE * N_WORKERS / (live * max(duty, 1e-9))), live
 
 
-@st.cache_resource
+@st.cache_resource(show_spinner=False)
 def _store() -> dict[str, Any]:
     return {"lock": threading.Lock(), "data": OrderedDict(), "bytes": {}}
 
@@ -151,7 +158,7 @@ def progress_box(label: str) -> Iterator[Callable[[float], None]]:
         slot.empty()
 
 
-@st.cache_resource
+@st.cache_resource(show_spinner=False)
 def _workers() -> dict[str, Any]:
     return {"sem": threading.BoundedSemaphore(N_WORKERS), "lock": threading.Lock(), "busy": 0}
 
@@ -161,11 +168,14 @@ def worker(label: str, wait: bool = True) -> Iterator[bool]:
     """Hold one of the server's :data:`N_WORKERS` compute slots while the block runs.
 
     With ``wait``, shows "waiting for a free worker" until a slot frees (the wait can be interrupted like
-    any script run) and yields True; without, yields False at once when every slot is busy, so a live
-    view can skip a tick instead of queueing behind long computations.
+    any script run; outside a script run, e.g. in :func:`in_background`, it waits without showing anything)
+    and yields True; without, yields False at once when every slot is busy, so a live view can skip a tick
+    instead of queueing behind long computations.
     """
     w = _workers()
     got = w["sem"].acquire(blocking=False)
+    if not got and wait and current_session_id() is None:  # a server thread: nobody to show the wait to
+        got = w["sem"].acquire()
     if not got and wait:
         slot = st.empty()
         t0 = time.monotonic()
@@ -234,10 +244,10 @@ def digest_files(files: Iterable[Any]) -> str:
 
 
 def current_session_id() -> str | None:
-    """This browser session's id (None outside a script run, e.g. in a bare import)."""
+    """This browser session's id (None outside a script run: a bare import, a server thread)."""
     from streamlit.runtime.scriptrunner import get_script_run_ctx
 
-    ctx = get_script_run_ctx()
+    ctx = get_script_run_ctx(suppress_warning=True)
     return None if ctx is None else ctx.session_id
 
 
@@ -251,3 +261,59 @@ def session_alive(session_id: str | None) -> bool:
     if session_id is None or not runtime.exists():
         return True  # no runtime (tests, bare mode): nothing to watch
     return runtime.get_instance().is_active_session(session_id)
+
+
+@st.cache_resource(show_spinner=False)
+def _background() -> dict[str, Any]:
+    return {"lock": threading.Lock(), "threads": {}}
+
+
+def in_background(name: str, work: Callable[[], Any]) -> threading.Thread:
+    """Run ``work()`` once per server process, in a daemon thread, ahead of the visits that will need it.
+
+    The first call with a ``name`` starts the thread; later calls (any session, any run) return that same
+    thread, finished or not. The thread lowers its own CPU priority by :data:`BACKGROUND_NICE` (Linux: per
+    thread) so that pages being looked at win the cores, and holds a :func:`worker` slot while it computes.
+    ``work`` should fill a shared cache (``st.cache_resource`` or :func:`cached`) that the pages then read: a
+    visit that arrives first computes as usual or waits for the same entry. An exception in ``work`` is
+    printed to the server log and the visit computes for itself.
+    """
+    state = _background()
+    with state["lock"]:
+        thread = state["threads"].get(name)
+        if thread is None:
+            def run() -> None:
+                with contextlib.suppress(OSError, AttributeError):  # per-thread niceness is Linux-only
+                    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+                try:
+                    with worker(name):
+                        work()
+                finally:
+                    release_free_memory()
+
+            thread = state["threads"][name] = threading.Thread(target=run, name=f"jem-background-{name}", daemon=True)
+            thread.start()
+    return thread
+
+
+@st.cache_resource(show_spinner=False)
+def start_memory_keeper(interval_s: float = MEMORY_RELEASE_S) -> threading.Event | None:
+    """Once per server process: a daemon thread that hands the free heap back to the system every
+    ``interval_s`` seconds (:func:`jem_core.perf.release_free_memory`).
+
+    Every session's script and fragment threads allocate tensors; under :func:`jem_core.perf.tune_malloc`'s
+    thresholds (kept for the speed of SGLD steps) the heap otherwise keeps the highest peak any of them
+    reached. One hand-back costs 0.3 ms with nothing to return and about 20 ms for 300 MB; the pages touched
+    again afterwards fault back in. Returns the event that stops the thread when set, or None when
+    ``interval_s`` is 0 (off).
+    """
+    if interval_s <= 0:
+        return None
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.wait(interval_s):
+            release_free_memory()
+
+    threading.Thread(target=run, name=f"jem-memory-keeper-{interval_s:g}s", daemon=True).start()
+    return stop

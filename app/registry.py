@@ -5,7 +5,9 @@
 - the data root and the test sets (with the demo pack behind them);
 - :func:`sidebar`: model, baseline, dataset and data root for this run, as a :class:`Context`, with the
   note on why the app opened on its default pair (kept true when the user picks another model);
-- :func:`test_probabilities`: ``p(y|x)`` of the test images, shared by the pages.
+- :func:`test_probabilities`: ``p(y|x)`` of the test images, shared by the pages;
+- the 2-D playground's trained pair (:func:`toy_pair`), and :func:`warm_up`, which trains the default one in
+  the background once per server, so that the playground's first visit does not wait for it.
 
 What does not live here: page plumbing and widgets (``app/ui.py``), figures (``app/figures.py``).
 """
@@ -21,10 +23,11 @@ import streamlit as st
 import torch
 
 from app import share
-from app.compute import cached
+from app.compute import cached, in_background
 from jem_core.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
 from jem_core.data import (BUILTIN_DATASETS, DataUnavailableError, ImageDataset, data_available, dataset_shape,
                            default_data_root, demo_pack_file, load_dataset)
+from jem_core.toy import TOY_DATASETS, ToyTrainer, pretrained_pair
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT_DIR = ROOT / "checkpoints"
@@ -444,3 +447,30 @@ def test_probabilities(ctx: Context, name: str, ck: LoadedCheckpoint, key: str, 
     x = test.x[:n]
     return cached(("proba", key, ctx.dataset, str(ctx.data_root), n),
                   lambda p: predict_proba(ck.model, x, progress=p), f"Classifying {n} test images with {name}...")
+
+
+# ------------------------------------------------------------------------------ 2-D playground pair
+#: Training iterations of the playground's trained pair.
+TOY_PRETRAIN_ITERS = 400
+
+
+def toy_spec(name: str = "moons", noise: float | None = None, n: int = 2000, arms: int = 3) -> str:
+    """The dataset spec of the playground's 2-D points (``jem_core.toy``): ``name`` in ``TOY_DATASETS``, its
+    own noise when ``noise`` is None, ``n`` points, ``arms`` for the spirals. The defaults are the page's
+    first view. Raises KeyError for an unknown ``name``."""
+    noise = TOY_DATASETS[name][0] if noise is None else noise
+    return f"toy:{name}?noise={noise:g}&n={int(n)}" + (f"&k={int(arms)}" if name == "spirals" else "")
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)  # the page shows its own spinner (this runs in the background too)
+def toy_pair(spec: str, seed: int, labels: int | None) -> tuple[ToyTrainer, ToyTrainer]:
+    """The JEM and baseline trained :data:`TOY_PRETRAIN_ITERS` iterations on ``spec`` with ``seed`` (``labels``
+    per class, or all), shared by every session and never mutated: sessions work on clones."""
+    return pretrained_pair(spec, seed, TOY_PRETRAIN_ITERS, labels_per_class=labels)
+
+
+def warm_up() -> None:
+    """Once per server, in the background (:func:`app.compute.in_background`): train the playground's
+    default pair, the one computation a first view waits for longest that no other page shares
+    (3-4 s alone on these 2 cores, 10-26 s while live chains run). Cheap to call on every run."""
+    in_background("toy_pair", lambda: toy_pair(toy_spec(), 0, None))

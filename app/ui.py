@@ -32,14 +32,14 @@ import torch
 from PIL import Image
 
 from app.compute import (N_WORKERS, Cancelled, _workers, cached, current_session_id, digest_files, live_share,
-                         progress_box, session_alive, worker, workers_busy)
+                         progress_box, session_alive, start_memory_keeper, worker, workers_busy)
 from app.figures import (CLASS_COLORS, COLORS, difference_images, fig_chain_energy, fig_chain_predictions, fig_histograms, fig_lines, fig_maps, fig_placement,
                          fig_probabilities, fig_reliability, fig_roc, image_map)
-from app.registry import (CHECKPOINT_DIR, ROOT, TRAIN_RUN, Context, ModelEntry, _default_pair, context, shape_of, sidebar,
-                          test_probabilities)
+from app.registry import (CHECKPOINT_DIR, ROOT, TOY_PRETRAIN_ITERS, TRAIN_RUN, Context, ModelEntry, _default_pair,
+                          context, shape_of, sidebar, test_probabilities, toy_pair, toy_spec, warm_up)
 from jem_core.data import ImageDataset
 from jem_core.images import make_grid_image, png_bytes
-from jem_core.perf import tune_malloc
+from jem_core.perf import SERVER_MMAP_THRESHOLD, tune_malloc
 
 __all__ = [
     "CHAIN_INTERVAL", "CHECKPOINT_DIR", "CLASS_COLORS", "COLORS", "Cancelled", "Context", "LIVE_INTERVAL",
@@ -49,12 +49,15 @@ __all__ = [
     "fig_histograms", "fig_lines", "fig_maps", "fig_placement", "fig_probabilities", "fig_reliability",
     "fig_roc", "grid", "image_map", "live_share", "make_pages", "n_test_control", "need_test_set", "page_link",
     "progress_box", "run_page", "session_alive", "shape_of",
-    "show_chart", "show_grid", "sidebar", "test_probabilities", "worker", "workers_busy",
+    "show_chart", "show_grid", "sidebar", "test_probabilities", "TOY_PRETRAIN_ITERS", "toy_pair", "toy_spec", "warm_up",
+    "worker", "workers_busy",
 ]
 
-# Once per server process: faster SGLD steps on CPU, and every session's threads share N_WORKERS malloc arenas
-# (each arena keeps its peak heap under these settings; jem_core.perf, bench/README.md).
-tune_malloc(arena_max=N_WORKERS)
+# Once per server process: SGLD's blocks stay in the heap (fast steps), blocks over 4 MiB are mapped on their
+# own (the heap does not fragment), every session's threads share N_WORKERS malloc arenas, and the free heap
+# goes back to the system every MEMORY_RELEASE_S seconds (jem_core.perf, app/compute.py, bench/README.md).
+tune_malloc(arena_max=N_WORKERS, mmap_threshold=SERVER_MMAP_THRESHOLD)
+start_memory_keeper()
 
 PAGES_DIR = ROOT / "pages"
 #: Seconds between ticks of live parts (training curves, the playground).

@@ -7,12 +7,18 @@ every SGLD step page-faults through all its activations anew. Raising the mmap t
 glibc's maximum (32 MiB on 64-bit) and the trim threshold to 1 GiB keeps freed blocks in the heap
 for reuse. Measured on the 2-vCPU machine (``bench/README.md``): a forward pass plus ``dE/dx`` of the
 MNIST ConvNet at batch 64 went from 28 to 19 ms on 1 thread and from 18 to 10 ms on 2 threads.
-The cost: the process keeps its peak heap instead of returning it to the operating system, and it
-does so per malloc *arena*: glibc gives threads their own arenas (up to 8 per core), so a server whose
-many threads each run torch (the dashboard: a script thread per session and run) keeps a peak heap per
-arena. ``tune_malloc(arena_max=N)`` caps the arenas, so all threads share N of them; with the dashboard's
-load harness neither the cap nor :func:`release_free_memory` lowered the server's memory plateau measurably
-(``bench/README.md``, "The dashboard under load").
+
+The cost: the process keeps its peak heap instead of returning it to the operating system, and in a
+server whose many threads each run torch (the dashboard: a script thread per session and run) blocks of
+every size from live chains, attacks, AIS and evaluations interleave in the same heap, which then
+fragments: with 4 + 1 browser sessions the heap grew to 920 MB of which 640 MB were free, and the
+server's memory grew by 160-250 MB after its first minute. Such a server passes
+``mmap_threshold=SERVER_MMAP_THRESHOLD`` (4 MiB): a live chain's blocks (16 MNIST chains: at most 3.2 MB)
+stay in the heap at full speed, larger ones (evaluation batches) are mapped and unmapped on their own and
+never fragment it (its memory then grew by 58 MB; an SGLD step at batch 16-32 is as fast, at batch 64
+1.2-1.4x slower, one ``predict_proba`` of 2,000 images 2.3-2.8x). ``tune_malloc(arena_max=N)`` also caps
+the malloc arenas, so that all threads share N of them, and :func:`release_free_memory` hands free heap
+pages back.
 
 What does not live here: the benchmarks that measure it (``bench/speed.py``), device choice
 (:mod:`jem_core.utils`).
@@ -26,12 +32,13 @@ import functools
 import os
 import sys
 
-__all__ = ["tune_malloc", "release_free_memory", "MMAP_THRESHOLD", "TRIM_THRESHOLD"]
+__all__ = ["tune_malloc", "release_free_memory", "MMAP_THRESHOLD", "SERVER_MMAP_THRESHOLD", "TRIM_THRESHOLD"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc's mallopt parameter numbers
 MMAP_THRESHOLD = 32 * 2**20  # the largest value glibc accepts on 64-bit
+#: The mmap threshold of a server whose threads mix live chains with large evaluations (see above).
+SERVER_MMAP_THRESHOLD = 4 * 2**20
 TRIM_THRESHOLD = 2**30
-_tuned = False
 
 
 @functools.lru_cache(maxsize=1)
@@ -45,33 +52,33 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
-def tune_malloc(arena_max: int | None = None) -> bool:
-    """Raise glibc's mmap and trim thresholds for this process (see the module docstring); with
-    ``arena_max`` (>= 1), also cap the number of malloc arenas at it (for a process with many threads that
-    allocate tensors, e.g. the dashboard's server; call it before those threads start).
+def tune_malloc(arena_max: int | None = None, mmap_threshold: int = MMAP_THRESHOLD) -> bool:
+    """Set glibc's mmap threshold to ``mmap_threshold`` bytes and its trim threshold to 1 GiB for this
+    process (see the module docstring); with ``arena_max`` (>= 1), also cap the number of malloc arenas at it
+    (for a process with many threads that allocate tensors, e.g. the dashboard's server, which also passes
+    :data:`SERVER_MMAP_THRESHOLD`; call it before those threads start).
 
-    Returns True when the threshold settings are in effect (now or from an earlier call). Does nothing and
-    returns False off glibc (macOS, Windows, musl) and when the user set ``MALLOC_MMAP_THRESHOLD_``,
-    ``MALLOC_TRIM_THRESHOLD_`` or ``GLIBC_TUNABLES`` (their choice wins); the arena cap is skipped when the
-    user set ``MALLOC_ARENA_MAX`` or ``GLIBC_TUNABLES``.
+    Returns True when the threshold settings are in effect. Does nothing and returns False off glibc (macOS,
+    Windows, musl) and when the user set ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` or
+    ``GLIBC_TUNABLES`` (their choice wins); the arena cap is skipped when the user set ``MALLOC_ARENA_MAX`` or
+    ``GLIBC_TUNABLES``. Calling it again applies the new values.
 
     Raises:
-        ValueError: if ``arena_max`` is given and below 1.
+        ValueError: if ``arena_max`` is given and below 1, or ``mmap_threshold`` is not in
+            ``[1, MMAP_THRESHOLD]`` (glibc's range on 64-bit).
     """
-    global _tuned
     if arena_max is not None and arena_max < 1:
         raise ValueError(f"arena_max must be >= 1; got {arena_max}")
+    if not 1 <= mmap_threshold <= MMAP_THRESHOLD:
+        raise ValueError(f"mmap_threshold must lie in [1, {MMAP_THRESHOLD}] bytes; got {mmap_threshold}")
     mallopt = getattr(_libc(), "mallopt", None)
     if mallopt is None:  # not Linux, no libc by that name, or a libc without mallopt (musl)
         return False
     if arena_max is not None and not any(k in os.environ for k in ("MALLOC_ARENA_MAX", "GLIBC_TUNABLES")):
         mallopt(_M_ARENA_MAX, int(arena_max))
-    if _tuned:
-        return True
     if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")):
         return False
-    _tuned = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-    return _tuned
+    return bool(mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 def release_free_memory() -> bool:

@@ -5,7 +5,8 @@ over training time.
 
 Widgets -> :class:`jem_core.toy.ToyTrainer` (``apply`` settings, ``train`` a few guarded iterations per
 tick of an ``st.fragment``, ``advance_chains``, ``measure``) -> plotly figures. The trained pair the page
-opens with is trained once per server (``st.cache_resource``) and copied into each session; per-session
+opens with is trained once per server, in the background from the server's first run on
+(:func:`app.registry.toy_pair`, :func:`app.registry.warm_up`), and copied into each session; per-session
 memory is bounded by the trainer (capped history and trails).
 
 What does not live here: training and every exact quantity (:mod:`jem_core.toy`).
@@ -25,12 +26,10 @@ import streamlit as st
 import torch
 
 from app import ui
-from jem_core.toy import (DIVERGE_PRESET, TOY_DATASETS, ToySettings, ToyTrainer, ais_log_z, histogram_distance,
-                          pretrained_pair)
+from jem_core.toy import DIVERGE_PRESET, TOY_DATASETS, ToySettings, ToyTrainer, ais_log_z, histogram_distance
 
 STATE = "pg_state"             # session_state: {"jem", "base", "running", "spec", "seed", "grids"}
 DEFAULT_SPEC = "toy:moons"
-PRETRAIN_ITERS = 400
 ITERS_PER_TICK = 10            # training iterations per model per tick (and per Step)
 TICK_BUDGET_S = 0.25           # ... or fewer, when they take longer than this
 CHAIN_STEPS = 5                # SGLD steps of the display chains per tick
@@ -42,13 +41,6 @@ LRS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
 DATA_NOISES = sorted({0.0, 0.02, 0.04, 0.08, 0.12, 0.2, *(v[0] for v in TOY_DATASETS.values())})
 KEYS = {"sgld_steps": "pg_steps", "step_size": "pg_step_size", "noise": "pg_noise", "exact_langevin": "pg_exact",
         "px_weight": "pg_px", "lr": "pg_lr", "clamp": "pg_clamp"}
-
-
-@st.cache_resource(show_spinner="Training a JEM and a baseline on the 2-D points (about 10 s, once per server)...",
-                   max_entries=8)
-def trained_pair(spec: str, seed: int, labels: int | None) -> tuple[ToyTrainer, ToyTrainer]:
-    """Shared and never mutated: sessions work on clones."""
-    return pretrained_pair(spec, seed, PRETRAIN_ITERS, labels_per_class=labels)
 
 
 # ------------------------------------------------------------------------------------ state
@@ -68,9 +60,7 @@ def data_spec() -> str:
     name = ss.get("pg_data", "moons")
     if name == "csv":
         return ss.get("pg_csv_spec") or DEFAULT_SPEC
-    noise = ss.get("pg_noise_data", TOY_DATASETS[name][0])
-    spec = f"toy:{name}?noise={noise:g}&n={int(ss.get('pg_n', 2000))}"
-    return spec + (f"&k={int(ss.get('pg_k', 3))}" if name == "spirals" else "")
+    return ui.toy_spec(name, ss.get("pg_noise_data"), ss.get("pg_n", 2000), ss.get("pg_k", 3))
 
 
 def load_pair(fresh: bool) -> None:
@@ -85,7 +75,8 @@ def load_pair(fresh: bool) -> None:
         for t in (jem, base):
             t.measure(RESOLUTION)
     else:
-        shared = trained_pair(spec, seed, labels)
+        with st.spinner("Training a JEM and a baseline on the 2-D points (a few seconds, once per server)..."):
+            shared = ui.toy_pair(spec, seed, labels)
         jem, base = shared[0].clone(), shared[1].clone()
         set_widgets(jem.settings)
     ss[STATE] = {"jem": jem, "base": base, "running": False, "spec": spec, "seed": seed, "labels": labels,
@@ -291,7 +282,7 @@ def buttons(s: dict) -> None:
     cols[1].button("Step", key="pg_step", on_click=on_step, help=f"{ITERS_PER_TICK} iterations of both models")
     cols[2].button("Reset", key="pg_reset", on_click=on_reset, help="untrained models on the chosen data and seed")
     cols[3].button("Trained pair", key="pg_trained", on_click=on_trained,
-                   help=f"{PRETRAIN_ITERS} iterations on the chosen data and seed, computed once per server")
+                   help=f"{ui.TOY_PRETRAIN_ITERS} iterations on the chosen data and seed, computed once per server")
     cols[4].button("Make it diverge", key="pg_diverge", on_click=on_preset, args=(True,),
                    help="p(x) weight 10, JEM's image sampler (step 1, noise 0.01), no clamping")
     cols[5].button("Stable defaults", key="pg_defaults", on_click=on_preset, args=(False,))

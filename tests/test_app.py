@@ -605,3 +605,81 @@ def test_live_views_share_at_most_their_part_of_the_workers_and_forget_closed_se
     finally:
         state["seen"].clear()
         state["seen"].update(kept)
+
+
+def test_background_work_runs_once_per_server_on_a_worker_at_lower_priority():
+    """in_background: the first call with a name starts one daemon thread that holds a worker slot and runs at
+    BACKGROUND_NICE more niceness; later calls with that name return the same thread and run nothing new."""
+    import os
+    import threading
+
+    from app import compute
+
+    seen = []
+
+    def work():
+        seen.append((compute.workers_busy(), os.getpriority(os.PRIO_PROCESS, threading.get_native_id()),
+                     threading.current_thread().daemon))
+
+    name = f"test-{id(seen)}"
+    try:
+        first = compute.in_background(name, work)
+        again = compute.in_background(name, lambda: seen.append("again"))
+        first.join(timeout=30)
+        assert again is first and not first.is_alive()
+        assert len(seen) == 1, seen
+        busy, nice, daemon = seen[0]
+        assert busy >= 1 and daemon
+        assert nice == os.getpriority(os.PRIO_PROCESS, 0) + compute.BACKGROUND_NICE or nice == 19
+    finally:
+        compute._background()["threads"].pop(name, None)
+
+
+def test_the_memory_keeper_hands_the_free_heap_back_on_its_interval(monkeypatch):
+    """start_memory_keeper: off at interval 0; otherwise one daemon thread calling release_free_memory every
+    interval (here 0.05 s, with the release counted instead of done) until its event is set."""
+    import threading
+    import time
+
+    from app import compute
+
+    calls = []
+    monkeypatch.setattr(compute, "release_free_memory", lambda: calls.append(time.monotonic()) or True)
+    assert compute.start_memory_keeper(0) is None
+    stop = compute.start_memory_keeper(0.05)
+    try:
+        assert compute.start_memory_keeper(0.05) is stop  # once per server for a given interval
+        keeper = [t for t in threading.enumerate() if t.name == "jem-memory-keeper-0.05s"]
+        assert len(keeper) == 1 and keeper[0].daemon
+        deadline = time.monotonic() + 10
+        while len(calls) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(calls) >= 3, calls
+        assert min(b - a for a, b in zip(calls, calls[1:])) >= 0.04
+    finally:
+        stop.set()
+    keeper[0].join(timeout=5)
+    assert not keeper[0].is_alive()
+
+
+def test_the_warm_up_trains_the_pair_the_playground_opens_with(monkeypatch):
+    """warm_up trains, in the background, exactly the pair (spec, seed, labels) that a first visit of the
+    playground asks for: the visit then trains nothing."""
+    from streamlit.testing.v1 import AppTest
+
+    from app import compute, registry
+
+    calls = []
+    real = registry.pretrained_pair
+    monkeypatch.setattr(registry, "pretrained_pair", lambda *a, **k: (calls.append((a, k)), real(*a, **k))[1])
+    monkeypatch.setenv("JEM_EXPLORER_DEFAULT", "digits")
+    registry.toy_pair.clear()
+    compute._background()["threads"].pop("toy_pair", None)
+    registry.warm_up()
+    compute._background()["threads"]["toy_pair"].join(timeout=120)
+    assert len(calls) == 1 and calls[0][0][0] == registry.toy_spec()
+    at = AppTest.from_file(HOME, default_timeout=TIMEOUT).run()
+    at.switch_page("../pages/playground.py").run()
+    assert not at.exception, at.exception
+    assert len(calls) == 1, "the playground's first view trained its pair again"
+    assert at.session_state["pg_state"]["spec"] == registry.toy_spec()

@@ -126,8 +126,9 @@ def test_trainer_runs_with_every_speed_option():
         TrainConfig(sgld_init="normal").validate()
 
 
-def test_tune_malloc_applies_once_and_leaves_a_user_choice_alone():
-    code = "from jem_core.perf import tune_malloc; print(tune_malloc(), tune_malloc())"
+def test_tune_malloc_applies_its_thresholds_and_leaves_a_user_choice_alone():
+    code = ("from jem_core.perf import tune_malloc, SERVER_MMAP_THRESHOLD as S\n"
+            "print(tune_malloc(), tune_malloc(arena_max=2, mmap_threshold=S))")
     run = lambda env: subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                                      env=env, timeout=120).stdout.split()
     import os
@@ -136,10 +137,37 @@ def test_tune_malloc_applies_once_and_leaves_a_user_choice_alone():
     if sys.platform.startswith("linux"):
         assert run(base) == ["True", "True"]
     assert run({**base, "MALLOC_TRIM_THRESHOLD_": "131072"}) == ["False", "False"]
-    from jem_core.perf import tune_malloc
+    from jem_core.perf import MMAP_THRESHOLD, tune_malloc
 
     with pytest.raises(ValueError, match="arena_max must be >= 1"):
         tune_malloc(arena_max=0)
+    with pytest.raises(ValueError, match="mmap_threshold must lie in"):
+        tune_malloc(mmap_threshold=MMAP_THRESHOLD + 1)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mmap threshold")
+def test_the_server_threshold_maps_large_blocks_on_their_own_and_keeps_small_ones_in_the_heap():
+    """Under SERVER_MMAP_THRESHOLD an 8 MB tensor is mapped on its own (its pages leave the process on free), a
+    2 MB one stays in the heap; under the default 32 MiB threshold both stay (VmRSS in a fresh process)."""
+    code = ("import re, sys, torch\nfrom jem_core.perf import tune_malloc, SERVER_MMAP_THRESHOLD, MMAP_THRESHOLD\n"
+            "rss = lambda: int(re.search(r'VmRSS:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) / 1024\n"
+            "tune_malloc(mmap_threshold=SERVER_MMAP_THRESHOLD if sys.argv[1] == 'server' else MMAP_THRESHOLD)\n"
+            "out = []\nfor n in (2 * 2**18, 8 * 2**18):\n"
+            "    x = [torch.ones(n) for _ in range(40)]\n    a = rss()\n    del x\n    out.append(a - rss())\n"
+            "print(*out)")
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+
+    def freed(kind: str) -> list[float]:
+        out = subprocess.run([sys.executable, "-c", code, kind], cwd=ROOT, capture_output=True, text=True, env=env,
+                             timeout=120)
+        return [float(v) for v in out.stdout.split()]
+
+    small, large = freed("server")
+    assert large > 0.5 * 320 and small < 0.2 * 80, (small, large)  # MB given back on free: 40 x 8 MB, 40 x 2 MB
+    small, large = freed("default")
+    assert large < 0.2 * 320 and small < 0.2 * 80, (small, large)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")

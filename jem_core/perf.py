@@ -15,7 +15,7 @@ fragments: with 4 + 1 browser sessions the heap grew to 920 MB of which 640 MB w
 server's memory grew by 160-250 MB after its first minute. Such a server passes
 ``mmap_threshold=SERVER_MMAP_THRESHOLD`` (4 MiB): a live chain's blocks (16 MNIST chains: at most 3.2 MB)
 stay in the heap at full speed, larger ones (evaluation batches) are mapped and unmapped on their own and
-never fragment it (its memory then grew by 58 MB; an SGLD step at batch 16-32 is as fast, at batch 64
+never fragment it (its memory then grew by 58-74 MB; an SGLD step at batch 16-32 is as fast, at batch 64
 1.2-1.4x slower, one ``predict_proba`` of 2,000 images 2.3-2.8x). ``tune_malloc(arena_max=N)`` also caps
 the malloc arenas, so that all threads share N of them, and :func:`release_free_memory` hands free heap
 pages back.

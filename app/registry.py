@@ -23,7 +23,7 @@ import streamlit as st
 import torch
 
 from app import share
-from app.compute import cached, in_background
+from app.compute import cached, current_session_id, in_background
 from jem_core.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
 from jem_core.data import (BUILTIN_DATASETS, DataUnavailableError, ImageDataset, data_available, dataset_shape,
                            default_data_root, demo_pack_file, load_dataset)
@@ -472,5 +472,9 @@ def toy_pair(spec: str, seed: int, labels: int | None) -> tuple[ToyTrainer, ToyT
 def warm_up() -> None:
     """Once per server, in the background (:func:`app.compute.in_background`): train the playground's
     default pair, the one computation a first view waits for longest that no other page shares
-    (3-4 s alone on these 2 cores, 10-26 s while live chains run). Cheap to call on every run."""
-    in_background("toy_pair", lambda: toy_pair(toy_spec(), 0, None))
+    (3-6 s alone on these 2 cores, 10-26 s while live chains run). Cheap to call on every run.
+
+    Only inside a script run (a server's session, AppTest): a bare import of the app (a multiprocessing child
+    that re-imports the main script, say) starts nothing."""
+    if current_session_id() is not None:
+        in_background("toy_pair", lambda: toy_pair(toy_spec(), 0, None))

@@ -57,7 +57,8 @@ __all__ = [
 # own (the heap does not fragment), every session's threads share N_WORKERS malloc arenas, and the free heap
 # goes back to the system every MEMORY_RELEASE_S seconds (jem_core.perf, app/compute.py, bench/README.md).
 tune_malloc(arena_max=N_WORKERS, mmap_threshold=SERVER_MMAP_THRESHOLD)
-start_memory_keeper()
+if current_session_id() is not None:  # a server's (or AppTest's) script run, not a bare import of the app
+    start_memory_keeper()
 
 PAGES_DIR = ROOT / "pages"
 #: Seconds between ticks of live parts (training curves, the playground).

@@ -665,8 +665,9 @@ def test_the_memory_keeper_hands_the_free_heap_back_on_its_interval(monkeypatch)
 
 
 def test_the_warm_up_trains_the_pair_the_playground_opens_with(monkeypatch):
-    """warm_up trains, in the background, exactly the pair (spec, seed, labels) that a first visit of the
-    playground asks for: the visit then trains nothing."""
+    """The app's first run starts training, in the background, exactly the pair (spec, seed, labels) that a first
+    visit of the playground asks for: the visit then trains nothing. A bare call (no script run, e.g. a
+    multiprocessing child re-importing the app) starts nothing."""
     from streamlit.testing.v1 import AppTest
 
     from app import compute, registry
@@ -676,11 +677,14 @@ def test_the_warm_up_trains_the_pair_the_playground_opens_with(monkeypatch):
     monkeypatch.setattr(registry, "pretrained_pair", lambda *a, **k: (calls.append((a, k)), real(*a, **k))[1])
     monkeypatch.setenv("JEM_EXPLORER_DEFAULT", "digits")
     registry.toy_pair.clear()
-    compute._background()["threads"].pop("toy_pair", None)
+    threads = compute._background()["threads"]
+    threads.pop("toy_pair", None)
     registry.warm_up()
-    compute._background()["threads"]["toy_pair"].join(timeout=120)
-    assert len(calls) == 1 and calls[0][0][0] == registry.toy_spec()
+    assert "toy_pair" not in threads, "a bare call started the warm-up"
     at = AppTest.from_file(HOME, default_timeout=TIMEOUT).run()
+    assert not at.exception, at.exception
+    threads["toy_pair"].join(timeout=120)
+    assert len(calls) == 1 and calls[0][0][0] == registry.toy_spec()
     at.switch_page("../pages/playground.py").run()
     assert not at.exception, at.exception
     assert len(calls) == 1, "the playground's first view trained its pair again"

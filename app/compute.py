@@ -8,7 +8,7 @@
 - :func:`live_share`: the live views of all sessions together use at most :data:`LIVE_SHARE` of the workers'
   time; with more sessions live, each gets a smaller compute budget per refresh (fewer steps, same refresh
   rate), so pages and other computations still find a free core.
-- :func:`in_background`: work the server does once, ahead of any visit (at low CPU priority, on a worker).
+- :func:`in_background`: work the server does once, ahead of any visit (at low CPU priority, outside the workers).
 - :func:`start_memory_keeper`: the server's freed heap goes back to the system every
   :data:`MEMORY_RELEASE_S` seconds, whichever thread freed it.
 
@@ -168,7 +168,7 @@ def worker(label: str, wait: bool = True) -> Iterator[bool]:
     """Hold one of the server's :data:`N_WORKERS` compute slots while the block runs.
 
     With ``wait``, shows "waiting for a free worker" until a slot frees (the wait can be interrupted like
-    any script run; outside a script run, e.g. in :func:`in_background`, it waits without showing anything)
+    any script run; outside a script run, e.g. in a server thread, it waits without showing anything)
     and yields True; without, yields False at once when every slot is busy, so a live view can skip a tick
     instead of queueing behind long computations.
     """
@@ -273,8 +273,10 @@ def in_background(name: str, work: Callable[[], Any]) -> threading.Thread:
 
     The first call with a ``name`` starts the thread; later calls (any session, any run) return that same
     thread, finished or not. The thread lowers its own CPU priority by :data:`BACKGROUND_NICE` (Linux: per
-    thread) so that pages being looked at win the cores, and holds a :func:`worker` slot while it computes.
-    ``work`` should fill a shared cache (``st.cache_resource`` or :func:`cached`) that the pages then read: a
+    thread), so that the computations of pages being looked at win the cores (a niced thread gets about a
+    tenth of a core that one of them also wants), and it takes no :func:`worker` slot: the slots admit work
+    someone waits for, and one held by this thread would leave a live view with none (its chains stall while
+    the other slot computes a page). ``work`` should fill a shared cache (``st.cache_resource`` or :func:`cached`) that the pages then read: a
     visit that arrives first computes as usual or waits for the same entry. An exception in ``work`` is
     printed to the server log and the visit computes for itself.
     """
@@ -286,8 +288,7 @@ def in_background(name: str, work: Callable[[], Any]) -> threading.Thread:
                 with contextlib.suppress(OSError, AttributeError):  # per-thread niceness is Linux-only
                     os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
                 try:
-                    with worker(name):
-                        work()
+                    work()
                 finally:
                     release_free_memory()
 

@@ -229,7 +229,10 @@ def run(url: str, server_pid: int | None, chains: int, browse: int, train: bool,
                 "refresh_per_s_last_minute": round(sum(1 for s in stamps if s >= stamps[-1] - 60_000) / min(60, elapsed), 2)
                 if stamps else 0.0,
                 "gap_ms_median": round(statistics.median(gaps), 1) if gaps else None,
-                "gap_ms_max": round(max(gaps), 1) if gaps else None}
+                "gap_ms_max": round(max(gaps), 1) if gaps else None,
+                # when the chains stalled: [seconds after the session's first refresh, gap in ms] for gaps over 2 s
+                "long_gaps": [[round((a - stamps[0]) / 1000, 1), round(b - a, 1)]
+                              for a, b in zip(stamps, stamps[1:]) if b - a > 2000]}
             result["exceptions"] += [f"{name}/langevin: {e}" for e in _exceptions(pg)]
         # Closing a tab: its chains must stop; the server's CPU use falls back within seconds. The other
         # sessions go first (their work ends with them), so that the last tab's share is measurable.

@@ -276,8 +276,9 @@ def in_background(name: str, work: Callable[[], Any]) -> threading.Thread:
     thread), so that the computations of pages being looked at win the cores (a niced thread gets about a
     tenth of a core that one of them also wants), and it takes no :func:`worker` slot: the slots admit work
     someone waits for, and one held by this thread would leave a live view with none (its chains stall while
-    the other slot computes a page). ``work`` should fill a shared cache (``st.cache_resource`` or :func:`cached`) that the pages then read: a
-    visit that arrives first computes as usual or waits for the same entry. An exception in ``work`` is
+    the other slot computes a page). ``work`` should fill a shared cache (``st.cache_resource`` or
+    :func:`cached`) that the pages then read: a visit that arrives first computes as usual or waits for the
+    same entry. An exception in ``work`` is
     printed to the server log and the visit computes for itself.
     """
     state = _background()

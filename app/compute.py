@@ -168,14 +168,11 @@ def worker(label: str, wait: bool = True) -> Iterator[bool]:
     """Hold one of the server's :data:`N_WORKERS` compute slots while the block runs.
 
     With ``wait``, shows "waiting for a free worker" until a slot frees (the wait can be interrupted like
-    any script run; outside a script run, e.g. in a server thread, it waits without showing anything)
-    and yields True; without, yields False at once when every slot is busy, so a live view can skip a tick
-    instead of queueing behind long computations.
+    any script run) and yields True; without, yields False at once when every slot is busy, so a live
+    view can skip a tick instead of queueing behind long computations.
     """
     w = _workers()
     got = w["sem"].acquire(blocking=False)
-    if not got and wait and current_session_id() is None:  # a server thread: nobody to show the wait to
-        got = w["sem"].acquire()
     if not got and wait:
         slot = st.empty()
         t0 = time.monotonic()
@@ -276,10 +273,10 @@ def in_background(name: str, work: Callable[[], Any]) -> threading.Thread:
     thread), so that the computations of pages being looked at win the cores (a niced thread gets about a
     tenth of a core that one of them also wants), and it takes no :func:`worker` slot: the slots admit work
     someone waits for, and one held by this thread would leave a live view with none (its chains stall while
-    the other slot computes a page). ``work`` should fill a shared cache (``st.cache_resource`` or
-    :func:`cached`) that the pages then read: a visit that arrives first computes as usual or waits for the
-    same entry. An exception in ``work`` is
-    printed to the server log and the visit computes for itself.
+    the other slot computes a page). ``work`` should fill a shared ``st.cache_resource`` entry that the pages
+    then read (not :func:`cached`, whose worker wait and progress box belong to a script run): a visit that
+    arrives first computes as usual or waits for the same entry. An exception in ``work`` is printed to the
+    server log and the visit computes for itself.
     """
     state = _background()
     with state["lock"]:

@@ -27,5 +27,5 @@ try:
     ui.sidebar()
 except Exception as e:  # noqa: BLE001 - a broken sidebar must not take the pages down
     st.sidebar.error(f"The model picker failed: {type(e).__name__}: {e}")
-ui.warm_up()  # once per server: what first visits would otherwise wait for, computed in the background
+ui.warm_up(ui.context())  # once per server: what first visits would otherwise wait for, computed in the background
 pages.run()

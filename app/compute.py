@@ -1,14 +1,18 @@
 """Shared computation in the dashboard: the result cache, its progress box, and the server-wide worker limit.
 
 - :func:`cached`: a small LRU of evaluation results shared by every session, keyed by everything a result
-  depends on and bounded in entries and in megabytes (:data:`CACHE_MB`); a miss computes inside :func:`progress_box` (elapsed time, time left from measured throughput,
-  a Cancel button) while holding a :func:`worker` slot.
+  depends on and bounded in entries and in megabytes (:data:`CACHE_MB`); a miss starts a shared :class:`Job`
+  (its own thread, holding a :func:`worker` slot) that every session asking for the same key waits for, in
+  :func:`progress_box` (elapsed time, time left from measured throughput, a Cancel button); it runs while a
+  connected session still wants it; :func:`prefetch` starts one ahead of any visit.
 - :func:`worker`: at most :data:`N_WORKERS` heavy computations at once in this server (one per core, each on
   one torch thread), with a visible wait for a free one; live views ask without waiting and skip a tick.
 - :func:`live_share`: the live views of all sessions together use at most :data:`LIVE_SHARE` of the workers'
   time; with more sessions live, each gets a smaller compute budget per refresh (fewer steps, same refresh
-  rate), so pages and other computations still find a free core.
+  rate), so pages and other computations still find a free core; :func:`live_interval`: their secondary
+  figures redraw less often.
 - :func:`in_background`: work the server does once, ahead of any visit (at low CPU priority, outside the workers).
+- :func:`session_alive`: whether a browser session is still connected (work it started can stop by itself).
 - :func:`start_memory_keeper`: the server's freed heap goes back to the system every
   :data:`MEMORY_RELEASE_S` seconds, whichever thread freed it.
 
@@ -17,11 +21,14 @@ What does not live here: what is computed (``jem_core``) and how results are sho
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import dataclasses
 import hashlib
 import os
 import threading
 import time
+import traceback
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
@@ -55,6 +62,7 @@ LIVE_WINDOW_S = 2.0
 MEMORY_RELEASE_S = float(os.environ.get("JEM_MEMORY_RELEASE_S", 10))
 #: CPU niceness added to the threads of :func:`in_background` (work nobody waits for yet).
 BACKGROUND_NICE = 10
+_BASE_NICE = os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else 0  # the server's own
 
 
 @st.cache_resource(show_spinner=False)
@@ -82,9 +90,31 @@ def live_share(session: str | None, duty: float, now: float | None = None) -> tu
     return min(1.0, LIVE_SHARE * N_WORKERS / (live * max(duty, 1e-9))), live
 
 
+def live_interval(base: float, live: int, current: float | None = None) -> float:
+    """Seconds between redraws of a secondary live view (the chains' traces) with ``live`` sessions' live views
+    running on this server: ``base * live``, so that all sessions together redraw it about once per ``base``.
+    Measured with 4 live chain sessions on 2 cores, browsers on the same machine (``bench/load.py``): 1.4-1.5
+    picture refreshes/s each with the two trace figures redrawn every second, 2.3-2.7 without any redraw.
+    Given the interval in use ``current``, the result changes only when the new one is over 1.5x or under half
+    of it, so that a count wavering between two values does not change it (a change needs a full rerun)."""
+    new = float(base) * max(1, int(live))
+    if current is None or new > 1.5 * current or new < 0.5 * current:
+        return new
+    return float(current)
+
+
+def live_sessions(besides: str | None = None, now: float | None = None) -> int:
+    """How many sessions other than ``besides`` ticked a live view in the last :data:`LIVE_WINDOW_S` seconds
+    (``now``: seconds, monotonic, for tests)."""
+    t = time.monotonic() if now is None else now
+    state = _live()
+    with state["lock"]:
+        return sum(1 for k, v in state["seen"].items() if k != besides and t - v <= LIVE_WINDOW_S)
+
+
 @st.cache_resource(show_spinner=False)
 def _store() -> dict[str, Any]:
-    return {"lock": threading.Lock(), "data": OrderedDict(), "bytes": {}}
+    return {"lock": threading.Lock(), "data": OrderedDict(), "bytes": {}, "max_items": 96}
 
 
 def nbytes(value: Any, _seen: set[int] | None = None) -> int:
@@ -132,11 +162,14 @@ _CANCEL = "_jem_cancel"  # session_state: True after a Cancel click, until the n
 def progress_box(label: str) -> Iterator[Callable[[float], None]]:
     """A progress bar with elapsed time, an estimate of the time left, and a Cancel button.
 
-    Yields ``progress(fraction in [0, 1])``. The estimate is measured throughput: ``elapsed * (1 - f) / f``.
-    Cancel works by Streamlit's own interruption: its click reruns the script, which stops the running
-    computation at its next progress update (no thread is left behind); the click also marks the session
-    so that the computation asked for first on the rerun raises :class:`Cancelled` instead of starting
-    again. Raises :class:`Cancelled` at entry when that mark is set.
+    Yields ``progress(fraction in [0, 1], elapsed=None)``. The estimate is measured throughput:
+    ``elapsed * (1 - f) / f``, with ``elapsed`` the seconds since the box opened unless given (a computation
+    that started before this visit: its own time).
+    Cancel works by Streamlit's own interruption: its click reruns the script, which stops a computation
+    running in the script at its next progress update (no thread is left behind); the click also marks the
+    session so that the computation asked for first on the rerun raises :class:`Cancelled` instead of starting
+    again (:func:`cached` then also stops its shared job unless another session waits for it). Raises
+    :class:`Cancelled` at entry when that mark is set.
     """
     if st.session_state.pop(_CANCEL, False):
         raise Cancelled(label)
@@ -147,9 +180,9 @@ def progress_box(label: str) -> Iterator[Callable[[float], None]]:
                on_click=lambda: st.session_state.__setitem__(_CANCEL, True))
     t0 = time.monotonic()
 
-    def progress(f: float) -> None:
+    def progress(f: float, elapsed: float | None = None) -> None:
         f = min(max(float(f), 0.0), 1.0)
-        elapsed = time.monotonic() - t0
+        elapsed = time.monotonic() - t0 if elapsed is None else elapsed
         eta = f", about {elapsed * (1 - f) / f:.0f} s left" if 0.02 <= f < 1 and elapsed > 1 else ""
         bar.progress(f, text=f"{label} {f:.0%} · {elapsed:.0f} s{eta}")
     try:
@@ -199,36 +232,225 @@ def workers_busy() -> int:
     return int(_workers()["busy"])
 
 
-def cached(key: tuple, compute: Callable[[Callable[[float], None]], T], label: str, max_items: int = 96) -> T:
-    """Shared store of evaluation results keyed by ``key``; computes on a miss inside :func:`progress_box`,
-    holding a :func:`worker` slot (so at most :data:`N_WORKERS` computations run at once, server-wide).
+class Abandoned(Exception):
+    """Nobody wants a shared computation any more: every session that asked for it closed its tab, pressed
+    Cancel, or asked its page for something else (see :func:`cached`)."""
 
-    ``compute`` receives a ``progress(fraction)`` callback. Keys must name everything the result
-    depends on (model keys from :func:`entry_key`, dataset, number of images, settings). The store keeps at
-    most ``max_items`` results and :data:`CACHE_MB` megabytes of their tensor and array data (:func:`nbytes`),
-    dropping the least recently used first; a result larger than the bound is returned but not kept.
-    Raises :class:`Cancelled` when the user cancelled this computation.
-    """
+
+@dataclasses.dataclass(eq=False)
+class Job:
+    """One shared computation of :func:`cached`, run in its own thread.
+
+    ``progress`` is the fraction done in ``[0, 1]``; ``started`` the monotonic time it got its worker (None
+    while it waits for one); ``done`` is set when it ended, with ``value`` or ``error``. ``background``: started
+    by :func:`prefetch` (no visitor yet): niced, no worker slot, runs to the end."""
+
+    key: tuple
+    label: str
+    background: bool = False
+    thread_id: int | None = None
+    progress: float = 0.0
+    started: float | None = None
+    value: Any = None
+    error: BaseException | None = None
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
+@st.cache_resource(show_spinner=False)
+def _jobs() -> dict[str, Any]:
+    # jobs: key -> Job in flight; wants: (session id, page) -> the key that page of that session waits for
+    return {"lock": threading.Lock(), "jobs": {}, "wants": {}}
+
+
+def _set_nice(thread_id: int, nice: int) -> None:
+    """Set one thread's niceness (Linux: per thread); where the system refuses (raising priority back needs
+    root or ``RLIMIT_NICE``) or has no per-thread niceness, nothing changes."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, thread_id, nice)
+
+
+_EXITING = threading.Event()  # set at interpreter exit: every job stops at its next progress call
+
+
+@atexit.register
+def _stop_jobs() -> None:
+    """At exit, stop the jobs and wait for them and for :func:`in_background` threads (at most 10 s each): a
+    daemon thread killed inside torch aborts the process ("terminate called without an active exception",
+    exit status 134)."""
+    _EXITING.set()
+    with contextlib.suppress(Exception):
+        for job in list(_jobs()["jobs"].values()):
+            job.done.wait(10)
+        for thread in list(_background()["threads"].values()):
+            thread.join(10)
+
+
+def _wanted(job: Job) -> bool:
+    """True while a :func:`prefetch` started ``job`` or a connected session's page still asks for it (and the
+    process is not exiting)."""
+    if _EXITING.is_set():
+        return False
+    if job.background:
+        return True
+    j = _jobs()
+    with j["lock"]:
+        sessions = [who[0] for who, k in j["wants"].items() if k == job.key]
+    return any(session_alive(s) for s in sessions)
+
+
+def _keep(key: tuple, value: Any) -> None:
+    """Put ``value`` in the result store (least recently used dropped first; a result over the bound is not kept)."""
     s = _store()
-    with s["lock"]:
-        if key in s["data"]:
-            s["data"].move_to_end(key)
-            return s["data"][key]
-    try:
-        with worker(label), progress_box(label) as progress:
-            value = compute(progress)
-    finally:  # the computation's peak heap goes back to the system instead of staying with the server
-        release_free_memory()
     size, limit = nbytes(value), CACHE_MB * 2**20
     with s["lock"]:
         if size > limit:
-            return value
+            return
         s["data"][key], s["bytes"][key] = value, size
         s["data"].move_to_end(key)
-        while len(s["data"]) > max_items or sum(s["bytes"].values()) > limit:
+        while len(s["data"]) > s["max_items"] or sum(s["bytes"].values()) > limit:
             old, _ = s["data"].popitem(last=False)
             s["bytes"].pop(old, None)
-    return value
+
+
+def _run_job(job: Job, compute: Callable[[Callable[[float], None]], Any]) -> None:
+    """The job's thread: a worker slot (a background job: lower CPU priority instead), ``compute``, the store."""
+    w = _workers()
+    got = False
+    try:
+        if job.background:
+            _set_nice(threading.get_native_id(), _BASE_NICE + BACKGROUND_NICE)
+            j = _jobs()
+            with j["lock"]:  # a visit that came before this line found no thread to raise: raise it here
+                job.thread_id = threading.get_native_id()
+                if job.key in j["wants"].values():
+                    _set_nice(job.thread_id, _BASE_NICE)
+        else:
+            while not got:
+                if not _wanted(job):
+                    raise Abandoned(job.label)
+                got = w["sem"].acquire(timeout=0.5)
+            with w["lock"]:
+                w["busy"] += 1
+        job.started = time.monotonic()
+
+        def progress(f: float) -> None:
+            job.progress = min(max(float(f), 0.0), 1.0)
+            if not _wanted(job):
+                raise Abandoned(job.label)
+
+        value = compute(progress)
+        job.progress = 1.0
+        _keep(job.key, value)
+        job.value = value
+    except BaseException as e:  # noqa: BLE001 - handed to the sessions waiting for it, re-raised there
+        job.error = e
+        if job.background and not isinstance(e, Abandoned):  # nobody waits to see it: the server log does
+            traceback.print_exc()
+    finally:
+        if got:
+            with w["lock"]:
+                w["busy"] -= 1
+            w["sem"].release()
+        j = _jobs()
+        with j["lock"]:
+            j["jobs"].pop(job.key, None)
+            for who in [who for who, k in j["wants"].items() if k == job.key]:
+                del j["wants"][who]
+        job.done.set()
+        release_free_memory()  # the computation's peak heap goes back to the system
+
+
+def _start(key: tuple, compute: Callable[[Callable[[float], None]], Any], label: str, background: bool,
+           who: tuple[str | None, str] | None) -> tuple[Any, Job | None]:
+    """The stored result ``(value, None)``, or ``(None, job)``: the job in flight for ``key`` or a new one.
+    ``who`` (session, page) is recorded as waiting for it, in place of what that page waited for before."""
+    j, s = _jobs(), _store()
+    with j["lock"]:
+        with s["lock"]:
+            if key in s["data"]:
+                s["data"].move_to_end(key)
+                return s["data"][key], None
+        job = j["jobs"].get(key)
+        if job is None:
+            job = j["jobs"][key] = Job(key, label, background)
+            threading.Thread(target=_run_job, args=(job, compute), daemon=True,
+                             name=f"jem-job-{hashlib.sha1(repr(key).encode()).hexdigest()[:8]}").start()
+        if who is not None:
+            j["wants"][who] = key
+            if job.background and job.thread_id is not None:  # someone waits for it now: back to full priority
+                _set_nice(job.thread_id, _BASE_NICE)
+    return None, job
+
+
+def _who() -> tuple[str | None, str]:
+    """(session id, page) of the running script: a page waits for one shared computation at a time."""
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+    ctx = get_script_run_ctx(suppress_warning=True)
+    return (None, "") if ctx is None else (ctx.session_id, str(ctx.page_script_hash))
+
+
+def cached(key: tuple, compute: Callable[[Callable[[float], None]], T], label: str, max_items: int = 96) -> T:
+    """Shared store of evaluation results keyed by ``key``; a miss computes once for every session that asks.
+
+    ``compute`` receives a ``progress(fraction)`` callback and runs in a thread of its own holding a
+    :func:`worker` slot (so at most :data:`N_WORKERS` computations run at once, server-wide); the page shows
+    its progress in :func:`progress_box` (or "waiting for a free worker" before it starts). A session that asks
+    for a key already being computed (another visitor's, a :func:`prefetch`, or its own from before a page
+    switch) waits for that computation instead of starting its own. The computation runs on while a connected
+    session still wants it: it stops (:class:`Abandoned`, at its next progress call) when every session
+    that asked closed its tab, pressed Cancel, or asked the same page for another key (changed a setting), and
+    nothing is kept; a page left for another keeps its computation going, and a later visit finds it done or
+    under way.
+
+    Keys must name everything the result depends on (model keys from :func:`entry_key`, dataset, number of
+    images, settings). The store keeps at most ``max_items`` results and :data:`CACHE_MB` megabytes of their
+    tensor and array data (:func:`nbytes`), dropping the least recently used first; a result larger than the
+    bound is returned but not kept. Raises :class:`Cancelled` when the user cancelled this computation, and
+    whatever ``compute`` raised.
+    """
+    s = _store()
+    s["max_items"] = max_items
+    with s["lock"]:
+        if key in s["data"]:  # a hit: before the Cancel mark, which belongs to the first computation asked for
+            s["data"].move_to_end(key)
+            return s["data"][key]
+    who = _who()
+    if st.session_state.pop(_CANCEL, False):
+        j = _jobs()
+        with j["lock"]:
+            j["wants"].pop(who, None)  # this page no longer waits: the computation stops unless others want it
+        raise Cancelled(label)
+    value, job = _start(key, compute, label, background=False, who=who)
+    if job is None:
+        return value
+    if not job.done.is_set():
+        wait = st.empty()
+        with progress_box(label) as progress:
+            while not job.done.wait(0.25):
+                if job.started is None:
+                    wait.info(f"Waiting for a free worker for: {label} ({workers_busy()} computations are using "
+                              f"this machine's {N_WORKERS} worker{'s' if N_WORKERS > 1 else ''})",
+                              icon=":material/hourglass_top:")
+                else:
+                    wait.empty()
+                    progress(job.progress, time.monotonic() - job.started)
+        wait.empty()
+    if isinstance(job.error, Abandoned):  # dropped by its other sessions just before this one asked: again
+        return cached(key, compute, label, max_items)
+    if job.error is not None:
+        raise job.error
+    return job.value
+
+
+def prefetch(key: tuple, compute: Callable[[Callable[[float], None]], Any], label: str) -> Job | None:
+    """Compute a :func:`cached` result ahead of any visit: a job at lower CPU priority (:data:`BACKGROUND_NICE`)
+    that takes no worker slot and runs to the end whoever watches it. Returns the job (None when the result is
+    already stored). A visit asking for ``key`` meanwhile waits for it, and the job's thread goes back to the
+    server's priority where the system lets a process raise it (Linux: as root, or within ``RLIMIT_NICE``;
+    elsewhere it stays lower). Callable from any thread."""
+    _, job = _start(key, compute, label, background=True, who=None)
+    return job
 
 
 def digest_files(files: Iterable[Any]) -> str:
@@ -283,8 +505,7 @@ def in_background(name: str, work: Callable[[], Any]) -> threading.Thread:
         thread = state["threads"].get(name)
         if thread is None:
             def run() -> None:
-                with contextlib.suppress(OSError, AttributeError):  # per-thread niceness is Linux-only
-                    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+                _set_nice(threading.get_native_id(), _BASE_NICE + BACKGROUND_NICE)
                 try:
                     work()
                 finally:

@@ -5,9 +5,11 @@
 - the data root and the test sets (with the demo pack behind them);
 - :func:`sidebar`: model, baseline, dataset and data root for this run, as a :class:`Context`, with the
   note on why the app opened on its default pair (kept true when the user picks another model);
-- :func:`test_probabilities`: ``p(y|x)`` of the test images, shared by the pages;
-- the 2-D playground's trained pair (:func:`toy_pair`), and :func:`warm_up`, which trains the default one in
-  the background once per server, so that the playground's first visit does not wait for it.
+- :func:`test_probabilities`: ``p(y|x)`` of the test images, shared by the pages; :func:`likelihood_report`:
+  the Likelihood page's AIS estimate with its first view's settings (:data:`LIKELIHOOD_CHAINS`, ...);
+- the 2-D playground's trained pair (:func:`toy_pair`), and :func:`warm_up`, which computes the playground's
+  default pair and the Likelihood page's default estimate in the background once per server, so that first
+  visits do not wait for them.
 
 What does not live here: page plumbing and widgets (``app/ui.py``), figures (``app/figures.py``).
 """
@@ -18,16 +20,20 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import streamlit as st
 import torch
 
 from app import share
-from app.compute import cached, current_session_id, in_background
+from app.compute import cached, current_session_id, in_background, prefetch
 from jem_core.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
 from jem_core.data import (BUILTIN_DATASETS, DataUnavailableError, ImageDataset, data_available, dataset_shape,
                            default_data_root, demo_pack_file, load_dataset)
 from jem_core.toy import TOY_DATASETS, ToyTrainer, pretrained_pair
+
+if TYPE_CHECKING:
+    from jem_core.likelihood import LikelihoodReport
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT_DIR = ROOT / "checkpoints"
@@ -449,6 +455,55 @@ def test_probabilities(ctx: Context, name: str, ck: LoadedCheckpoint, key: str, 
                   lambda p: predict_proba(ck.model, x, progress=p), f"Classifying {n} test images with {name}...")
 
 
+# ------------------------------------------------------------------------------------- likelihood
+#: The Likelihood page's first view: AIS chains, transition, schedule, reverse run, test images (at most).
+LIKELIHOOD_CHAINS = 32
+LIKELIHOOD_SAMPLER = "hmc"
+LIKELIHOOD_SCHEDULE = "sigmoid"
+LIKELIHOOD_REVERSE = True
+LIKELIHOOD_TEST_IMAGES = 1000
+
+
+def likelihood_temps(dim: int) -> int:
+    """The first view's number of AIS temperatures for images of ``dim`` pixels: fewer for 28x28 than for 8x8,
+    so that the first estimate takes well under a minute on 2 CPU cores (MNIST: about 30 s on one core)."""
+    return 100 if dim <= 256 else 50
+
+
+def _likelihood_job(ctx: Context, name: str, ck: LoadedCheckpoint, key: str, n_test: int, temps: int, chains: int,
+                    sampler: str, schedule: str, reverse: bool) -> tuple[tuple, Any, str]:
+    """(cache key, compute(progress), label) of one model's AIS estimate on the first ``n_test`` test images."""
+    from jem_core.likelihood import estimate_log_likelihood, pixel_levels
+
+    test = ctx.test_set()
+    x = None if test is None else test.x[:n_test]
+    return (("likelihood", key, ctx.dataset, str(ctx.data_root), 0 if x is None else len(x), temps, chains, sampler,
+             schedule, reverse),
+            lambda p: estimate_log_likelihood(ck.model, shape_of(ck), x, levels=pixel_levels(ctx.dataset),
+                                              n_temps=temps, n_chains=chains, sampler=sampler, schedule=schedule,
+                                              reverse=reverse, progress=p),
+            f"Annealing {chains} chains through {temps} temperatures for {name} (log Z by AIS)...")
+
+
+def likelihood_report(ctx: Context, name: str, ck: LoadedCheckpoint, key: str, n_test: int, temps: int, chains: int,
+                      sampler: str, schedule: str, reverse: bool) -> LikelihoodReport:
+    """One model's :class:`~jem_core.likelihood.LikelihoodReport` (:func:`jem_core.likelihood.estimate_log_likelihood`
+    with ``temps`` temperatures, ``chains`` chains, ``sampler``, ``schedule``, the ``reverse`` diagnostic, and the
+    first ``n_test`` test images), shared by every session (:func:`app.compute.cached`). Raises
+    :class:`~jem_core.likelihood.LikelihoodError` for bad settings and :class:`app.compute.Cancelled`."""
+    return cached(*_likelihood_job(ctx, name, ck, key, n_test, temps, chains, sampler, schedule, reverse))
+
+
+def _likelihood_first_view(ctx: Context) -> tuple[tuple, Any, str]:
+    """The job of the Likelihood page's first view in ``ctx``: its model alone, the default settings."""
+    test = ctx.test_set()
+    c, h, w = ctx.shape
+    name, ck, key = ctx.models()[0]
+    return _likelihood_job(ctx, name, ck, key, 0 if test is None else min(len(test), LIKELIHOOD_TEST_IMAGES),
+                           likelihood_temps(c * h * w), LIKELIHOOD_CHAINS, LIKELIHOOD_SAMPLER, LIKELIHOOD_SCHEDULE,
+                           LIKELIHOOD_REVERSE)
+
+
 # ------------------------------------------------------------------------------ 2-D playground pair
 #: Training iterations of the playground's trained pair.
 TOY_PRETRAIN_ITERS = 400
@@ -469,12 +524,18 @@ def toy_pair(spec: str, seed: int, labels: int | None) -> tuple[ToyTrainer, ToyT
     return pretrained_pair(spec, seed, TOY_PRETRAIN_ITERS, labels_per_class=labels)
 
 
-def warm_up() -> None:
-    """Once per server, in the background (:func:`app.compute.in_background`): train the playground's
-    default pair, the one computation a first view waits for longest that no other page shares
-    (3-6 s alone on these 2 cores, 10-26 s while live chains run). Cheap to call on every run.
+def warm_up(ctx: Context | None) -> None:
+    """Once per server, in the background (:func:`app.compute.in_background`, :func:`app.compute.prefetch`: lower
+    CPU priority, no worker slot), the first views' two longest computations: the playground's default pair
+    (3-6 s alone on these 2 cores, 10-26 s while live chains run) and the Likelihood page's default AIS estimate
+    for ``ctx`` (the context of the server's first run: its default pair unless a link chose another; about 30 s
+    of one core for MNIST, minutes while live chains run). A visit that arrives first waits for the same
+    computation. Cheap to call on every run; ``$JEM_WARM_UP=0`` turns it off.
 
     Only inside a script run (a server's session, AppTest): a bare import of the app (a multiprocessing child
     that re-imports the main script, say) starts nothing."""
-    if current_session_id() is not None:
-        in_background("toy_pair", lambda: toy_pair(toy_spec(), 0, None))
+    if current_session_id() is None or os.environ.get("JEM_WARM_UP", "1").strip() == "0":
+        return
+    in_background("toy_pair", lambda: toy_pair(toy_spec(), 0, None))
+    if ctx is not None:
+        in_background("likelihood", lambda: prefetch(*_likelihood_first_view(ctx)))

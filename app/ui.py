@@ -31,23 +31,26 @@ import streamlit as st
 import torch
 from PIL import Image
 
-from app.compute import (N_WORKERS, Cancelled, _workers, cached, current_session_id, digest_files, live_share,
-                         progress_box, session_alive, start_memory_keeper, worker, workers_busy)
+from app.compute import (N_WORKERS, Cancelled, _workers, cached, current_session_id, digest_files, live_interval,
+                         live_sessions, live_share, progress_box, session_alive, start_memory_keeper, worker, workers_busy)
 from app.figures import (CLASS_COLORS, COLORS, difference_images, fig_chain_energy, fig_chain_predictions, fig_histograms, fig_lines, fig_maps, fig_placement,
                          fig_probabilities, fig_reliability, fig_roc, image_map)
-from app.registry import (CHECKPOINT_DIR, ROOT, TOY_PRETRAIN_ITERS, TRAIN_RUN, Context, ModelEntry, _default_pair,
-                          context, shape_of, sidebar, test_probabilities, toy_pair, toy_spec, warm_up)
+from app.registry import (CHECKPOINT_DIR, LIKELIHOOD_CHAINS, LIKELIHOOD_REVERSE, LIKELIHOOD_SAMPLER,
+                          LIKELIHOOD_SCHEDULE, LIKELIHOOD_TEST_IMAGES, ROOT, TOY_PRETRAIN_ITERS, TRAIN_RUN, Context,
+                          ModelEntry, _default_pair, context, likelihood_report, likelihood_temps, shape_of, sidebar,
+                          test_probabilities, toy_pair, toy_spec, warm_up)
 from jem_core.data import ImageDataset
 from jem_core.images import make_grid_image, png_bytes
 from jem_core.perf import SERVER_MMAP_THRESHOLD, tune_malloc
 
 __all__ = [
-    "CHAIN_INTERVAL", "CHECKPOINT_DIR", "CLASS_COLORS", "COLORS", "Cancelled", "Context", "LIVE_INTERVAL",
+    "CHAIN_INTERVAL", "CHECKPOINT_DIR", "CLASS_COLORS", "COLORS", "Cancelled", "Context", "LIKELIHOOD_CHAINS",
+    "LIKELIHOOD_REVERSE", "LIKELIHOOD_SAMPLER", "LIKELIHOOD_SCHEDULE", "LIKELIHOOD_TEST_IMAGES", "LIVE_INTERVAL",
     "ModelEntry", "N_WORKERS", "PAGES_DIR", "PAGE_SPECS", "PERSIST", "ROOT", "TRAIN_RUN", "_default_pair",
     "_workers", "cached", "context", "current_session_id", "difference_images", "digest_files", "display_scale",
     "download_json", "download_png", "download_table", "fig_chain_energy", "fig_chain_predictions",
     "fig_histograms", "fig_lines", "fig_maps", "fig_placement", "fig_probabilities", "fig_reliability",
-    "fig_roc", "grid", "image_map", "live_share", "make_pages", "n_test_control", "need_test_set", "page_link",
+    "fig_roc", "grid", "image_map", "likelihood_report", "likelihood_temps", "live_interval", "live_sessions", "live_share", "make_pages", "n_test_control", "need_test_set", "page_link",
     "progress_box", "run_page", "session_alive", "shape_of",
     "show_chart", "show_grid", "sidebar", "test_probabilities", "TOY_PRETRAIN_ITERS", "toy_pair", "toy_spec", "warm_up",
     "worker", "workers_busy",

@@ -31,7 +31,7 @@ INPAINT = "lg_inpaint"    # session_state: the last in-painting result
 TRANSLATE = "lg_translate"
 STEP_BUDGET_S = ui.CHAIN_INTERVAL / 2  # seconds of SGLD per refresh in adaptive mode
 HISTORY_POINTS = 400        # energies and predictions kept per chain (older ones thinned)
-TRACES_INTERVAL = 1.0       # seconds between redraws of the energy and prediction traces
+TRACES_INTERVAL = 1.0       # seconds between redraws of the energy and prediction traces (one live session; ui.live_interval)
 MAX_STEPS_PER_REFRESH = 50
 SETTINGS_CHECKS = {"exact_step"}  # findings about the settings alone, shown under the settings
 AUTOSTARTED = "lg_autostarted"  # session_state: the model whose chains started by themselves
@@ -135,6 +135,8 @@ def live_view(ctx: ui.Context) -> None:
                 target - chain.steps)
         share, live = ui.live_share(ui.current_session_id(), STEP_BUDGET_S / ui.CHAIN_INTERVAL)
         s["share"], s["live"] = share, live
+        if ui.live_interval(TRACES_INTERVAL, live, s.get("traces_every")) != s.get("traces_every", TRACES_INTERVAL):
+            st.rerun()  # a full rerun gives the traces' timer its new interval
         if k > 0:
             with ui.worker("live chains", wait=False) as free:
                 if free:  # when every worker is busy, this refresh only redraws: the view slows, never freezes
@@ -223,6 +225,12 @@ def chains_tab(ctx: ui.Context) -> None:
         start_chains()
         s = ss.get(LIVE)
     running = bool(s and s["running"])
+    if s is not None:
+        # The traces redraw less often when more sessions' chains run (each redraw costs a browser about as much as
+        # 1.5 refreshes of the pictures, and the server a figure build); running chains go by the count their last
+        # tick saw (the one that asked for this rerun), so that the two never disagree back and forth.
+        live = s.get("live") if running and s.get("live") else ui.live_sessions(besides=ui.current_session_id()) + 1
+        s["traces_every"] = ui.live_interval(TRACES_INTERVAL, live, s.get("traces_every"))
     can_resume = bool(s and not running and s["chain"].steps < int(ss.get("lg_steps", 200)))
     cols = st.columns(4)
     cols[0].button("Start", key="lg_start", on_click=start_chains, type="primary",
@@ -239,7 +247,7 @@ def chains_tab(ctx: ui.Context) -> None:
 
         live()
     with right:
-        @st.fragment(run_every=TRACES_INTERVAL if running else None)
+        @st.fragment(run_every=s["traces_every"] if running else None)
         def traces() -> None:
             traces_view(ctx)
 

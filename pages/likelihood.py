@@ -1,6 +1,7 @@
 """Likelihood: the normalised log p(x) of a model, log Z by annealed importance sampling (AIS).
 
-Widgets -> :func:`jem_core.likelihood.estimate_log_likelihood` (cached per model and settings) -> the
+Widgets -> :func:`app.registry.likelihood_report` (:func:`jem_core.likelihood.estimate_log_likelihood`, shared by
+every session per model and settings, the first view's computed ahead of visits) -> the
 estimate with its interval, the annealing curve, the convergence sweep, the forward/reverse gap and the
 test set's log p(x) in nats.
 
@@ -17,28 +18,10 @@ import streamlit as st
 from plotly.subplots import make_subplots
 
 from app import share, ui
-from jem_core.likelihood import PUBLISHED_MNIST_BPD, SAMPLERS, SCHEDULES, estimate_log_likelihood, pixel_levels
+from jem_core.likelihood import PUBLISHED_MNIST_BPD, SAMPLERS, SCHEDULES, pixel_levels
 
 TEMPS = [25, 50, 100, 200, 500, 1000, 2000]
 CHAINS = [16, 32, 64, 128]
-
-
-def default_temps(dim: int) -> int:
-    """A first estimate well under a minute on 2 CPU cores: fewer temperatures for 28x28 than for 8x8."""
-    return 100 if dim <= 256 else 50
-
-
-def estimate(name: str, ck, key: str, ctx: ui.Context, n_test: int, temps: int, chains: int, sampler: str,
-             schedule: str, reverse: bool):
-    """One model's :class:`~jem_core.likelihood.LikelihoodReport` (shared cache)."""
-    test = ctx.test_set()
-    x = None if test is None else test.x[:n_test]
-    return ui.cached(("likelihood", key, ctx.dataset, str(ctx.data_root), 0 if x is None else len(x), temps, chains,
-                      sampler, schedule, reverse),
-                     lambda p: estimate_log_likelihood(ck.model, ui.shape_of(ck), x, levels=pixel_levels(ctx.dataset),
-                                                       n_temps=temps, n_chains=chains, sampler=sampler,
-                                                       schedule=schedule, reverse=reverse, progress=p),
-                     f"Annealing {chains} chains through {temps} temperatures for {name} (log Z by AIS)...")
 
 
 def fig_curve(reports: dict) -> go.Figure:
@@ -91,15 +74,17 @@ def main(ctx: ui.Context) -> None:
                           share.Param("lik_reverse", share.flag, share.format_flag),
                           share.Param("lik_base", share.flag, share.format_flag)], "likelihood")
     a, b, cc, d = st.columns(4)
-    temps = a.select_slider("Temperatures K", TEMPS, value=default_temps(dim), key="lik_temps",
+    temps = a.select_slider("Temperatures K", TEMPS, value=ui.likelihood_temps(dim), key="lik_temps",
                             help="transitions along b from 0 (uniform on the box) to 1 (the model)", **ui.PERSIST)
-    chains = b.select_slider("Chains", CHAINS, value=32, key="lik_chains", **ui.PERSIST)
-    sampler = cc.selectbox("Transition", SAMPLERS, key="lik_sampler", format_func=str.upper,
+    chains = b.select_slider("Chains", CHAINS, value=ui.LIKELIHOOD_CHAINS, key="lik_chains", **ui.PERSIST)
+    sampler = cc.selectbox("Transition", SAMPLERS, index=SAMPLERS.index(ui.LIKELIHOOD_SAMPLER), key="lik_sampler",
+                           format_func=str.upper,
                            help="Metropolis-corrected: HMC (5 leapfrog steps) or MALA, reflected at the box walls",
                            **ui.PERSIST)
-    schedule = d.selectbox("Schedule", SCHEDULES, key="lik_schedule", **ui.PERSIST)
+    schedule = d.selectbox("Schedule", SCHEDULES, index=SCHEDULES.index(ui.LIKELIHOOD_SCHEDULE), key="lik_schedule",
+                           **ui.PERSIST)
     e, f = st.columns(2)
-    reverse = e.toggle("Reverse run (diagnostic)", value=True, key="lik_reverse", **ui.PERSIST)
+    reverse = e.toggle("Reverse run (diagnostic)", value=ui.LIKELIHOOD_REVERSE, key="lik_reverse", **ui.PERSIST)
     with_base = f.toggle("Also the baseline", value=False, key="lik_base", disabled=ctx.baseline is None,
                          help="a classifier trained without the p(x) term also defines an energy", **ui.PERSIST)
     publish()
@@ -108,9 +93,9 @@ def main(ctx: ui.Context) -> None:
     if test is None:
         st.info(f"No `{ctx.dataset}` test set ({ctx.data_message}): log Z is estimated, test log p(x) is not.")
     else:
-        n_test = ui.n_test_control(len(test), min(len(test), 1000), key="lik_n")
+        n_test = ui.n_test_control(len(test), min(len(test), ui.LIKELIHOOD_TEST_IMAGES), key="lik_n")
     models = ctx.models() if with_base and ctx.baseline is not None else ctx.models()[:1]
-    reports = {name: estimate(name, ck, key, ctx, n_test, temps, chains, sampler, schedule, reverse)
+    reports = {name: ui.likelihood_report(ctx, name, ck, key, n_test, temps, chains, sampler, schedule, reverse)
                for name, ck, key in models}
 
     levels = pixel_levels(ctx.dataset)

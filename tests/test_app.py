@@ -583,6 +583,143 @@ def test_the_shared_result_cache_stays_within_its_megabytes_dropping_the_least_r
         s["bytes"].update(kept[1])
 
 
+def _gated(calls: list, gate, value=1):
+    """A computation for the shared-job tests: records (worker slots busy, its thread's niceness), reports
+    progress while it waits for ``gate``, returns ``value``."""
+    import os
+    import threading
+
+    def work(progress):
+        calls.append((__import__("app.compute").compute.workers_busy(),
+                      os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+        while not gate.wait(0.02):
+            progress(0.5)
+        progress(1.0)
+        return value
+    return work
+
+
+def test_a_computation_asked_for_by_a_prefetch_and_a_visit_runs_once_and_the_visit_waits_for_it():
+    """prefetch starts a job that runs niced without a worker slot; a prefetch or a visit (cached) asking for the
+    same key meanwhile joins that job instead of computing again, and gets its value; once stored, a prefetch
+    starts nothing."""
+    import os
+    import threading
+
+    import torch
+
+    from app import compute
+
+    calls, gate = [], threading.Event()
+    key = ("test-shared", id(calls))
+    job = compute.prefetch(key, _gated(calls, gate, torch.arange(3)), "test")
+    assert compute.prefetch(key, _gated(calls, gate), "test") is job
+    while not calls:
+        time.sleep(0.01)
+    threading.Timer(0.3, gate.set).start()
+    try:
+        value = compute.cached(key, _gated(calls, gate), "test")
+        assert torch.equal(value, torch.arange(3)) and len(calls) == 1
+        busy, nice = calls[0]
+        assert busy == 0
+        if sys.platform.startswith("linux"):
+            assert nice == min(19, compute._BASE_NICE + compute.BACKGROUND_NICE)
+        assert compute.prefetch(key, _gated(calls, gate), "test") is None and len(calls) == 1
+        assert key not in compute._jobs()["jobs"] and key not in compute._jobs()["wants"].values()
+    finally:
+        gate.set()
+        compute._store()["data"].pop(key, None)
+        compute._store()["bytes"].pop(key, None)
+
+
+def test_a_shared_computation_stops_when_no_connected_page_wants_it_and_keeps_nothing(monkeypatch):
+    """A job runs while a connected session's page still asks for it: it stops (Abandoned, at its next progress
+    call, worker slot freed, nothing stored) when that session's tab closes, or when the same page asks for
+    another key (a changed setting); a page left for another page keeps its job."""
+    import threading
+
+    from app import compute
+
+    alive = {"s1": True, "s2": True}
+    monkeypatch.setattr(compute, "session_alive", lambda sid: alive.get(sid, True))
+    gates = [threading.Event() for _ in range(4)]
+    calls = [[] for _ in range(4)]
+    keys = [("test-abandon", i, id(calls)) for i in range(4)]
+
+    def start(i, who):
+        _, job = compute._start(keys[i], _gated(calls[i], gates[i], i), "test", background=False, who=who)
+        while not calls[i]:
+            time.sleep(0.01)
+        return job
+
+    try:
+        closed = start(0, ("s1", "likelihood"))
+        assert compute.workers_busy() == 1 and calls[0][0][0] == 1  # it holds a worker slot
+        alive["s1"] = False  # the tab closed
+        assert closed.done.wait(10) and isinstance(closed.error, compute.Abandoned)
+        assert compute.workers_busy() == 0
+        assert keys[0] not in compute._store()["data"] and keys[0] not in compute._jobs()["jobs"]
+
+        replaced = start(1, ("s2", "likelihood"))
+        kept = start(2, ("s2", "calibration"))  # the session went to another page and computes there
+        assert not replaced.done.wait(0.3)  # a page left for another keeps its job
+        third = start(3, ("s2", "likelihood"))  # back on the first page with another setting: its old job stops
+        assert replaced.done.wait(10) and isinstance(replaced.error, compute.Abandoned)
+        assert not kept.done.is_set() and not third.done.is_set()
+        gates[2].set()
+        gates[3].set()
+        assert kept.done.wait(10) and third.done.wait(10) and (kept.value, third.value) == (2, 3)
+        assert compute._store()["data"][keys[3]] == 3 and compute.workers_busy() == 0
+    finally:
+        for g in gates:
+            g.set()
+        for k in keys:
+            compute._store()["data"].pop(k, None)
+            compute._store()["bytes"].pop(k, None)
+
+
+def test_cancel_drops_the_page_from_its_computation_which_stops_when_nobody_else_wants_it():
+    """The rerun caused by Cancel: the first computation the page asks for raises Cancelled and no longer counts
+    that page as waiting, so a job only it wanted stops; a stored result asked for first is still returned."""
+    import threading
+
+    import streamlit as st
+
+    from app import compute
+
+    calls, gate = [], threading.Event()
+    key, stored = ("test-cancel", id(calls)), ("test-cancel-stored", id(calls))
+    compute._keep(stored, 7)
+    _, job = compute._start(key, _gated(calls, gate), "test", background=False, who=compute._who())
+    try:
+        st.session_state[compute._CANCEL] = True
+        assert compute.cached(stored, _gated(calls, gate), "test") == 7  # a hit does not take the mark
+        with pytest.raises(compute.Cancelled):
+            compute.cached(key, _gated(calls, gate), "test")
+        assert job.done.wait(10) and isinstance(job.error, compute.Abandoned)
+        assert key not in compute._store()["data"]
+    finally:
+        gate.set()
+        st.session_state.pop(compute._CANCEL, None)
+        for k in (key, stored):
+            compute._store()["data"].pop(k, None)
+            compute._store()["bytes"].pop(k, None)
+
+
+def test_secondary_live_views_redraw_less_often_with_more_live_sessions_without_wavering():
+    """live_interval: base x live sessions; a count that wavers by one does not change the interval in use, a
+    large change does."""
+    from app import compute
+
+    assert compute.live_interval(1.0, 1) == 1.0 and compute.live_interval(1.0, 4) == 4.0
+    assert compute.live_interval(1.0, 0) == 1.0
+    assert compute.live_interval(1.0, 3, current=4.0) == 4.0  # 4 <-> 3 sessions: kept
+    assert compute.live_interval(1.0, 4, current=3.0) == 3.0
+    assert compute.live_interval(1.0, 1, current=4.0) == 1.0  # back to one session
+    assert compute.live_interval(1.0, 4, current=1.0) == 4.0
+    assert compute.live_interval(0.5, 7, current=2.0) == 3.5
+
+
 def test_live_views_share_at_most_their_part_of_the_workers_and_forget_closed_sessions(monkeypatch):
     """live_share: alone or with one other session a live view keeps its full budget; four at once share
     LIVE_SHARE of the workers (each gets half at 0.5 x 2 workers / (4 x 0.5 duty)); a session that stopped
@@ -665,28 +802,49 @@ def test_the_memory_keeper_hands_the_free_heap_back_on_its_interval(monkeypatch)
     assert not keeper[0].is_alive()
 
 
-def test_the_warm_up_trains_the_pair_the_playground_opens_with(monkeypatch):
-    """The app's first run starts training, in the background, exactly the pair (spec, seed, labels) that a first
-    visit of the playground asks for: the visit then trains nothing. A bare call (no script run, e.g. a
-    multiprocessing child re-importing the app) starts nothing."""
+def test_the_warm_up_computes_what_the_playground_and_likelihood_pages_open_with(monkeypatch):
+    """The app's first run starts, in the background, exactly the playground's pair (spec, seed, labels) and the
+    Likelihood page's AIS estimate (model, test images, settings) that first visits ask for: the visits then
+    compute neither again. A bare call (no script run, e.g. a multiprocessing child re-importing the app)
+    starts nothing."""
     from streamlit.testing.v1 import AppTest
 
+    import jem_core.likelihood
     from app import compute, registry
 
-    calls = []
-    real = registry.pretrained_pair
+    calls, ais = [], []
+    real, real_ais = registry.pretrained_pair, jem_core.likelihood.estimate_log_likelihood
     monkeypatch.setattr(registry, "pretrained_pair", lambda *a, **k: (calls.append((a, k)), real(*a, **k))[1])
+    monkeypatch.setattr(jem_core.likelihood, "estimate_log_likelihood",
+                        lambda *a, **k: (ais.append(k), real_ais(*a, **k))[1])
     monkeypatch.setenv("JEM_EXPLORER_DEFAULT", "digits")
-    registry.toy_pair.clear()
     threads = compute._background()["threads"]
+    for thread in threads.values():  # an earlier test's warm-up, still running
+        thread.join(120)
+    for job in [j for k, j in compute._jobs()["jobs"].items() if k[0] == "likelihood"]:
+        job.done.wait(120)
+    registry.toy_pair.clear()
+    store = compute._store()
+    for k in [k for k in store["data"] if k[0] == "likelihood"]:
+        store["data"].pop(k)
+        store["bytes"].pop(k, None)
     threads.pop("toy_pair", None)
-    registry.warm_up()
+    threads.pop("likelihood", None)
+    registry.warm_up(None)
     assert "toy_pair" not in threads, "a bare call started the warm-up"
     at = AppTest.from_file(HOME, default_timeout=TIMEOUT).run()
     assert not at.exception, at.exception
     threads["toy_pair"].join(timeout=120)
+    threads["likelihood"].join(timeout=120)  # it started the job: wait for that
+    for job in [j for k, j in compute._jobs()["jobs"].items() if k[0] == "likelihood"]:
+        assert job.background and job.done.wait(120)
     assert len(calls) == 1 and calls[0][0][0] == registry.toy_spec()
+    assert len(ais) == 1 and ais[0]["n_temps"] == registry.likelihood_temps(64)
     at.switch_page("../pages/playground.py").run()
     assert not at.exception, at.exception
     assert len(calls) == 1, "the playground's first view trained its pair again"
     assert at.session_state["pg_state"]["spec"] == registry.toy_spec()
+    at.switch_page("../pages/likelihood.py").run()  # waits for the warm-up's estimate if it is still running
+    assert not at.exception and not errors(at), at.exception
+    assert len(ais) == 1, "the Likelihood page's first view estimated log Z again"
+    assert any(m.label == "log Ẑ (forward AIS)" for m in at.metric)

@@ -243,11 +243,13 @@ class Job:
 
     ``progress`` is the fraction done in ``[0, 1]``; ``started`` the monotonic time it got its worker (None
     while it waits for one); ``done`` is set when it ended, with ``value`` or ``error``. ``background``: started
-    by :func:`prefetch` (no visitor yet): niced, no worker slot, runs to the end."""
+    by :func:`prefetch` (no visitor yet): ``nice`` added to its thread's niceness until a visit joins it, no
+    worker slot, runs to the end."""
 
     key: tuple
     label: str
     background: bool = False
+    nice: int = BACKGROUND_NICE
     thread_id: int | None = None
     progress: float = 0.0
     started: float | None = None
@@ -318,7 +320,7 @@ def _run_job(job: Job, compute: Callable[[Callable[[float], None]], Any]) -> Non
     got = False
     try:
         if job.background:
-            _set_nice(threading.get_native_id(), _BASE_NICE + BACKGROUND_NICE)
+            _set_nice(threading.get_native_id(), _BASE_NICE + job.nice)
             j = _jobs()
             with j["lock"]:  # a visit that came before this line found no thread to raise: raise it here
                 job.thread_id = threading.get_native_id()
@@ -361,7 +363,7 @@ def _run_job(job: Job, compute: Callable[[Callable[[float], None]], Any]) -> Non
 
 
 def _start(key: tuple, compute: Callable[[Callable[[float], None]], Any], label: str, background: bool,
-           who: tuple[str | None, str] | None) -> tuple[Any, Job | None]:
+           who: tuple[str | None, str] | None, nice: int = BACKGROUND_NICE) -> tuple[Any, Job | None]:
     """The stored result ``(value, None)``, or ``(None, job)``: the job in flight for ``key`` or a new one.
     ``who`` (session, page) is recorded as waiting for it, in place of what that page waited for before."""
     j, s = _jobs(), _store()
@@ -372,7 +374,7 @@ def _start(key: tuple, compute: Callable[[Callable[[float], None]], Any], label:
                 return s["data"][key], None
         job = j["jobs"].get(key)
         if job is None:
-            job = j["jobs"][key] = Job(key, label, background)
+            job = j["jobs"][key] = Job(key, label, background, nice)
             threading.Thread(target=_run_job, args=(job, compute), daemon=True,
                              name=f"jem-job-{hashlib.sha1(repr(key).encode()).hexdigest()[:8]}").start()
         if who is not None:
@@ -443,13 +445,14 @@ def cached(key: tuple, compute: Callable[[Callable[[float], None]], T], label: s
     return job.value
 
 
-def prefetch(key: tuple, compute: Callable[[Callable[[float], None]], Any], label: str) -> Job | None:
-    """Compute a :func:`cached` result ahead of any visit: a job at lower CPU priority (:data:`BACKGROUND_NICE`)
-    that takes no worker slot and runs to the end whoever watches it. Returns the job (None when the result is
-    already stored). A visit asking for ``key`` meanwhile waits for it, and the job's thread goes back to the
-    server's priority where the system lets a process raise it (Linux: as root, or within ``RLIMIT_NICE``;
-    elsewhere it stays lower). Callable from any thread."""
-    _, job = _start(key, compute, label, background=True, who=None)
+def prefetch(key: tuple, compute: Callable[[Callable[[float], None]], Any], label: str,
+             nice: int = BACKGROUND_NICE) -> Job | None:
+    """Compute a :func:`cached` result ahead of any visit: a job that takes no worker slot and runs to the end
+    whoever watches it, its thread ``nice`` (0-19, default :data:`BACKGROUND_NICE`) above the server's niceness.
+    Returns the job (None when the result is already stored). A visit asking for ``key`` meanwhile waits for it,
+    and the job's thread goes back to the server's priority where the system lets a process raise it (Linux: as
+    root, or within ``RLIMIT_NICE``; elsewhere it stays lower). Callable from any thread."""
+    _, job = _start(key, compute, label, background=True, who=None, nice=int(nice))
     return job
 
 

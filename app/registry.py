@@ -525,17 +525,25 @@ def toy_pair(spec: str, seed: int, labels: int | None) -> tuple[ToyTrainer, ToyT
 
 
 def warm_up(ctx: Context | None) -> None:
-    """Once per server, in the background (:func:`app.compute.in_background`, :func:`app.compute.prefetch`: lower
-    CPU priority, no worker slot), the first views' two longest computations: the playground's default pair
-    (3-6 s alone on these 2 cores, 10-26 s while live chains run) and the Likelihood page's default AIS estimate
-    for ``ctx`` (the context of the server's first run: its default pair unless a link chose another; about 30 s
-    of one core for MNIST, minutes while live chains run). A visit that arrives first waits for the same
-    computation. Cheap to call on every run; ``$JEM_WARM_UP=0`` turns it off.
+    """Once per server, in the background (no worker slot), the first views' two longest computations: the
+    playground's default pair (:func:`app.compute.in_background`, at lower CPU priority; 3-6 s alone on these 2
+    cores, 10-26 s while live chains run) and the Likelihood page's default AIS estimate for ``ctx`` (the context
+    of the server's first run: its default pair unless a link chose another) by :func:`app.compute.prefetch` at
+    the server's own priority: about half a minute of one core for MNIST when the server starts, which at lower
+    priority took minutes when browsers on the same cores kept them busy (``bench/README.md``). A visit that
+    arrives first waits for the same computation. Cheap to call on every run; ``$JEM_WARM_UP=0`` turns it off.
 
     Only inside a script run (a server's session, AppTest): a bare import of the app (a multiprocessing child
     that re-imports the main script, say) starts nothing."""
     if current_session_id() is None or os.environ.get("JEM_WARM_UP", "1").strip() == "0":
         return
     in_background("toy_pair", lambda: toy_pair(toy_spec(), 0, None))
-    if ctx is not None:
-        in_background("likelihood", lambda: prefetch(*_likelihood_first_view(ctx)))
+    started = _warmed("likelihood")
+    if ctx is not None and not started:  # from this (script) thread: a job started by a niced thread stays niced
+        started.append(prefetch(*_likelihood_first_view(ctx), nice=0))
+
+
+@st.cache_resource(show_spinner=False)
+def _warmed(name: str) -> list:
+    """Once per server: what :func:`warm_up` started under ``name`` (empty before)."""
+    return []

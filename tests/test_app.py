@@ -804,8 +804,8 @@ def test_the_memory_keeper_hands_the_free_heap_back_on_its_interval(monkeypatch)
 
 def test_the_warm_up_computes_what_the_playground_and_likelihood_pages_open_with(monkeypatch):
     """The app's first run starts, in the background, exactly the playground's pair (spec, seed, labels) and the
-    Likelihood page's AIS estimate (model, test images, settings) that first visits ask for: the visits then
-    compute neither again. A bare call (no script run, e.g. a multiprocessing child re-importing the app)
+    Likelihood page's AIS estimate (model, test images, settings; at the server's priority) that first visits ask
+    for: the visits then compute neither again. A bare call (no script run, e.g. a multiprocessing child re-importing the app)
     starts nothing."""
     from streamlit.testing.v1 import AppTest
 
@@ -829,15 +829,14 @@ def test_the_warm_up_computes_what_the_playground_and_likelihood_pages_open_with
         store["data"].pop(k)
         store["bytes"].pop(k, None)
     threads.pop("toy_pair", None)
-    threads.pop("likelihood", None)
+    registry._warmed.clear()
     registry.warm_up(None)
     assert "toy_pair" not in threads, "a bare call started the warm-up"
     at = AppTest.from_file(HOME, default_timeout=TIMEOUT).run()
     assert not at.exception, at.exception
     threads["toy_pair"].join(timeout=120)
-    threads["likelihood"].join(timeout=120)  # it started the job: wait for that
-    for job in [j for k, j in compute._jobs()["jobs"].items() if k[0] == "likelihood"]:
-        assert job.background and job.done.wait(120)
+    (job,) = registry._warmed("likelihood")
+    assert job.background and job.nice == 0 and job.done.wait(120)
     assert len(calls) == 1 and calls[0][0][0] == registry.toy_spec()
     assert len(ais) == 1 and ais[0]["n_temps"] == registry.likelihood_temps(64)
     at.switch_page("../pages/playground.py").run()

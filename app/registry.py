@@ -466,7 +466,8 @@ LIKELIHOOD_TEST_IMAGES = 1000
 
 def likelihood_temps(dim: int) -> int:
     """The first view's number of AIS temperatures for images of ``dim`` pixels: fewer for 28x28 than for 8x8,
-    so that the first estimate takes well under a minute on 2 CPU cores (MNIST: about 30 s on one core)."""
+    so that the first estimate takes well under a minute on 2 CPU cores (MNIST with its 1,000 test images: 34 s on
+    one core, measured on a slow machine)."""
     return 100 if dim <= 256 else 50
 
 

@@ -438,7 +438,8 @@ def cached(key: tuple, compute: Callable[[Callable[[float], None]], T], label: s
                     wait.empty()
                     progress(job.progress, time.monotonic() - job.started)
         wait.empty()
-    if isinstance(job.error, Abandoned):  # dropped by its other sessions just before this one asked: again
+    # Dropped by the sessions that wanted it just before this one asked: compute it again, for this one.
+    if isinstance(job.error, Abandoned) and not _EXITING.is_set():
         return cached(key, compute, label, max_items)
     if job.error is not None:
         raise job.error

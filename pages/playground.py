@@ -167,10 +167,10 @@ def fig_regions(t: ToyTrainer, grid) -> go.Figure:
     scale = [[i / max(1, k - 1), colors[i % len(colors)]] for i in range(k)] if k > 1 else [[0, colors[0]], [1, colors[0]]]
     xs = np.asarray(grid.xs, np.float32)  # float32 and int8 arrays: plotly sends them as compact binary
     fig = go.Figure(go.Heatmap(x=xs, y=xs, z=np.asarray(pred, np.int8), zmin=0, zmax=k - 1, colorscale=scale,
-                               opacity=0.35, showscale=False, hoverinfo="skip"))
+                               opacity=0.35, showscale=False, customdata=np.round(np.asarray(conf), 2),
+                               hovertemplate="class %{z}, p(y|x) %{customdata:.2f}<extra></extra>"))
     fig.add_contour(x=xs, y=xs, z=np.asarray(conf, np.float32), contours=dict(start=0.6, end=0.9, size=0.3,
-                    coloring="none"), line=dict(width=1, color="#444"), showscale=False,
-                    hovertemplate="largest p(y|x) %{z:.2f}<extra></extra>")
+                    coloring="none"), line=dict(width=1, color="#444"), showscale=False, hoverinfo="skip")
     test = t.trainer.test_set
     p = test.x.reshape(-1, 2).numpy()
     fig.add_scatter(x=p[:, 0], y=p[:, 1], mode="markers", hoverinfo="skip",
@@ -186,7 +186,8 @@ def fig_density(t: ToyTrainer, grid, log_scale: bool) -> go.Figure:
     fig = go.Figure(go.Contour(x=xs, y=xs, z=np.asarray(z, np.float32), zmin=zmin, zmax=float(np.max(z)),
                                colorscale="Viridis", showscale=False, ncontours=8,
                                contours=dict(coloring="heatmap"), line=dict(width=1, color="rgba(255,255,255,0.6)"),
-                               hovertemplate=("log p(x) %{z:.2f} nats" if log_scale else "p(x) %{z:.3g}") + "<extra></extra>"))
+                               hovertemplate=("log p(x) %{z:.2f} nats" if log_scale else "p(x) %{z:.3g}")
+                               + "<extra></extra>"))
     buf = t.buffer_points(300)
     if buf is not None:
         b = buf.numpy()

@@ -589,9 +589,10 @@ def _gated(calls: list, gate, value=1):
     import os
     import threading
 
+    from app import compute
+
     def work(progress):
-        calls.append((__import__("app.compute").compute.workers_busy(),
-                      os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+        calls.append((compute.workers_busy(), os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
         while not gate.wait(0.02):
             progress(0.5)
         progress(1.0)
@@ -603,7 +604,6 @@ def test_a_computation_asked_for_by_a_prefetch_and_a_visit_runs_once_and_the_vis
     """prefetch starts a job that runs niced without a worker slot; a prefetch or a visit (cached) asking for the
     same key meanwhile joins that job instead of computing again, and gets its value; once stored, a prefetch
     starts nothing."""
-    import os
     import threading
 
     import torch
@@ -805,8 +805,8 @@ def test_the_memory_keeper_hands_the_free_heap_back_on_its_interval(monkeypatch)
 def test_the_warm_up_computes_what_the_playground_and_likelihood_pages_open_with(monkeypatch):
     """The app's first run starts, in the background, exactly the playground's pair (spec, seed, labels) and the
     Likelihood page's AIS estimate (model, test images, settings; at the server's priority) that first visits ask
-    for: the visits then compute neither again. A bare call (no script run, e.g. a multiprocessing child re-importing the app)
-    starts nothing."""
+    for: the visits then compute neither again. A bare call (no script run, e.g. a multiprocessing child
+    re-importing the app) starts nothing."""
     from streamlit.testing.v1 import AppTest
 
     import jem_core.likelihood

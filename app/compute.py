@@ -51,6 +51,8 @@ torch.set_num_threads(int(os.environ.get("JEM_TORCH_THREADS", 1)))
 #: (an OOD set or an attack's adversarial images: 3.1 MB each) and keep the cache within the dashboard's
 #: memory target (growth under load within 150 MB).
 CACHE_MB = float(os.environ.get("JEM_CACHE_MB", 96))
+#: Bound of the shared result cache in entries.
+CACHE_ITEMS = 96
 
 
 #: Share of the workers' time that all sessions' live views (the Langevin chains) may use together
@@ -114,7 +116,7 @@ def live_sessions(besides: str | None = None, now: float | None = None) -> int:
 
 @st.cache_resource(show_spinner=False)
 def _store() -> dict[str, Any]:
-    return {"lock": threading.Lock(), "data": OrderedDict(), "bytes": {}, "max_items": 96}
+    return {"lock": threading.Lock(), "data": OrderedDict(), "bytes": {}}
 
 
 def nbytes(value: Any, _seen: set[int] | None = None) -> int:
@@ -309,7 +311,7 @@ def _keep(key: tuple, value: Any) -> None:
             return
         s["data"][key], s["bytes"][key] = value, size
         s["data"].move_to_end(key)
-        while len(s["data"]) > s["max_items"] or sum(s["bytes"].values()) > limit:
+        while len(s["data"]) > CACHE_ITEMS or sum(s["bytes"].values()) > limit:
             old, _ = s["data"].popitem(last=False)
             s["bytes"].pop(old, None)
 
@@ -392,7 +394,7 @@ def _who() -> tuple[str | None, str]:
     return (None, "") if ctx is None else (ctx.session_id, str(ctx.page_script_hash))
 
 
-def cached(key: tuple, compute: Callable[[Callable[[float], None]], T], label: str, max_items: int = 96) -> T:
+def cached(key: tuple, compute: Callable[[Callable[[float], None]], T], label: str) -> T:
     """Shared store of evaluation results keyed by ``key``; a miss computes once for every session that asks.
 
     ``compute`` receives a ``progress(fraction)`` callback and runs in a thread of its own holding a
@@ -406,13 +408,12 @@ def cached(key: tuple, compute: Callable[[Callable[[float], None]], T], label: s
     under way.
 
     Keys must name everything the result depends on (model keys from :func:`entry_key`, dataset, number of
-    images, settings). The store keeps at most ``max_items`` results and :data:`CACHE_MB` megabytes of their
+    images, settings). The store keeps at most :data:`CACHE_ITEMS` results and :data:`CACHE_MB` megabytes of their
     tensor and array data (:func:`nbytes`), dropping the least recently used first; a result larger than the
     bound is returned but not kept. Raises :class:`Cancelled` when the user cancelled this computation, and
     whatever ``compute`` raised.
     """
     s = _store()
-    s["max_items"] = max_items
     with s["lock"]:
         if key in s["data"]:  # a hit: before the Cancel mark, which belongs to the first computation asked for
             s["data"].move_to_end(key)
@@ -440,7 +441,7 @@ def cached(key: tuple, compute: Callable[[Callable[[float], None]], T], label: s
         wait.empty()
     # Dropped by the sessions that wanted it just before this one asked: compute it again, for this one.
     if isinstance(job.error, Abandoned) and not _EXITING.is_set():
-        return cached(key, compute, label, max_items)
+        return cached(key, compute, label)
     if job.error is not None:
         raise job.error
     return job.value
@@ -500,7 +501,7 @@ def in_background(name: str, work: Callable[[], Any]) -> threading.Thread:
     tenth of a core that one of them also wants), and it takes no :func:`worker` slot: the slots admit work
     someone waits for, and one held by this thread would leave a live view with none (its chains stall while
     the other slot computes a page). ``work`` should fill a shared ``st.cache_resource`` entry that the pages
-    then read (not :func:`cached`, whose worker wait and progress box belong to a script run): a visit that
+    then read (a :func:`cached` result is computed ahead by :func:`prefetch` instead): a visit that
     arrives first computes as usual or waits for the same entry. An exception in ``work`` is printed to the
     server log and the visit computes for itself.
     """

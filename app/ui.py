@@ -32,7 +32,8 @@ import torch
 from PIL import Image
 
 from app.compute import (N_WORKERS, Cancelled, _workers, cached, current_session_id, digest_files, live_interval,
-                         live_sessions, live_share, progress_box, session_alive, start_memory_keeper, worker, workers_busy)
+                         live_sessions, live_share, progress_box, session_alive, start_memory_keeper, worker,
+                         workers_busy)
 from app.figures import (CLASS_COLORS, COLORS, difference_images, fig_chain_energy, fig_chain_predictions, fig_histograms, fig_lines, fig_maps, fig_placement,
                          fig_probabilities, fig_reliability, fig_roc, image_map)
 from app.registry import (CHECKPOINT_DIR, LIKELIHOOD_CHAINS, LIKELIHOOD_REVERSE, LIKELIHOOD_SAMPLER,
@@ -50,7 +51,8 @@ __all__ = [
     "_workers", "cached", "context", "current_session_id", "difference_images", "digest_files", "display_scale",
     "download_json", "download_png", "download_table", "fig_chain_energy", "fig_chain_predictions",
     "fig_histograms", "fig_lines", "fig_maps", "fig_placement", "fig_probabilities", "fig_reliability",
-    "fig_roc", "grid", "image_map", "likelihood_report", "likelihood_temps", "live_interval", "live_sessions", "live_share", "make_pages", "n_test_control", "need_test_set", "page_link",
+    "fig_roc", "grid", "image_map", "likelihood_report", "likelihood_temps", "live_interval", "live_sessions",
+    "live_share", "make_pages", "n_test_control", "need_test_set", "page_link",
     "progress_box", "run_page", "session_alive", "shape_of",
     "show_chart", "show_grid", "sidebar", "test_probabilities", "TOY_PRETRAIN_ITERS", "toy_pair", "toy_spec", "warm_up",
     "worker", "workers_busy",

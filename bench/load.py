@@ -6,9 +6,10 @@ this machine), then drives Debian's Chromium through Playwright:
 - ``--chains N`` sessions open the Langevin page, whose chains start by themselves and refresh live; in the
   page, a 50 ms timer records each change of the grid's "after N steps" caption (one refresh);
 - ``--browse M`` sessions cycle through every page, run the default attack, upload an image on the Score
-  page; per page load two times: until the page shows its content or says it is computing ("shown": a
-  chart, an image, a metric, a progress box or a notice under the title) and until the server has finished
-  the page's script, computations included ("idle");
+  page; per page load four times: until the browser has loaded the document ("dom"), until the page's title
+  is drawn ("title": the app's scripts have run and its session has started), until the page shows its
+  content or says it is computing ("shown": a chart, an image, a metric, a progress box or a notice under
+  the title) and until the server has finished the page's script, computations included ("idle");
 - ``--train`` adds one session that trains a digits JEM on the Train page.
 
 Every ``--sample`` seconds it records the server's resident memory and CPU time (``/proc``) and every
@@ -198,11 +199,14 @@ def run(url: str, server_pid: int | None, chains: int, browse: int, train: bool,
                 t0 = time.monotonic()
                 try:
                     pg.goto(f"{url}/{page}", wait_until="domcontentloaded")
+                    loaded = time.monotonic() - t0
                     pg.locator("h1").first.wait_for(state="visible")
+                    titled = time.monotonic() - t0
                     pg.locator(SHOWN).first.wait_for(state="visible")
                     shown = time.monotonic() - t0
                     _idle(pg)
                     result["page_loads"].append({"session": name, "page": page or "home", "s": round(shown, 2),
+                                                 "s_dom": round(loaded, 2), "s_title": round(titled, 2),
                                                  "s_idle": round(time.monotonic() - t0, 2)})
                     if page == "score":
                         pg.locator(".st-key-score_upload input[type=file]").set_input_files(str(upload))

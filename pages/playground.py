@@ -1,7 +1,8 @@
 """2-D playground: a JEM and a baseline trained on the same 2-D points with the same seed, side by side:
 decision regions with the data, the density p(x) normalised by quadrature (its log is the energy, shifted;
 the energy surface on request), replay-buffer particles and fresh SGLD chains with trails, and exact numbers
-over training time.
+over training time. The page opens on its result; the data and training settings wait in a closed expander
+whose title states them.
 
 Widgets -> :class:`jem_core.toy.ToyTrainer` (``apply`` settings, ``train`` a few guarded iterations per
 tick of an ``st.fragment``, ``advance_chains``, ``measure``) -> plotly figures. The trained pair the page
@@ -243,7 +244,27 @@ def fig_histories(jem: ToyTrainer, base: ToyTrainer) -> go.Figure:
 
 
 # ------------------------------------------------------------------------------------ page
+def settings_label(cfg: ToySettings) -> str:
+    """The settings expander's title: what the sliders inside are set to, readable while it is closed."""
+    noise = "exact Langevin" if cfg.exact_langevin else f"noise std {cfg.noise:g}"
+    return (f"Data and settings: {cfg.sgld_steps} SGLD steps of size {cfg.step_size:g} ({noise}), p(x) weight "
+            f"{cfg.px_weight:g}, learning rate {cfg.lr:g}, {'clamped to the box' if cfg.clamp else 'not clamped'}")
+
+
 def controls(s: dict) -> None:
+    """The data and training settings, in an expander that opens on a click: closed, it costs a browser little
+    to lay out, while these twelve sliders and boxes on show delayed the page's first metric from 3.2 to 10.3 s
+    in a Chromium slowed 4x (``bench/page_cost.py``, medians of three loads)."""
+    semi = "all labels" if s.get("labels") is None else f"{s['labels']} labels per class (semi-supervised)"
+    st.caption(f"Showing `{s['spec']}`, seed {s['seed']}, {semi}: points in the box [-1, 1]^2 (20% held out as the "
+               "test set). New data, seed or labels apply on **Reset** (untrained) or **Trained pair** (trained once "
+               "per server).")
+    with st.expander(settings_label(settings_from_widgets()), key="pg_settings", icon=":material/tune:"):
+        data_controls()
+        sampler_controls()
+
+
+def data_controls() -> None:
     a, b, c, e, l = st.columns(5)
     a.selectbox("Data", list(TOY_DATASETS) + ["csv"], key="pg_data", **ui.PERSIST,
                 format_func=lambda n: "your CSV (upload)" if n == "csv" else f"toy:{n}",
@@ -261,11 +282,11 @@ def controls(s: dict) -> None:
     l.selectbox("Labels per class", ["all", 1, 3, 10, 30], key="pg_labels", **ui.PERSIST,
                 help="semi-supervised: cross-entropy sees this many labelled points per class (both models); "
                      "JEM's p(x) term sees every point")
-    semi = "all labels" if s.get("labels") is None else f"{s['labels']} labels per class (semi-supervised)"
-    st.caption(f"Showing `{s['spec']}`, seed {s['seed']}, {semi}: points in the box [-1, 1]^2 (20% held out as the "
-               "test set). New data, seed or labels apply on **Reset** (untrained) or **Trained pair** (trained once "
-               "per server).")
-    f, g, h, i, j, k, m = st.columns(7)
+
+
+def sampler_controls() -> None:
+    f, g, h, j, k = st.columns(5)
+    i, m, _ = st.columns(3)
     f.slider("SGLD steps / iteration", 0, 60, key=KEYS["sgld_steps"], **ui.PERSIST)
     exact = i.toggle("Exact Langevin", key=KEYS["exact_langevin"], **ui.PERSIST,
                      help="noise std = sqrt(step size), gradient step = step size / 2: samples p(x) for small steps")
@@ -353,7 +374,7 @@ def main(ctx: ui.Context | None) -> None:
     s = ss[STATE]
     controls(s)
     buttons(s)
-    st.caption("What to watch: the JEM's p(x) (middle row) follows the data while the baseline's logsumexp "
+    st.caption("What to watch: the JEM's p(x) (second row) follows the data while the baseline's logsumexp "
                "spreads mass where there is none (compare the exact test log p(x)); red dots are fresh SGLD chains "
                "with trails, white dots the replay buffer; the log p(x) map is the energy map, since log p(x) = "
                "-E(x) - log Z. Exact Langevin with a small step samples p(x); JEM's image "

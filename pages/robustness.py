@@ -150,7 +150,11 @@ def main(ctx: ui.Context) -> None:
     if test is None:
         return
     publish = share.sync(url_params(ctx, len(test)), "robustness")
-    s = settings(ctx, len(test))
+    # Closed until clicked: these ten widgets on show delayed the results from 3.3 to 8.6 s in a Chromium slowed
+    # 4x (bench/page_cost.py); the chart title and the table below say what ran.
+    with st.expander("Attack settings: attack, eps, PGD steps, test images, SGLD refinement", key="rb_settings",
+                     icon=":material/tune:"):
+        s = settings(ctx, len(test))
     publish()
     clicked = st.button("Run attacks", key="rb_run", type="primary")
     ss = st.session_state

@@ -84,3 +84,21 @@ def test_a_training_run_stops_by_itself_when_its_tab_is_closed():
             f"the server still uses {rate:.2f} cores (training: {before:.2f}) 30 s after the tab closed")
     finally:
         load.stop_server(proc)
+
+
+def test_page_cost_times_each_page_load_in_order_in_a_slowed_browser():
+    from bench import page_cost
+
+    log = Path(tempfile.mkdtemp()) / "server.log"
+    proc = load.start_server(load._free_port(), log, {"OMP_NUM_THREADS": "1", "JEM_EXPLORER_DEFAULT": "digits"})
+    try:
+        port = proc.args[proc.args.index("--server.port") + 1]
+        costs = page_cost.page_costs(f"http://127.0.0.1:{port}", ["", "playground"], throttle=2, repeat=1)
+    finally:
+        load.stop_server(proc)
+    assert set(costs) == {"home", "playground"}
+    for page, loads in costs.items():
+        assert len(loads) == 1, (page, loads)
+        x = loads[0]
+        assert 0 < x["dom"] <= x["title"] <= x["shown"] < 120, (page, x)
+

@@ -17,7 +17,7 @@ import torch
 from jem_core.data import DataUnavailableError, data_available, dataset_shape, load_dataset
 from jem_core.toy import (BOX, DIVERGE_PRESET, ToyTrainer, density_grid, exact_log_likelihood, grid_points,
                           histogram_distance, histogram_distance_floor, load_toy, log_z_quadrature, parse_toy_spec,
-                          pretrained_pair, sample_grid, sampler_fidelity)
+                          ToySettings, pretrained_pair, sample_grid, sampler_fidelity)
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The CLI recipe of the README: exact Langevin (a = 1e-3), learning rate 0.01, 12 epochs of 25 iterations.
@@ -305,6 +305,30 @@ def test_playground_page_renders_a_trained_pair(monkeypatch):
         at.button(key="pg_step").click().run()
     assert not at.exception, at.exception
     assert int({m.label: m.value for m in at.metric}["Guard roll-backs"]) >= 1
+
+
+def test_playground_settings_wait_in_a_closed_expander_whose_title_states_them(monkeypatch):
+    """The playground opens on its result: its twelve settings sit in a closed expander (cheap for a browser to
+    lay out) whose title says what the sampler and training are set to, and follows a change."""
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("JEM_EXPLORER_DEFAULT", "digits")
+    at = AppTest.from_file(str(ROOT / "app" / "Home.py"), default_timeout=180).run()
+    at.switch_page("../pages/playground.py").run()
+    assert not at.exception, at.exception
+    box = [e for e in at.expander if e.label.startswith("Data and settings")]
+    assert len(box) == 1 and not box[0].proto.expanded
+    d = ToySettings()
+    assert (f"{d.sgld_steps} SGLD steps of size {d.step_size:g} (exact Langevin), p(x) weight {d.px_weight:g}, "
+            f"learning rate {d.lr:g}, clamped to the box") in box[0].label
+    inside = {w.key for w in box[0].select_slider} | {w.key for w in box[0].slider} | {w.key for w in box[0].toggle}
+    assert {"pg_step_size", "pg_noise", "pg_px", "pg_lr", "pg_steps", "pg_exact", "pg_clamp"} <= inside
+    at.select_slider(key="pg_lr").set_value(1e-3)
+    at.toggle(key="pg_exact").set_value(False).run()  # the noise slider is enabled without exact Langevin
+    at.select_slider(key="pg_noise").set_value(0.03)
+    at.toggle(key="pg_clamp").set_value(False).run()
+    label = next(e.label for e in at.expander if e.label.startswith("Data and settings"))
+    assert "(noise std 0.03)" in label and "learning rate 0.001" in label and label.endswith("not clamped")
 
 
 def test_sample_and_evaluate_cli_work_on_a_2d_checkpoint(moons_checkpoint, tmp_path, capsys):

@@ -101,4 +101,3 @@ def test_page_cost_times_each_page_load_in_order_in_a_slowed_browser():
         assert len(loads) == 1, (page, loads)
         x = loads[0]
         assert 0 < x["dom"] <= x["title"] <= x["shown"] < 120, (page, x)
-

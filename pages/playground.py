@@ -27,9 +27,13 @@ import streamlit as st
 import torch
 
 from app import ui
-from jem_core.toy import DIVERGE_PRESET, TOY_DATASETS, ToySettings, ToyTrainer, ais_log_z, histogram_distance
+from jem_core.data import DataUnavailableError
+from jem_core.errors import BadInput
+from jem_core.toy import (DIVERGE_PRESET, TOY_DATASETS, ToySettings, ToyTrainer, ais_log_z, histogram_distance,
+                          load_toy)
 
 STATE = "pg_state"             # session_state: {"jem", "base", "running", "spec", "seed", "grids"}
+PROBLEM = "pg_problem"         # session_state: why the last upload, Reset or Trained pair could not be used
 DEFAULT_SPEC = "toy:moons"
 ITERS_PER_TICK = 10            # training iterations per model per tick (and per Step)
 TICK_BUDGET_S = 0.25           # ... or fewer, when they take longer than this
@@ -84,12 +88,25 @@ def load_pair(fresh: bool) -> None:
                  "grids": {}}
 
 
+def load_or_explain(fresh: bool) -> None:
+    """:func:`load_pair` for Reset and Trained pair; data that cannot be used leaves the pair shown as it was and
+    says why (the message is shown under the settings)."""
+    ss = st.session_state
+    if ss.get("pg_data") == "csv" and not ss.get("pg_csv_spec"):
+        ss[PROBLEM] = "No usable CSV is uploaded: upload one (x1, x2, label per row) or choose a toy data set."
+        return
+    try:
+        load_pair(fresh)
+    except (BadInput, DataUnavailableError) as e:
+        ss[PROBLEM] = f"These data cannot be used, so the pair shown is unchanged: {e}"
+
+
 def on_reset() -> None:
-    load_pair(fresh=True)
+    load_or_explain(fresh=True)
 
 
 def on_trained() -> None:
-    load_pair(fresh=False)
+    load_or_explain(fresh=False)
 
 
 def on_run(running: bool) -> None:
@@ -122,7 +139,14 @@ def on_upload() -> None:
     data = f.getvalue()
     path = Path(tempfile.gettempdir()) / f"jem_toy_{hashlib.sha256(data).hexdigest()[:16]}.csv"
     path.write_bytes(data)
-    st.session_state["pg_csv_spec"] = f"toy:csv:{path}"
+    spec = f"toy:csv:{path}"
+    try:  # read it now, so that a file that cannot be used is named at once, not at the next Reset
+        load_toy(spec, "train")
+    except (BadInput, DataUnavailableError) as e:
+        st.session_state.pop("pg_csv_spec", None)
+        st.session_state[PROBLEM] = f"{f.name} cannot be used: {str(e).replace(str(path), f.name)}"
+        return
+    st.session_state["pg_csv_spec"] = spec
 
 
 # ------------------------------------------------------------------------------------ computing
@@ -262,6 +286,8 @@ def controls(s: dict) -> None:
     with st.expander(settings_label(settings_from_widgets()), key="pg_settings", icon=":material/tune:"):
         data_controls()
         sampler_controls()
+    if PROBLEM in st.session_state:  # outside the expander: seen even when it is closed
+        st.error(st.session_state.pop(PROBLEM))
 
 
 def data_controls() -> None:

@@ -331,6 +331,34 @@ def test_playground_settings_wait_in_a_closed_expander_whose_title_states_them(m
     assert "(noise std 0.03)" in label and "learning rate 0.001" in label and label.endswith("not clamped")
 
 
+def test_playground_says_why_a_csv_cannot_be_used_and_keeps_the_pair_shown(monkeypatch, tmp_path):
+    """Reset or Trained pair with unusable data (a CSV of the wrong shape, too few points, or none uploaded) shows
+    an error box and keeps the pair on screen: no traceback, nothing lost."""
+    from streamlit.testing.v1 import AppTest
+
+    from app import registry
+
+    monkeypatch.setenv("JEM_EXPLORER_DEFAULT", "digits")
+    at = AppTest.from_file(str(ROOT / "app" / "Home.py"), default_timeout=180).run()
+    at.switch_page("../pages/playground.py").run()
+    before = {m.label: m.value for m in at.metric}["Iteration"]
+    at.selectbox(key="pg_data").set_value("csv").run()
+    at.button(key="pg_reset").click().run()  # nothing uploaded yet
+    assert not at.exception, at.exception
+    assert any("No usable CSV is uploaded" in e.value for e in at.error), [e.value for e in at.error]
+    bad, few = tmp_path / "bad.csv", tmp_path / "few.csv"
+    bad.write_text("a,b\nc,d\n")
+    few.write_text("0.1,0.2,0\n0.3,0.4,1\n")
+    for path, key, why in ((bad, "pg_reset", "expected 3 columns"), (few, "pg_trained", "need at least 10")):
+        at.session_state["pg_csv_spec"] = f"toy:csv:{path}"
+        at.button(key=key).click().run()
+        assert not at.exception, at.exception
+        errors = [e.value for e in at.error]
+        assert any(why in e and "pair shown is unchanged" in e for e in errors), errors
+        assert {m.label: m.value for m in at.metric}["Iteration"] == before
+        assert at.session_state["pg_state"]["spec"] == registry.toy_spec()
+
+
 def test_sample_and_evaluate_cli_work_on_a_2d_checkpoint(moons_checkpoint, tmp_path, capsys):
     from PIL import Image
 

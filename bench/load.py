@@ -122,6 +122,19 @@ SHOWN = ('[data-testid="stMain"] :is([data-testid="stPlotlyChart"], [data-testid
          '[data-testid="stExpander"])')
 
 
+def timed_load(pg, url: str) -> dict[str, float]:
+    """Load ``url`` in the Playwright page ``pg``; seconds (2 decimals) until the document has loaded ("dom"),
+    until the page's title is drawn ("title") and until it shows content or a progress box ("shown",
+    :data:`SHOWN`). Raises Playwright's TimeoutError after the page's default timeout."""
+    t0 = time.monotonic()
+    pg.goto(url, wait_until="domcontentloaded")
+    dom = time.monotonic() - t0
+    pg.locator("h1").first.wait_for(state="visible")
+    title = time.monotonic() - t0
+    pg.locator(SHOWN).first.wait_for(state="visible")
+    return {"dom": round(dom, 2), "title": round(title, 2), "shown": round(time.monotonic() - t0, 2)}
+
+
 def _restart_finished(chain_pages) -> None:
     """Chains that reached their 2,000 steps start again (a soak never idles; a refresh count is not cut
     short by finished chains)."""
@@ -198,15 +211,10 @@ def run(url: str, server_pid: int | None, chains: int, browse: int, train: bool,
                 page = PAGES[step % len(PAGES)]
                 t0 = time.monotonic()
                 try:
-                    pg.goto(f"{url}/{page}", wait_until="domcontentloaded")
-                    loaded = time.monotonic() - t0
-                    pg.locator("h1").first.wait_for(state="visible")
-                    titled = time.monotonic() - t0
-                    pg.locator(SHOWN).first.wait_for(state="visible")
-                    shown = time.monotonic() - t0
+                    t = timed_load(pg, f"{url}/{page}")
                     _idle(pg)
-                    result["page_loads"].append({"session": name, "page": page or "home", "s": round(shown, 2),
-                                                 "s_dom": round(loaded, 2), "s_title": round(titled, 2),
+                    result["page_loads"].append({"session": name, "page": page or "home", "s": t["shown"],
+                                                 "s_dom": t["dom"], "s_title": t["title"],
                                                  "s_idle": round(time.monotonic() - t0, 2)})
                     if page == "score":
                         pg.locator(".st-key-score_upload input[type=file]").set_input_files(str(upload))

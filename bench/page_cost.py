@@ -21,12 +21,11 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.load import CHROMIUM_ARGS, PAGES, SHOWN, _free_port, _idle, start_server, stop_server  # noqa: E402
+from bench.load import CHROMIUM_ARGS, PAGES, _free_port, _idle, start_server, stop_server, timed_load  # noqa: E402
 
 
 def page_costs(url: str, pages: list[str], throttle: float, repeat: int) -> dict:
@@ -45,17 +44,11 @@ def page_costs(url: str, pages: list[str], throttle: float, repeat: int) -> dict
                 pg = ctx.new_page()
                 pg.set_default_timeout(120_000)
                 ctx.new_cdp_session(pg).send("Emulation.setCPUThrottlingRate", {"rate": throttle})
-                t0 = time.monotonic()
-                pg.goto(f"{url}/{page}", wait_until="domcontentloaded")
-                dom = time.monotonic() - t0
-                pg.locator("h1").first.wait_for(state="visible")
-                title = time.monotonic() - t0
-                pg.locator(SHOWN).first.wait_for(state="visible")
-                shown = time.monotonic() - t0
+                t = timed_load(pg, f"{url}/{page}")
                 _idle(pg)  # the page's computations end before the next load starts
                 ctx.close()
                 if i:
-                    loads.append({"dom": round(dom, 2), "title": round(title, 2), "shown": round(shown, 2)})
+                    loads.append(t)
             out[page or "home"] = loads
             med = {k: statistics.median(x[k] for x in loads) for k in ("dom", "title", "shown")}
             print(f"{page or 'home':12s} medians: dom {med['dom']:.2f} s, title {med['title']:.2f} s, "

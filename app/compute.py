@@ -8,9 +8,10 @@
 - :func:`worker`: at most :data:`N_WORKERS` heavy computations at once in this server (one per core, each on
   one torch thread), with a visible wait for a free one; live views ask without waiting and skip a tick.
 - :func:`live_share`: the live views of all sessions together use at most :data:`LIVE_SHARE` of the workers'
-  time; with more sessions live, each gets a smaller compute budget per refresh (fewer steps, same refresh
-  rate), so pages and other computations still find a free core; :func:`live_interval`: their secondary
-  figures redraw less often.
+  time; with more sessions live, each gets a smaller share of SGLD time, so pages and other computations still
+  find a free core; :func:`refresh_interval`: with more sessions
+  live, each refreshes less often (all together at most :data:`LIVE_REFRESHES_PER_S`); :func:`live_interval`:
+  their secondary figures redraw less often.
 - :func:`in_background`: work the server does once, ahead of any visit (at low CPU priority, outside the workers).
 - :func:`session_alive`: whether a browser session is still connected (work it started can stop by itself).
 - :func:`start_memory_keeper`: the server's freed heap goes back to the system every
@@ -58,6 +59,9 @@ CACHE_ITEMS = 96
 #: Share of the workers' time that all sessions' live views (the Langevin chains) may use together
 #: (``$JEM_LIVE_SHARE`` overrides): with 0.5 on 2 cores the chains of every session together use about one core.
 LIVE_SHARE = float(os.environ.get("JEM_LIVE_SHARE", 0.5))
+#: Live picture refreshes per second that all sessions' live views may make together (``$JEM_LIVE_REFRESHES``
+#: overrides; see :func:`refresh_interval`).
+LIVE_REFRESHES_PER_S = float(os.environ.get("JEM_LIVE_REFRESHES", 8))
 #: A live view that has not ticked for this many seconds no longer counts as live.
 LIVE_WINDOW_S = 2.0
 #: Seconds between two hand-backs of the server's free heap to the system (``$JEM_MEMORY_RELEASE_S``; 0: never).
@@ -92,6 +96,14 @@ def live_share(session: str | None, duty: float, now: float | None = None) -> tu
     return min(1.0, LIVE_SHARE * N_WORKERS / (live * max(duty, 1e-9))), live
 
 
+def _steady(new: float, current: float | None) -> float:
+    """``new``, unless the interval in use ``current`` is within [0.5, 1.5] times it: a live-session count that
+    wavers between two values does not change an interval back and forth (a change needs a full rerun)."""
+    if current is None or new > 1.5 * current or new < 0.5 * current:
+        return float(new)
+    return float(current)
+
+
 def live_interval(base: float, live: int, current: float | None = None) -> float:
     """Seconds between redraws of a secondary live view (the chains' traces) with ``live`` sessions' live views
     running on this server: ``base * live``, so that all sessions together redraw it about once per ``base``.
@@ -99,10 +111,21 @@ def live_interval(base: float, live: int, current: float | None = None) -> float
     picture refreshes/s each with the two trace figures redrawn every second, 2.3-2.7 without any redraw.
     Given the interval in use ``current``, the result changes only when the new one is over 1.5x or under half
     of it, so that a count wavering between two values does not change it (a change needs a full rerun)."""
-    new = float(base) * max(1, int(live))
-    if current is None or new > 1.5 * current or new < 0.5 * current:
-        return new
-    return float(current)
+    return _steady(float(base) * max(1, int(live)), current)
+
+
+def refresh_interval(base: float, live: int, current: float | None = None) -> float:
+    """Seconds between two refreshes of a live view (the chains' pictures) with ``live`` sessions' live views
+    running on this server: ``max(base, live / LIVE_REFRESHES_PER_S)``: alone (or with one other at the default
+    8/s) a view refreshes every ``base`` seconds; with more, all of them together refresh at most
+    :data:`LIVE_REFRESHES_PER_S` times per second (4 sessions: every 0.5 s each). Each refresh costs the server a
+    script rerun, a PNG and a message, and a browser a re-render (about 130 ms of a core), whatever the SGLD
+    steps in it; a view that refreshes less often does more steps per refresh (:func:`live_share` bounds the
+    steps), so the chains advance as fast. Same hysteresis as :func:`live_interval`. Raises ValueError when
+    ``base`` is not positive."""
+    if not base > 0:
+        raise ValueError(f"refresh interval must be positive seconds, got {base!r}")
+    return _steady(max(float(base), max(1, int(live)) / LIVE_REFRESHES_PER_S), current)
 
 
 def live_sessions(besides: str | None = None, now: float | None = None) -> int:
@@ -492,13 +515,15 @@ def _background() -> dict[str, Any]:
     return {"lock": threading.Lock(), "threads": {}}
 
 
-def in_background(name: str, work: Callable[[], Any]) -> threading.Thread:
+def in_background(name: str, work: Callable[[], Any], nice: int = BACKGROUND_NICE) -> threading.Thread:
     """Run ``work()`` once per server process, in a daemon thread, ahead of the visits that will need it.
 
     The first call with a ``name`` starts the thread; later calls (any session, any run) return that same
-    thread, finished or not. The thread lowers its own CPU priority by :data:`BACKGROUND_NICE` (Linux: per
-    thread), so that the computations of pages being looked at win the cores (a niced thread gets about a
-    tenth of a core that one of them also wants), and it takes no :func:`worker` slot: the slots admit work
+    thread, finished or not. The thread lowers its own CPU priority by ``nice`` (default :data:`BACKGROUND_NICE`;
+    Linux: per thread), so that the computations of pages being looked at win the cores (a niced thread gets
+    about a tenth of a core that one of them also wants); ``nice=0`` for short work that a visit may wait for
+    inside a lock it cannot raise (a module import: a page importing the same module waits for this thread).
+    It takes no :func:`worker` slot: the slots admit work
     someone waits for, and one held by this thread would leave a live view with none (its chains stall while
     the other slot computes a page). ``work`` should fill a shared ``st.cache_resource`` entry that the pages
     then read (a :func:`cached` result is computed ahead by :func:`prefetch` instead): a visit that
@@ -510,7 +535,8 @@ def in_background(name: str, work: Callable[[], Any]) -> threading.Thread:
         thread = state["threads"].get(name)
         if thread is None:
             def run() -> None:
-                _set_nice(threading.get_native_id(), _BASE_NICE + BACKGROUND_NICE)
+                if nice:
+                    _set_nice(threading.get_native_id(), _BASE_NICE + int(nice))
                 try:
                     work()
                 finally:

@@ -525,19 +525,35 @@ def toy_pair(spec: str, seed: int, labels: int | None) -> tuple[ToyTrainer, ToyT
     return pretrained_pair(spec, seed, TOY_PRETRAIN_ITERS, labels_per_class=labels)
 
 
+#: Libraries the pages import on first use (scikit-learn's metrics and datasets, SciPy's statistics, torchmetrics,
+#: captum): about 3 s of one idle core together, which the first visit of Home, Calibration, OOD, Robustness or the
+#: playground would otherwise wait for (2-3x longer while live chains share the cores).
+PAGE_LIBRARIES = ("scipy.stats", "sklearn.metrics", "sklearn.datasets", "torchmetrics.functional.classification",
+                  "captum.robust", "captum.attr")
+
+
+def _import_page_libraries() -> None:
+    import importlib
+
+    for name in PAGE_LIBRARIES:
+        importlib.import_module(name)
+
+
 def warm_up(ctx: Context | None) -> None:
-    """Once per server, in the background (no worker slot), the first views' two longest computations: the
-    playground's default pair (:func:`app.compute.in_background`, at lower CPU priority; 3-6 s alone on these 2
-    cores, 10-26 s while live chains run) and the Likelihood page's default AIS estimate for ``ctx`` (the context
-    of the server's first run: its default pair unless a link chose another) by :func:`app.compute.prefetch` at
-    the server's own priority: about half a minute of one core for MNIST when the server starts, which at lower
-    priority took minutes when browsers on the same cores kept them busy (``bench/README.md``). A visit that
-    arrives first waits for the same computation. Cheap to call on every run; ``$JEM_WARM_UP=0`` turns it off.
+    """Once per server, in the background (no worker slot): the libraries the pages import on first use
+    (:data:`PAGE_LIBRARIES`, at the server's own priority: a page importing one meanwhile waits for this thread),
+    and the first views' two longest computations: the playground's default pair (:func:`app.compute.in_background`,
+    at lower CPU priority; 3-6 s alone on these 2 cores, 10-26 s while live chains run) and the Likelihood page's
+    default AIS estimate for ``ctx`` (the context of the server's first run: its default pair unless a link chose
+    another) by :func:`app.compute.prefetch` at the server's own priority: about half a minute of one core for
+    MNIST when the server starts, which at lower priority took minutes when browsers on the same cores kept them
+    busy (``bench/README.md``). A visit that arrives first waits for the same computation. Cheap to call on every run; ``$JEM_WARM_UP=0`` turns it off.
 
     Only inside a script run (a server's session, AppTest): a bare import of the app (a multiprocessing child
     that re-imports the main script, say) starts nothing."""
     if current_session_id() is None or os.environ.get("JEM_WARM_UP", "1").strip() == "0":
         return
+    in_background("imports", _import_page_libraries, nice=0)
     in_background("toy_pair", lambda: toy_pair(toy_spec(), 0, None))
     started = _warmed("likelihood")
     if ctx is not None and not started:  # from this (script) thread: a job started by a niced thread stays niced

@@ -32,8 +32,8 @@ import torch
 from PIL import Image
 
 from app.compute import (N_WORKERS, Cancelled, _workers, cached, current_session_id, digest_files, live_interval,
-                         live_sessions, live_share, progress_box, session_alive, start_memory_keeper, worker,
-                         workers_busy)
+                         live_sessions, live_share, progress_box, refresh_interval, session_alive, start_memory_keeper,
+                         worker, workers_busy)
 from app.figures import (CLASS_COLORS, COLORS, difference_images, fig_chain_energy, fig_chain_predictions, fig_histograms, fig_lines, fig_maps, fig_placement,
                          fig_probabilities, fig_reliability, fig_roc, image_map)
 from app.registry import (CHECKPOINT_DIR, LIKELIHOOD_CHAINS, LIKELIHOOD_REVERSE, LIKELIHOOD_SAMPLER,
@@ -53,7 +53,7 @@ __all__ = [
     "fig_histograms", "fig_lines", "fig_maps", "fig_placement", "fig_probabilities", "fig_reliability",
     "fig_roc", "grid", "image_map", "likelihood_report", "likelihood_temps", "live_interval", "live_sessions",
     "live_share", "make_pages", "n_test_control", "need_test_set", "page_link",
-    "progress_box", "run_page", "session_alive", "shape_of",
+    "progress_box", "refresh_interval", "run_page", "session_alive", "shape_of",
     "show_chart", "show_grid", "sidebar", "test_probabilities", "TOY_PRETRAIN_ITERS", "toy_pair", "toy_spec", "warm_up",
     "worker", "workers_busy",
 ]
@@ -68,7 +68,8 @@ if current_session_id() is not None:  # a server's (or AppTest's) script run, no
 PAGES_DIR = ROOT / "pages"
 #: Seconds between ticks of live parts (training curves, the playground).
 LIVE_INTERVAL = 0.5
-#: Seconds between refreshes of the live Langevin chains (each refresh spends at most about half of it on SGLD).
+#: Seconds between refreshes of the live Langevin chains with one session live (more sessions: :func:`refresh_interval`);
+#: each refresh spends at most about half of its interval on SGLD.
 CHAIN_INTERVAL = float(os.environ.get("JEM_CHAIN_INTERVAL", 0.15))
 PERSIST = {"persist_state": "session"}  # page widgets keep their value across page switches
 

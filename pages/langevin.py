@@ -29,7 +29,7 @@ INITS = {"noise": "uniform noise", "buffer": "replay buffer", "test": "test data
 LIVE = "lg_live"          # session_state: the live chains
 INPAINT = "lg_inpaint"    # session_state: the last in-painting result
 TRANSLATE = "lg_translate"
-STEP_BUDGET_S = ui.CHAIN_INTERVAL / 2  # seconds of SGLD per refresh in adaptive mode
+STEP_BUDGET_S = ui.CHAIN_INTERVAL / 2  # seconds of SGLD per refresh in adaptive mode, one refresh every CHAIN_INTERVAL
 HISTORY_POINTS = 400        # energies and predictions kept per chain (older ones thinned)
 TRACES_INTERVAL = 1.0       # seconds between redraws of the traces, one live session (more: ui.live_interval)
 MAX_STEPS_PER_REFRESH = 50
@@ -135,8 +135,11 @@ def live_view(ctx: ui.Context) -> None:
                 target - chain.steps)
         share, live = ui.live_share(ui.current_session_id(), STEP_BUDGET_S / ui.CHAIN_INTERVAL)
         s["share"], s["live"] = share, live
-        if ui.live_interval(TRACES_INTERVAL, live, s.get("traces_every")) != s.get("traces_every", TRACES_INTERVAL):
-            st.rerun()  # a full rerun gives the traces' timer its new interval
+        if (ui.live_interval(TRACES_INTERVAL, live, s.get("traces_every")) != s.get("traces_every", TRACES_INTERVAL)
+                or ui.refresh_interval(ui.CHAIN_INTERVAL, live, s.get("every")) != s.get("every", ui.CHAIN_INTERVAL)):
+            st.rerun()  # a full rerun gives the fragments' timers their new intervals
+        # A longer interval between refreshes (more sessions live): as many more steps per refresh.
+        budget = STEP_BUDGET_S * s.get("every", ui.CHAIN_INTERVAL) / ui.CHAIN_INTERVAL
         if k > 0:
             with ui.worker("live chains", wait=False) as free:
                 if free:  # when every worker is busy, this refresh only redraws: the view slows, never freezes
@@ -145,7 +148,7 @@ def live_view(ctx: ui.Context) -> None:
                     per_step = (time.perf_counter() - t0) / k
                     s["per_step"] = per_step if "per_step" not in s else 0.7 * s["per_step"] + 0.3 * per_step
                     # Next refresh: as many steps as fit in this session's share of the compute budget.
-                    s["k_auto"] = max(1, min(MAX_STEPS_PER_REFRESH, int(share * STEP_BUDGET_S / s["per_step"])))
+                    s["k_auto"] = max(1, min(MAX_STEPS_PER_REFRESH, int(share * budget / s["per_step"])))
                 s["waited"] = not free
         if chain.steps >= target:
             s["running"] = False
@@ -164,15 +167,21 @@ def live_view(ctx: ui.Context) -> None:
         ui.show_grid(chain.x, caption, key="lg_grid", file_name=f"{ctx.name}_chains_step{chain.steps}.png")
     sampler = make_sampler(ctx, s["gen"])
     show_health(chain, sampler, ctx)
+    every = s.get("every", ui.CHAIN_INTERVAL)
     steps_per_refresh = s.get("k_auto", 1) if ss.get("lg_auto_k", True) else int(ss.get("lg_every", 10))
     speed = (f" Measured here: {s['per_step'] * 1000:.0f} ms per SGLD step of {chain.x.shape[0]} chains, so "
              f"{steps_per_refresh} step{'s' if steps_per_refresh != 1 else ''} per "
-             f"refresh (one refresh every {ui.CHAIN_INTERVAL:g} s)." if "per_step" in s else "")
+             f"refresh (one refresh every {every:g} s)." if "per_step" in s else "")
+    shared = []  # what this view gives up while other sessions' chains run too
+    if every > ui.CHAIN_INTERVAL:
+        shared.append(f"refreshes every {every:g} s instead of every {ui.CHAIN_INTERVAL:g} s (with more steps per "
+                      "refresh)")
     if s.get("share", 1.0) < 1.0 and ss.get("lg_auto_k", True):
-        st.caption(f":hourglass: {s['live']} sessions run live chains on this server: each gets "
-                   f"{s['share'] * STEP_BUDGET_S * 1000:.0f} ms of SGLD per refresh instead of "
-                   f"{STEP_BUDGET_S * 1000:.0f} ms (fewer steps per refresh, the same refresh rate), so that pages "
-                   "and other computations still find a free core.")
+        duty = STEP_BUDGET_S / ui.CHAIN_INTERVAL
+        shared.append(f"runs SGLD {s['share'] * duty * 1000:.0f} ms of each second instead of {duty * 1000:.0f} ms")
+    if shared and s["running"]:
+        st.caption(f":hourglass: {s.get('live', 1)} sessions run live chains on this server: each "
+                   + " and ".join(shared) + ", so that pages and other computations still find a free core.")
     if s.get("waited"):
         st.caption(f":hourglass: Every worker of this server is busy ({ui.workers_busy()} of {ui.N_WORKERS}): the "
                    "chains wait for a free one and continue by themselves.")
@@ -226,11 +235,13 @@ def chains_tab(ctx: ui.Context) -> None:
         s = ss.get(LIVE)
     running = bool(s and s["running"])
     if s is not None:
-        # The traces redraw less often when more sessions' chains run (each redraw costs a browser about as much as
-        # 1.5 refreshes of the pictures, and the server a figure build); running chains go by the count their last
+        # The pictures refresh and the traces redraw less often when more sessions' chains run (each refresh costs
+        # the server a rerun and a browser a re-render; each traces redraw as much as 1.5 refreshes of the pictures,
+        # and the server a figure build); running chains go by the count their last
         # tick saw (the one that asked for this rerun), so that the two never disagree back and forth.
         live = s.get("live") if running and s.get("live") else ui.live_sessions(besides=ui.current_session_id()) + 1
         s["traces_every"] = ui.live_interval(TRACES_INTERVAL, live, s.get("traces_every"))
+        s["every"] = ui.refresh_interval(ui.CHAIN_INTERVAL, live, s.get("every"))
     can_resume = bool(s and not running and s["chain"].steps < int(ss.get("lg_steps", 200)))
     cols = st.columns(4)
     cols[0].button("Start", key="lg_start", on_click=start_chains, type="primary",
@@ -241,7 +252,7 @@ def chains_tab(ctx: ui.Context) -> None:
 
     left, right = st.columns([3, 2])
     with left:
-        @st.fragment(run_every=ui.CHAIN_INTERVAL if running else None)
+        @st.fragment(run_every=s["every"] if running else None)
         def live() -> None:
             live_view(ctx)
 

@@ -745,6 +745,54 @@ def test_live_views_share_at_most_their_part_of_the_workers_and_forget_closed_se
         state["seen"].update(kept)
 
 
+def test_live_views_refresh_less_often_with_more_sessions_live_all_together_at_a_bounded_rate(monkeypatch):
+    """refresh_interval: alone or with one other session (8 refreshes/s in all) a view keeps its base interval;
+    with more, all of them together refresh at most LIVE_REFRESHES_PER_S times per second; a count that wavers
+    by one keeps the interval in use."""
+    from app import compute
+
+    monkeypatch.setattr(compute, "LIVE_REFRESHES_PER_S", 8.0)
+    assert compute.refresh_interval(0.15, 1) == 0.15 and compute.refresh_interval(0.15, 0) == 0.15
+    assert compute.refresh_interval(0.15, 2) == pytest.approx(0.25)
+    assert compute.refresh_interval(0.15, 4) == pytest.approx(0.5)
+    for live in (2, 4, 8):  # all sessions together: at most 8 refreshes per second
+        assert live / compute.refresh_interval(0.15, live) <= 8.0 + 1e-9
+    assert compute.refresh_interval(0.15, 3, current=0.5) == 0.5  # 4 -> 3 sessions: kept
+    assert compute.refresh_interval(0.15, 1, current=0.5) == 0.15  # back to one session
+    with pytest.raises(ValueError, match="positive"):
+        compute.refresh_interval(0.0, 1)
+
+
+def test_with_four_sessions_live_the_chains_refresh_less_often_with_more_steps_each_and_say_so(monkeypatch):
+    """Three other sessions' chains ticking: this session's chains refresh every 0.5 s instead of every 0.15 s,
+    the caption says so, and each refresh holds as many more SGLD steps (the chains advance as fast)."""
+    from app import compute, ui
+
+    monkeypatch.setattr(compute, "N_WORKERS", 2)
+    monkeypatch.setattr(compute, "LIVE_REFRESHES_PER_S", 8.0)
+    state = compute._live()
+    kept = dict(state["seen"])
+    try:
+        at = open_page("home")
+        for name in ("other-1", "other-2", "other-3"):
+            state["seen"][name] = time.monotonic() + 30  # still live while this test runs
+        at.switch_page("../pages/langevin.py").run()
+        assert not at.exception and metric(at, "Status") == "running"
+        at.run()
+        s = at.session_state["lg_live"]
+        assert s["live"] == 4 and s["every"] == pytest.approx(max(ui.CHAIN_INTERVAL, 0.5))
+        notes = [c.value for c in at.caption if "sessions run live chains" in c.value]
+        assert notes and "4 sessions" in notes[0] and "refreshes every 0.5 s instead of every 0.15 s" in notes[0]
+        assert any("one refresh every 0.5 s" in c.value for c in at.caption)
+        # SGLD steps per second as with one session at its share: k / every ~ share * (budget / interval) / per_step
+        steps_per_s = s["k_auto"] / s["every"]
+        expected = s["share"] * 0.5 / s["per_step"]
+        assert s["k_auto"] == 50 or steps_per_s == pytest.approx(expected, rel=0.35), (steps_per_s, expected)
+    finally:
+        state["seen"].clear()
+        state["seen"].update(kept)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
 def test_background_work_runs_once_per_server_at_lower_priority_outside_the_workers():
     """in_background: the first call with a name starts one daemon thread that runs at BACKGROUND_NICE more
@@ -771,8 +819,13 @@ def test_background_work_runs_once_per_server_at_lower_priority_outside_the_work
         busy, nice, daemon = seen[0]
         assert busy == 0 and daemon
         assert nice == os.getpriority(os.PRIO_PROCESS, 0) + compute.BACKGROUND_NICE or nice == 19
+        # nice=0: work a visit may wait for inside a lock (an import) keeps the server's priority
+        eager = compute.in_background(name + "-eager", work, nice=0)
+        eager.join(timeout=30)
+        assert seen[1][1] == os.getpriority(os.PRIO_PROCESS, 0)
     finally:
         compute._background()["threads"].pop(name, None)
+        compute._background()["threads"].pop(name + "-eager", None)
 
 
 def test_the_memory_keeper_hands_the_free_heap_back_on_its_interval(monkeypatch):
@@ -803,17 +856,23 @@ def test_the_memory_keeper_hands_the_free_heap_back_on_its_interval(monkeypatch)
 
 
 def test_the_warm_up_computes_what_the_playground_and_likelihood_pages_open_with(monkeypatch):
-    """The app's first run starts, in the background, exactly the playground's pair (spec, seed, labels) and the
-    Likelihood page's AIS estimate (model, test images, settings; at the server's priority) that first visits ask
-    for: the visits then compute neither again. A bare call (no script run, e.g. a multiprocessing child
-    re-importing the app) starts nothing."""
+    """The app's first run starts, in the background, the import of the pages' libraries (at the server's
+    priority) and exactly the playground's pair (spec, seed, labels) and the Likelihood page's AIS estimate (model,
+    test images, settings; at the server's priority) that first visits ask for: the visits then compute neither
+    again. A bare call (no script run, e.g. a multiprocessing child re-importing the app) starts nothing."""
+    import os
+    import threading
+
     from streamlit.testing.v1 import AppTest
 
     import jem_core.likelihood
     from app import compute, registry
 
-    calls, ais = [], []
+    calls, ais, imported = [], [], []
     real, real_ais = registry.pretrained_pair, jem_core.likelihood.estimate_log_likelihood
+    real_imports = registry._import_page_libraries
+    monkeypatch.setattr(registry, "_import_page_libraries", lambda: (imported.append(
+        os.getpriority(os.PRIO_PROCESS, threading.get_native_id())), real_imports())[1])
     monkeypatch.setattr(registry, "pretrained_pair", lambda *a, **k: (calls.append((a, k)), real(*a, **k))[1])
     monkeypatch.setattr(jem_core.likelihood, "estimate_log_likelihood",
                         lambda *a, **k: (ais.append(k), real_ais(*a, **k))[1])
@@ -829,12 +888,16 @@ def test_the_warm_up_computes_what_the_playground_and_likelihood_pages_open_with
         store["data"].pop(k)
         store["bytes"].pop(k, None)
     threads.pop("toy_pair", None)
+    threads.pop("imports", None)
     registry._warmed.clear()
     registry.warm_up(None)
     assert "toy_pair" not in threads, "a bare call started the warm-up"
     at = AppTest.from_file(HOME, default_timeout=TIMEOUT).run()
     assert not at.exception, at.exception
     threads["toy_pair"].join(timeout=120)
+    threads["imports"].join(timeout=120)  # the pages' libraries, at the server's own priority
+    assert imported == [os.getpriority(os.PRIO_PROCESS, 0)]
+    assert all(name in sys.modules for name in registry.PAGE_LIBRARIES)
     (job,) = registry._warmed("likelihood")
     assert job.background and job.nice == 0 and job.done.wait(120)
     assert len(calls) == 1 and calls[0][0][0] == registry.toy_spec()

@@ -547,7 +547,8 @@ def warm_up(ctx: Context | None) -> None:
     default AIS estimate for ``ctx`` (the context of the server's first run: its default pair unless a link chose
     another) by :func:`app.compute.prefetch` at the server's own priority: about half a minute of one core for
     MNIST when the server starts, which at lower priority took minutes when browsers on the same cores kept them
-    busy (``bench/README.md``). A visit that arrives first waits for the same computation. Cheap to call on every run; ``$JEM_WARM_UP=0`` turns it off.
+    busy (``bench/README.md``). A visit that arrives first waits for the same computation. Cheap to call on every
+    run; ``$JEM_WARM_UP=0`` turns it off.
 
     Only inside a script run (a server's session, AppTest): a bare import of the app (a multiprocessing child
     that re-imports the main script, say) starts nothing."""

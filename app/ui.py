@@ -68,8 +68,8 @@ if current_session_id() is not None:  # a server's (or AppTest's) script run, no
 PAGES_DIR = ROOT / "pages"
 #: Seconds between ticks of live parts (training curves, the playground).
 LIVE_INTERVAL = 0.5
-#: Seconds between refreshes of the live Langevin chains with one session live (more sessions: :func:`refresh_interval`);
-#: each refresh spends at most about half of its interval on SGLD.
+#: Seconds between refreshes of the live Langevin chains with one session live (more sessions:
+#: :func:`refresh_interval`); each refresh spends at most about half of its interval on SGLD.
 CHAIN_INTERVAL = float(os.environ.get("JEM_CHAIN_INTERVAL", 0.15))
 PERSIST = {"persist_state": "session"}  # page widgets keep their value across page switches
 

@@ -4,7 +4,8 @@ Starts ``streamlit run app/Home.py`` on a free port of 127.0.0.1 (or uses ``--ur
 this machine), then drives Debian's Chromium through Playwright:
 
 - ``--chains N`` sessions open the Langevin page, whose chains start by themselves and refresh live; in the
-  page, a 50 ms timer records each change of the grid's "after N steps" caption (one refresh);
+  page, a 50 ms timer records each change of the grid's "after N steps" caption (one refresh) and the SGLD
+  steps it reports (``sgld_steps_per_s``: how fast the chains advance, whatever the refresh rate);
 - ``--browse M`` sessions cycle through every page, run the default attack, upload an image on the Score
   page; per page load four times: until the browser has loaded the document ("dom"), until the page's title
   is drawn ("title": the app's scripts have run and its session has started), until the page shows its
@@ -45,15 +46,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-#: In-page recorder of the live chains' refreshes: the time of each change of the grid caption.
+#: In-page recorder of the live chains' refreshes: the time of each change of the grid caption, and the SGLD
+#: steps the caption reports, summed over restarts (a count that falls means new chains).
 REFRESH_RECORDER = """
 window.__refreshes = [];
 window.__lastCaption = null;
+window.__steps = 0;
+window.__lastSteps = 0;
 setInterval(() => {
   const el = [...document.querySelectorAll('[data-testid="stCaptionContainer"] p, [data-testid="stImageCaption"]')]
     .find(e => /chains from .* after \\d+ steps/.test(e.textContent || ''));
   const text = el ? el.textContent : null;
-  if (text && text !== window.__lastCaption) { window.__refreshes.push(performance.now()); window.__lastCaption = text; }
+  if (text && text !== window.__lastCaption) {
+    window.__refreshes.push(performance.now()); window.__lastCaption = text;
+    const n = parseInt(text.match(/after (\\d+) steps/)[1]);
+    window.__steps += n >= window.__lastSteps ? n - window.__lastSteps : n;
+    window.__lastSteps = n;
+  }
 }, 50);
 """
 PAGES = ["", "langevin", "calibration", "robustness", "ood", "likelihood", "score", "train", "playground"]
@@ -158,8 +167,10 @@ def _png_digit(path: Path) -> Path:
 
 
 def run(url: str, server_pid: int | None, chains: int, browse: int, train: bool, minutes: float,
-        sample_s: float, log: Path | None) -> dict:
-    """Drive the sessions for ``minutes``; returns the measurements (see the module docstring)."""
+        sample_s: float, log: Path | None, browse_delay: float = 0.0) -> dict:
+    """Drive the sessions for ``minutes``; returns the measurements (see the module docstring). The browsing
+    sessions' first load comes as soon as the chain tabs have drawn their titles (their chains starting), or
+    ``browse_delay`` seconds later."""
     from playwright.sync_api import sync_playwright
 
     exe = shutil.which("chromium") or "/usr/bin/chromium"
@@ -179,6 +190,7 @@ def run(url: str, server_pid: int | None, chains: int, browse: int, train: bool,
             pg.locator("h1").first.wait_for(state="visible")
             result["page_loads"].append({"session": f"chains{i}", "page": "langevin", "s": time.monotonic() - t0})
             chain_pages.append((f"chains{i}", ctx, pg))
+        time.sleep(browse_delay)
         browsers = []
         for i in range(browse):
             ctx = browser.new_context(viewport={"width": 1280, "height": 900})
@@ -238,6 +250,7 @@ def run(url: str, server_pid: int | None, chains: int, browse: int, train: bool,
             result["sessions"][name] = {
                 "refreshes": len(stamps), "seconds": round(elapsed, 1),
                 "refresh_per_s": round(len(stamps) / elapsed, 2) if elapsed else 0.0,
+                "sgld_steps_per_s": round(pg.evaluate("window.__steps") / elapsed, 1) if elapsed else 0.0,
                 "refresh_per_s_last_minute": round(sum(1 for s in stamps if s >= stamps[-1] - 60_000) / min(60, elapsed), 2)
                 if stamps else 0.0,
                 "gap_ms_median": round(statistics.median(gaps), 1) if gaps else None,
@@ -331,6 +344,8 @@ def main() -> None:
     ap.add_argument("--train", action="store_true")
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--sample", type=float, default=5.0, help="seconds between memory samples")
+    ap.add_argument("--browse-delay", type=float, default=0.0,
+                    help="seconds between the chain tabs' opening and the browsing sessions' first load")
     ap.add_argument("--default", default="", help="JEM_EXPLORER_DEFAULT for a started server (digits or mnist)")
     ap.add_argument("--out", default="bench/load.json")
     a = ap.parse_args()
@@ -347,7 +362,8 @@ def main() -> None:
         proc = start_server(port, log, extra)
         url = f"http://127.0.0.1:{port}"
     try:
-        result = run(url, proc.pid if proc else None, a.chains, a.browse, a.train, a.minutes, a.sample, log)
+        result = run(url, proc.pid if proc else None, a.chains, a.browse, a.train, a.minutes, a.sample, log,
+                     a.browse_delay)
     finally:
         if proc is not None:
             stop_server(proc)
@@ -359,6 +375,7 @@ def main() -> None:
                                           "slowest_over_fastest", "page_load_s_max", "page_idle_s_max",
                                           "tab_close")}
     summary["refresh_per_s"] = {n: s["refresh_per_s"] for n, s in result["sessions"].items()}
+    summary["sgld_steps_per_s"] = {n: s["sgld_steps_per_s"] for n, s in result["sessions"].items()}
     summary["exceptions"] = len(result["exceptions"])
     print(json.dumps(summary), flush=True)
 

@@ -33,6 +33,7 @@ STEP_BUDGET_S = ui.CHAIN_INTERVAL / 2  # seconds of SGLD per refresh in adaptive
 HISTORY_POINTS = 400        # energies and predictions kept per chain (older ones thinned)
 TRACES_INTERVAL = 1.0       # seconds between redraws of the traces, one live session (more: ui.live_interval)
 MAX_STEPS_PER_REFRESH = 50
+STARVED_S = 2.0  # every worker busy this long: one SGLD step outside them per STARVED_S, so the view never freezes
 SETTINGS_CHECKS = {"exact_step"}  # findings about the settings alone, shown under the settings
 AUTOSTARTED = "lg_autostarted"  # session_state: the model whose chains started by themselves
 
@@ -102,7 +103,7 @@ def start_chains() -> None:
     x, _ = chain_starts(ctx.model, n, "data" if init == "test" else init, g, data=None if test is None else test.x)
     y = None if label in (None, "unconditional") else torch.full((n,), int(label), dtype=torch.long)
     ss[LIVE] = {"chain": ChainState(x=x, y=y, max_history=HISTORY_POINTS), "gen": g, "running": True, "model": ctx.key,
-                "init": INITS[init], "label": None if y is None else int(label)}
+                "init": INITS[init], "label": None if y is None else int(label), "advanced": time.monotonic()}
 
 
 def pause_chains() -> None:
@@ -113,6 +114,7 @@ def pause_chains() -> None:
 def resume_chains() -> None:
     if LIVE in st.session_state:
         st.session_state[LIVE]["running"] = True
+        st.session_state[LIVE]["advanced"] = time.monotonic()
 
 
 def reset_chains() -> None:
@@ -142,13 +144,17 @@ def live_view(ctx: ui.Context) -> None:
         budget = STEP_BUDGET_S * s.get("every", ui.CHAIN_INTERVAL) / ui.CHAIN_INTERVAL
         if k > 0:
             with ui.worker("live chains", wait=False) as free:
-                if free:  # when every worker is busy, this refresh only redraws: the view slows, never freezes
+                # When every worker is busy, a refresh only redraws; after STARVED_S of that, one step outside the
+                # workers (a few ms of a core per STARVED_S): the view slows, never freezes.
+                if free or time.monotonic() - s.get("advanced", 0.0) >= STARVED_S:
                     t0 = time.perf_counter()
-                    chain.advance(make_sampler(ctx, s["gen"]), k, every=1)
-                    per_step = (time.perf_counter() - t0) / k
-                    s["per_step"] = per_step if "per_step" not in s else 0.7 * s["per_step"] + 0.3 * per_step
-                    # Next refresh: as many steps as fit in this session's share of the compute budget.
-                    s["k_auto"] = max(1, min(MAX_STEPS_PER_REFRESH, int(share * budget / s["per_step"])))
+                    chain.advance(make_sampler(ctx, s["gen"]), k if free else 1, every=1)
+                    s["advanced"] = time.monotonic()
+                    if free:
+                        per_step = (time.perf_counter() - t0) / k
+                        s["per_step"] = per_step if "per_step" not in s else 0.7 * s["per_step"] + 0.3 * per_step
+                        # Next refresh: as many steps as fit in this session's share of the compute budget.
+                        s["k_auto"] = max(1, min(MAX_STEPS_PER_REFRESH, int(share * budget / s["per_step"])))
                 s["waited"] = not free
         if chain.steps >= target:
             s["running"] = False
@@ -184,7 +190,8 @@ def live_view(ctx: ui.Context) -> None:
                    + " and ".join(shared) + ", so that pages and other computations still find a free core.")
     if s.get("waited"):
         st.caption(f":hourglass: Every worker of this server is busy ({ui.workers_busy()} of {ui.N_WORKERS}): the "
-                   "chains wait for a free one and continue by themselves.")
+                   f"chains take one SGLD step every {STARVED_S:g} s until one is free, then go on at full speed by "
+                   "themselves.")
     st.caption(sampler.describe() + "." + speed + " The chains advance only while this browser tab is visible: "
                "browsers slow down the timers of background tabs, and the chains wait with them (nothing runs on "
                "the server meanwhile).")

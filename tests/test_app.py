@@ -484,6 +484,12 @@ def test_heavy_work_waits_for_a_free_worker_and_live_chains_skip_a_tick_instead_
         at.button(key="lg_start").click().run()  # the chains start, but find no free worker
         assert metric(at, "SGLD steps done") == "0 / 200"
         assert any("Every worker of this server is busy" in c.value for c in at.caption)
+        time.sleep(2.1)  # still no free worker after STARVED_S (2 s): one step outside the workers, never frozen
+        at.run()
+        stepped = time.monotonic()
+        assert metric(at, "SGLD steps done") == "1 / 200"
+        at.run()  # and not one more until another STARVED_S has passed
+        assert metric(at, "SGLD steps done") == "1 / 200" or time.monotonic() - stepped >= 2.0
     finally:
         for _ in held:
             w["sem"].release()
@@ -784,10 +790,10 @@ def test_with_four_sessions_live_the_chains_refresh_less_often_with_more_steps_e
         notes = [c.value for c in at.caption if "sessions run live chains" in c.value]
         assert notes and "4 sessions" in notes[0] and "refreshes every 0.5 s instead of every 0.15 s" in notes[0]
         assert any("one refresh every 0.5 s" in c.value for c in at.caption)
-        # SGLD steps per second as with one session at its share: k / every ~ share * (budget / interval) / per_step
-        steps_per_s = s["k_auto"] / s["every"]
-        expected = s["share"] * 0.5 / s["per_step"]
-        assert s["k_auto"] == 50 or steps_per_s == pytest.approx(expected, rel=0.35), (steps_per_s, expected)
+        # Steps per refresh fill this session's SGLD share (half of each interval, times its share) of the longer
+        # interval: the chains advance as many steps per second as at 0.15 s (up to the floor of a whole step).
+        fill = s["share"] * 0.5 * s["every"] / s["per_step"]
+        assert s["k_auto"] in (1, 50) or abs(s["k_auto"] - fill) < 1, (s["k_auto"], fill)
     finally:
         state["seen"].clear()
         state["seen"].update(kept)

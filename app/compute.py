@@ -96,10 +96,11 @@ def live_share(session: str | None, duty: float, now: float | None = None) -> tu
     return min(1.0, LIVE_SHARE * N_WORKERS / (live * max(duty, 1e-9))), live
 
 
-def _steady(new: float, current: float | None) -> float:
-    """``new``, unless the interval in use ``current`` is within [0.5, 1.5] times it: a live-session count that
-    wavers between two values does not change an interval back and forth (a change needs a full rerun)."""
-    if current is None or new > 1.5 * current or new < 0.5 * current:
+def _steady(new: float, current: float | None, grow_at_once: bool = False) -> float:
+    """``new``, unless the interval in use ``current`` is within [0.5, 1.5] times it (``grow_at_once``: within
+    [0.5, 1] times it): a live-session count that wavers between two values does not change an interval back and
+    forth (a change needs a full rerun)."""
+    if current is None or new > (1.0 if grow_at_once else 1.5) * current or new < 0.5 * current:
         return float(new)
     return float(current)
 
@@ -121,11 +122,13 @@ def refresh_interval(base: float, live: int, current: float | None = None) -> fl
     :data:`LIVE_REFRESHES_PER_S` times per second (4 sessions: every 0.5 s each). Each refresh costs the server a
     script rerun, a PNG and a message, and a browser a re-render (about 130 ms of a core), whatever the SGLD
     steps in it; a view that refreshes less often does more steps per refresh (:func:`live_share` bounds the
-    steps), so the chains advance as fast. Same hysteresis as :func:`live_interval`. Raises ValueError when
-    ``base`` is not positive."""
+    steps), so the chains advance at least as fast (measured in ``bench/README.md``). Given the interval in use
+    ``current``, a longer one is taken at once (the bound holds, and sessions that started at different counts
+    end on the same interval) and a shorter one only under half of it (a count wavering down does not change it;
+    a change needs a full rerun). Raises ValueError when ``base`` is not positive."""
     if not base > 0:
         raise ValueError(f"refresh interval must be positive seconds, got {base!r}")
-    return _steady(max(float(base), max(1, int(live)) / LIVE_REFRESHES_PER_S), current)
+    return _steady(max(float(base), max(1, int(live)) / LIVE_REFRESHES_PER_S), current, grow_at_once=True)
 
 
 def live_sessions(besides: str | None = None, now: float | None = None) -> int:

@@ -57,12 +57,20 @@ def choice(options: Sequence[Any]) -> Callable[[str], Any]:
 
 
 def number(kind: type, lo: float, hi: float) -> Callable[[str], Any]:
-    """Parser for a number widget: ``kind`` (int or float) in ``[lo, hi]``."""
+    """Parser for a number widget: ``kind`` (int or float) in ``[lo, hi]``. Raises ValueError naming the
+    problem: not a number, outside the range, or (for int) not a whole number."""
     def parse(s: str) -> Any:
-        v = kind(float(s)) if kind is int else kind(s)
+        try:
+            v = float(s)
+        except ValueError:
+            raise ValueError(f"{s!r} is not a number") from None
         if not (math.isfinite(v) and lo <= v <= hi):
             raise ValueError(f"{s} is outside [{lo}, {hi}]")
-        return v
+        if kind is int:
+            if v != int(v):
+                raise ValueError(f"{s} is not a whole number")
+            return int(v)
+        return kind(v)
     return parse
 
 

@@ -55,7 +55,7 @@ window.__steps = 0;
 window.__lastSteps = 0;
 setInterval(() => {
   const el = [...document.querySelectorAll('[data-testid="stCaptionContainer"] p, [data-testid="stImageCaption"]')]
-    .find(e => /chains from .* after \\d+ steps/.test(e.textContent || ''));
+    .find(e => /chains? from .* after \\d+ steps/.test(e.textContent || ''));
   const text = el ? el.textContent : null;
   if (text && text !== window.__lastCaption) {
     window.__refreshes.push(performance.now()); window.__lastCaption = text;

@@ -166,7 +166,7 @@ def live_view(ctx: ui.Context) -> None:
     b.metric(f"Mean energy {what}", f"{mean_e:.3f}")
     c.metric("Status", "running" if s["running"] else ("finished" if chain.steps >= target else "paused"))
     n = chain.x.shape[0]
-    caption = f"{n} chains from {s['init']}, {what}, after {chain.steps} steps"
+    caption = f"{n} chain{'s' if n != 1 else ''} from {s['init']}, {what}, after {chain.steps} steps"
     if s["running"]:  # one picture per refresh; the PNG download is offered once the chains rest
         st.image(ui.grid(chain.x), caption=caption)
     else:
@@ -180,8 +180,7 @@ def live_view(ctx: ui.Context) -> None:
              f"refresh (one refresh every {every:g} s)." if "per_step" in s else "")
     shared = []  # what this view gives up while other sessions' chains run too
     if every > ui.CHAIN_INTERVAL:
-        shared.append(f"refreshes every {every:g} s instead of every {ui.CHAIN_INTERVAL:g} s (with more steps per "
-                      "refresh)")
+        shared.append(f"refreshes every {every:g} s instead of every {ui.CHAIN_INTERVAL:g} s")
     if s.get("share", 1.0) < 1.0 and ss.get("lg_auto_k", True):
         duty = STEP_BUDGET_S / ui.CHAIN_INTERVAL
         shared.append(f"runs SGLD {s['share'] * duty * 1000:.0f} ms of each second instead of {duty * 1000:.0f} ms")
@@ -189,9 +188,9 @@ def live_view(ctx: ui.Context) -> None:
         st.caption(f":hourglass: {s.get('live', 1)} sessions run live chains on this server: each "
                    + " and ".join(shared) + ", so that pages and other computations still find a free core.")
     if s.get("waited"):
-        st.caption(f":hourglass: Every worker of this server is busy ({ui.workers_busy()} of {ui.N_WORKERS}): the "
-                   f"chains take one SGLD step every {STARVED_S:g} s until one is free, then go on at full speed by "
-                   "themselves.")
+        st.caption(f":hourglass: At this refresh every worker of this server was busy with other computations, so "
+                   f"the chains skipped it; while they all stay busy, the chains take one SGLD step every "
+                   f"{STARVED_S:g} s, and they go on at their full speed by themselves once one is free.")
     st.caption(sampler.describe() + "." + speed + " The chains advance only while this browser tab is visible: "
                "browsers slow down the timers of background tabs, and the chains wait with them (nothing runs on "
                "the server meanwhile).")

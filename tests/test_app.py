@@ -483,7 +483,7 @@ def test_heavy_work_waits_for_a_free_worker_and_live_chains_skip_a_tick_instead_
     try:
         at.button(key="lg_start").click().run()  # the chains start, but find no free worker
         assert metric(at, "SGLD steps done") == "0 / 200"
-        assert any("Every worker of this server is busy" in c.value for c in at.caption)
+        assert any("every worker of this server was busy" in c.value for c in at.caption)
         time.sleep(2.1)  # still no free worker after STARVED_S (2 s): one step outside the workers, never frozen
         at.run()
         stepped = time.monotonic()
@@ -753,8 +753,8 @@ def test_live_views_share_at_most_their_part_of_the_workers_and_forget_closed_se
 
 def test_live_views_refresh_less_often_with_more_sessions_live_all_together_at_a_bounded_rate(monkeypatch):
     """refresh_interval: alone or with one other session (8 refreshes/s in all) a view keeps its base interval;
-    with more, all of them together refresh at most LIVE_REFRESHES_PER_S times per second; a count that wavers
-    by one keeps the interval in use."""
+    with more, all of them together refresh at most LIVE_REFRESHES_PER_S times per second: a longer interval is
+    taken at once, a count that wavers down by one keeps the interval in use."""
     from app import compute
 
     monkeypatch.setattr(compute, "LIVE_REFRESHES_PER_S", 8.0)
@@ -764,9 +764,24 @@ def test_live_views_refresh_less_often_with_more_sessions_live_all_together_at_a
     for live in (2, 4, 8):  # all sessions together: at most 8 refreshes per second
         assert live / compute.refresh_interval(0.15, live) <= 8.0 + 1e-9
     assert compute.refresh_interval(0.15, 3, current=0.5) == 0.5  # 4 -> 3 sessions: kept
+    assert compute.refresh_interval(0.15, 4, current=0.375) == pytest.approx(0.5)  # 3 -> 4: longer at once
     assert compute.refresh_interval(0.15, 1, current=0.5) == 0.15  # back to one session
     with pytest.raises(ValueError, match="positive"):
         compute.refresh_interval(0.0, 1)
+
+
+def test_a_link_number_that_is_not_a_whole_number_or_not_a_number_is_refused_with_the_reason():
+    """share.number: an int setting refuses 1.5 (was silently cut to 1) and says why; text is 'not a number';
+    the range is checked; a float setting takes any finite value in range."""
+    from app import share
+
+    chains = share.number(int, 1, 64)
+    assert chains("16") == 16 and chains("16.0") == 16 and isinstance(chains("16.0"), int)
+    for raw, why in [("1.5", "not a whole number"), ("abc", "not a number"), ("0", "outside"), ("inf", "outside"),
+                     ("", "not a number")]:
+        with pytest.raises(ValueError, match=why):
+            chains(raw)
+    assert share.number(float, 0.0, 2.0)("0.25") == 0.25
 
 
 def test_with_four_sessions_live_the_chains_refresh_less_often_with_more_steps_each_and_say_so(monkeypatch):

@@ -188,9 +188,9 @@ def live_view(ctx: ui.Context) -> None:
         st.caption(f":hourglass: {s.get('live', 1)} sessions run live chains on this server: each "
                    + " and ".join(shared) + ", so that pages and other computations still find a free core.")
     if s.get("waited"):
-        st.caption(f":hourglass: At this refresh every worker of this server was busy with other computations, so "
-                   f"the chains skipped it; while they all stay busy, the chains take one SGLD step every "
-                   f"{STARVED_S:g} s, and they go on at their full speed by themselves once one is free.")
+        st.caption(f":hourglass: At this refresh every worker of this server was busy with other computations: "
+                   f"while they all stay busy, the chains take one SGLD step every {STARVED_S:g} s, and they go on at "
+                   "their full speed by themselves once one is free.")
     st.caption(sampler.describe() + "." + speed + " The chains advance only while this browser tab is visible: "
                "browsers slow down the timers of background tabs, and the chains wait with them (nothing runs on "
                "the server meanwhile).")

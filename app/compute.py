@@ -9,9 +9,8 @@
   one torch thread), with a visible wait for a free one; live views ask without waiting and skip a tick.
 - :func:`live_share`: the live views of all sessions together use at most :data:`LIVE_SHARE` of the workers'
   time; with more sessions live, each gets a smaller share of SGLD time, so pages and other computations still
-  find a free core; :func:`refresh_interval`: with more sessions
-  live, each refreshes less often (all together at most :data:`LIVE_REFRESHES_PER_S`); :func:`live_interval`:
-  their secondary figures redraw less often.
+  find a free core; :func:`refresh_interval`: with more sessions live, each refreshes less often (all together
+  at most :data:`LIVE_REFRESHES_PER_S`); :func:`live_interval`: their secondary figures redraw less often.
 - :func:`in_background`: work the server does once, ahead of any visit (at low CPU priority, outside the workers).
 - :func:`session_alive`: whether a browser session is still connected (work it started can stop by itself).
 - :func:`start_memory_keeper`: the server's freed heap goes back to the system every
@@ -538,8 +537,7 @@ def in_background(name: str, work: Callable[[], Any], nice: int = BACKGROUND_NIC
         thread = state["threads"].get(name)
         if thread is None:
             def run() -> None:
-                if nice:
-                    _set_nice(threading.get_native_id(), _BASE_NICE + int(nice))
+                _set_nice(threading.get_native_id(), _BASE_NICE + int(nice))
                 try:
                     work()
                 finally:

@@ -121,6 +121,14 @@ def reset_chains() -> None:
     st.session_state.pop(LIVE, None)
 
 
+def intervals(s: dict, live: int) -> tuple[float, float]:
+    """(seconds between redraws of the traces, seconds between refreshes of the pictures) of the live chains ``s``
+    with ``live`` sessions' chains running, given the intervals in use (see ``ui.live_interval`` and
+    ``ui.refresh_interval``)."""
+    return (ui.live_interval(TRACES_INTERVAL, live, s.get("traces_every")),
+            ui.refresh_interval(ui.CHAIN_INTERVAL, live, s.get("every")))
+
+
 def live_view(ctx: ui.Context) -> None:
     """One tick: advance the running chains by k steps, then draw grid, energies and predictions."""
     ss = st.session_state
@@ -137,8 +145,7 @@ def live_view(ctx: ui.Context) -> None:
                 target - chain.steps)
         share, live = ui.live_share(ui.current_session_id(), STEP_BUDGET_S / ui.CHAIN_INTERVAL)
         s["share"], s["live"] = share, live
-        if (ui.live_interval(TRACES_INTERVAL, live, s.get("traces_every")) != s.get("traces_every", TRACES_INTERVAL)
-                or ui.refresh_interval(ui.CHAIN_INTERVAL, live, s.get("every")) != s.get("every", ui.CHAIN_INTERVAL)):
+        if intervals(s, live) != (s.get("traces_every", TRACES_INTERVAL), s.get("every", ui.CHAIN_INTERVAL)):
             st.rerun()  # a full rerun gives the fragments' timers their new intervals
         # A longer interval between refreshes (more sessions live): as many more steps per refresh.
         budget = STEP_BUDGET_S * s.get("every", ui.CHAIN_INTERVAL) / ui.CHAIN_INTERVAL
@@ -246,8 +253,7 @@ def chains_tab(ctx: ui.Context) -> None:
         # and the server a figure build); running chains go by the count their last
         # tick saw (the one that asked for this rerun), so that the two never disagree back and forth.
         live = s.get("live") if running and s.get("live") else ui.live_sessions(besides=ui.current_session_id()) + 1
-        s["traces_every"] = ui.live_interval(TRACES_INTERVAL, live, s.get("traces_every"))
-        s["every"] = ui.refresh_interval(ui.CHAIN_INTERVAL, live, s.get("every"))
+        s["traces_every"], s["every"] = intervals(s, live)
     can_resume = bool(s and not running and s["chain"].steps < int(ss.get("lg_steps", 200)))
     cols = st.columns(4)
     cols[0].button("Start", key="lg_start", on_click=start_chains, type="primary",

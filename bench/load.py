@@ -144,12 +144,18 @@ def timed_load(pg, url: str) -> dict[str, float]:
     return {"dom": round(dom, 2), "title": round(title, 2), "shown": round(time.monotonic() - t0, 2)}
 
 
-def _restart_finished(chain_pages) -> None:
+def _restart_finished(chain_pages, result: dict) -> None:
     """Chains that reached their 2,000 steps start again (a soak never idles; a refresh count is not cut
-    short by finished chains)."""
-    for _, _, pg in chain_pages:
+    short by finished chains). A Start button that cannot be clicked within 30 s is a finding (recorded in
+    ``result["exceptions"]`` with what the page showed), not the end of the run."""
+    for name, _, pg in chain_pages:
         if pg.locator('[data-testid="stMetric"]').filter(has_text="finished").count():
-            pg.locator(".st-key-lg_start button").filter(visible=True).first.click()
+            try:
+                pg.locator(".st-key-lg_start button").filter(visible=True).first.click(timeout=30_000)
+            except Exception as e:  # noqa: BLE001 - e.g. Playwright's TimeoutError
+                shown = pg.locator('[data-testid="stMain"]').inner_text(timeout=5_000)[:300].replace("\n", " ")
+                result["exceptions"].append(f"{name}/langevin: finished chains not restarted: "
+                                            f"{type(e).__name__}; the page showed: {shown}")
 
 
 def _exceptions(pg) -> list[str]:
@@ -216,7 +222,7 @@ def run(url: str, server_pid: int | None, chains: int, browse: int, train: bool,
                     rss, cpu = _proc_stats(server_pid)
                     result["memory"].append({"t": round(now - start, 2), "rss_mb": round(rss, 1), "cpu_s": round(cpu, 2)})
                 next_sample += sample_s
-            _restart_finished(chain_pages)
+            _restart_finished(chain_pages, result)
             for name, _, pg in browsers:
                 if name == "train":
                     continue
@@ -239,7 +245,7 @@ def run(url: str, server_pid: int | None, chains: int, browse: int, train: bool,
                     result["exceptions"] += [f"{name}/{page}: {e}" for e in _exceptions(pg)]
                 except Exception as e:  # noqa: BLE001 - a timeout or a crash of one page is a finding, not the end
                     result["exceptions"].append(f"{name}/{page}: {type(e).__name__}: {str(e)[:200]}")
-                _restart_finished(chain_pages)
+                _restart_finished(chain_pages, result)
             step += 1
             if not browsers:
                 time.sleep(min(0.5, max(0.0, next_sample - time.monotonic())))

@@ -173,12 +173,18 @@ def test_langevin_more_steps_lower_the_mean_energy_and_buttons_follow_the_state(
 
 def test_langevin_inpainting_and_class_translation_show_results():
     at = open_page("langevin")
+    assert not [w for w in at.slider if w.key in ("lp_n", "ct_n")]  # only the open tab (Chains) is drawn
+    at.session_state["lg_tab"] = "In-painting"
+    at.run()
+    assert not [w for w in at.slider if w.key in ("lg_n", "ct_n")]
     at.slider(key="lp_n").set_value(2)
     at.slider(key="lp_steps").set_value(10)
     at.button(key="lp_run").click().run()
     assert not at.exception and not errors(at)
     captions = [c for img in at.image for c in img.captions]
     assert any("in-painted after 10 steps" in c for c in captions), captions
+    at.session_state["lg_tab"] = "Class translation"
+    at.run()
     at.slider(key="ct_n").set_value(2)
     at.slider(key="ct_steps").set_value(10)
     at.slider(key="ct_frames").set_value(2)

@@ -242,6 +242,22 @@ def test_a_link_with_exact_langevin_at_step_one_shows_the_sampler_warning(page, 
     _pause_chains(pg)
 
 
+def test_langevin_draws_only_the_open_tab_and_a_click_on_another_tab_draws_it(page, server):
+    """The live chains' page draws one tab at a time (each refresh re-renders the whole page in the browser):
+    a click on In-painting shows its controls in place of the chains, and Chains brings the chains back."""
+    pg = page
+    _open_fresh(pg, f"{server}/langevin?lg_steps=20")
+    pg.locator(".st-key-lg_n").first.wait_for(state="visible")
+    assert pg.locator(".st-key-lp_run").count() == 0
+    pg.get_by_role("tab", name="In-painting").click()
+    pg.locator(".st-key-lp_run button").first.wait_for(state="visible")
+    pg.wait_for_timeout(500)
+    assert pg.locator(".st-key-lg_n").count() == 0 and pg.locator(".st-key-ct_run").count() == 0
+    pg.get_by_role("tab", name="Chains").click()
+    pg.locator(".st-key-lg_n").first.wait_for(state="visible")
+    assert pg.locator(".st-key-lp_run").count() == 0
+
+
 def test_the_playground_figures_update_while_training_runs(page, server):
     pg = page
     _open_fresh(pg, f"{server}/playground")

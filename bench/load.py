@@ -144,18 +144,35 @@ def timed_load(pg, url: str) -> dict[str, float]:
     return {"dom": round(dom, 2), "title": round(title, 2), "shown": round(time.monotonic() - t0, 2)}
 
 
+def _stuck(name: str, pg, error: Exception, result: dict) -> None:
+    """Record a Start button that could not be clicked: the error, the tabs' states and the page's text."""
+    try:
+        tabs = pg.locator('[role="tab"]').evaluate_all(
+            "els => els.map(e => e.textContent + (e.getAttribute('aria-selected') === 'true' ? ' (open)' : ''))")
+        shown = pg.locator('[data-testid="stMain"]').inner_text(timeout=5_000)[:400].replace("\n", " ")
+    except Exception as e:  # noqa: BLE001 - the page may be gone
+        tabs, shown = [], f"(unreadable: {type(e).__name__})"
+    result["exceptions"].append(f"{name}/langevin: Start could not be clicked ({type(error).__name__}); "
+                                f"tabs {tabs}; the page showed: {shown}")
+
+
+def _click_start(name: str, pg, result: dict) -> bool:
+    """Click the Langevin page's Start (30 s at most); a failure is a recorded finding (:func:`_stuck`)."""
+    try:
+        pg.locator(".st-key-lg_start button").filter(visible=True).first.click(timeout=30_000)
+        return True
+    except Exception as e:  # noqa: BLE001 - e.g. Playwright's TimeoutError
+        _stuck(name, pg, e, result)
+        return False
+
+
 def _restart_finished(chain_pages, result: dict) -> None:
     """Chains that reached their 2,000 steps start again (a soak never idles; a refresh count is not cut
     short by finished chains). A Start button that cannot be clicked within 30 s is a finding (recorded in
     ``result["exceptions"]`` with what the page showed), not the end of the run."""
     for name, _, pg in chain_pages:
         if pg.locator('[data-testid="stMetric"]').filter(has_text="finished").count():
-            try:
-                pg.locator(".st-key-lg_start button").filter(visible=True).first.click(timeout=30_000)
-            except Exception as e:  # noqa: BLE001 - e.g. Playwright's TimeoutError
-                shown = pg.locator('[data-testid="stMain"]').inner_text(timeout=5_000)[:300].replace("\n", " ")
-                result["exceptions"].append(f"{name}/langevin: finished chains not restarted: "
-                                            f"{type(e).__name__}; the page showed: {shown}")
+            _click_start(name, pg, result)
 
 
 def _exceptions(pg) -> list[str]:
@@ -273,7 +290,7 @@ def run(url: str, server_pid: int | None, chains: int, browse: int, train: bool,
             if len(chain_pages) > 1 or browsers:
                 time.sleep(20)
             name, ctx, last = chain_pages[-1]
-            last.locator(".st-key-lg_start button").filter(visible=True).first.click()  # running chains
+            _click_start(name, last, result)  # running chains
             time.sleep(3)
             before = _cpu_rate(server_pid, 5)
             ctx.close()

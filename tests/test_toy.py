@@ -290,6 +290,8 @@ def test_playground_page_renders_a_trained_pair(monkeypatch):
     at.switch_page("../pages/playground.py").run()
     assert not at.exception, at.exception
     assert not [e.value for e in at.error], [e.value for e in at.error]
+    # the sidebar's model picker (and its "Opened on the ... pair" note) is not what this page uses, and says so
+    assert any("trains its own pair of 2-D models" in c.value for c in at.sidebar.caption)
     labels = {m.label: m.value for m in at.metric}
     assert float(labels["JEM test accuracy"]) >= 0.9
     assert "Baseline test log p(x)" in labels

@@ -377,9 +377,9 @@ def main(ctx: ui.Context) -> None:
     publish = share.sync(url_params(ctx), "langevin")
     sgld_settings()
     settings_health()
-    # Only the open tab is drawn: every refresh of the live chains costs the browser a re-render of the whole
-    # page (130-160 ms of a core with all three tabs drawn, about a third less with one), and chains whose tab
-    # is hidden need not run.
+    # Only the open tab is drawn: every refresh of the live chains re-renders the whole page in the browser,
+    # hidden tabs included (``bench/README.md``, "Only the open tab is drawn"), and chains whose tab is hidden
+    # need not run. A click on a tab reruns the page.
     tabs = st.tabs(list(TABS), key=TAB, on_change="rerun")
     for tab, draw in zip(tabs, TABS.values()):
         if tab.open:

@@ -79,8 +79,12 @@ def run_page(body: Callable[[Context | None], None], title: str, intro: str | No
              needs_model: bool = True) -> None:
     """Title, intro, then ``body(ctx)``; any failure is shown in the page and the app keeps working.
 
-    ``needs_model=False`` for a page that does not use the sidebar's models (``body`` may get None)."""
+    ``needs_model=False`` for a page that does not use the sidebar's models (``body`` may get None); the sidebar
+    then says so, under the pickers."""
     st.title(title)
+    if not needs_model:
+        st.sidebar.caption("This page does not use the models and the dataset chosen above: they are for the other "
+                           "pages.")
     if intro:
         st.caption(intro)
     ctx = context()

@@ -393,8 +393,6 @@ def main(ctx: ui.Context | None) -> None:
     """The page under :func:`app.ui.run_page`. ``ctx`` (the sidebar's models) is not used: the playground trains
     its own pair of 2-D models, and works with no model loaded."""
     ss = st.session_state
-    st.sidebar.caption("The 2-D playground trains its own pair of 2-D models: the models and the dataset chosen "
-                       "above are for the other pages.")
     for k, v in [*((KEYS[f], getattr(ToySettings(), f)) for f in KEYS), ("pg_log", True), ("pg_3d", False)]:
         ss.setdefault(k, v)
     if STATE not in ss:

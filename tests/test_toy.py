@@ -287,11 +287,12 @@ def test_playground_page_renders_a_trained_pair(monkeypatch):
     monkeypatch.setenv("JEM_EXPLORER_DEFAULT", "digits")
     at = AppTest.from_file(str(ROOT / "app" / "Home.py"), default_timeout=180).run()
     assert not at.exception, at.exception
+    assert not any("does not use the models" in c.value for c in at.sidebar.caption)  # Home uses them
     at.switch_page("../pages/playground.py").run()
     assert not at.exception, at.exception
     assert not [e.value for e in at.error], [e.value for e in at.error]
     # the sidebar's model picker (and its "Opened on the ... pair" note) is not what this page uses, and says so
-    assert any("trains its own pair of 2-D models" in c.value for c in at.sidebar.caption)
+    assert any("does not use the models and the dataset chosen above" in c.value for c in at.sidebar.caption)
     labels = {m.label: m.value for m in at.metric}
     assert float(labels["JEM test accuracy"]) >= 0.9
     assert "Baseline test log p(x)" in labels

@@ -1,7 +1,9 @@
 """The dashboard's plotly figures: builders that turn plain results of ``jem_core`` into figures.
 
 Every builder takes numbers (tensors, arrays, lists, report dataclasses) and returns a ``go.Figure``; none
-computes a model output. One colour per model everywhere (:data:`COLORS`, in the order of
+computes a model output. One exception, for views that redraw live: :class:`ChainTracesPicture` draws the live
+chains' traces as one matplotlib picture (a browser redraws a picture for a fraction of what two plotly figures
+cost it). One colour per model everywhere (:data:`COLORS`, in the order of
 ``Context.models()``), one per class (:data:`CLASS_COLORS`).
 
 What does not live here: static report figures (matplotlib, ``jem_core/evaluation/figures.py``) and showing
@@ -12,9 +14,16 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import io
+import sys
+
 import numpy as np
 import plotly.graph_objects as go
 import torch
+from matplotlib.collections import LineCollection
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from plotly.subplots import make_subplots
 
 #: Colours of the models in every figure: the chosen model, its baseline, extra curves.
@@ -175,6 +184,81 @@ def fig_chain_predictions(steps: Sequence[int], preds: torch.Tensor, names: Sequ
                                hovertemplate="step %{x}<br>%{y}<br>predicted %{z}<extra></extra>"))
     fig.update_yaxes(autorange="reversed", showticklabels=p.shape[0] <= 16)
     return _layout(fig, title, "SGLD step", "chain", 320)
+
+
+class ChainTracesPicture:
+    """The two traces of :func:`fig_chain_energy` and :func:`fig_chain_predictions` as one static PNG (energies
+    above, predictions below), for a view that redraws while chains run.
+
+    A browser redraws two plotly figures of 16 chains in hundreds of milliseconds of its main thread, a picture in
+    a few (``bench/README.md``). One object per view: each :meth:`png` updates the same matplotlib figure (object
+    API, no pyplot, so the server's threads may each draw their own), which costs the server about half of
+    drawing a new figure. The interactive plotly figures are for chains at rest.
+
+    Args:
+        names: the class names (the colour bar's labels; :data:`CLASS_COLORS` in order, cycled).
+        energy_title, preds_title: the panels' titles.
+        width_in, dpi: the picture is ``width_in * dpi`` pixels wide and ``1.25`` times that high.
+    """
+
+    def __init__(self, names: Sequence[str], energy_title: str, preds_title: str, width_in: float = 4.8,
+                 dpi: int = 100) -> None:
+        self.names, self.titles = list(names), (energy_title, preds_title)
+        k = len(self.names)
+        if "IPython" in sys.modules:
+            # Another thread may be importing it (captum does, in the server's warm-up): matplotlib's first canvas
+            # reads IPython.version_info, so wait for that import to finish (the import lock) instead of failing.
+            import IPython  # noqa: F401
+        self.fig = Figure(figsize=(width_in, 1.25 * width_in), dpi=dpi)
+        self.fig.subplots_adjust(left=0.14, right=0.86, top=0.95, bottom=0.08, hspace=0.42)
+        self.top, self.bottom = self.fig.subplots(2, 1)
+        self.lines = self.top.add_collection(LineCollection([], linewidths=1, alpha=0.45))
+        (self.mean,) = self.top.plot([], [], lw=2.5, color="black", label="mean")
+        self.top.legend(loc="upper right", fontsize=8)
+        self.top.set(title=energy_title, xlabel="SGLD step", ylabel="energy")
+        cmap = ListedColormap([CLASS_COLORS[i % len(CLASS_COLORS)] for i in range(k)])
+        self.image = self.bottom.imshow(np.zeros((1, 1)), aspect="auto", interpolation="nearest", cmap=cmap,
+                                        vmin=-0.5, vmax=k - 0.5)
+        bar = self.fig.colorbar(self.image, ax=self.bottom, ticks=range(k))
+        bar.ax.set_yticklabels(self.names, fontsize=7 if k > 10 else 9)
+        bar.set_label("class")
+        self.bottom.set(title=preds_title, xlabel="SGLD step", ylabel="chain")
+        self.bottom.yaxis.set_major_locator(MaxNLocator(integer=True))
+        for ax in (self.top, self.bottom):
+            ax.title.set_fontsize(10)
+
+    def png(self, steps: Sequence[int], energies: torch.Tensor, preds: torch.Tensor) -> bytes:
+        """The picture of these traces, as PNG bytes.
+
+        Args:
+            steps: the ``T`` SGLD step numbers, increasing.
+            energies: ``[T, N]`` float energies (drawn as given; non-finite values are left out of the axis range),
+                one column per chain.
+            preds: ``[T, N]`` integer predicted classes in ``[0, len(names))``.
+
+        Raises:
+            ValueError: when ``energies`` and ``preds`` are not both ``[T, N]`` with ``T = len(steps) >= 1``.
+        """
+        x = np.asarray(list(steps), dtype=float)
+        e, p = _np(energies), _np(preds).astype(int)
+        if e.ndim != 2 or p.shape != e.shape or e.shape[0] != len(x) or len(x) == 0:
+            raise ValueError(f"energies and preds must both be [T, N] with T = len(steps) >= 1; got energies "
+                             f"{tuple(e.shape)}, preds {tuple(p.shape)} and {len(x)} steps")
+        t, n = e.shape
+        self.lines.set_segments(list(np.stack([np.broadcast_to(x[:, None], e.shape), e], -1).transpose(1, 0, 2)))
+        self.lines.set_color([CLASS_COLORS[j % len(CLASS_COLORS)] for j in range(n)])
+        self.mean.set_data(x, e.mean(1))
+        finite = e[np.isfinite(e)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (-1.0, 1.0)
+        pad_x, pad_y = max(x[-1] - x[0], 1.0) * 0.03, max(hi - lo, 1e-6) * 0.05
+        self.top.set_xlim(x[0] - pad_x, x[-1] + pad_x)
+        self.top.set_ylim(lo - pad_y, hi + pad_y)
+        half = (x[-1] - x[0]) / (t - 1) / 2 if t > 1 else 0.5
+        self.image.set_data(p.T)
+        self.image.set_extent((x[0] - half, x[-1] + half, n - 0.5, -0.5))
+        buf = io.BytesIO()
+        self.fig.savefig(buf, format="png", pil_kwargs={"compress_level": 1})
+        return buf.getvalue()
 
 
 def fig_probabilities(probs: Sequence[float], names: Sequence[str], title: str = "p(y|x)") -> go.Figure:

@@ -34,7 +34,7 @@ from PIL import Image
 from app.compute import (N_WORKERS, Cancelled, _workers, cached, current_session_id, digest_files, live_interval,
                          live_sessions, live_share, progress_box, refresh_interval, session_alive, start_memory_keeper,
                          worker, workers_busy)
-from app.figures import (CLASS_COLORS, COLORS, difference_images, fig_chain_energy, fig_chain_predictions, fig_histograms, fig_lines, fig_maps, fig_placement,
+from app.figures import (CLASS_COLORS, COLORS, ChainTracesPicture, difference_images, fig_chain_energy, fig_chain_predictions, fig_histograms, fig_lines, fig_maps, fig_placement,
                          fig_probabilities, fig_reliability, fig_roc, image_map)
 from app.registry import (CHECKPOINT_DIR, LIKELIHOOD_CHAINS, LIKELIHOOD_REVERSE, LIKELIHOOD_SAMPLER,
                           LIKELIHOOD_SCHEDULE, LIKELIHOOD_TEST_IMAGES, ROOT, TOY_PRETRAIN_ITERS, TRAIN_RUN, Context,
@@ -48,7 +48,7 @@ __all__ = [
     "CHAIN_INTERVAL", "CHECKPOINT_DIR", "CLASS_COLORS", "COLORS", "Cancelled", "Context", "LIKELIHOOD_CHAINS",
     "LIKELIHOOD_REVERSE", "LIKELIHOOD_SAMPLER", "LIKELIHOOD_SCHEDULE", "LIKELIHOOD_TEST_IMAGES", "LIVE_INTERVAL",
     "ModelEntry", "N_WORKERS", "PAGES_DIR", "PAGE_SPECS", "PERSIST", "ROOT", "TRAIN_RUN", "_default_pair",
-    "_workers", "cached", "context", "current_session_id", "difference_images", "digest_files", "display_scale",
+    "_workers", "cached", "ChainTracesPicture", "context", "current_session_id", "difference_images", "digest_files", "display_scale",
     "download_json", "download_png", "download_table", "fig_chain_energy", "fig_chain_predictions",
     "fig_histograms", "fig_lines", "fig_maps", "fig_placement", "fig_probabilities", "fig_reliability",
     "fig_roc", "grid", "image_map", "likelihood_report", "likelihood_temps", "live_interval", "live_sessions",

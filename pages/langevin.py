@@ -1,8 +1,8 @@
 """Langevin chains: live SGLD chains from the model's energy, in-painting and class translation.
 
 Widgets -> :class:`jem_core.sampling.ChainState` / :class:`~jem_core.sampling.SGLDSampler` -> image grids
-and plotly traces. The live chains advance ``k`` steps per tick of an ``st.fragment``; the chain state
-is per user (``st.session_state``).
+and the chains' traces (one picture while they run, plotly figures at rest). The live chains advance ``k``
+steps per tick of an ``st.fragment``; the chain state is per user (``st.session_state``).
 
 What does not live here: the sampler, the chains and the health checks (``jem_core.sampling``,
 ``jem_core.sampler_health``), in-painting and translation (``jem_core.generation``), image grids and figures
@@ -204,17 +204,26 @@ def live_view(ctx: ui.Context) -> None:
 
 
 def traces_view(ctx: ui.Context) -> None:
-    """The chains' energies and predictions over steps (redrawn less often than the pictures: plotly figures
-    cost the browser far more to redraw than one image)."""
+    """The chains' energies and predictions over steps: while the chains run, one picture redrawn every few
+    seconds (two plotly figures cost a browser tens of times more to redraw than a picture: ``bench/README.md``);
+    at rest, the interactive plotly figures."""
     s = st.session_state.get(LIVE)
     if s is None or not s["chain"].step_history:
         return
     chain: ChainState = s["chain"]
     what = "E(x)" if s["label"] is None else f"E(x, y={ctx.class_names[s['label']]})"
-    ui.show_chart(ui.fig_chain_energy(chain.step_history, torch.stack(chain.energy_history),
-                                      f"Energy {what} of each chain"), key="lg_energy")
-    ui.show_chart(ui.fig_chain_predictions(chain.step_history, torch.stack(chain.pred_history), ctx.class_names,
-                                           "Classifier's prediction for each chain"), key="lg_preds")
+    energy_title, preds_title = f"Energy {what} of each chain", "Classifier's prediction for each chain"
+    energies, preds = torch.stack(chain.energy_history), torch.stack(chain.pred_history)
+    if s["running"]:
+        picture = s.get("traces_picture")  # one per chains: each redraw updates the same figure
+        if picture is None or picture.titles != (energy_title, preds_title) or picture.names != ctx.class_names:
+            picture = s["traces_picture"] = ui.ChainTracesPicture(ctx.class_names, energy_title, preds_title)
+        st.image(picture.png(chain.step_history, energies, preds),
+                 caption=f"Traces up to step {chain.step_history[-1]}, redrawn every {s.get('traces_every', TRACES_INTERVAL):g} s "
+                         "while the chains run; pause them for the interactive charts.")
+        return
+    ui.show_chart(ui.fig_chain_energy(chain.step_history, energies, energy_title), key="lg_energy")
+    ui.show_chart(ui.fig_chain_predictions(chain.step_history, preds, ctx.class_names, preds_title), key="lg_preds")
 
 
 def chains_tab(ctx: ui.Context) -> None:

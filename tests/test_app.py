@@ -134,7 +134,12 @@ def test_langevin_chains_start_by_themselves_from_the_replay_buffer():
     assert metric(at, "Status") == "running" and metric(at, "SGLD steps done") == "10 / 200"
     captions = [c for img in at.image for c in img.captions]
     assert any("chains from replay buffer" in c for c in captions), captions
-    assert at.get("plotly_chart"), "energy and prediction traces are drawn"
+    # While the chains run, the traces are one picture (cheap for a browser to redraw); paused, plotly charts.
+    assert any(c.startswith("Traces up to step 10, redrawn every 1 s") for c in captions), captions
+    assert not at.get("plotly_chart")
+    at.button(key="lg_pause").click().run()
+    assert metric(at, "Status") == "paused" and len(at.get("plotly_chart")) == 2
+    assert not any(c.startswith("Traces up to step") for img in at.image for c in img.captions)
     at.button(key="lg_reset").click().run()  # a reset is not undone by the automatic start
     at.run()
     assert not [m for m in at.metric if m.label == "SGLD steps done"]
@@ -863,8 +868,14 @@ def test_the_memory_keeper_hands_the_free_heap_back_on_its_interval(monkeypatch)
 
     from app import compute
 
-    calls = []
-    monkeypatch.setattr(compute, "release_free_memory", lambda: calls.append(time.monotonic()) or True)
+    calls = []  # only this keeper's: the server's own (every 10 s, started by the AppTests above) may fire meanwhile
+
+    def release() -> bool:
+        if threading.current_thread().name == "jem-memory-keeper-0.05s":
+            calls.append(time.monotonic())
+        return True
+
+    monkeypatch.setattr(compute, "release_free_memory", release)
     assert compute.start_memory_keeper(0) is None
     stop = compute.start_memory_keeper(0.05)
     try:

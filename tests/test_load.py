@@ -102,3 +102,19 @@ def test_page_cost_times_each_page_load_in_order_in_a_slowed_browser():
         assert len(loads) == 1, (page, loads)
         x = loads[0]
         assert 0 < x["dom"] <= x["title"] <= x["shown"] < 120, (page, x)
+
+
+def test_browser_cost_reports_refreshes_main_thread_time_and_cores_per_process_kind():
+    from bench import browser_cost
+
+    log = Path(tempfile.mkdtemp()) / "server.log"
+    proc = load.start_server(load._free_port(), log, {"OMP_NUM_THREADS": "1", "JEM_EXPLORER_DEFAULT": "digits"})
+    try:
+        port = proc.args[proc.args.index("--server.port") + 1]
+        r = browser_cost.measure(f"http://127.0.0.1:{port}", tabs=1, warmup=8, seconds=6)
+    finally:
+        load.stop_server(proc)
+    (tab,) = r["tabs"]
+    assert tab["refreshes_per_s"] > 0.3 and tab["sgld_steps_per_s"] > 0, tab  # the chains ran and the tab drew them
+    assert 0 < tab["script_ms_per_refresh"] <= tab["main_thread_ms_per_refresh"], tab  # scripts are part of the tasks
+    assert r["cores"].get("server", 0) > 0 and r["cores"].get("chromium renderer", 0) > 0, r["cores"]

@@ -1,0 +1,56 @@
+"""The live chains' traces picture (app/figures.py): what it draws, and that one object redraws any chains."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from app.figures import CLASS_COLORS, ChainTracesPicture
+
+
+def _rgb(hex_color: str) -> np.ndarray:
+    return np.array([int(hex_color[i:i + 2], 16) for i in (1, 3, 5)])
+
+
+def _share_of(img: np.ndarray, hex_color: str, rows: slice) -> float:
+    """Fraction of the pixels in ``rows`` within 3 levels of ``hex_color``."""
+    return float((np.abs(img[rows].astype(int) - _rgb(hex_color)).max(-1) <= 3).mean())
+
+
+def test_the_prediction_panel_is_painted_in_the_predicted_class_colour():
+    names = [str(i) for i in range(10)]
+    picture = ChainTracesPicture(names, "Energy E(x) of each chain", "Classifier's prediction for each chain")
+    steps = list(range(0, 200, 5))
+    energies = torch.linspace(3.0, -2.0, len(steps))[:, None].repeat(1, 8)
+    lower = slice(330, 560)  # the prediction panel of a 480 x 600 picture
+    for cls, other in ((3, 0), (0, 3)):
+        img = np.asarray(Image.open(io.BytesIO(picture.png(steps, energies, torch.full((len(steps), 8), cls)))).convert("RGB"))
+        assert img.shape == (600, 480, 3)
+        assert _share_of(img, CLASS_COLORS[cls], lower) > 0.4  # the heat map fills most of the panel
+        # the other class appears only in the colour bar (about a tenth of its height, a sliver of the width)
+        assert _share_of(img, CLASS_COLORS[other], lower) < 0.02
+
+
+def test_one_picture_redraws_other_chain_counts_one_step_and_non_finite_energies():
+    picture = ChainTracesPicture(["a", "b", "c"], "E", "p")
+    for t, n in ((40, 16), (1, 4), (7, 1)):
+        e = torch.randn(t, n)
+        if t > 1:
+            e[1, 0] = float("nan")
+        png = picture.png(list(range(t)), e, torch.randint(0, 3, (t, n)))
+        assert Image.open(io.BytesIO(png)).size == (480, 600)
+    lo, hi = picture.top.get_ylim()
+    assert np.isfinite([lo, hi]).all() and lo < float(np.nanmin(e)) <= float(np.nanmax(e)) < hi  # the NaN left out
+
+
+@pytest.mark.parametrize("energies, preds, steps", [
+    (torch.zeros(5, 4), torch.zeros(5, 3, dtype=torch.long), 5),   # preds of another chain count
+    (torch.zeros(5, 4), torch.zeros(5, 4, dtype=torch.long), 6),   # one step number too many
+    (torch.zeros(0, 4), torch.zeros(0, 4, dtype=torch.long), 0),   # nothing to draw
+    (torch.zeros(5), torch.zeros(5, dtype=torch.long), 5),         # not [T, N]
+])
+def test_shapes_that_do_not_match_are_a_clear_error(energies, preds, steps):
+    with pytest.raises(ValueError, match=r"must both be \[T, N\]"):
+        ChainTracesPicture(["a", "b"], "E", "p").png(list(range(steps)), energies, preds)

@@ -198,34 +198,40 @@ class ChainTracesPicture:
     Args:
         names: the class names (the colour bar's labels; :data:`CLASS_COLORS` in order, cycled).
         energy_title, preds_title: the panels' titles.
-        width_in, dpi: the picture is ``width_in * dpi`` pixels wide and ``1.25`` times that high.
+        width_in, dpi: the picture is ``width_in * dpi`` pixels wide and ``1.3`` times that high; the default
+            (3.3 in at 150 dpi) is sharp at the width of the Langevin page's traces column (about 320 px at a
+            1280 px window) and on screens of two pixels per point.
     """
 
-    def __init__(self, names: Sequence[str], energy_title: str, preds_title: str, width_in: float = 4.8,
-                 dpi: int = 100) -> None:
+    def __init__(self, names: Sequence[str], energy_title: str, preds_title: str, width_in: float = 3.3,
+                 dpi: int = 150) -> None:
         self.names, self.titles = list(names), (energy_title, preds_title)
         k = len(self.names)
         if "IPython" in sys.modules:
             # Another thread may be importing it (captum does, in the server's warm-up): matplotlib's first canvas
             # reads IPython.version_info, so wait for that import to finish (the import lock) instead of failing.
             import IPython  # noqa: F401
-        self.fig = Figure(figsize=(width_in, 1.25 * width_in), dpi=dpi)
-        self.fig.subplots_adjust(left=0.14, right=0.86, top=0.95, bottom=0.08, hspace=0.42)
+        self.fig = Figure(figsize=(width_in, 1.3 * width_in), dpi=dpi)
+        # Room on the right for the colour bar's longest class name (about 0.55 em per character at 7 pt).
+        label_pt = 7 * 0.55 * max((len(n) for n in self.names), default=1) + 22
+        self.fig.subplots_adjust(left=0.17, right=max(0.5, 0.97 - label_pt / (72 * width_in)), top=0.95,
+                                 bottom=0.1, hspace=0.52)
         self.top, self.bottom = self.fig.subplots(2, 1)
-        self.lines = self.top.add_collection(LineCollection([], linewidths=1, alpha=0.45))
-        (self.mean,) = self.top.plot([], [], lw=2.5, color="black", label="mean")
-        self.top.legend(loc="upper right", fontsize=8)
-        self.top.set(title=energy_title, xlabel="SGLD step", ylabel="energy")
+        self.lines = self.top.add_collection(LineCollection([], linewidths=0.8, alpha=0.45))
+        (self.mean,) = self.top.plot([], [], lw=2, color="black", label="mean")
+        self.top.legend(loc="upper right", fontsize=7)
         cmap = ListedColormap([CLASS_COLORS[i % len(CLASS_COLORS)] for i in range(k)])
         self.image = self.bottom.imshow(np.zeros((1, 1)), aspect="auto", interpolation="nearest", cmap=cmap,
                                         vmin=-0.5, vmax=k - 0.5)
-        bar = self.fig.colorbar(self.image, ax=self.bottom, ticks=range(k))
-        bar.ax.set_yticklabels(self.names, fontsize=7 if k > 10 else 9)
-        bar.set_label("class")
-        self.bottom.set(title=preds_title, xlabel="SGLD step", ylabel="chain")
+        bar = self.fig.colorbar(self.image, ax=self.bottom, ticks=range(k), fraction=0.08, pad=0.03)
+        bar.ax.set_yticklabels(self.names, fontsize=6 if k > 10 else 7)
+        bar.set_label("class", fontsize=8)
+        for ax, title, ylabel in ((self.top, energy_title, "energy"), (self.bottom, preds_title, "chain")):
+            ax.set_title(title, fontsize=8.5)
+            ax.set_xlabel("SGLD step", fontsize=8)
+            ax.set_ylabel(ylabel, fontsize=8)
+            ax.tick_params(labelsize=7)
         self.bottom.yaxis.set_major_locator(MaxNLocator(integer=True))
-        for ax in (self.top, self.bottom):
-            ax.title.set_fontsize(10)
 
     def png(self, steps: Sequence[int], energies: torch.Tensor, preds: torch.Tensor) -> bytes:
         """The picture of these traces, as PNG bytes.

@@ -21,26 +21,27 @@ def _share_of(img: np.ndarray, hex_color: str, rows: slice) -> float:
 
 def test_the_prediction_panel_is_painted_in_the_predicted_class_colour():
     names = [str(i) for i in range(10)]
-    picture = ChainTracesPicture(names, "Energy E(x) of each chain", "Classifier's prediction for each chain")
+    picture = ChainTracesPicture(names, "Energy E(x) of each chain", "Classifier's prediction for each chain",
+                                 width_in=4, dpi=100)
     steps = list(range(0, 200, 5))
     energies = torch.linspace(3.0, -2.0, len(steps))[:, None].repeat(1, 8)
-    lower = slice(330, 560)  # the prediction panel of a 480 x 600 picture
+    lower = slice(300, 460)  # the prediction panel of a 400 x 520 picture
     for cls, other in ((3, 0), (0, 3)):
         img = np.asarray(Image.open(io.BytesIO(picture.png(steps, energies, torch.full((len(steps), 8), cls)))).convert("RGB"))
-        assert img.shape == (600, 480, 3)
+        assert img.shape == (520, 400, 3)
         assert _share_of(img, CLASS_COLORS[cls], lower) > 0.4  # the heat map fills most of the panel
         # the other class appears only in the colour bar (about a tenth of its height, a sliver of the width)
         assert _share_of(img, CLASS_COLORS[other], lower) < 0.02
 
 
 def test_one_picture_redraws_other_chain_counts_one_step_and_non_finite_energies():
-    picture = ChainTracesPicture(["a", "b", "c"], "E", "p")
+    picture = ChainTracesPicture(["a", "b", "c"], "E", "p")  # the default size: 3.3 in at 150 dpi
     for t, n in ((40, 16), (1, 4), (7, 1)):
         e = torch.randn(t, n)
         if t > 1:
             e[1, 0] = float("nan")
         png = picture.png(list(range(t)), e, torch.randint(0, 3, (t, n)))
-        assert Image.open(io.BytesIO(png)).size == (480, 600)
+        assert Image.open(io.BytesIO(png)).size == (495, 643)
     lo, hi = picture.top.get_ylim()
     assert np.isfinite([lo, hi]).all() and lo < float(np.nanmin(e)) <= float(np.nanmax(e)) < hi  # the NaN left out
 

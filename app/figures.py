@@ -3,8 +3,8 @@
 Every builder takes numbers (tensors, arrays, lists, report dataclasses) and returns a ``go.Figure``; none
 computes a model output. One exception, for views that redraw live: :class:`ChainTracesPicture` draws the live
 chains' traces as one matplotlib picture (a browser redraws a picture for a fraction of what two plotly figures
-cost it). One colour per model everywhere (:data:`COLORS`, in the order of
-``Context.models()``), one per class (:data:`CLASS_COLORS`).
+cost it). One colour per model everywhere (:data:`COLORS`, in the order of ``Context.models()``), one per class
+(:data:`CLASS_COLORS`).
 
 What does not live here: static report figures (matplotlib, ``jem_core/evaluation/figures.py``) and showing
 a figure in a page (``ui.show_chart``).
@@ -21,8 +21,9 @@ import numpy as np
 import plotly.graph_objects as go
 import torch
 from matplotlib.collections import LineCollection
-from matplotlib.colors import ListedColormap
+from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.figure import Figure
+from matplotlib.image import NonUniformImage
 from matplotlib.ticker import MaxNLocator
 from plotly.subplots import make_subplots
 
@@ -190,10 +191,10 @@ class ChainTracesPicture:
     """The two traces of :func:`fig_chain_energy` and :func:`fig_chain_predictions` as one static PNG (energies
     above, predictions below), for a view that redraws while chains run.
 
-    A browser redraws two plotly figures of 16 chains in hundreds of milliseconds of its main thread, a picture in
-    a few (``bench/README.md``). One object per view: each :meth:`png` updates the same matplotlib figure (object
-    API, no pyplot, so the server's threads may each draw their own), which costs the server about half of
-    drawing a new figure. The interactive plotly figures are for chains at rest.
+    Redrawing two plotly figures of 16 chains cost a Chromium tab more main-thread time than all its refreshes of
+    the chains' picture in between (``bench/README.md``). One object per view: each :meth:`png` updates the same
+    matplotlib figure (object API, no pyplot, so the server's threads may each draw their own), about 0.15 s of
+    the server against 0.23-0.29 s for a new figure. The interactive plotly figures are for chains at rest.
 
     Args:
         names: the class names (the colour bar's labels; :data:`CLASS_COLORS` in order, cycled).
@@ -221,8 +222,9 @@ class ChainTracesPicture:
         (self.mean,) = self.top.plot([], [], lw=2, color="black", label="mean")
         self.top.legend(loc="upper right", fontsize=7)
         cmap = ListedColormap([CLASS_COLORS[i % len(CLASS_COLORS)] for i in range(k)])
-        self.image = self.bottom.imshow(np.zeros((1, 1)), aspect="auto", interpolation="nearest", cmap=cmap,
-                                        vmin=-0.5, vmax=k - 0.5)
+        # Step numbers are unevenly spaced once a chain's history is thinned: each column sits at its own step.
+        self.image = NonUniformImage(self.bottom, interpolation="nearest", cmap=cmap, norm=Normalize(-0.5, k - 0.5))
+        self.bottom.add_image(self.image)
         bar = self.fig.colorbar(self.image, ax=self.bottom, ticks=range(k), fraction=0.08, pad=0.03)
         bar.ax.set_yticklabels(self.names, fontsize=6 if k > 10 else 7)
         bar.set_label("class", fontsize=8)
@@ -231,7 +233,12 @@ class ChainTracesPicture:
             ax.set_xlabel("SGLD step", fontsize=8)
             ax.set_ylabel(ylabel, fontsize=8)
             ax.tick_params(labelsize=7)
-        self.bottom.yaxis.set_major_locator(MaxNLocator(integer=True))
+        self.bottom.yaxis.set_major_locator(MaxNLocator(nbins=8, integer=True, min_n_ticks=1))
+        for ax in (self.top, self.bottom):
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True, min_n_ticks=1))
+        # The energy panel as wide as the heat map beside its colour bar, so that a step sits at the same x in both.
+        top, bottom = self.top.get_position(), self.bottom.get_position()
+        self.top.set_position([top.x0, top.y0, bottom.width, top.height])
 
     def png(self, steps: Sequence[int], energies: torch.Tensor, preds: torch.Tensor) -> bytes:
         """The picture of these traces, as PNG bytes.
@@ -256,12 +263,18 @@ class ChainTracesPicture:
         self.mean.set_data(x, e.mean(1))
         finite = e[np.isfinite(e)]
         lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (-1.0, 1.0)
-        pad_x, pad_y = max(x[-1] - x[0], 1.0) * 0.03, max(hi - lo, 1e-6) * 0.05
+        pad_x = max(x[-1] - x[0], 1.0) * 0.03
+        pad_y = (hi - lo) * 0.05 if hi - lo > 1e-6 * max(1.0, abs(hi)) else 0.5  # one value: a range around it
         self.top.set_xlim(x[0] - pad_x, x[-1] + pad_x)
         self.top.set_ylim(lo - pad_y, hi + pad_y)
-        half = (x[-1] - x[0]) / (t - 1) / 2 if t > 1 else 0.5
-        self.image.set_data(p.T)
-        self.image.set_extent((x[0] - half, x[-1] + half, n - 0.5, -0.5))
+        # Centres of the cells: one column per report at its step, one row per chain (a single one is widened
+        # to a cell of width 1, which the image needs).
+        cx, z = (x, p.T) if t > 1 else (np.array([x[0] - 0.5, x[0] + 0.5]), np.repeat(p.T, 2, axis=1))
+        cy, z = (np.arange(n, dtype=float), z) if n > 1 else (np.array([-0.5, 0.5]), np.repeat(z, 2, axis=0))
+        self.image.set_data(cx, cy, z.astype(float))
+        half = np.diff(cx).min() / 2  # the outer cells reach half the finest spacing past their step
+        self.bottom.set_xlim(cx[0] - half, cx[-1] + half)
+        self.bottom.set_ylim(n - 0.5, -0.5)
         buf = io.BytesIO()
         self.fig.savefig(buf, format="png", pil_kwargs={"compress_level": 1})
         return buf.getvalue()

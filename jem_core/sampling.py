@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -541,6 +542,10 @@ class ChainState:
         max_history: the most reports kept in ``energy_history`` / ``pred_history`` / ``step_history``
             (None = all). Past it, the older half is thinned to every other report, so memory stays bounded
             for chains that run for hours while the recent past stays at full resolution.
+
+    Another thread may read the histories while :meth:`advance` runs (a dashboard redraws them while a
+    rerun's new script thread starts and the old one finishes its steps): :meth:`history` gives one
+    consistent snapshot of the three.
     """
 
     x: torch.Tensor
@@ -553,6 +558,17 @@ class ChainState:
     frames: list[torch.Tensor] = field(default_factory=list)
     last_report: SGLDReport | None = None
     max_history: int | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def history(self) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        """One consistent snapshot of the recorded reports: ``(steps, energies, preds)`` with ``steps`` the
+        ``T`` step numbers (increasing; unevenly spaced once thinned), ``energies`` ``[T, N]`` float32 and
+        ``preds`` ``[T, N]`` int64; ``T`` may be 0 (then both tensors are ``[0, N]``)."""
+        with self._lock:
+            steps, energies, preds = list(self.step_history), list(self.energy_history), list(self.pred_history)
+        n = self.x.shape[0]
+        return (steps, torch.stack(energies) if energies else torch.zeros(0, n),
+                torch.stack(preds) if preds else torch.zeros(0, n, dtype=torch.long))
 
     def _thin(self) -> None:
         # Keep the newer half as it is and every other report of the older half.
@@ -571,14 +587,16 @@ class ChainState:
         The model's parameters are frozen during the run (cached models are never changed).
         """
         def record(r: SGLDReport) -> None:
-            self.step_history.append(self.steps + r.step)
-            self.energy_history.append(r.energy.cpu())
-            self.pred_history.append(r.logits.argmax(1).cpu())
+            energy, pred = r.energy.cpu(), r.logits.argmax(1).cpu()
+            with self._lock:
+                self.step_history.append(self.steps + r.step)
+                self.energy_history.append(energy)
+                self.pred_history.append(pred)
+                self._thin()
             if keep_frames:
                 self.frames.append(r.x.detach().cpu().clone())
             self.last_report = SGLDReport(self.steps + r.step, r.x.detach().cpu().clone(), r.energy.cpu(),
                                           r.logits.cpu(), r.grad_norm, r.overshoot)
-            self._thin()
 
         with frozen_parameters(sampler.model):
             self.x = sampler.run(self.x, n_steps, self.y, self.mask, every=max(1, every), callback=record)

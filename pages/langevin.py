@@ -205,25 +205,25 @@ def live_view(ctx: ui.Context) -> None:
 
 def traces_view(ctx: ui.Context) -> None:
     """The chains' energies and predictions over steps: while the chains run, one picture redrawn every few
-    seconds (two plotly figures cost a browser tens of times more to redraw than a picture: ``bench/README.md``);
-    at rest, the interactive plotly figures."""
+    seconds (redrawing two plotly figures cost a browser more than all its picture refreshes in between:
+    ``bench/README.md``); at rest, the interactive plotly figures."""
     s = st.session_state.get(LIVE)
     if s is None or not s["chain"].step_history:
         return
     chain: ChainState = s["chain"]
     what = "E(x)" if s["label"] is None else f"E(x, y={ctx.class_names[s['label']]})"
     energy_title, preds_title = f"Energy {what} of each chain", "Classifier's prediction for each chain"
-    energies, preds = torch.stack(chain.energy_history), torch.stack(chain.pred_history)
+    steps, energies, preds = chain.history()  # consistent even while a rerun's old thread still advances the chain
     if s["running"]:
         picture = s.get("traces_picture")  # one per chains: each redraw updates the same figure
         if picture is None or picture.titles != (energy_title, preds_title) or picture.names != ctx.class_names:
             picture = s["traces_picture"] = ui.ChainTracesPicture(ctx.class_names, energy_title, preds_title)
-        st.image(picture.png(chain.step_history, energies, preds),
-                 caption=f"Traces up to step {chain.step_history[-1]}, redrawn every {s.get('traces_every', TRACES_INTERVAL):g} s "
-                         "while the chains run; pause them for the interactive charts.")
+        every = s.get("traces_every", TRACES_INTERVAL)
+        st.image(picture.png(steps, energies, preds), caption=f"Traces up to step {steps[-1]}, redrawn every "
+                 f"{every:g} s while the chains run; pause them for the interactive charts.")
         return
-    ui.show_chart(ui.fig_chain_energy(chain.step_history, energies, energy_title), key="lg_energy")
-    ui.show_chart(ui.fig_chain_predictions(chain.step_history, preds, ctx.class_names, preds_title), key="lg_preds")
+    ui.show_chart(ui.fig_chain_energy(steps, energies, energy_title), key="lg_energy")
+    ui.show_chart(ui.fig_chain_predictions(steps, preds, ctx.class_names, preds_title), key="lg_preds")
 
 
 def chains_tab(ctx: ui.Context) -> None:

@@ -27,11 +27,27 @@ def test_the_prediction_panel_is_painted_in_the_predicted_class_colour():
     energies = torch.linspace(3.0, -2.0, len(steps))[:, None].repeat(1, 8)
     lower = slice(300, 460)  # the prediction panel of a 400 x 520 picture
     for cls, other in ((3, 0), (0, 3)):
-        img = np.asarray(Image.open(io.BytesIO(picture.png(steps, energies, torch.full((len(steps), 8), cls)))).convert("RGB"))
+        png = picture.png(steps, energies, torch.full((len(steps), 8), cls))
+        img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
         assert img.shape == (520, 400, 3)
         assert _share_of(img, CLASS_COLORS[cls], lower) > 0.4  # the heat map fills most of the panel
         # the other class appears only in the colour bar (about a tenth of its height, a sliver of the width)
         assert _share_of(img, CLASS_COLORS[other], lower) < 0.02
+
+
+def test_unevenly_spaced_steps_of_a_thinned_history_sit_at_their_own_step():
+    """Class 3 at step 0, class 0 at steps 90-100: the change sits midway between 0 and 90 (x = 45), not after the
+    first of four equal columns, as it would if the reports were drawn evenly spaced."""
+    picture = ChainTracesPicture([str(i) for i in range(10)], "E", "p", width_in=4, dpi=100)
+    steps = [0, 90, 95, 100]
+    preds = torch.tensor([3, 0, 0, 0])[:, None].repeat(1, 4)
+    png = picture.png(steps, torch.zeros(4, 4), preds)
+    img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    lower = slice(300, 460)
+    three, zero = _share_of(img, CLASS_COLORS[3], lower), _share_of(img, CLASS_COLORS[0], lower)
+    # x runs from -2.5 to 102.5: 47.5 units of class 3 against 57.5 of class 0 (the colour bar adds a little of
+    # each); evenly spaced columns would give 1 : 3
+    assert 0.7 < three / zero < 1.0, (three, zero)
 
 
 def test_one_picture_redraws_other_chain_counts_one_step_and_non_finite_energies():

@@ -171,6 +171,43 @@ def test_chain_history_stays_bounded_and_keeps_the_recent_past_at_full_resolutio
     assert recent == list(range(481, 501)), "the last steps are all kept"
 
 
+def test_history_and_recording_exclude_each_other_so_a_snapshot_is_consistent():
+    """A dashboard redraws the traces while a rerun's old thread may still be advancing the same chains: a
+    report's three appends (and any thinning) and a snapshot's three copies hold the same lock, so a snapshot
+    never sees a report half recorded."""
+    import threading
+
+    from torch import nn
+
+    class Quadratic(nn.Module):
+        def forward(self, x):
+            return -(x.flatten(1) ** 2).sum(1, keepdim=True).repeat(1, 3)
+
+    chain = ChainState(x=torch.zeros(3, 1, 4, 4), max_history=40)
+    steps, energies, preds = chain.history()
+    assert steps == [] and energies.shape == preds.shape == (0, 3)  # nothing recorded yet
+    s = SGLDSampler(Quadratic(), step_size=0.01, noise_std=0.01, generator=torch.Generator().manual_seed(0))
+    out = {}
+    with chain._lock:  # a snapshot in progress: a step's report waits for it
+        worker = threading.Thread(target=lambda: chain.advance(s, 1))
+        worker.start()
+        worker.join(timeout=0.3)
+        assert worker.is_alive() and chain.step_history == []
+    worker.join()
+    assert chain.step_history == [1]
+    with chain._lock:  # a report in progress: a snapshot waits for it
+        reader = threading.Thread(target=lambda: out.update(snapshot=chain.history()))
+        reader.start()
+        reader.join(timeout=0.3)
+        assert reader.is_alive() and not out
+    reader.join()
+    for _ in range(12):
+        chain.advance(s, 5)
+    steps, energies, preds = chain.history()
+    assert energies.shape == preds.shape == (len(steps), 3) and preds.dtype == torch.int64
+    assert steps == chain.step_history and len(steps) <= 40 and steps[-1] == 61
+
+
 def test_differentiable_steps_are_the_same_update_and_carry_the_gradient():
     """``run(differentiable=True)`` (the refined classifier's full back-propagation) makes the same moves as the
     plain sampler and is differentiable in its start point (checked against central differences)."""

@@ -251,11 +251,13 @@ def test_langevin_draws_only_the_open_tab_and_a_click_on_another_tab_draws_it(pa
     assert pg.locator(".st-key-lp_run").count() == 0
     pg.get_by_role("tab", name="In-painting").click()
     pg.locator(".st-key-lp_run button").first.wait_for(state="visible")
-    pg.wait_for_timeout(500)
-    assert pg.locator(".st-key-lg_n").count() == 0 and pg.locator(".st-key-ct_run").count() == 0
+    # The other tab's elements leave once the rerun that drew this one has finished (until then they are stale).
+    pg.locator(".st-key-lg_n").first.wait_for(state="detached", timeout=30_000)
+    assert pg.locator(".st-key-ct_run").count() == 0
     pg.get_by_role("tab", name="Chains").click()
     pg.locator(".st-key-lg_n").first.wait_for(state="visible")
-    assert pg.locator(".st-key-lp_run").count() == 0
+    pg.locator(".st-key-lp_run").first.wait_for(state="detached", timeout=30_000)
+    assert pg.locator(".st-key-lg_n").count() == 1
 
 
 def test_the_playground_figures_update_while_training_runs(page, server):

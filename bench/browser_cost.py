@@ -32,21 +32,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.load import CHROMIUM_ARGS, REFRESH_RECORDER, _free_port, start_server, stop_server  # noqa: E402
+from bench.load import (CHROMIUM_ARGS, REFRESH_RECORDER, _free_port, _proc_stats, start_server,  # noqa: E402
+                        stop_server)
 
 
 def process_cpu() -> dict[str, float]:
     """CPU seconds (user + system) so far of the Streamlit server and of Chromium's processes by kind (its
     renderers, GPU process, ...), summed over this machine's processes."""
     out: collections.Counter = collections.Counter()
-    tick = os.sysconf("SC_CLK_TCK")
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             cmd = open(f"/proc/{pid}/cmdline").read().replace("\0", " ")
-            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+            cpu = _proc_stats(int(pid))[1]
         except OSError:  # the process ended meanwhile
             continue
-        cpu = (int(fields[11]) + int(fields[12])) / tick
         if "chrom" in cmd.split(" ")[0]:
             kind = next((a.split("=", 1)[1] for a in cmd.split() if a.startswith("--type=")), "browser")
             out[f"chromium {kind}"] += cpu

@@ -15,16 +15,21 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import io
+import math
 import sys
+import threading
 
 import numpy as np
 import plotly.graph_objects as go
 import torch
 from matplotlib.collections import LineCollection
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.figure import Figure
 from matplotlib.image import NonUniformImage
 from matplotlib.ticker import MaxNLocator
+from matplotlib.transforms import Bbox
+from PIL import Image
 from plotly.subplots import make_subplots
 
 #: Colours of the models in every figure: the chosen model, its baseline, extra curves.
@@ -187,14 +192,43 @@ def fig_chain_predictions(steps: Sequence[int], preds: torch.Tensor, names: Sequ
     return _layout(fig, title, "SGLD step", "chain", 320)
 
 
+#: The step axis of :class:`ChainTracesPicture` ends at the first of these (times a power of ten) at or past the
+#: last step: the traces fill at least two thirds of its width, and it changes a few times per decade of steps.
+STEP_AXIS_ENDS = (1.0, 1.5, 2.0, 3.0, 5.0, 7.5)
+
+
+def step_axis_end(last: float) -> float:
+    """The end of the live traces' step axis for a last step ``last`` (>= 0): the smallest ``m * 10**k`` with
+    ``m`` in :data:`STEP_AXIS_ENDS` and integer ``k >= 0`` that is at least ``last`` (at least 1)."""
+    if last <= 1:
+        return 1.0
+    k = 10.0 ** math.floor(math.log10(last))
+    return next((m * k for m in (*STEP_AXIS_ENDS, 10.0) if m * k >= last * (1 - 1e-12)), 10 * k)
+
+
+def energy_axis(lo: float, hi: float) -> tuple[float, float]:
+    """The live traces' energy axis for finite energies in ``[lo, hi]``: 15% of their range on each side, or
+    ``[v - 0.5, v + 0.5]`` when they are (nearly) one value ``v``."""
+    if hi - lo <= 1e-6 * max(1.0, abs(hi)):
+        return lo - 0.5, hi + 0.5
+    pad = 0.15 * (hi - lo)
+    return lo - pad, hi + pad
+
+
 class ChainTracesPicture:
     """The two traces of :func:`fig_chain_energy` and :func:`fig_chain_predictions` as one static PNG (energies
     above, predictions below), for a view that redraws while chains run.
 
     Redrawing two plotly figures of 16 chains cost a Chromium tab more main-thread time than all its refreshes of
     the chains' picture in between (``bench/README.md``). One object per view: each :meth:`png` updates the same
-    matplotlib figure (object API, no pyplot, so the server's threads may each draw their own), about 0.15 s of
-    the server against 0.23-0.29 s for a new figure. The interactive plotly figures are for chains at rest.
+    matplotlib figure (object API, no pyplot, so the server's threads may each draw their own; one thread at a time
+    per object). The axes, their ticks and labels, the titles and the colour bar are drawn once per *frame* and
+    kept as a background; a redraw within the frame pastes it back and draws only the traces and the heat map on
+    it (blitting: ``python bench/traces_picture.py`` measures it against drawing everything). The frame changes,
+    and everything is drawn again, when the traces leave it or fill too little of it: the step axis runs from the
+    first step to :func:`step_axis_end` of the last one, the energy axis is :func:`energy_axis` of the energies and
+    is kept while they stay inside it and span at least half of what it would be for them now. The interactive
+    plotly figures are for chains at rest.
 
     Args:
         names: the class names (the colour bar's labels; :data:`CLASS_COLORS` in order, cycled).
@@ -202,17 +236,19 @@ class ChainTracesPicture:
         width_in, dpi: the picture is ``width_in * dpi`` pixels wide and ``1.3`` times that high; the default
             (3.3 in at 150 dpi) is sharp at the width of the Langevin page's traces column (about 320 px at a
             1280 px window) and on screens of two pixels per point.
+        blit: False draws everything at every :meth:`png` (the same picture; for tests and the benchmark).
     """
 
     def __init__(self, names: Sequence[str], energy_title: str, preds_title: str, width_in: float = 3.3,
-                 dpi: int = 150) -> None:
-        self.names, self.titles = list(names), (energy_title, preds_title)
+                 dpi: int = 150, blit: bool = True) -> None:
+        self.names, self.titles, self.blit = list(names), (energy_title, preds_title), blit
         k = len(self.names)
         if "IPython" in sys.modules:
             # Another thread may be importing it (captum does, in the server's warm-up): matplotlib's first canvas
             # reads IPython.version_info, so wait for that import to finish (the import lock) instead of failing.
             import IPython  # noqa: F401
         self.fig = Figure(figsize=(width_in, 1.3 * width_in), dpi=dpi)
+        self.canvas = FigureCanvasAgg(self.fig)
         # Room on the right for the colour bar's longest class name (about 0.55 em per character at 7 pt).
         label_pt = 7 * 0.55 * max((len(n) for n in self.names), default=1) + 22
         self.fig.subplots_adjust(left=0.17, right=max(0.5, 0.97 - label_pt / (72 * width_in)), top=0.95,
@@ -220,7 +256,7 @@ class ChainTracesPicture:
         self.top, self.bottom = self.fig.subplots(2, 1)
         self.lines = self.top.add_collection(LineCollection([], linewidths=0.8, alpha=0.45))
         (self.mean,) = self.top.plot([], [], lw=2, color="black", label="mean")
-        self.top.legend(loc="upper right", fontsize=7)
+        self.legend = self.top.legend(loc="upper right", fontsize=7)
         cmap = ListedColormap([CLASS_COLORS[i % len(CLASS_COLORS)] for i in range(k)])
         # Step numbers are unevenly spaced once a chain's history is thinned: each column sits at its own step.
         self.image = NonUniformImage(self.bottom, interpolation="nearest", cmap=cmap, norm=Normalize(-0.5, k - 0.5))
@@ -239,12 +275,28 @@ class ChainTracesPicture:
         # The energy panel as wide as the heat map beside its colour bar, so that a step sits at the same x in both.
         top, bottom = self.top.get_position(), self.bottom.get_position()
         self.top.set_position([top.x0, top.y0, bottom.width, top.height])
+        for artist in (self.lines, self.mean, self.image):  # left out of the background, drawn at every png()
+            artist.set_animated(True)
+        self.frame: tuple | None = None  # (step axis, energy axis, chain count) of the background below
+        self._background = self._legend = None
+        self._lock = threading.Lock()
+
+    def _frame_for(self, x: np.ndarray, lo: float, hi: float, n: int) -> tuple:
+        """The frame for these traces: the current one while they fit it (see the class docstring), else a new one."""
+        steps = (float(x[0]), step_axis_end(float(x[-1])))
+        ideal = energy_axis(lo, hi)
+        if self.frame is not None and self.frame[0] == steps and self.frame[2] == n:
+            e_lo, e_hi = self.frame[1]
+            if e_lo <= lo and hi <= e_hi and e_hi - e_lo <= 2 * (ideal[1] - ideal[0]):
+                return self.frame
+        return steps, ideal, n
 
     def png(self, steps: Sequence[int], energies: torch.Tensor, preds: torch.Tensor) -> bytes:
-        """The picture of these traces, as PNG bytes.
+        """The picture of these traces, as PNG bytes (``width_in * dpi`` by ``1.3 * width_in * dpi`` pixels, 256
+        colours).
 
         Args:
-            steps: the ``T`` SGLD step numbers, increasing.
+            steps: the ``T`` SGLD step numbers, increasing, >= 0.
             energies: ``[T, N]`` float energies (drawn as given; non-finite values are left out of the axis range),
                 one column per chain.
             preds: ``[T, N]`` integer predicted classes in ``[0, len(names))``.
@@ -258,25 +310,42 @@ class ChainTracesPicture:
             raise ValueError(f"energies and preds must both be [T, N] with T = len(steps) >= 1; got energies "
                              f"{tuple(e.shape)}, preds {tuple(p.shape)} and {len(x)} steps")
         t, n = e.shape
-        self.lines.set_segments(list(np.stack([np.broadcast_to(x[:, None], e.shape), e], -1).transpose(1, 0, 2)))
-        self.lines.set_color([CLASS_COLORS[j % len(CLASS_COLORS)] for j in range(n)])
-        self.mean.set_data(x, e.mean(1))
         finite = e[np.isfinite(e)]
         lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (-1.0, 1.0)
-        pad_x = max(x[-1] - x[0], 1.0) * 0.03
-        pad_y = (hi - lo) * 0.05 if hi - lo > 1e-6 * max(1.0, abs(hi)) else 0.5  # one value: a range around it
-        self.top.set_xlim(x[0] - pad_x, x[-1] + pad_x)
-        self.top.set_ylim(lo - pad_y, hi + pad_y)
-        # Centres of the cells: one column per report at its step, one row per chain (a single one is widened
-        # to a cell of width 1, which the image needs).
-        cx, z = (x, p.T) if t > 1 else (np.array([x[0] - 0.5, x[0] + 0.5]), np.repeat(p.T, 2, axis=1))
-        cy, z = (np.arange(n, dtype=float), z) if n > 1 else (np.array([-0.5, 0.5]), np.repeat(z, 2, axis=0))
-        self.image.set_data(cx, cy, z.astype(float))
-        half = np.diff(cx).min() / 2  # the outer cells reach half the finest spacing past their step
-        self.bottom.set_xlim(cx[0] - half, cx[-1] + half)
-        self.bottom.set_ylim(n - 0.5, -0.5)
-        buf = io.BytesIO()
-        self.fig.savefig(buf, format="png", pil_kwargs={"compress_level": 1})
+        with self._lock:
+            self.lines.set_segments(list(np.stack([np.broadcast_to(x[:, None], e.shape), e], -1).transpose(1, 0, 2)))
+            self.lines.set_color([CLASS_COLORS[j % len(CLASS_COLORS)] for j in range(n)])
+            self.mean.set_data(x, e.mean(1))
+            # Centres of the cells: one column per report at its step, one row per chain (a single one is widened
+            # to a cell of width 1, which the image needs).
+            cx, z = (x, p.T) if t > 1 else (np.array([x[0] - 0.5, x[0] + 0.5]), np.repeat(p.T, 2, axis=1))
+            cy, z = (np.arange(n, dtype=float), z) if n > 1 else (np.array([-0.5, 0.5]), np.repeat(z, 2, axis=0))
+            self.image.set_data(cx, cy, z.astype(float))
+            frame = self._frame_for(x, lo, hi, n)
+            if frame != self.frame or not self.blit:
+                (first, end), (e_lo, e_hi), _ = frame
+                pad = 0.03 * (end - first)
+                for ax in (self.top, self.bottom):
+                    ax.set_xlim(first - max(pad, 0.5), end + pad)
+                self.top.set_ylim(e_lo, e_hi)
+                self.bottom.set_ylim(n - 0.5, -0.5)
+                self.canvas.draw()  # everything but the animated traces and heat map
+                self._background = self.canvas.copy_from_bbox(self.fig.bbox)
+                x0, y0, x1, y1 = self.legend.get_window_extent().extents
+                self._legend = self.canvas.copy_from_bbox(Bbox.from_extents(x0 - 1, y0 - 1, x1 + 1, y1 + 1))
+                self.frame = frame
+            else:
+                self.canvas.restore_region(self._background)
+            self.bottom.draw_artist(self.image)
+            self.top.draw_artist(self.lines)
+            self.top.draw_artist(self.mean)
+            self.canvas.restore_region(self._legend)  # the legend's box above the traces
+            w, h = self.canvas.get_width_height()
+            rgb = Image.frombuffer("RGBA", (w, h), self.canvas.buffer_rgba(), "raw", "RGBA", 0, 1).convert("RGB")
+            buf = io.BytesIO()
+            # 256 colours: a third of the bytes and of the encoding time of the RGBA picture; the class colours,
+            # black and white stay exact, anti-aliased edges move by a few levels.
+            rgb.quantize(256, method=Image.Quantize.FASTOCTREE).save(buf, format="png", compress_level=1)
         return buf.getvalue()
 
 

@@ -131,17 +131,33 @@ SHOWN = ('[data-testid="stMain"] :is([data-testid="stPlotlyChart"], [data-testid
          '[data-testid="stExpander"])')
 
 
-def timed_load(pg, url: str) -> dict[str, float]:
+#: Where the document phase of a load went, from the browser's Navigation and Resource Timing (seconds after
+#: the navigation started): the document's first byte ("ttfb") and last byte ("html"), the last script's last
+#: byte ("scripts"), DOMContentLoaded ("dcl", after the scripts have run), and how many files came from the
+#: server rather than the browser's cache ("fetched").
+NAV_TIMING = """() => {
+  const n = performance.getEntriesByType('navigation')[0];
+  const r = performance.getEntriesByType('resource');
+  const s = r.filter(e => e.initiatorType === 'script' || e.name.endsWith('.js'));
+  const f = x => Math.round(x) / 1000;
+  return {ttfb: f(n.responseStart), html: f(n.responseEnd), scripts: f(Math.max(0, ...s.map(e => e.responseEnd))),
+          dcl: f(n.domContentLoadedEventStart), fetched: r.filter(e => e.transferSize > 0).length};
+}"""
+
+
+def timed_load(pg, url: str) -> dict:
     """Load ``url`` in the Playwright page ``pg``; seconds (2 decimals) until the document has loaded ("dom"),
     until the page's title is drawn ("title") and until it shows content or a progress box ("shown",
-    :data:`SHOWN`). Raises Playwright's TimeoutError after the page's default timeout."""
+    :data:`SHOWN`), and the browser's own breakdown of the document phase ("nav", :data:`NAV_TIMING`). Raises
+    Playwright's TimeoutError after the page's default timeout."""
     t0 = time.monotonic()
     pg.goto(url, wait_until="domcontentloaded")
     dom = time.monotonic() - t0
+    nav = pg.evaluate(NAV_TIMING)
     pg.locator("h1").first.wait_for(state="visible")
     title = time.monotonic() - t0
     pg.locator(SHOWN).first.wait_for(state="visible")
-    return {"dom": round(dom, 2), "title": round(title, 2), "shown": round(time.monotonic() - t0, 2)}
+    return {"dom": round(dom, 2), "title": round(title, 2), "shown": round(time.monotonic() - t0, 2), "nav": nav}
 
 
 def _stuck(name: str, pg, error: Exception, result: dict) -> None:
@@ -248,8 +264,9 @@ def run(url: str, server_pid: int | None, chains: int, browse: int, train: bool,
                 try:
                     t = timed_load(pg, f"{url}/{page}")
                     _idle(pg)
-                    result["page_loads"].append({"session": name, "page": page or "home", "s": t["shown"],
-                                                 "s_dom": t["dom"], "s_title": t["title"],
+                    result["page_loads"].append({"session": name, "page": page or "home", "t": round(t0 - start, 1),
+                                                 "s": t["shown"],
+                                                 "s_dom": t["dom"], "s_title": t["title"], "nav": t["nav"],
                                                  "s_idle": round(time.monotonic() - t0, 2)})
                     if page == "score":
                         pg.locator(".st-key-score_upload input[type=file]").set_input_files(str(upload))

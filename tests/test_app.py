@@ -168,6 +168,9 @@ def test_langevin_more_steps_lower_the_mean_energy_and_buttons_follow_the_state(
     late = float(metric(at, "Mean energy E(x)"))
     assert late < early, (early, late)
     assert at.button(key="lg_pause").disabled and at.button(key="lg_resume").disabled
+    at.slider(key="lg_steps").set_value(20).run()  # a target lowered below the steps done: no "40 / 20"
+    assert metric(at, "SGLD steps done") == "40" and metric(at, "Status") == "finished"
+    at.slider(key="lg_steps").set_value(40)
     at.button(key="lg_reset").click().run()
     assert not [m for m in at.metric if m.label == "SGLD steps done"]
     assert not errors(at)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from app.figures import CLASS_COLORS, ChainTracesPicture
+from app.figures import CLASS_COLORS, ChainTracesPicture, energy_axis, step_axis_end
 
 
 def _rgb(hex_color: str) -> np.ndarray:
@@ -45,8 +45,8 @@ def test_unevenly_spaced_steps_of_a_thinned_history_sit_at_their_own_step():
     img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
     lower = slice(300, 460)
     three, zero = _share_of(img, CLASS_COLORS[3], lower), _share_of(img, CLASS_COLORS[0], lower)
-    # x runs from -2.5 to 102.5: 47.5 units of class 3 against 57.5 of class 0 (the colour bar adds a little of
-    # each); evenly spaced columns would give 1 : 3
+    # the cells run from -2.5 to 102.5 (the axis from -3 to 103): 47.5 units of class 3 against 57.5 of class 0
+    # (the colour bar adds a little of each); evenly spaced columns would give 1 : 3
     assert 0.7 < three / zero < 1.0, (three, zero)
 
 
@@ -71,3 +71,34 @@ def test_one_picture_redraws_other_chain_counts_one_step_and_non_finite_energies
 def test_shapes_that_do_not_match_are_a_clear_error(energies, preds, steps):
     with pytest.raises(ValueError, match=r"must both be \[T, N\]"):
         ChainTracesPicture(["a", "b"], "E", "p").png(list(range(steps)), energies, preds)
+
+
+def test_a_blitted_redraw_is_the_full_drawing_and_most_redraws_are_blitted():
+    """Live chains from one picture (background kept, traces drawn on it) against a picture that draws everything
+    at every call: the same PNG bytes through growth, thinning, a restart and another chain count; and the
+    background is drawn again only when the frame changes (a few times per decade of steps)."""
+    names = [str(i) for i in range(10)]
+    blitted, full = ChainTracesPicture(names, "E", "p"), ChainTracesPicture(names, "E", "p", blit=False)
+    draws = []
+    draw = blitted.canvas.draw
+    blitted.canvas.draw = lambda: (draws.append(1), draw())[1]
+    g = torch.Generator().manual_seed(0)
+    e = torch.cumsum(torch.randn(400, 16, generator=g) * 0.05, 0) - 3
+    p = torch.randint(0, 10, (400, 16), generator=g)
+    calls = [(list(range(t)), e[:t], p[:t]) for t in range(1, 400, 7)]
+    calls.append((list(range(0, 400, 2)), e[::2], p[::2]))            # a thinned history: uneven columns
+    calls += [(list(range(t)), e[:t, :4] + 5, p[:t, :4]) for t in (1, 2, 30)]  # new chains: 4, higher energies
+    for steps, energies, preds in calls:
+        assert blitted.png(steps, energies, preds) == full.png(steps, energies, preds), len(steps)
+    assert 3 <= len(draws) <= 20 < len(calls)
+
+
+@pytest.mark.parametrize("last, end", [(0, 1), (1, 1), (1.2, 1.5), (7.6, 10), (10, 10), (101, 150), (2000, 2000),
+                                       (2001, 3000), (7600, 10000)])
+def test_the_step_axis_ends_at_the_next_round_number(last, end):
+    assert step_axis_end(last) == pytest.approx(end)
+
+
+def test_the_energy_axis_pads_the_range_and_widens_a_single_value():
+    assert energy_axis(-2.0, 2.0) == pytest.approx((-2.6, 2.6))
+    assert energy_axis(3.0, 3.0) == pytest.approx((2.5, 3.5))

@@ -10,11 +10,17 @@ this machine), then drives Debian's Chromium through Playwright:
   page; per page load four times: until the browser has loaded the document ("dom"), until the page's title
   is drawn ("title": the app's scripts have run and its session has started), until the page shows its
   content or says it is computing ("shown": a chart, an image, a metric, a progress box or a notice under
-  the title) and until the server has finished the page's script, computations included ("idle");
+  the title) and until the server has finished the page's script, computations included ("idle"), then how
+  long the tab's main thread took to be free after that ("settle": charts still drawing; the next load begins
+  once it is, or after 10 s); with
+  each load, when it began ("t", seconds into the run) and the browser's own timing of its document phase
+  ("nav": first and last byte of the HTML, last byte of the scripts, DOMContentLoaded, files fetched from the
+  server rather than the cache; :data:`NAV_TIMING`);
 - ``--train`` adds one session that trains a digits JEM on the Train page.
 
 Every ``--sample`` seconds it records the server's resident memory and CPU time (``/proc``) and every
-session's refreshes; exceptions shown in a page or printed by the server are collected. At the end it closes
+session's refreshes; twice a second, how long the server takes to answer its health check and the app's
+HTML (``server_latency``, :class:`ServerProbe`: the server apart from the browsers); exceptions shown in a page or printed by the server are collected. At the end it closes
 the other sessions, waits for the server to settle with one chain session left, then closes that tab and
 measures how long the server's CPU use takes to fall back (the tab's work must stop). Bounded: ``--minutes``
 of load, then everything is closed.
@@ -39,6 +45,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -123,6 +130,13 @@ def _idle(pg, timeout_ms: int = 120_000) -> None:
     pg.wait_for_timeout(300)
     pg.wait_for_function("() => { const e = document.querySelector('[data-testid=\"stStatusWidget\"]');"
                          " return !e || !/running|stop/i.test(e.innerText); }", timeout=timeout_ms)
+
+
+def _settle(pg, timeout_ms: int = 10_000) -> float:
+    """Seconds until the tab's main thread is free (``requestIdleCallback``, ``timeout_ms`` at most): what the page
+    still draws once its script has finished (charts), so that the next timed load does not begin in it."""
+    return round(pg.evaluate("""t => new Promise(r => { const t0 = performance.now();
+        requestIdleCallback(() => r((performance.now() - t0) / 1000), {timeout: t}); })""", timeout_ms), 2)
 
 
 #: What a page shows once it has loaded: its content, or a progress box or notice while it computes.
@@ -245,6 +259,8 @@ def run(url: str, server_pid: int | None, chains: int, browse: int, train: bool,
             result["actions"].append({"session": "train", "action": "start training", "t": 0.0})
             browsers.append(("train", ctx, pg))
 
+        probe = ServerProbe(url)
+        probe.start()
         start = time.monotonic()
         step = 0
         next_sample = start
@@ -277,6 +293,7 @@ def run(url: str, server_pid: int | None, chains: int, browse: int, train: bool,
                         _idle(pg)
                         result["actions"].append({"session": name, "action": "attack", "t": round(now - start, 1)})
                     result["exceptions"] += [f"{name}/{page}: {e}" for e in _exceptions(pg)]
+                    result["page_loads"][-1]["s_settle"] = _settle(pg)
                 except Exception as e:  # noqa: BLE001 - a timeout or a crash of one page is a finding, not the end
                     result["exceptions"].append(f"{name}/{page}: {type(e).__name__}: {str(e)[:200]}")
                 _restart_finished(chain_pages, result)
@@ -284,6 +301,7 @@ def run(url: str, server_pid: int | None, chains: int, browse: int, train: bool,
             if not browsers:
                 time.sleep(min(0.5, max(0.0, next_sample - time.monotonic())))
         elapsed = time.monotonic() - start
+        result["server_latency"] = probe.stop()
         for name, _, pg in chain_pages:
             stamps = pg.evaluate("window.__refreshes") or []
             gaps = [b - a for a, b in zip(stamps, stamps[1:])]
@@ -344,6 +362,46 @@ def server_errors(text: str) -> list[str]:
     blocks = re.split(r"\n(?=Traceback \(most recent call last\))", text)
     ours = [b for b in blocks if b.startswith("Traceback") and re.search(r"/(app|pages|jem_core)/\w+\.py", b)]
     return [b.strip().splitlines()[-1][:300] for b in ours][:20]
+
+
+class ServerProbe(threading.Thread):
+    """Times ``GET /_stcore/health`` and ``GET /`` (the app's HTML) every ``every`` seconds from the harness's own
+    process while the sessions run: how long the server takes to answer, apart from what the browsers on the same
+    cores take to draw. :meth:`summary` gives, per path, the count, the failures, and the median, 95th percentile
+    and largest time in ms."""
+
+    def __init__(self, url: str, every: float = 0.5) -> None:
+        super().__init__(daemon=True, name="server-probe")
+        self.url, self.every = url, every
+        self.samples: dict[str, list[float | None]] = {"/_stcore/health": [], "/": []}
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(self.every):
+            for path, times in self.samples.items():
+                t0 = time.monotonic()
+                try:
+                    with urllib.request.urlopen(self.url + path, timeout=30) as r:
+                        r.read()
+                    times.append(time.monotonic() - t0)
+                except OSError:
+                    times.append(None)
+
+    def stop(self) -> dict:
+        """Stop probing; returns :meth:`summary`."""
+        self._done.set()
+        self.join(timeout=70)
+        return self.summary()
+
+    def summary(self) -> dict:
+        out = {}
+        for path, times in self.samples.items():
+            ok = sorted(t * 1000 for t in times if t is not None)
+            out[path] = {"n": len(times), "failed": len(times) - len(ok),
+                         "median_ms": round(statistics.median(ok), 1) if ok else None,
+                         "p95_ms": round(ok[min(len(ok) - 1, int(0.95 * len(ok)))], 1) if ok else None,
+                         "max_ms": round(ok[-1], 1) if ok else None}
+        return out
 
 
 def _cpu_rate(pid: int, seconds: float) -> float:
@@ -416,6 +474,7 @@ def main() -> None:
                                           "tab_close")}
     summary["refresh_per_s"] = {n: s["refresh_per_s"] for n, s in result["sessions"].items()}
     summary["sgld_steps_per_s"] = {n: s["sgld_steps_per_s"] for n, s in result["sessions"].items()}
+    summary["server_latency"] = result.get("server_latency")
     summary["exceptions"] = len(result["exceptions"])
     print(json.dumps(summary), flush=True)
 

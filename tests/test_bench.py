@@ -184,3 +184,24 @@ def test_release_free_memory_gives_a_freed_peak_back_under_the_tuned_thresholds(
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
     before, after, ok = out.stdout.split()
     assert ok == "True" and int(before) - int(after) > 100, out.stdout  # MB
+
+
+def test_traces_picture_bench_compares_the_same_pictures_and_writes_its_figures(tmp_path):
+    out = tmp_path / "tp.json"
+    r = subprocess.run([sys.executable, "bench/traces_picture.py", "--refreshes", "6", "--rounds", "1",
+                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr  # it exits with an error when the blitted and full pictures differ
+    res = json.loads(out.read_text())
+    assert res["blit_over_full"] > 0 and set(res["ms_per_redraw"]) == {"blit", "full"}
+    assert res["png_bytes_last"] > 1000
+
+
+def test_traces_picture_histories_grow_and_stay_within_the_kept_points():
+    from bench.traces_picture import histories
+
+    seq = histories(refreshes=50, points=40, chains=4, classes=3, per_refresh=3)
+    assert len(seq) == 50
+    for steps, energies, preds in seq:
+        assert steps == sorted(set(steps)) and steps[0] == 0 and len(steps) <= 40
+        assert energies.shape == preds.shape == (len(steps), 4) and int(preds.max()) < 3
+    assert seq[-1][0][-1] == 150

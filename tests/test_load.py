@@ -48,6 +48,21 @@ def test_memory_stays_bounded(measured):
     assert measured["rss_growth_mb"] < 150, measured["memory"]
 
 
+def test_the_harness_times_the_server_apart_from_the_browsers(measured):
+    lat = measured["server_latency"]
+    for path in ("/_stcore/health", "/"):
+        assert lat[path]["n"] >= 10 and lat[path]["failed"] == 0, lat
+        assert 0 < lat[path]["median_ms"] <= lat[path]["p95_ms"] <= lat[path]["max_ms"], lat
+    loads = [x for x in measured["page_loads"] if x["session"].startswith("browse")]
+    assert loads and [x["t"] for x in loads] == sorted(x["t"] for x in loads)
+    for x in loads:  # the browser's timing of the document phase, in the order a navigation goes
+        nav = x["nav"]
+        assert 0 <= nav["ttfb"] <= nav["html"] <= nav["dcl"] <= x["s_dom"] + 0.1, x
+        assert 0 <= x["s_settle"] <= 10.5, x
+    # a new browser fetches the app's scripts from the server; the next load finds them in its cache
+    assert loads[0]["nav"]["fetched"] > 10 and (len(loads) == 1 or loads[1]["nav"]["fetched"] < 10), loads[:2]
+
+
 def test_closing_a_tab_stops_its_chains_within_15_seconds(measured):
     settle = measured["tab_close"]["seconds_to_settle"]
     assert settle is not None and settle <= 15, measured["tab_close"]

@@ -27,6 +27,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.figure import Figure
 from matplotlib.image import NonUniformImage
+from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import Bbox
 from PIL import Image
@@ -321,6 +322,10 @@ class ChainTracesPicture:
             cx, z = (x, p.T) if t > 1 else (np.array([x[0] - 0.5, x[0] + 0.5]), np.repeat(p.T, 2, axis=1))
             cy, z = (np.arange(n, dtype=float), z) if n > 1 else (np.array([-0.5, 0.5]), np.repeat(z, 2, axis=0))
             self.image.set_data(cx, cy, z.astype(float))
+            half = np.diff(cx).min() / 2  # the outer cells reach half the finest spacing past their step
+            # A NonUniformImage fills its whole axes with its edge cells: clip it to its own cells.
+            self.image.set_clip_path(Rectangle((cx[0] - half, -0.5), cx[-1] - cx[0] + 2 * half, n,
+                                               transform=self.bottom.transData))
             frame = self._frame_for(x, lo, hi, n)
             if frame != self.frame or not self.blit:
                 (first, end), (e_lo, e_hi), _ = frame

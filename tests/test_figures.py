@@ -102,3 +102,16 @@ def test_the_step_axis_ends_at_the_next_round_number(last, end):
 def test_the_energy_axis_pads_the_range_and_widens_a_single_value():
     assert energy_axis(-2.0, 2.0) == pytest.approx((-2.6, 2.6))
     assert energy_axis(3.0, 3.0) == pytest.approx((2.5, 3.5))
+
+
+def test_the_heat_map_stops_at_the_last_step_where_the_axis_goes_on():
+    """The step axis runs on past the last step (to 150 here): the heat map must not smear its last column there."""
+    picture = ChainTracesPicture([str(i) for i in range(10)], "E", "p", width_in=4, dpi=100)
+    lower = slice(300, 460)
+    shares = []
+    for last in (120, 150):
+        steps = list(range(0, last + 1, 5))
+        png = picture.png(steps, torch.zeros(len(steps), 4), torch.full((len(steps), 4), 3))
+        shares.append(_share_of(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), CLASS_COLORS[3], lower))
+    assert picture.frame[0] == (0.0, 150.0)
+    assert 0.7 < shares[0] / shares[1] < 0.9, shares  # about 122.5 / 152.5 of the width (the colour bar aside)

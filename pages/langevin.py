@@ -168,8 +168,8 @@ def live_view(ctx: ui.Context) -> None:
             st.rerun()  # a full rerun stops the timer and updates the buttons
     what = "E(x)" if s["label"] is None else f"E(x, y={ctx.class_names[s['label']]})"
     a, b, c = st.columns(3)
-    if chain.steps <= target:
-        a.metric("SGLD steps done", f"{chain.steps} / {target}")
+    if chain.steps <= target:  # the target in the label: "1160 / 2000" did not fit the column at 1280 px
+        a.metric(f"SGLD steps done (of {target})", f"{chain.steps}")
     else:  # the target was lowered below the steps already done
         a.metric("SGLD steps done", f"{chain.steps}", help=f"past the target of {target} steps set since")
     mean_e = float(chain.energy_history[-1].mean()) if chain.energy_history else float("nan")

@@ -450,7 +450,7 @@ def _langevin_session(seed: int, n: int, steps: int, step_size: float, noise: fl
             break
         at.run()
     assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
-    assert _metric(at, "Status") == "finished" and _metric(at, "SGLD steps done") == f"{steps} / {steps}"
+    assert _metric(at, "Status") == "finished" and _metric(at, f"SGLD steps done (of {steps})") == f"{steps}"
     chain = at.session_state["lg_live"]["chain"]
     return at, {"x": chain.x.clone(), "energies": torch.stack(chain.energy_history).clone()}
 

@@ -194,7 +194,7 @@ def fig_chain_predictions(steps: Sequence[int], preds: torch.Tensor, names: Sequ
 
 
 #: The step axis of :class:`ChainTracesPicture` ends at the first of these (times a power of ten) at or past the
-#: last step: the traces fill at least two thirds of its width, and it changes a few times per decade of steps.
+#: last step: the traces fill at least three fifths of its width, and it changes six times per decade of steps.
 STEP_AXIS_ENDS = (1.0, 1.5, 2.0, 3.0, 5.0, 7.5)
 
 
@@ -349,7 +349,7 @@ class ChainTracesPicture:
             rgb = Image.frombuffer("RGBA", (w, h), self.canvas.buffer_rgba(), "raw", "RGBA", 0, 1).convert("RGB")
             buf = io.BytesIO()
             # 256 colours: a third of the bytes and of the encoding time of the RGBA picture; the class colours,
-            # black and white stay exact, anti-aliased edges move by a few levels.
+            # black and white stay within one level of 255, anti-aliased edges move by a few levels.
             rgb.quantize(256, method=Image.Quantize.FASTOCTREE).save(buf, format="png", compress_level=1)
         return buf.getvalue()
 

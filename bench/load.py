@@ -12,18 +12,17 @@ this machine), then drives Debian's Chromium through Playwright:
   content or says it is computing ("shown": a chart, an image, a metric, a progress box or a notice under
   the title) and until the server has finished the page's script, computations included ("idle"), then how
   long the tab's main thread took to be free after that ("settle": charts still drawing; the next load begins
-  once it is, or after 10 s); with
-  each load, when it began ("t", seconds into the run) and the browser's own timing of its document phase
-  ("nav": first and last byte of the HTML, last byte of the scripts, DOMContentLoaded, files fetched from the
-  server rather than the cache; :data:`NAV_TIMING`);
+  once it is, or after 10 s); with each load, when it began ("t", seconds into the run) and the browser's own
+  timing of its document phase ("nav": first and last byte of the HTML, last byte of the scripts,
+  DOMContentLoaded, files fetched from the server rather than the cache; :data:`NAV_TIMING`);
 - ``--train`` adds one session that trains a digits JEM on the Train page.
 
 Every ``--sample`` seconds it records the server's resident memory and CPU time (``/proc``) and every
 session's refreshes; twice a second, how long the server takes to answer its health check and the app's
-HTML (``server_latency``, :class:`ServerProbe`: the server apart from the browsers); exceptions shown in a page or printed by the server are collected. At the end it closes
-the other sessions, waits for the server to settle with one chain session left, then closes that tab and
-measures how long the server's CPU use takes to fall back (the tab's work must stop). Bounded: ``--minutes``
-of load, then everything is closed.
+HTML (``server_latency``, :class:`ServerProbe`: the server apart from the browsers); exceptions shown in a page
+or printed by the server are collected. At the end it closes the other sessions, waits for the server to
+settle with one chain session left, then closes that tab and measures how long the server's CPU use takes to
+fall back (the tab's work must stop). Bounded: ``--minutes`` of load, then everything is closed.
 
     python bench/load.py --chains 4 --browse 1 --minutes 10 --out bench/load.json
     python bench/load.py --chains 1 --browse 0 --minutes 2 --out bench/load_one.json   # the refresh rate

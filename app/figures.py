@@ -204,7 +204,7 @@ def step_axis_end(last: float) -> float:
     if last <= 1:
         return 1.0
     k = 10.0 ** math.floor(math.log10(last))
-    return next((m * k for m in (*STEP_AXIS_ENDS, 10.0) if m * k >= last * (1 - 1e-12)), 10 * k)
+    return next((m * k for m in STEP_AXIS_ENDS if m * k >= last * (1 - 1e-12)), 10 * k)
 
 
 def energy_axis(lo: float, hi: float) -> tuple[float, float]:

@@ -12,6 +12,8 @@
   find a free core; :func:`refresh_interval`: with more sessions live, each refreshes less often (all together
   at most :data:`LIVE_REFRESHES_PER_S`); :func:`live_interval`: their secondary figures redraw less often.
 - :func:`in_background`: work the server does once, ahead of any visit (at low CPU priority, outside the workers).
+- :func:`note_arrival`, :func:`wait_for_quiet`: work ahead of visits gives way to arriving visitors (it begins, and
+  goes on, once no new session has started for :data:`ARRIVAL_QUIET_S` seconds), so their first pages load first.
 - :func:`session_alive`: whether a browser session is still connected (work it started can stop by itself).
 - :func:`start_memory_keeper`: the server's freed heap goes back to the system every
   :data:`MEMORY_RELEASE_S` seconds, whichever thread freed it.
@@ -67,6 +69,10 @@ LIVE_WINDOW_S = 2.0
 MEMORY_RELEASE_S = float(os.environ.get("JEM_MEMORY_RELEASE_S", 10))
 #: CPU niceness added to the threads of :func:`in_background` (work nobody waits for yet).
 BACKGROUND_NICE = 10
+#: Seconds without a new visitor (a browser session's first script run) before work ahead of visits begins or goes
+#: on (``$JEM_ARRIVAL_QUIET_S`` overrides; 0: it never waits). A visitor's first page, computations included, takes
+#: well under this on 2 cores once the libraries are imported (``bench/README.md``).
+ARRIVAL_QUIET_S = float(os.environ.get("JEM_ARRIVAL_QUIET_S", 10))
 _BASE_NICE = os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else 0  # the server's own
 
 
@@ -271,12 +277,14 @@ class Job:
     ``progress`` is the fraction done in ``[0, 1]``; ``started`` the monotonic time it got its worker (None
     while it waits for one); ``done`` is set when it ended, with ``value`` or ``error``. ``background``: started
     by :func:`prefetch` (no visitor yet): ``nice`` added to its thread's niceness until a visit joins it, no
-    worker slot, runs to the end."""
+    worker slot, runs to the end; ``give_way``: until a visit joins it, it begins and goes on only once no visitor
+    has arrived for :data:`ARRIVAL_QUIET_S` seconds (:func:`wait_for_quiet`)."""
 
     key: tuple
     label: str
     background: bool = False
     nice: int = BACKGROUND_NICE
+    give_way: bool = False
     thread_id: int | None = None
     progress: float = 0.0
     started: float | None = None
@@ -360,10 +368,19 @@ def _run_job(job: Job, compute: Callable[[Callable[[float], None]], Any]) -> Non
                 got = w["sem"].acquire(timeout=0.5)
             with w["lock"]:
                 w["busy"] += 1
+        def unjoined() -> bool:
+            j = _jobs()
+            with j["lock"]:
+                return job.key not in j["wants"].values()
+
+        if job.give_way:
+            wait_for_quiet(unjoined)
         job.started = time.monotonic()
 
         def progress(f: float) -> None:
             job.progress = min(max(float(f), 0.0), 1.0)
+            if job.give_way:
+                wait_for_quiet(unjoined)
             if not _wanted(job):
                 raise Abandoned(job.label)
 
@@ -390,7 +407,8 @@ def _run_job(job: Job, compute: Callable[[Callable[[float], None]], Any]) -> Non
 
 
 def _start(key: tuple, compute: Callable[[Callable[[float], None]], Any], label: str, background: bool,
-           who: tuple[str | None, str] | None, nice: int = BACKGROUND_NICE) -> tuple[Any, Job | None]:
+           who: tuple[str | None, str] | None, nice: int = BACKGROUND_NICE,
+           give_way: bool = False) -> tuple[Any, Job | None]:
     """The stored result ``(value, None)``, or ``(None, job)``: the job in flight for ``key`` or a new one.
     ``who`` (session, page) is recorded as waiting for it, in place of what that page waited for before."""
     j, s = _jobs(), _store()
@@ -401,7 +419,7 @@ def _start(key: tuple, compute: Callable[[Callable[[float], None]], Any], label:
                 return s["data"][key], None
         job = j["jobs"].get(key)
         if job is None:
-            job = j["jobs"][key] = Job(key, label, background, nice)
+            job = j["jobs"][key] = Job(key, label, background, nice, give_way)
             threading.Thread(target=_run_job, args=(job, compute), daemon=True,
                              name=f"jem-job-{hashlib.sha1(repr(key).encode()).hexdigest()[:8]}").start()
         if who is not None:
@@ -473,13 +491,15 @@ def cached(key: tuple, compute: Callable[[Callable[[float], None]], T], label: s
 
 
 def prefetch(key: tuple, compute: Callable[[Callable[[float], None]], Any], label: str,
-             nice: int = BACKGROUND_NICE) -> Job | None:
+             nice: int = BACKGROUND_NICE, give_way: bool = False) -> Job | None:
     """Compute a :func:`cached` result ahead of any visit: a job that takes no worker slot and runs to the end
     whoever watches it, its thread ``nice`` (0-19, default :data:`BACKGROUND_NICE`) above the server's niceness.
-    Returns the job (None when the result is already stored). A visit asking for ``key`` meanwhile waits for it,
-    and the job's thread goes back to the server's priority where the system lets a process raise it (Linux: as
-    root, or within ``RLIMIT_NICE``; elsewhere it stays lower). Callable from any thread."""
-    _, job = _start(key, compute, label, background=True, who=None, nice=int(nice))
+    ``give_way``: it begins, and goes on at each of its progress calls, only once no visitor has arrived for
+    :data:`ARRIVAL_QUIET_S` seconds (:func:`wait_for_quiet`). Returns the job (None when the result is already
+    stored). A visit asking for ``key`` meanwhile waits for it: the job then no longer gives way, and its thread
+    goes back to the server's priority where the system lets a process raise it (Linux: as root, or within
+    ``RLIMIT_NICE``; elsewhere it stays lower). Callable from any thread."""
+    _, job = _start(key, compute, label, background=True, who=None, nice=int(nice), give_way=bool(give_way))
     return job
 
 
@@ -513,11 +533,62 @@ def session_alive(session_id: str | None) -> bool:
 
 
 @st.cache_resource(show_spinner=False)
+def _arrivals() -> dict[str, Any]:
+    # seen: session id -> monotonic time of its first script run; last: the latest such time (None: no visitor yet)
+    return {"lock": threading.Lock(), "seen": {}, "last": None}
+
+
+def note_arrival(session_id: str | None, now: float | None = None) -> bool:
+    """Record a script run of ``session_id``; returns True when it is the session's first (a visitor arrived: a
+    new tab, or a full reload of one). ``None`` (no session: a bare import, a server thread) records nothing.
+    Sessions no longer connected are forgotten. ``now``: seconds, monotonic, for tests. Callable from any thread."""
+    if session_id is None:
+        return False
+    t = time.monotonic() if now is None else now
+    state = _arrivals()
+    with state["lock"]:
+        seen = state["seen"]
+        if session_id in seen:
+            return False
+        for k in [k for k in seen if not session_alive(k)]:
+            del seen[k]
+        seen[session_id] = state["last"] = t
+        return True
+
+
+def since_last_arrival(now: float | None = None) -> float:
+    """Seconds since a visitor last arrived (:func:`note_arrival`); infinity before the first."""
+    last = _arrivals()["last"]
+    return float("inf") if last is None else (time.monotonic() if now is None else now) - last
+
+
+def wait_for_quiet(keep_waiting: Callable[[], bool] = lambda: True, quiet_s: float | None = None) -> float:
+    """Sleep until no visitor has arrived for ``quiet_s`` seconds (default :data:`ARRIVAL_QUIET_S`), while
+    ``keep_waiting()`` holds (checked every 0.25 s; e.g. False once a visit waits for the work) and the process is
+    not exiting. Returns the seconds slept.
+
+    Work ahead of visits calls this before it begins and between its steps, so that arriving visitors' first
+    pages get the cores (their scripts, the files their browsers fetch, their first computations): a thread that
+    sleeps holds neither a core nor the interpreter lock, which a lower CPU priority alone does not give (a niced
+    thread still holds the lock while it waits for a core). Measured in ``bench/README.md`` ("A fresh server's
+    first minute")."""
+    quiet = ARRIVAL_QUIET_S if quiet_s is None else float(quiet_s)
+    t0 = time.monotonic()
+    while not _EXITING.is_set() and keep_waiting():
+        left = quiet - since_last_arrival()
+        if left <= 0:
+            break
+        time.sleep(min(left, 0.25))
+    return time.monotonic() - t0
+
+
+@st.cache_resource(show_spinner=False)
 def _background() -> dict[str, Any]:
     return {"lock": threading.Lock(), "threads": {}}
 
 
-def in_background(name: str, work: Callable[[], Any], nice: int = BACKGROUND_NICE) -> threading.Thread:
+def in_background(name: str, work: Callable[[], Any], nice: int = BACKGROUND_NICE,
+                  give_way: bool = False) -> threading.Thread:
     """Run ``work()`` once per server process, in a daemon thread, ahead of the visits that will need it.
 
     The first call with a ``name`` starts the thread; later calls (any session, any run) return that same
@@ -529,14 +600,19 @@ def in_background(name: str, work: Callable[[], Any], nice: int = BACKGROUND_NIC
     someone waits for, and one held by this thread would leave a live view with none (its chains stall while
     the other slot computes a page). ``work`` should fill a shared ``st.cache_resource`` entry that the pages
     then read (a :func:`cached` result is computed ahead by :func:`prefetch` instead): a visit that
-    arrives first computes as usual or waits for the same entry. An exception in ``work`` is printed to the
-    server log and the visit computes for itself.
+    arrives first computes as usual or waits for the same entry. ``give_way``: the thread first waits until no
+    visitor has arrived for :data:`ARRIVAL_QUIET_S` seconds (:func:`wait_for_quiet`; once begun, ``work`` runs to
+    its end). An exception in ``work`` is printed to the server log and the visit computes for itself.
     """
     state = _background()
     with state["lock"]:
         thread = state["threads"].get(name)
         if thread is None:
             def run() -> None:
+                if give_way:
+                    wait_for_quiet()
+                if _EXITING.is_set():
+                    return
                 _set_nice(threading.get_native_id(), _BASE_NICE + int(nice))
                 try:
                     work()

@@ -26,7 +26,7 @@ import streamlit as st
 import torch
 
 from app import share
-from app.compute import cached, current_session_id, in_background, prefetch
+from app.compute import cached, current_session_id, in_background, note_arrival, prefetch
 from jem_core.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
 from jem_core.data import (BUILTIN_DATASETS, DataUnavailableError, ImageDataset, data_available, dataset_shape,
                            default_data_root, demo_pack_file, load_dataset)
@@ -444,15 +444,24 @@ def sidebar() -> Context | None:
     return ctx
 
 
-def test_probabilities(ctx: Context, name: str, ck: LoadedCheckpoint, key: str, n: int) -> torch.Tensor:
-    """``p(y|x)`` ``[n, K]`` of a model on the first ``n`` test images (shared cache across pages)."""
+#: Test images of the Home page's and the Calibration page's first views (their accuracy, ECE and diagrams).
+FIRST_VIEW_TEST_IMAGES = 2000
+
+
+def _proba_job(ctx: Context, name: str, ck: LoadedCheckpoint, key: str, n: int) -> tuple[tuple, Any, str]:
+    """(cache key, compute(progress), label) of a model's ``p(y|x)`` on the first ``n`` test images."""
     from jem_core.evaluation import predict_proba
 
     test = ctx.test_set()
     assert test is not None
     x = test.x[:n]
-    return cached(("proba", key, ctx.dataset, str(ctx.data_root), n),
-                  lambda p: predict_proba(ck.model, x, progress=p), f"Classifying {n} test images with {name}...")
+    return (("proba", key, ctx.dataset, str(ctx.data_root), n), lambda p: predict_proba(ck.model, x, progress=p),
+            f"Classifying {n} test images with {name}...")
+
+
+def test_probabilities(ctx: Context, name: str, ck: LoadedCheckpoint, key: str, n: int) -> torch.Tensor:
+    """``p(y|x)`` ``[n, K]`` of a model on the first ``n`` test images (shared cache across pages)."""
+    return cached(*_proba_job(ctx, name, ck, key, n))
 
 
 # ------------------------------------------------------------------------------------- likelihood
@@ -540,25 +549,37 @@ def _import_page_libraries() -> None:
 
 
 def warm_up(ctx: Context | None) -> None:
-    """Once per server, in the background (no worker slot): the libraries the pages import on first use
-    (:data:`PAGE_LIBRARIES`, at the server's own priority: a page importing one meanwhile waits for this thread),
-    and the first views' two longest computations: the playground's default pair (:func:`app.compute.in_background`,
-    at lower CPU priority; 3-6 s alone on these 2 cores, 10-26 s while live chains run) and the Likelihood page's
+    """Note this run's session as a visitor (:func:`app.compute.note_arrival`), then, once per server, in the
+    background (no worker slot): the libraries the pages import on first use (:data:`PAGE_LIBRARIES`, at once and
+    at the server's own priority: a page importing one meanwhile waits for this thread), the models' test
+    probabilities that the Home page's and the Calibration page's first views show (:data:`FIRST_VIEW_TEST_IMAGES`
+    images; at once and at the server's priority: a second or two of a core for MNIST), and the first views' two
+    longest computations, which give way to arriving visitors (they begin, and the estimate goes on, only once no
+    new session has started for :data:`app.compute.ARRIVAL_QUIET_S` seconds; at a fresh server's start they had
+    doubled a new visitor's first page load): the playground's default pair (:func:`app.compute.in_background`, at
+    lower CPU priority; 3-6 s alone on these 2 cores, 10-26 s while live chains run) and the Likelihood page's
     default AIS estimate for ``ctx`` (the context of the server's first run: its default pair unless a link chose
     another) by :func:`app.compute.prefetch` at the server's own priority: about half a minute of one core for
-    MNIST when the server starts, which at lower priority took minutes when browsers on the same cores kept them
-    busy (``bench/README.md``). A visit that arrives first waits for the same computation. Cheap to call on every
-    run; ``$JEM_WARM_UP=0`` turns it off.
+    MNIST, which at lower priority took minutes when browsers on the same cores kept them busy
+    (``bench/README.md``). A visit that arrives first computes the pair itself, or joins the estimate, which then
+    runs without pausing. Cheap to call on every run; ``$JEM_WARM_UP=0`` turns the background work off.
 
     Only inside a script run (a server's session, AppTest): a bare import of the app (a multiprocessing child
     that re-imports the main script, say) starts nothing."""
-    if current_session_id() is None or os.environ.get("JEM_WARM_UP", "1").strip() == "0":
+    session = current_session_id()
+    note_arrival(session)
+    if session is None or os.environ.get("JEM_WARM_UP", "1").strip() == "0":
         return
     in_background("imports", _import_page_libraries, nice=0)
-    in_background("toy_pair", lambda: toy_pair(toy_spec(), 0, None))
+    first_views = _warmed("probabilities")
+    test = None if ctx is None else ctx.test_set()
+    if test is not None and not first_views:  # a second or two of a core, at once: most visits begin on Home
+        first_views.extend(prefetch(*_proba_job(ctx, name, ck, key, min(len(test), FIRST_VIEW_TEST_IMAGES)), nice=0)
+                           for name, ck, key in ctx.models())
+    in_background("toy_pair", lambda: toy_pair(toy_spec(), 0, None), give_way=True)
     started = _warmed("likelihood")
     if ctx is not None and not started:  # from this (script) thread: a job started by a niced thread stays niced
-        started.append(prefetch(*_likelihood_first_view(ctx), nice=0))
+        started.append(prefetch(*_likelihood_first_view(ctx), nice=0, give_way=True))
 
 
 @st.cache_resource(show_spinner=False)

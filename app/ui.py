@@ -36,16 +36,17 @@ from app.compute import (N_WORKERS, Cancelled, _workers, cached, current_session
                          worker, workers_busy)
 from app.figures import (CLASS_COLORS, COLORS, ChainTracesPicture, difference_images, fig_chain_energy, fig_chain_predictions, fig_histograms, fig_lines, fig_maps, fig_placement,
                          fig_probabilities, fig_reliability, fig_roc, image_map)
-from app.registry import (CHECKPOINT_DIR, LIKELIHOOD_CHAINS, LIKELIHOOD_REVERSE, LIKELIHOOD_SAMPLER,
-                          LIKELIHOOD_SCHEDULE, LIKELIHOOD_TEST_IMAGES, ROOT, TOY_PRETRAIN_ITERS, TRAIN_RUN, Context,
-                          ModelEntry, _default_pair, context, likelihood_report, likelihood_temps, shape_of, sidebar,
-                          test_probabilities, toy_pair, toy_spec, warm_up)
+from app.registry import (CHECKPOINT_DIR, FIRST_VIEW_TEST_IMAGES, LIKELIHOOD_CHAINS, LIKELIHOOD_REVERSE,
+                          LIKELIHOOD_SAMPLER, LIKELIHOOD_SCHEDULE, LIKELIHOOD_TEST_IMAGES, ROOT, TOY_PRETRAIN_ITERS,
+                          TRAIN_RUN, Context, ModelEntry, _default_pair, context, likelihood_report, likelihood_temps,
+                          shape_of, sidebar, test_probabilities, toy_pair, toy_spec, warm_up)
 from jem_core.data import ImageDataset
 from jem_core.images import make_grid_image, png_bytes
 from jem_core.perf import SERVER_MMAP_THRESHOLD, tune_malloc
 
 __all__ = [
-    "CHAIN_INTERVAL", "CHECKPOINT_DIR", "CLASS_COLORS", "COLORS", "Cancelled", "Context", "LIKELIHOOD_CHAINS",
+    "CHAIN_INTERVAL", "CHECKPOINT_DIR", "CLASS_COLORS", "COLORS", "Cancelled", "Context", "FIRST_VIEW_TEST_IMAGES",
+    "LIKELIHOOD_CHAINS",
     "LIKELIHOOD_REVERSE", "LIKELIHOOD_SAMPLER", "LIKELIHOOD_SCHEDULE", "LIKELIHOOD_TEST_IMAGES", "LIVE_INTERVAL",
     "ModelEntry", "N_WORKERS", "PAGES_DIR", "PAGE_SPECS", "PERSIST", "ROOT", "TRAIN_RUN", "_default_pair",
     "_workers", "cached", "ChainTracesPicture", "context", "current_session_id", "difference_images", "digest_files", "display_scale",

@@ -12,15 +12,17 @@ this machine), then drives Debian's Chromium through Playwright:
   content or says it is computing ("shown": a chart, an image, a metric, a progress box or a notice under
   the title) and until the server has finished the page's script, computations included ("idle"), then how
   long the tab's main thread took to be free after that ("settle": charts still drawing; the next load begins
-  once it is, or after 10 s); with each load, when it began ("t", seconds into the run) and the browser's own
+  once it is, or after 10 s); with each load, when it began ("t", seconds into the run; "since_start", seconds
+  since the harness began, before the chain tabs opened: a started server's age) and the browser's own
   timing of its document phase ("nav": first and last byte of the HTML, last byte of the scripts,
   DOMContentLoaded, files fetched from the server rather than the cache; :data:`NAV_TIMING`);
 - ``--train`` adds one session that trains a digits JEM on the Train page.
 
 Every ``--sample`` seconds it records the server's resident memory and CPU time (``/proc``) and every
-session's refreshes; twice a second, how long the server takes to answer its health check and the app's
-HTML (``server_latency``, :class:`ServerProbe`: the server apart from the browsers); exceptions shown in a page
-or printed by the server are collected. At the end it closes the other sessions, waits for the server to
+session's refreshes; every second, the cores used by the server, by the Chromium processes and by the whole
+machine (``cores``, :class:`CoreSampler`); twice a second, how long the server takes to answer its health check
+and the app's HTML (``server_latency``, :class:`ServerProbe`: the server apart from the browsers); exceptions
+shown in a page or printed by the server are collected. At the end it closes the other sessions, waits for the server to
 settle with one chain session left, then closes that tab and measures how long the server's CPU use takes to
 fall back (the tab's work must stop). Bounded: ``--minutes`` of load, then everything is closed.
 
@@ -229,6 +231,10 @@ def run(url: str, server_pid: int | None, chains: int, browse: int, train: bool,
     result: dict = {"url": url, "chains": chains, "browse": browse, "train": train, "minutes": minutes,
                     "memory": [], "sessions": {}, "page_loads": [], "exceptions": [], "actions": []}
     upload = _png_digit(Path(tempfile.mkdtemp()) / "one.png")
+    began = time.monotonic()
+    cores = CoreSampler(server_pid) if server_pid else None
+    if cores is not None:
+        cores.start()
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
         chain_pages = []
@@ -240,7 +246,8 @@ def run(url: str, server_pid: int | None, chains: int, browse: int, train: bool,
             t0 = time.monotonic()
             pg.goto(f"{url}/langevin?lg_steps=2000", wait_until="domcontentloaded")
             pg.locator("h1").first.wait_for(state="visible")
-            result["page_loads"].append({"session": f"chains{i}", "page": "langevin", "s": time.monotonic() - t0})
+            result["page_loads"].append({"session": f"chains{i}", "page": "langevin", "s": time.monotonic() - t0,
+                                         "since_start": round(t0 - began, 1)})
             chain_pages.append((f"chains{i}", ctx, pg))
         time.sleep(browse_delay)
         browsers = []
@@ -280,6 +287,7 @@ def run(url: str, server_pid: int | None, chains: int, browse: int, train: bool,
                     t = timed_load(pg, f"{url}/{page}")
                     _idle(pg)
                     result["page_loads"].append({"session": name, "page": page or "home", "t": round(t0 - start, 1),
+                                                 "since_start": round(t0 - began, 1),
                                                  "s": t["shown"],
                                                  "s_dom": t["dom"], "s_title": t["title"], "nav": t["nav"],
                                                  "s_idle": round(time.monotonic() - t0, 2)})
@@ -301,6 +309,8 @@ def run(url: str, server_pid: int | None, chains: int, browse: int, train: bool,
                 time.sleep(min(0.5, max(0.0, next_sample - time.monotonic())))
         elapsed = time.monotonic() - start
         result["server_latency"] = probe.stop()
+        if cores is not None:
+            result["cores"] = cores.summary() | {"samples": cores.samples}
         for name, _, pg in chain_pages:
             stamps = pg.evaluate("window.__refreshes") or []
             gaps = [b - a for a, b in zip(stamps, stamps[1:])]
@@ -351,6 +361,8 @@ def run(url: str, server_pid: int | None, chains: int, browse: int, train: bool,
         result["slowest_over_fastest"] = round(min(rates) / max(rates), 2) if max(rates) else 0.0
     loads = [x for x in result["page_loads"] if x["session"].startswith("browse")]
     result["page_load_s_max"] = round(max(x["s"] for x in loads), 2) if loads else None
+    later = [x["s"] for x in loads if x["since_start"] > 60]
+    result["page_load_s_max_after_first_minute"] = round(max(later), 2) if later else None
     result["page_idle_s_max"] = round(max(x["s_idle"] for x in loads), 2) if loads else None
     return result
 
@@ -400,6 +412,60 @@ class ServerProbe(threading.Thread):
                          "median_ms": round(statistics.median(ok), 1) if ok else None,
                          "p95_ms": round(ok[min(len(ok) - 1, int(0.95 * len(ok)))], 1) if ok else None,
                          "max_ms": round(ok[-1], 1) if ok else None}
+        return out
+
+
+def _chromium_and_machine_cpu() -> tuple[float, float]:
+    """(CPU seconds of every Chromium process on this machine, busy CPU seconds of the whole machine), from
+    ``/proc``: the browsers' share of the cores beside the server's."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    chromium = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                name, rest = f.read().split(" (", 1)[1].rsplit(")", 1)
+            if name.startswith("chrom"):
+                fields = rest.split()
+                chromium += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            continue  # a process that ended meanwhile
+    with open("/proc/stat") as f:
+        cpu = [int(v) for v in f.readline().split()[1:]]
+    return chromium / ticks, (sum(cpu) - cpu[3] - cpu[4]) / ticks  # all but idle and iowait
+
+
+class CoreSampler(threading.Thread):
+    """Every ``every`` seconds, the cores' worth of CPU used since the last sample by the server (``pid``), by all
+    Chromium processes, and by the whole machine: ``samples`` rows ``[t, server, chromium, machine]`` (t: seconds
+    since the sampler started). :meth:`summary` gives their means over the first minute and after it."""
+
+    def __init__(self, pid: int, every: float = 1.0) -> None:
+        super().__init__(daemon=True, name="core-sampler")
+        self.pid, self.every = pid, every
+        self.samples: list[list[float]] = []
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        t0 = last_t = time.monotonic()
+        last = (_proc_stats(self.pid)[1], *_chromium_and_machine_cpu())
+        while not self._done.wait(self.every):
+            try:
+                now = (_proc_stats(self.pid)[1], *_chromium_and_machine_cpu())
+            except OSError:  # the server has ended
+                return
+            t = time.monotonic()
+            self.samples.append([round(t - t0, 1)] + [round((b - a) / (t - last_t), 2) for a, b in zip(last, now)])
+            last, last_t = now, t
+
+    def summary(self) -> dict:
+        """Stop sampling; the mean cores used by the server, Chromium and the machine in the first minute and after."""
+        self._done.set()
+        self.join(timeout=5)
+        out = {}
+        for name, rows in (("first_minute", [r for r in self.samples if r[0] <= 60]),
+                           ("after", [r for r in self.samples if r[0] > 60])):
+            out[name] = {k: round(statistics.mean(r[i] for r in rows), 2) if rows else None
+                         for i, k in enumerate(("server", "chromium", "machine"), start=1)}
         return out
 
 
@@ -469,8 +535,11 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2))
     plot(result, out.with_suffix(".png"))
     summary = {k: result.get(k) for k in ("rss_mb_after_first_minute", "rss_mb_end", "rss_growth_mb",
-                                          "slowest_over_fastest", "page_load_s_max", "page_idle_s_max",
-                                          "tab_close")}
+                                          "slowest_over_fastest", "page_load_s_max",
+                                          "page_load_s_max_after_first_minute", "page_idle_s_max", "tab_close")}
+    summary["first_minute_loads"] = [(x["page"], x["since_start"], x["s"]) for x in result["page_loads"]
+                                     if x["session"].startswith("browse") and x["since_start"] <= 60]
+    summary["cores"] = {k: v for k, v in result.get("cores", {}).items() if k != "samples"}
     summary["refresh_per_s"] = {n: s["refresh_per_s"] for n, s in result["sessions"].items()}
     summary["sgld_steps_per_s"] = {n: s["sgld_steps_per_s"] for n, s in result["sessions"].items()}
     summary["server_latency"] = result.get("server_latency")

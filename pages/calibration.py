@@ -32,7 +32,7 @@ def main(ctx: ui.Context) -> None:
     temperature = temperature and ctx.baseline is not None
     n_cal = max(2, len(test) // 5) if temperature else 0
     with a:
-        n = ui.n_test_control(len(test) - n_cal, 2000, key="cal_n")
+        n = ui.n_test_control(len(test) - n_cal, ui.FIRST_VIEW_TEST_IMAGES, key="cal_n")
     n_bins = b.slider("Number of bins", 5, 30, 15, key="cal_bins", **ui.PERSIST)
     layout = c.radio("Layout", ["Overlaid", "Side by side"], key="cal_layout", horizontal=True, **ui.PERSIST)
     publish()

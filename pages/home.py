@@ -35,7 +35,6 @@ START_HERE = [
     ("playground.py", "the whole idea in 2-D: decision regions, the exact density and live SGLD particles."),
 ]
 
-N_HOME = 2000  # test images for the at-a-glance ECE
 
 
 def start_here() -> None:
@@ -54,7 +53,7 @@ def main(ctx: ui.Context) -> None:
     with right:
         start_here()
     test = ctx.test_set()
-    n = min(N_HOME, len(test)) if test is not None else 0
+    n = min(ui.FIRST_VIEW_TEST_IMAGES, len(test)) if test is not None else 0
     models = ctx.models()
     reports, captions = {}, {}
     for col, (name, ck, key) in zip(st.columns(len(models)), models):

@@ -652,6 +652,68 @@ def test_a_computation_asked_for_by_a_prefetch_and_a_visit_runs_once_and_the_vis
         compute._store()["bytes"].pop(key, None)
 
 
+def test_work_ahead_of_visits_gives_way_to_arriving_visitors_until_a_visit_joins_it(monkeypatch):
+    """note_arrival counts a session's first run only; a give_way prefetch begins once no visitor has arrived for
+    ARRIVAL_QUIET_S seconds, pauses at its progress calls while one has just arrived, and goes on at once when a
+    visit joins it; a give_way in_background thread begins after the same quiet."""
+    import threading
+
+    from app import compute
+
+    quiet = 1.0
+    monkeypatch.setattr(compute, "ARRIVAL_QUIET_S", quiet)
+    tag = f"give-way-{id(monkeypatch)}"
+    assert compute.note_arrival(f"{tag}-1") and not compute.note_arrival(f"{tag}-1")  # a rerun is no arrival
+    assert not compute.note_arrival(None)
+    assert compute.since_last_arrival() < quiet / 2
+    assert compute.wait_for_quiet(lambda: False) < 0.1  # told to stop waiting: returns at once
+    assert quiet / 2 < compute.wait_for_quiet() < quiet + 1.0 and compute.since_last_arrival() >= quiet
+    assert compute.wait_for_quiet() < 0.1  # quiet already
+
+    stamps, gate = [], threading.Event()
+
+    def work(progress):
+        while not gate.is_set():
+            stamps.append(time.monotonic())
+            progress(0.5)
+            time.sleep(0.02)
+        return 7
+
+    key = (tag, "prefetch")
+    try:
+        compute.note_arrival(f"{tag}-2")
+        arrived = time.monotonic()
+        job = compute.prefetch(key, work, "test", give_way=True)
+        assert job.give_way and not stamps
+        deadline = time.monotonic() + 10
+        while not stamps and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert stamps and stamps[0] - arrived >= quiet - 0.05, "it began while a visitor had just arrived"
+        time.sleep(0.3)
+        compute.note_arrival(f"{tag}-3")  # a visitor arrives while it runs: it pauses at its next progress call
+        time.sleep(0.1)
+        paused_at = len(stamps)
+        time.sleep(quiet / 2)
+        assert len(stamps) <= paused_at + 1, "it went on while a visitor had just arrived"
+        compute.note_arrival(f"{tag}-4")
+        compute._start(key, work, "test", background=False, who=(f"{tag}-4", "page"))  # a visit joins it
+        time.sleep(quiet / 2)
+        assert len(stamps) > paused_at + 5, "it still gave way with a visit waiting for it"
+        gate.set()
+        assert job.done.wait(10) and job.value == 7
+
+        began = []
+        compute.note_arrival(f"{tag}-5")
+        arrived = time.monotonic()
+        compute.in_background(tag, lambda: began.append(time.monotonic()), give_way=True).join(10)
+        assert began and began[0] - arrived >= quiet - 0.05
+    finally:
+        gate.set()
+        compute._store()["data"].pop(key, None)
+        compute._store()["bytes"].pop(key, None)
+        compute._background()["threads"].pop(tag, None)
+
+
 def test_a_shared_computation_stops_when_no_connected_page_wants_it_and_keeps_nothing(monkeypatch):
     """A job runs while a connected session's page still asks for it: it stops (Abandoned, at its next progress
     call, worker slot freed, nothing stored) when that session's tab closes, or when the same page asks for
@@ -898,18 +960,26 @@ def test_the_memory_keeper_hands_the_free_heap_back_on_its_interval(monkeypatch)
 
 def test_the_warm_up_computes_what_the_playground_and_likelihood_pages_open_with(monkeypatch):
     """The app's first run starts, in the background, the import of the pages' libraries (at the server's
-    priority) and exactly the playground's pair (spec, seed, labels) and the Likelihood page's AIS estimate (model,
-    test images, settings; at the server's priority) that first visits ask for: the visits then compute neither
-    again. A bare call (no script run, e.g. a multiprocessing child re-importing the app) starts nothing."""
+    priority), the models' test probabilities of Home's and the Calibration page's first view (at once), and
+    exactly the playground's pair (spec, seed, labels) and the Likelihood page's AIS estimate (model, test images,
+    settings; at the server's priority, giving way to arriving visitors) that first visits ask for: the visits then
+    compute none of them again. A bare call (no script run, e.g. a multiprocessing child re-importing
+    the app) starts nothing."""
     import os
     import threading
 
     from streamlit.testing.v1 import AppTest
 
+    import jem_core.evaluation
     import jem_core.likelihood
     from app import compute, registry
 
-    calls, ais, imported = [], [], []
+    threads = compute._background()["threads"]
+    for thread in threads.values():  # an earlier test's warm-up, still running (or waiting for a quiet moment)
+        thread.join(120)
+    for job in [j for k, j in compute._jobs()["jobs"].items() if k[0] in ("likelihood", "proba")]:
+        job.done.wait(120)
+    calls, ais, imported, classified = [], [], [], []
     real, real_ais = registry.pretrained_pair, jem_core.likelihood.estimate_log_likelihood
     real_imports = registry._import_page_libraries
     monkeypatch.setattr(registry, "_import_page_libraries", lambda: (imported.append(
@@ -917,20 +987,19 @@ def test_the_warm_up_computes_what_the_playground_and_likelihood_pages_open_with
     monkeypatch.setattr(registry, "pretrained_pair", lambda *a, **k: (calls.append((a, k)), real(*a, **k))[1])
     monkeypatch.setattr(jem_core.likelihood, "estimate_log_likelihood",
                         lambda *a, **k: (ais.append(k), real_ais(*a, **k))[1])
+    real_proba = jem_core.evaluation.predict_proba
+    monkeypatch.setattr(jem_core.evaluation, "predict_proba",
+                        lambda model, x, **k: (classified.append(len(x)), real_proba(model, x, **k))[1])
     monkeypatch.setenv("JEM_EXPLORER_DEFAULT", "digits")
-    threads = compute._background()["threads"]
-    for thread in threads.values():  # an earlier test's warm-up, still running
-        thread.join(120)
-    for job in [j for k, j in compute._jobs()["jobs"].items() if k[0] == "likelihood"]:
-        job.done.wait(120)
     registry.toy_pair.clear()
     store = compute._store()
-    for k in [k for k in store["data"] if k[0] == "likelihood"]:
+    for k in [k for k in store["data"] if k[0] in ("likelihood", "proba")]:
         store["data"].pop(k)
         store["bytes"].pop(k, None)
     threads.pop("toy_pair", None)
     threads.pop("imports", None)
     registry._warmed.clear()
+    monkeypatch.setattr(compute, "ARRIVAL_QUIET_S", 0.5)  # the pair and the estimate give way to a new visitor
     registry.warm_up(None)
     assert "toy_pair" not in threads, "a bare call started the warm-up"
     at = AppTest.from_file(HOME, default_timeout=TIMEOUT).run()
@@ -940,13 +1009,20 @@ def test_the_warm_up_computes_what_the_playground_and_likelihood_pages_open_with
     assert imported == [os.getpriority(os.PRIO_PROCESS, 0)]
     assert all(name in sys.modules for name in registry.PAGE_LIBRARIES)
     (job,) = registry._warmed("likelihood")
-    assert job.background and job.nice == 0 and job.done.wait(120)
+    assert job.background and job.nice == 0 and job.give_way and job.done.wait(120)
+    # Home's first view (both models' test probabilities) was prefetched at once, and Home used it
+    first_views = registry._warmed("probabilities")
+    assert len(first_views) == 2 and all(j.background and j.nice == 0 and not j.give_way for j in first_views)
+    assert classified == [first_views[0].key[-1]] * 2 and 0 < first_views[0].key[-1] <= registry.FIRST_VIEW_TEST_IMAGES
     assert len(calls) == 1 and calls[0][0][0] == registry.toy_spec()
     assert len(ais) == 1 and ais[0]["n_temps"] == registry.likelihood_temps(64)
     at.switch_page("../pages/playground.py").run()
     assert not at.exception, at.exception
     assert len(calls) == 1, "the playground's first view trained its pair again"
     assert at.session_state["pg_state"]["spec"] == registry.toy_spec()
+    at.switch_page("../pages/calibration.py").run()
+    assert not at.exception, at.exception
+    assert len(classified) == 2, "the Calibration page's first view classified the test images again"
     at.switch_page("../pages/likelihood.py").run()  # waits for the warm-up's estimate if it is still running
     assert not at.exception and not errors(at), at.exception
     assert len(ais) == 1, "the Likelihood page's first view estimated log Z again"

@@ -61,6 +61,27 @@ def test_the_harness_times_the_server_apart_from_the_browsers(measured):
         assert 0 <= x["s_settle"] <= 10.5, x
     # a new browser fetches the app's scripts from the server; the next load finds them in its cache
     assert loads[0]["nav"]["fetched"] > 10 and (len(loads) == 1 or loads[1]["nav"]["fetched"] < 10), loads[:2]
+    # the server's age at each load: after the chain tab's, in the order of the loads, within the run
+    chain_load = next(x for x in measured["page_loads"] if x["session"] == "chains0")
+    ages = [x["since_start"] for x in loads]
+    assert chain_load["since_start"] <= ages[0] and ages == sorted(ages) and ages[-1] < 0.6 * 60 + 60, ages
+
+
+def test_the_harness_splits_the_cores_between_server_browsers_and_machine(measured):
+    """Every second, the cores' worth of CPU of the server, of all Chromium processes and of the machine: each in
+    [0, cores], the server and the browsers within the machine's total; the browsers are drawing, the server is
+    computing."""
+    import os
+
+    cores = measured["cores"]
+    rows = cores["samples"]
+    assert len(rows) >= 30 and [r[0] for r in rows] == sorted(r[0] for r in rows), rows[:3]
+    n = os.cpu_count()
+    for _, server, chromium, machine in rows:
+        assert 0 <= server <= n + 0.3 and 0 <= chromium <= n + 0.3 and 0 <= machine <= n + 0.3, rows
+    first = cores["first_minute"]
+    assert first["server"] > 0.05 and first["chromium"] > 0.05, cores
+    assert first["server"] + first["chromium"] <= first["machine"] + 0.3, cores
 
 
 def test_closing_a_tab_stops_its_chains_within_15_seconds(measured):

@@ -368,6 +368,7 @@ def _run_job(job: Job, compute: Callable[[Callable[[float], None]], Any]) -> Non
                 got = w["sem"].acquire(timeout=0.5)
             with w["lock"]:
                 w["busy"] += 1
+
         def unjoined() -> bool:
             j = _jobs()
             with j["lock"]:
@@ -570,13 +571,13 @@ def wait_for_quiet(keep_waiting: Callable[[], bool] = lambda: True, quiet_s: flo
     Work ahead of visits calls this before it begins and between its steps, so that arriving visitors' first
     pages get the cores (their scripts, the files their browsers fetch, their first computations): a thread that
     sleeps holds neither a core nor the interpreter lock, which a lower CPU priority alone does not give (a niced
-    thread still holds the lock while it waits for a core). Measured in ``bench/README.md`` ("A fresh server's
+    thread can hold the lock while it waits for a core). Measured in ``bench/README.md`` ("A fresh server's
     first minute")."""
     quiet = ARRIVAL_QUIET_S if quiet_s is None else float(quiet_s)
     t0 = time.monotonic()
-    while not _EXITING.is_set() and keep_waiting():
+    while not _EXITING.is_set():
         left = quiet - since_last_arrival()
-        if left <= 0:
+        if left <= 0 or not keep_waiting():  # the clock first: quiet is the common case, the callback takes a lock
             break
         time.sleep(min(left, 0.25))
     return time.monotonic() - t0

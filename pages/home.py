@@ -36,7 +36,6 @@ START_HERE = [
 ]
 
 
-
 def start_here() -> None:
     st.subheader("Start here")
     for i, (file, what) in enumerate(START_HERE, start=1):

@@ -6,7 +6,8 @@
   :func:`progress_box` (elapsed time, time left from measured throughput, a Cancel button); it runs while a
   connected session still wants it; :func:`prefetch` starts one ahead of any visit.
 - :func:`worker`: at most :data:`N_WORKERS` heavy computations at once in this server (one per core, each on
-  one torch thread), with a visible wait for a free one; live views ask without waiting and skip a tick.
+  one torch thread), with a visible wait for a free one; live views ask without waiting and skip a tick
+  (one that skipped its last tick waits a moment at the next).
 - :func:`live_share`: the live views of all sessions together use at most :data:`LIVE_SHARE` of the workers'
   time; with more sessions live, each gets a smaller share of SGLD time, so pages and other computations still
   find a free core; :func:`refresh_interval`: with more sessions live, each refreshes less often (all together
@@ -230,16 +231,20 @@ def _workers() -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def worker(label: str, wait: bool = True) -> Iterator[bool]:
+def worker(label: str, wait: bool | float = True) -> Iterator[bool]:
     """Hold one of the server's :data:`N_WORKERS` compute slots while the block runs.
 
-    With ``wait``, shows "waiting for a free worker" until a slot frees (the wait can be interrupted like
-    any script run) and yields True; without, yields False at once when every slot is busy, so a live
-    view can skip a tick instead of queueing behind long computations.
+    With ``wait=True``, shows "waiting for a free worker" until a slot frees (the wait can be interrupted like
+    any script run) and yields True; with ``wait=False``, yields False at once when every slot is busy, so a
+    live view can skip a tick instead of queueing behind long computations; with a number of seconds, waits
+    that long at most, silently, then yields whether it got a slot (a live view that lost the race for a slot
+    at its last tick: views whose timers tick in step with others' would otherwise lose it tick after tick).
     """
     w = _workers()
     got = w["sem"].acquire(blocking=False)
-    if not got and wait:
+    if not got and not isinstance(wait, bool) and wait > 0:
+        got = w["sem"].acquire(timeout=float(wait))
+    elif not got and wait is True:
         slot = st.empty()
         t0 = time.monotonic()
         while not got:

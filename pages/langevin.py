@@ -34,6 +34,10 @@ HISTORY_POINTS = 400        # energies and predictions kept per chain (older one
 TRACES_INTERVAL = 1.0       # seconds between redraws of the traces, one live session (more: ui.live_interval)
 MAX_STEPS_PER_REFRESH = 50
 STARVED_S = 2.0  # every worker busy this long: one SGLD step outside them per STARVED_S, so the view never freezes
+#: A view whose last tick found no free worker waits at most this fraction of its refresh interval for one at its
+#: next tick: views whose timers tick in step with other sessions' would otherwise lose the race for a worker tick
+#: after tick (measured, ``bench/load.py`` with 4 chain sessions: one at 0.88 refreshes/s, the others 1.28-1.43).
+PATIENCE = 0.5
 SETTINGS_CHECKS = {"exact_step"}  # findings about the settings alone, shown under the settings
 AUTOSTARTED = "lg_autostarted"  # session_state: the model whose chains started by themselves
 
@@ -150,7 +154,8 @@ def live_view(ctx: ui.Context) -> None:
         # A longer interval between refreshes (more sessions live): as many more steps per refresh.
         budget = STEP_BUDGET_S * s.get("every", ui.CHAIN_INTERVAL) / ui.CHAIN_INTERVAL
         if k > 0:
-            with ui.worker("live chains", wait=False) as free:
+            patience = PATIENCE * s.get("every", ui.CHAIN_INTERVAL) if s.get("waited") else False
+            with ui.worker("live chains", wait=patience) as free:
                 # When every worker is busy, a refresh only redraws; after STARVED_S of that, one step outside the
                 # workers (a few ms of a core per STARVED_S): the view slows, never freezes.
                 if free or time.monotonic() - s.get("advanced", 0.0) >= STARVED_S:

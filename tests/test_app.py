@@ -519,6 +519,57 @@ def test_heavy_work_waits_for_a_free_worker_and_live_chains_skip_a_tick_instead_
     assert not at.exception and not errors(at) and len(at.dataframe[0].value) == 4
 
 
+def test_a_worker_can_be_awaited_for_a_bounded_time_and_live_chains_that_missed_a_tick_wait_a_moment(monkeypatch):
+    import contextlib
+    import threading
+
+    from app import ui
+
+    w = ui._workers()
+    held = [w["sem"].acquire(timeout=30) for _ in range(ui.N_WORKERS)]
+    try:
+        t0 = time.monotonic()
+        with ui.worker("x", wait=0.2) as got:
+            assert not got and time.monotonic() - t0 >= 0.19, "every slot busy: it waited 0.2 s, then gave up"
+        threading.Timer(0.2, w["sem"].release).start()
+        held.pop()
+        t0 = time.monotonic()
+        with ui.worker("x", wait=10.0) as got:
+            assert got and 0.15 <= time.monotonic() - t0 < 5, "a slot freed within the wait: it got it"
+            assert ui.workers_busy() == 1
+        assert ui.workers_busy() == 0
+    finally:
+        for _ in held:
+            w["sem"].release()
+
+    asked = []
+    real = ui.worker
+
+    @contextlib.contextmanager
+    def recording(label, wait=True):
+        asked.append(wait)
+        with real(label, wait) as got:
+            yield got
+
+    monkeypatch.setattr(ui, "worker", recording)
+    at = open_page("langevin")
+    at.button(key="lg_reset").click().run()
+    held = [w["sem"].acquire(timeout=30) for _ in range(ui.N_WORKERS)]
+    try:
+        at.button(key="lg_start").click().run()
+        assert asked[-1] is False, "a live view asks for a worker without waiting"
+        at.run()
+        assert not isinstance(asked[-1], bool) and 0 < asked[-1] <= ui.CHAIN_INTERVAL, \
+            "its last tick found no free worker: this one waits, at most half a refresh interval"
+    finally:
+        for _ in held:
+            w["sem"].release()
+    at.run()
+    at.run()
+    assert asked[-1] is False, "once it got a worker, it asks without waiting again"
+    assert metric(at, "SGLD steps done (of 200)") not in ("0", "1")
+
+
 def test_one_training_run_at_a_time_and_the_second_session_is_told_why():
     first, second = open_page("train"), open_page("train")
     for at in (first, second):

@@ -36,7 +36,8 @@ MAX_STEPS_PER_REFRESH = 50
 STARVED_S = 2.0  # every worker busy this long: one SGLD step outside them per STARVED_S, so the view never freezes
 #: A view whose last tick found no free worker waits at most this fraction of its refresh interval for one at its
 #: next tick: views whose timers tick in step with other sessions' would otherwise lose the race for a worker tick
-#: after tick (measured, ``bench/load.py`` with 4 chain sessions: one at 0.88 refreshes/s, the others 1.28-1.43).
+#: after tick (``bench/load.py`` with 4 chain sessions, ``bench/README.md`` runs 24-25: one at 0.88 refreshes/s, the
+#: others at 1.28-1.43, without it; all four at 1.19-1.45 with it).
 PATIENCE = 0.5
 SETTINGS_CHECKS = {"exact_step"}  # findings about the settings alone, shown under the settings
 AUTOSTARTED = "lg_autostarted"  # session_state: the model whose chains started by themselves

@@ -590,33 +590,7 @@ def wait_for_quiet(keep_waiting: Callable[[], bool] = lambda: True, quiet_s: flo
 
 @st.cache_resource(show_spinner=False)
 def _background() -> dict[str, Any]:
-    # threads: name -> thread; ids: name -> native id once it runs; wanted: names a visit waits for
-    return {"lock": threading.Lock(), "threads": {}, "ids": {}, "wanted": set()}
-
-
-_AHEAD = threading.local()  # .name: the in_background(give_way=True) work this thread runs
-
-
-def pause_for_visitors() -> None:
-    """A pause point for work ahead of visits: in the thread of an :func:`in_background` call with ``give_way``
-    whose work no visit waits for yet (:func:`want`), sleep until no visitor has arrived for
-    :data:`ARRIVAL_QUIET_S` seconds (:func:`wait_for_quiet`); anywhere else, return at once. Long work calls it
-    between its steps, so that it stops while a visitor's first page loads, not only before it begins."""
-    name = getattr(_AHEAD, "name", None)
-    if name is not None:
-        wait_for_quiet(lambda: name not in _background()["wanted"])  # the clock first: no lookup when quiet
-
-
-def want(name: str) -> None:
-    """A visit is about to wait for the :func:`in_background` work ``name`` (started or not): from now on that work
-    no longer gives way (:func:`pause_for_visitors` returns at once) and its thread runs at the server's own
-    priority (where the system lets a thread's priority be raised back)."""
-    state = _background()
-    with state["lock"]:
-        state["wanted"].add(name)
-        thread_id = state["ids"].get(name)
-    if thread_id is not None:
-        _set_nice(thread_id, _BASE_NICE)
+    return {"lock": threading.Lock(), "threads": {}}
 
 
 def in_background(name: str, work: Callable[[], Any], nice: int = BACKGROUND_NICE,
@@ -633,10 +607,8 @@ def in_background(name: str, work: Callable[[], Any], nice: int = BACKGROUND_NIC
     the other slot computes a page). ``work`` should fill a shared ``st.cache_resource`` entry that the pages
     then read (a :func:`cached` result is computed ahead by :func:`prefetch` instead): a visit that
     arrives first computes as usual or waits for the same entry. ``give_way``: the thread first waits until no
-    visitor has arrived for :data:`ARRIVAL_QUIET_S` seconds (:func:`wait_for_quiet`), and ``work`` pauses the same
-    way wherever it calls :func:`pause_for_visitors`; a visit that will wait for the entry calls :func:`want`
-    first, which lifts both and the lower priority. An exception in ``work`` is printed to the server log and the
-    visit computes for itself.
+    visitor has arrived for :data:`ARRIVAL_QUIET_S` seconds (:func:`wait_for_quiet`; once begun, ``work`` runs to
+    its end). An exception in ``work`` is printed to the server log and the visit computes for itself.
     """
     state = _background()
     with state["lock"]:
@@ -644,18 +616,13 @@ def in_background(name: str, work: Callable[[], Any], nice: int = BACKGROUND_NIC
         if thread is None:
             def run() -> None:
                 if give_way:
-                    _AHEAD.name = name
-                    pause_for_visitors()
+                    wait_for_quiet()
                 if _EXITING.is_set():
                     return
-                with state["lock"]:
-                    state["ids"][name] = threading.get_native_id()
-                    if name not in state["wanted"]:
-                        _set_nice(threading.get_native_id(), _BASE_NICE + int(nice))
+                _set_nice(threading.get_native_id(), _BASE_NICE + int(nice))
                 try:
                     work()
                 finally:
-                    state["ids"].pop(name, None)
                     release_free_memory()
 
             thread = state["threads"][name] = threading.Thread(target=run, name=f"jem-background-{name}", daemon=True)

@@ -26,7 +26,7 @@ import streamlit as st
 import torch
 
 from app import share
-from app.compute import cached, current_session_id, in_background, note_arrival, pause_for_visitors, prefetch, want
+from app.compute import cached, current_session_id, in_background, note_arrival, prefetch
 from jem_core.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
 from jem_core.data import (BUILTIN_DATASETS, DataUnavailableError, ImageDataset, data_available, dataset_shape,
                            default_data_root, demo_pack_file, load_dataset)
@@ -527,25 +527,11 @@ def toy_spec(name: str = "moons", noise: float | None = None, n: int = 2000, arm
     return f"toy:{name}?noise={noise:g}&n={int(n)}" + (f"&k={int(arms)}" if name == "spirals" else "")
 
 
-#: The playground's first view, which :func:`warm_up` trains ahead of visits: ``(spec, seed, labels)`` of
-#: :func:`toy_pair`, and the name of that background work.
-FIRST_TOY_PAIR, TOY_PAIR_WORK = (toy_spec(), 0, None), "toy_pair"
-
-
+@st.cache_resource(show_spinner=False, max_entries=8)  # the page shows its own spinner (this runs in the background too)
 def toy_pair(spec: str, seed: int, labels: int | None) -> tuple[ToyTrainer, ToyTrainer]:
     """The JEM and baseline trained :data:`TOY_PRETRAIN_ITERS` iterations on ``spec`` with ``seed`` (``labels``
-    per class, or all), shared by every session and never mutated: sessions work on clones. For a visit, which
-    waits for it: when it is the pair :func:`warm_up` trains ahead of visits, that training stops giving way to
-    arriving visitors (:func:`app.compute.want`) and this call waits for it (or trains it, if it has not begun)."""
-    if (spec, seed, labels) == FIRST_TOY_PAIR:
-        want(TOY_PAIR_WORK)
-    return _trained_toy_pair(spec, seed, labels)
-
-
-@st.cache_resource(show_spinner=False, max_entries=8)  # the page shows its own spinner (this runs in the background too)
-def _trained_toy_pair(spec: str, seed: int, labels: int | None) -> tuple[ToyTrainer, ToyTrainer]:
-    # pause_for_visitors: in the warm-up's thread, the training pauses while a new visitor's first page loads
-    return pretrained_pair(spec, seed, TOY_PRETRAIN_ITERS, labels_per_class=labels, between=pause_for_visitors)
+    per class, or all), shared by every session and never mutated: sessions work on clones."""
+    return pretrained_pair(spec, seed, TOY_PRETRAIN_ITERS, labels_per_class=labels)
 
 
 #: Libraries the pages import on first use (scikit-learn's metrics and datasets, SciPy's statistics, torchmetrics,
@@ -568,11 +554,10 @@ def warm_up(ctx: Context | None) -> None:
     at the server's own priority: a page importing one meanwhile waits for this thread), the models' test
     probabilities that the Home page's and the Calibration page's first views show (:data:`FIRST_VIEW_TEST_IMAGES`
     images; at once and at the server's priority: a second or two of a core for MNIST), and the first views' two
-    longest computations, which give way to arriving visitors (they begin, and go on, only once no new session has
-    started for :data:`app.compute.ARRIVAL_QUIET_S` seconds; at a fresh server's start they had doubled a new
-    visitor's first page load): the playground's default pair (:data:`FIRST_TOY_PAIR`;
-    :func:`app.compute.in_background`, at lower CPU priority, pausing after any training iteration; 3-6 s alone on
-    these 2 cores, 10-26 s while live chains run) and the Likelihood page's
+    longest computations, which give way to arriving visitors (they begin, and the estimate goes on, only once no
+    new session has started for :data:`app.compute.ARRIVAL_QUIET_S` seconds; at a fresh server's start they had
+    doubled a new visitor's first page load): the playground's default pair (:func:`app.compute.in_background`, at
+    lower CPU priority; 3-6 s alone on these 2 cores, 10-26 s while live chains run) and the Likelihood page's
     default AIS estimate for ``ctx`` (the context of the server's first run: its default pair unless a link chose
     another) by :func:`app.compute.prefetch` at the server's own priority: about half a minute of one core for
     MNIST, which at lower priority took minutes when browsers on the same cores kept them busy
@@ -591,7 +576,7 @@ def warm_up(ctx: Context | None) -> None:
     if test is not None and not first_views:  # a second or two of a core, at once: most visits begin on Home
         first_views.extend(prefetch(*_proba_job(ctx, name, ck, key, min(len(test), FIRST_VIEW_TEST_IMAGES)), nice=0)
                            for name, ck, key in ctx.models())
-    in_background(TOY_PAIR_WORK, lambda: _trained_toy_pair(*FIRST_TOY_PAIR), give_way=True)
+    in_background("toy_pair", lambda: toy_pair(toy_spec(), 0, None), give_way=True)
     started = _warmed("likelihood")
     if ctx is not None and not started:  # from this (script) thread: a job started by a niced thread stays niced
         started.append(prefetch(*_likelihood_first_view(ctx), nice=0, give_way=True))

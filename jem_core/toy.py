@@ -911,14 +911,12 @@ def ais_log_z(model: nn.Module, n_temps: int = 200, n_chains: int = 64, seed: in
 
 
 def pretrained_pair(dataset: str = "toy:moons", seed: int = 0, iterations: int = 400, measure_every: int = 25,
-                    settings: ToySettings | None = None, between: Callable[[], Any] | None = None,
-                    **kwargs: Any) -> tuple[ToyTrainer, ToyTrainer]:
+                    settings: ToySettings | None = None, **kwargs: Any) -> tuple[ToyTrainer, ToyTrainer]:
     """A JEM and a baseline trained ``iterations`` steps on the same data with the same seed, with a measured
     history (every ``measure_every`` iterations); the starting point of the 2-D playground.
 
     Takes a few seconds on one CPU core (400 iterations of 20 SGLD steps for the JEM).
-    ``between``: called after every training iteration (a pause point: a caller may sleep in it to let other work
-    go first); it does not change the result. ``kwargs`` go to :class:`ToyTrainer`.
+    ``kwargs`` go to :class:`ToyTrainer`.
     """
     train, test = load_toy(dataset, "train"), load_toy(dataset, "test")
     out = []
@@ -926,11 +924,7 @@ def pretrained_pair(dataset: str = "toy:moons", seed: int = 0, iterations: int =
         t = ToyTrainer(dataset, objective, seed, settings, data=(train, test), **kwargs)
         t.measure()
         while t.iteration < iterations and not t.diverged:
-            for _ in range(measure_every):  # one iteration at a time, so that ``between`` comes after each
-                if not t.train(1) or t.diverged:
-                    break
-                if between is not None:
-                    between()
+            t.train(measure_every)
             t.measure()
         out.append(t)
     return out[0], out[1]

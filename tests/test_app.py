@@ -706,9 +706,7 @@ def test_a_computation_asked_for_by_a_prefetch_and_a_visit_runs_once_and_the_vis
 def test_work_ahead_of_visits_gives_way_to_arriving_visitors_until_a_visit_joins_it(monkeypatch):
     """note_arrival counts a session's first run only; a give_way prefetch begins once no visitor has arrived for
     ARRIVAL_QUIET_S seconds, pauses at its progress calls while one has just arrived, and goes on at once when a
-    visit joins it; a give_way in_background thread begins after the same quiet, pauses at its pause_for_visitors
-    calls the same way, and goes on at the server's priority once a visit wants it."""
-    import os
+    visit joins it; a give_way in_background thread begins after the same quiet."""
     import threading
 
     from app import compute
@@ -760,51 +758,11 @@ def test_work_ahead_of_visits_gives_way_to_arriving_visitors_until_a_visit_joins
         arrived = time.monotonic()
         compute.in_background(tag, lambda: began.append(time.monotonic()), give_way=True).join(10)
         assert began and began[0] - arrived >= quiet - 0.05
-
-        # In a give_way background thread, pause_for_visitors pauses the work while a visitor has just arrived,
-        # until a visit wants it; anywhere else it returns at once.
-        compute.note_arrival(f"{tag}-6")
-        t0 = time.monotonic()
-        compute.pause_for_visitors()
-        assert time.monotonic() - t0 < 0.1, "a thread that is not ahead of visits paused"
-        stamps.clear()
-        niceness = []
-
-        def steps():
-            niceness.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-            while not gate2.is_set():
-                stamps.append(time.monotonic())
-                compute.pause_for_visitors()
-                time.sleep(0.02)
-            niceness.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-
-        gate2 = threading.Event()
-        thread = compute.in_background(f"{tag}-steps", steps, give_way=True)
-        deadline = time.monotonic() + 10
-        while not stamps and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert stamps, "the background work never began"
-        time.sleep(0.2)
-        compute.note_arrival(f"{tag}-7")  # a visitor arrives: the work stops at its next pause point
-        time.sleep(0.1)
-        paused_at = len(stamps)
-        time.sleep(quiet / 2)
-        assert len(stamps) <= paused_at + 1, "the work went on while a visitor had just arrived"
-        compute.want(f"{tag}-steps")  # a visit waits for it: it goes on at once, at the server's priority
-        time.sleep(quiet / 3)
-        assert len(stamps) > paused_at + 5, "the work still paused with a visit waiting for it"
-        gate2.set()
-        thread.join(10)
-        base = os.getpriority(os.PRIO_PROCESS, 0)
-        assert niceness[0] == min(19, base + compute.BACKGROUND_NICE)
-        assert niceness[1] == base or os.geteuid() != 0  # raising a priority back needs root
     finally:
         gate.set()
         compute._store()["data"].pop(key, None)
         compute._store()["bytes"].pop(key, None)
-        for name in (tag, f"{tag}-steps"):
-            compute._background()["threads"].pop(name, None)
-            compute._background()["wanted"].discard(name)
+        compute._background()["threads"].pop(tag, None)
 
 
 def test_a_shared_computation_stops_when_no_connected_page_wants_it_and_keeps_nothing(monkeypatch):
@@ -1084,8 +1042,7 @@ def test_the_warm_up_computes_what_the_playground_and_likelihood_pages_open_with
     monkeypatch.setattr(jem_core.evaluation, "predict_proba",
                         lambda model, x, **k: (classified.append(len(x)), real_proba(model, x, **k))[1])
     monkeypatch.setenv("JEM_EXPLORER_DEFAULT", "digits")
-    registry._trained_toy_pair.clear()
-    compute._background()["wanted"].discard(registry.TOY_PAIR_WORK)
+    registry.toy_pair.clear()
     store = compute._store()
     for k in [k for k in store["data"] if k[0] in ("likelihood", "proba")]:
         store["data"].pop(k)

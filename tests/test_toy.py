@@ -409,18 +409,3 @@ def test_playground_page_works_with_no_model_loaded(monkeypatch):
     assert not at.exception, at.exception
     assert not [e.value for e in at.error], [e.value for e in at.error]
     assert "JEM test accuracy" in {m.label for m in at.metric}
-
-
-def test_pretrained_pair_calls_between_after_every_iteration_without_changing_the_result():
-    """``between`` (a pause point) comes after each training iteration of both models and leaves the pair's
-    weights and measured history bit-identical to a run without it (the same computation in the same order)."""
-    calls = []
-    plain = pretrained_pair("toy:moons?n=200", seed=3, iterations=20, measure_every=10)
-    paused = pretrained_pair("toy:moons?n=200", seed=3, iterations=20, measure_every=10,
-                             between=lambda: calls.append(1))
-    assert len(calls) == 2 * 20
-    for a, b in zip(plain, paused):
-        assert a.iteration == b.iteration == 20
-        for (name, p), q in zip(a.trainer.model.state_dict().items(), b.trainer.model.state_dict().values()):
-            assert torch.equal(p, q), name
-        assert [r["accuracy"] for r in a.history] == [r["accuracy"] for r in b.history]

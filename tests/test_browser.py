@@ -191,10 +191,12 @@ def test_dashboard_in_chromium(page, tmp_path):
         if now_text != first_text and now_src != first:
             changed = True
             break
-    # On failure, say which of the two stalled, and what the page showed (the status metric, how many captions).
+    # On failure, say which of the two stalled and what the page showed: the status metric, how many captions (none:
+    # the last reads failed, so the caption above is the last one read), any exception.
     assert changed, (f"the chain grid did not change within 45 s of Start: caption {first_text!r} -> {now_text!r}, "
                      f"picture {'changed' if now_src != first else 'unchanged'}; {steps.count()} caption(s) match; "
-                     f"metrics {pg.locator('[data-testid=stMetric]').all_inner_texts()}; "
+                     f"metrics {pg.locator('[data-testid=stMetric]').all_inner_texts()}; exceptions "
+                     f"{[t[:500] for t in pg.locator('[data-testid=stException]').all_inner_texts()]}; "
                      f"server log on fragments: {_server_log_lines('(?i)fragment')}")
     _assert_ok(pg, "Langevin chains")
     # Stop the live chains so that they do not load the machine for the rest of the test.

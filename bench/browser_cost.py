@@ -2,8 +2,9 @@
 every process, with N chain tabs open on one server (loopback only).
 
 Starts ``streamlit run app/Home.py`` on a free port of 127.0.0.1 (as ``bench/load.py`` does), opens ``--tabs``
-Chromium contexts on the Langevin page (the chains start by themselves), waits ``--warmup`` seconds, then
-measures for ``--seconds``:
+Chromium contexts on the Langevin page (the chains start by themselves), waits until every tab has drawn two
+refreshes of its chains (:data:`START_TIMEOUT_S` at most: a fresh server imports and loads first), then ``--warmup``
+seconds, then measures for ``--seconds``:
 
 - per tab: refreshes per second and SGLD steps per second (the grid caption, ``bench/load.py``'s recorder), and
   the renderer's main-thread time per refresh (CDP ``Performance.getMetrics``: ``TaskDuration``, ``ScriptDuration``;
@@ -54,9 +55,15 @@ def process_cpu() -> dict[str, float]:
     return dict(out)
 
 
+#: Seconds a tab may take to draw its chains' first two refreshes before :func:`measure` gives up.
+START_TIMEOUT_S = 120.0
+
+
 def measure(url: str, tabs: int, warmup: float, seconds: float) -> dict:
-    """Open ``tabs`` chain tabs on ``url``; after ``warmup`` seconds, measure for ``seconds`` (see the module
-    docstring). Returns ``{"tabs": [per tab], "cores": {process kind: cores}}``."""
+    """Open ``tabs`` chain tabs on ``url``; once each has drawn two refreshes of its chains, wait ``warmup`` seconds,
+    then measure for ``seconds`` (see the module docstring). Returns ``{"tabs": [per tab], "cores": {process kind:
+    cores}}``. Raises RuntimeError when a tab draws no two refreshes within :data:`START_TIMEOUT_S` (with what the
+    page showed)."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -71,6 +78,16 @@ def measure(url: str, tabs: int, warmup: float, seconds: float) -> dict:
             cdp.send("Performance.enable")
             pg.goto(f"{url}/langevin?lg_steps=2000", wait_until="domcontentloaded")
             pages.append((pg, cdp))
+        for i, (pg, _) in enumerate(pages):
+            try:
+                pg.wait_for_function("window.__refreshes.length >= 2", timeout=START_TIMEOUT_S * 1000)
+            except Exception as e:  # noqa: BLE001 - Playwright's TimeoutError: say what the tab showed instead
+                try:
+                    shown = pg.locator('[data-testid="stMain"]').inner_text(timeout=5_000)[:400].replace("\n", " ")
+                except Exception as e2:  # noqa: BLE001 - the page may not have drawn its main area at all
+                    shown = f"(unreadable: {type(e2).__name__})"
+                raise RuntimeError(f"tab {i}: the chains drew fewer than two refreshes within {START_TIMEOUT_S:g} s "
+                                   f"({type(e).__name__}); the page showed: {shown}") from e
         time.sleep(warmup)
 
         def snapshot() -> list[tuple[dict, list]]:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.load import (CHROMIUM_ARGS, REFRESH_RECORDER, _free_port, _proc_stats, start_server,  # noqa: E402
+from bench.load import (CHROMIUM_ARGS, REFRESH_RECORDER, _free_port, _proc_stats, page_text, start_server,  # noqa: E402
                         stop_server)
 
 
@@ -82,12 +82,8 @@ def measure(url: str, tabs: int, warmup: float, seconds: float) -> dict:
             try:
                 pg.wait_for_function("window.__refreshes.length >= 2", timeout=START_TIMEOUT_S * 1000)
             except Exception as e:  # noqa: BLE001 - Playwright's TimeoutError: say what the tab showed instead
-                try:
-                    shown = pg.locator('[data-testid="stMain"]').inner_text(timeout=5_000)[:400].replace("\n", " ")
-                except Exception as e2:  # noqa: BLE001 - the page may not have drawn its main area at all
-                    shown = f"(unreadable: {type(e2).__name__})"
                 raise RuntimeError(f"tab {i}: the chains drew fewer than two refreshes within {START_TIMEOUT_S:g} s "
-                                   f"({type(e).__name__}); the page showed: {shown}") from e
+                                   f"({type(e).__name__}); the page showed: {page_text(pg)}") from e
         time.sleep(warmup)
 
         def snapshot() -> list[tuple[dict, list]]:

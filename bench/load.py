@@ -175,16 +175,25 @@ def timed_load(pg, url: str) -> dict:
     return {"dom": round(dom, 2), "title": round(title, 2), "shown": round(time.monotonic() - t0, 2), "nav": nav}
 
 
+def page_text(pg, limit: int = 400) -> str:
+    """The first ``limit`` characters of what the Playwright page ``pg`` shows in its main area, on one line, or
+    ``(unreadable: <error>)`` when it cannot be read within 5 s (a page that is gone, or never drew it): for a
+    finding's message."""
+    try:
+        return pg.locator('[data-testid="stMain"]').inner_text(timeout=5_000)[:limit].replace("\n", " ")
+    except Exception as e:  # noqa: BLE001 - the page may be gone
+        return f"(unreadable: {type(e).__name__})"
+
+
 def _stuck(name: str, pg, error: Exception, result: dict) -> None:
     """Record a Start button that could not be clicked: the error, the tabs' states and the page's text."""
     try:
         tabs = pg.locator('[role="tab"]').evaluate_all(
             "els => els.map(e => e.textContent + (e.getAttribute('aria-selected') === 'true' ? ' (open)' : ''))")
-        shown = pg.locator('[data-testid="stMain"]').inner_text(timeout=5_000)[:400].replace("\n", " ")
-    except Exception as e:  # noqa: BLE001 - the page may be gone
-        tabs, shown = [], f"(unreadable: {type(e).__name__})"
+    except Exception:  # noqa: BLE001 - the page may be gone
+        tabs = []
     result["exceptions"].append(f"{name}/langevin: Start could not be clicked ({type(error).__name__}); "
-                                f"tabs {tabs}; the page showed: {shown}")
+                                f"tabs {tabs}; the page showed: {page_text(pg)}")
 
 
 def _click_start(name: str, pg, result: dict) -> bool:

@@ -33,8 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.load import (CHROMIUM_ARGS, REFRESH_RECORDER, _free_port, _proc_stats, page_text, start_server,  # noqa: E402
-                        stop_server)
+from bench.load import (CHAIN_RESTARTER, CHROMIUM_ARGS, REFRESH_RECORDER, _free_port, _proc_stats,  # noqa: E402
+                        page_text, start_server, stop_server)
 
 
 def process_cpu() -> dict[str, float]:
@@ -73,6 +73,7 @@ def measure(url: str, tabs: int, warmup: float, seconds: float) -> dict:
         for _ in range(tabs):
             ctx = browser.new_context(viewport={"width": 1280, "height": 900})
             ctx.add_init_script(REFRESH_RECORDER)
+            ctx.add_init_script(CHAIN_RESTARTER)  # finished chains would cut the refreshes measured short
             pg = ctx.new_page()
             cdp = ctx.new_cdp_session(pg)
             cdp.send("Performance.enable")

@@ -24,7 +24,7 @@ def measured():
     proc = load.start_server(load._free_port(), log, {"OMP_NUM_THREADS": "1", "JEM_EXPLORER_DEFAULT": "digits"})
     try:
         port = proc.args[proc.args.index("--server.port") + 1]
-        # 1,000 steps: the chains finish and start again within the run (50-90 SGLD steps/s here)
+        # 1,000 steps: the chains finish and start again within the run (38-94 SGLD steps/s measured in this scenario)
         return load.run(f"http://127.0.0.1:{port}", proc.pid, chains=1, browse=1, train=False, minutes=0.6,
                         sample_s=3.0, log=log, steps=1000)
     finally:

@@ -4,7 +4,8 @@
   depends on and bounded in entries and in megabytes (:data:`CACHE_MB`); a miss starts a shared :class:`Job`
   (its own thread, holding a :func:`worker` slot) that every session asking for the same key waits for, in
   :func:`progress_box` (elapsed time, time left from measured throughput, a Cancel button); it runs while a
-  connected session still wants it; :func:`prefetch` starts one ahead of any visit.
+  connected session still wants it; :func:`prefetch` starts one ahead of any visit; a result stored in a file
+  (``stored``: the bundled models' precomputed estimates) is read instead of computed.
 - :func:`worker`: at most :data:`N_WORKERS` heavy computations at once in this server (one per core, each on
   one torch thread), with a visible wait for a free one; live views ask without waiting and skip a tick
   (one that skipped its last tick waits a moment at the next).
@@ -12,7 +13,8 @@
   time; with more sessions live, each gets a smaller share of SGLD time, so pages and other computations still
   find a free core; :func:`refresh_interval`: with more sessions live, each refreshes less often (all together
   at most :data:`LIVE_REFRESHES_PER_S`); :func:`live_interval`: their secondary figures redraw less often.
-- :func:`in_background`: work the server does once, ahead of any visit (at low CPU priority, outside the workers).
+- :func:`in_background`: work the server does once, ahead of any visit (at low CPU priority, outside the workers);
+  :func:`hurry`: a visit waits for it, at the server's priority.
 - :func:`note_arrival`, :func:`wait_for_quiet`: work ahead of visits gives way to arriving visitors (it begins, and
   goes on, once no new session has started for :data:`ARRIVAL_QUIET_S` seconds), so their first pages load first.
 - :func:`session_alive`: whether a browser session is still connected (work it started can stop by itself).
@@ -56,6 +58,8 @@ torch.set_num_threads(int(os.environ.get("JEM_TORCH_THREADS", 1)))
 CACHE_MB = float(os.environ.get("JEM_CACHE_MB", 96))
 #: Bound of the shared result cache in entries.
 CACHE_ITEMS = 96
+#: Keys remembered as having no stored result (:func:`cached`'s ``stored``), so that a file is looked for once.
+NOT_STORED_KEYS = 1024
 
 
 #: Share of the workers' time that all sessions' live views (the Langevin chains) may use together
@@ -148,7 +152,28 @@ def live_sessions(besides: str | None = None, now: float | None = None) -> int:
 
 @st.cache_resource(show_spinner=False)
 def _store() -> dict[str, Any]:
-    return {"lock": threading.Lock(), "data": OrderedDict(), "bytes": {}}
+    return {"lock": threading.Lock(), "data": OrderedDict(), "bytes": {}, "not_stored": set()}
+
+
+def _read_stored(key: tuple, stored: Callable[[], Any] | None) -> Any:
+    """The result ``stored()`` reads for ``key`` from a file (then kept in the result store), or None: no
+    ``stored``, nothing there, or already looked up in vain (at most :data:`NOT_STORED_KEYS` such keys are
+    remembered)."""
+    if stored is None:
+        return None
+    s = _store()
+    with s["lock"]:
+        if key in s["not_stored"]:
+            return None
+    value = stored()
+    if value is None:
+        with s["lock"]:
+            if len(s["not_stored"]) >= NOT_STORED_KEYS:
+                s["not_stored"].clear()
+            s["not_stored"].add(key)
+        return None
+    _keep(key, value)
+    return value
 
 
 def nbytes(value: Any, _seen: set[int] | None = None) -> int:
@@ -443,8 +468,13 @@ def _who() -> tuple[str | None, str]:
     return (None, "") if ctx is None else (ctx.session_id, str(ctx.page_script_hash))
 
 
-def cached(key: tuple, compute: Callable[[Callable[[float], None]], T], label: str) -> T:
+def cached(key: tuple, compute: Callable[[Callable[[float], None]], T], label: str,
+           stored: Callable[[], T | None] | None = None) -> T:
     """Shared store of evaluation results keyed by ``key``; a miss computes once for every session that asks.
+
+    ``stored``: called on a miss before anything is computed, in the asking thread; it returns the result read
+    from a file (a precomputed estimate), which is then kept like a computed one, or None (computed as usual).
+    It is called once per key while the server runs.
 
     ``compute`` receives a ``progress(fraction)`` callback and runs in a thread of its own holding a
     :func:`worker` slot (so at most :data:`N_WORKERS` computations run at once, server-wide); the page shows
@@ -467,6 +497,9 @@ def cached(key: tuple, compute: Callable[[Callable[[float], None]], T], label: s
         if key in s["data"]:  # a hit: before the Cancel mark, which belongs to the first computation asked for
             s["data"].move_to_end(key)
             return s["data"][key]
+    value = _read_stored(key, stored)
+    if value is not None:
+        return value
     who = _who()
     if st.session_state.pop(_CANCEL, False):
         j = _jobs()
@@ -497,14 +530,21 @@ def cached(key: tuple, compute: Callable[[Callable[[float], None]], T], label: s
 
 
 def prefetch(key: tuple, compute: Callable[[Callable[[float], None]], Any], label: str,
-             nice: int = BACKGROUND_NICE, give_way: bool = False) -> Job | None:
+             stored: Callable[[], Any] | None = None, nice: int = BACKGROUND_NICE,
+             give_way: bool = False) -> Job | None:
     """Compute a :func:`cached` result ahead of any visit: a job that takes no worker slot and runs to the end
     whoever watches it, its thread ``nice`` (0-19, default :data:`BACKGROUND_NICE`) above the server's niceness.
     ``give_way``: it begins, and goes on at each of its progress calls, only once no visitor has arrived for
     :data:`ARRIVAL_QUIET_S` seconds (:func:`wait_for_quiet`). Returns the job (None when the result is already
     stored). A visit asking for ``key`` meanwhile waits for it: the job then no longer gives way, and its thread
     goes back to the server's priority where the system lets a process raise it (Linux: as root, or within
-    ``RLIMIT_NICE``; elsewhere it stays lower). Callable from any thread."""
+    ``RLIMIT_NICE``; elsewhere it stays lower). ``stored``: as for :func:`cached` (a result it reads starts no
+    job). Callable from any thread."""
+    s = _store()
+    with s["lock"]:
+        held = key in s["data"]
+    if not held and _read_stored(key, stored) is not None:
+        return None
     _, job = _start(key, compute, label, background=True, who=None, nice=int(nice), give_way=bool(give_way))
     return job
 
@@ -590,7 +630,24 @@ def wait_for_quiet(keep_waiting: Callable[[], bool] = lambda: True, quiet_s: flo
 
 @st.cache_resource(show_spinner=False)
 def _background() -> dict[str, Any]:
-    return {"lock": threading.Lock(), "threads": {}}
+    return {"lock": threading.Lock(), "threads": {}, "ids": {}, "hurried": set()}
+
+
+def hurry(name: str) -> None:
+    """A visit now waits for the :func:`in_background` work ``name``: it begins at once if it was still giving way
+    to arriving visitors, and its thread goes back to the server's CPU priority where the system lets a process
+    raise it (Linux: as root, or within ``RLIMIT_NICE``). Without it, a niced thread gets about a tenth of a core
+    that busy browsers also want: the playground's pair took minutes under load (``bench/README.md``). Cheap;
+    a name never started, or finished, changes nothing."""
+    state = _background()
+    with state["lock"]:
+        thread = state["threads"].get(name)
+        if thread is None or not thread.is_alive():
+            return
+        state["hurried"].add(name)
+        thread_id = state["ids"].get(name)
+    if thread_id is not None:
+        _set_nice(thread_id, _BASE_NICE)
 
 
 def in_background(name: str, work: Callable[[], Any], nice: int = BACKGROUND_NICE,
@@ -608,7 +665,8 @@ def in_background(name: str, work: Callable[[], Any], nice: int = BACKGROUND_NIC
     then read (a :func:`cached` result is computed ahead by :func:`prefetch` instead): a visit that
     arrives first computes as usual or waits for the same entry. ``give_way``: the thread first waits until no
     visitor has arrived for :data:`ARRIVAL_QUIET_S` seconds (:func:`wait_for_quiet`; once begun, ``work`` runs to
-    its end). An exception in ``work`` is printed to the server log and the visit computes for itself.
+    its end). A visit that waits for ``work``'s result calls :func:`hurry`. An exception in ``work`` is printed to
+    the server log and the visit computes for itself.
     """
     state = _background()
     with state["lock"]:
@@ -616,10 +674,13 @@ def in_background(name: str, work: Callable[[], Any], nice: int = BACKGROUND_NIC
         if thread is None:
             def run() -> None:
                 if give_way:
-                    wait_for_quiet()
+                    wait_for_quiet(lambda: name not in state["hurried"])
                 if _EXITING.is_set():
                     return
-                _set_nice(threading.get_native_id(), _BASE_NICE + int(nice))
+                with state["lock"]:
+                    state["ids"][name] = threading.get_native_id()
+                    hurried = name in state["hurried"]
+                _set_nice(threading.get_native_id(), _BASE_NICE + (0 if hurried else int(nice)))
                 try:
                     work()
                 finally:

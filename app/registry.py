@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,10 +27,11 @@ import streamlit as st
 import torch
 
 from app import share
-from app.compute import cached, current_session_id, in_background, note_arrival, prefetch
+from app.compute import cached, current_session_id, hurry, in_background, note_arrival, prefetch
 from jem_core.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
 from jem_core.data import (BUILTIN_DATASETS, DataUnavailableError, ImageDataset, data_available, dataset_shape,
                            default_data_root, demo_pack_file, load_dataset)
+from jem_core.report_store import estimate_key, find_report
 from jem_core.toy import TOY_DATASETS, ToyTrainer, pretrained_pair
 
 if TYPE_CHECKING:
@@ -471,6 +473,9 @@ LIKELIHOOD_SAMPLER = "hmc"
 LIKELIHOOD_SCHEDULE = "sigmoid"
 LIKELIHOOD_REVERSE = True
 LIKELIHOOD_TEST_IMAGES = 1000
+#: Precomputed estimates (:mod:`jem_core.report_store`) read before one is computed: the bundled models' first
+#: views, written by ``python -m jem_core likelihood ... --store checkpoints/likelihood`` (``checkpoints/README.md``).
+STORED_LIKELIHOOD = CHECKPOINT_DIR / "likelihood"
 
 
 def likelihood_temps(dim: int) -> int:
@@ -480,31 +485,48 @@ def likelihood_temps(dim: int) -> int:
     return 100 if dim <= 256 else 50
 
 
+def stored_likelihood(model: torch.nn.Module, test_x: torch.Tensor | None, settings: dict[str, Any],
+                      folder: Path = STORED_LIKELIHOOD) -> LikelihoodReport | None:
+    """The estimate of ``estimate_log_likelihood(model, test_x=test_x, **settings)`` stored in ``folder`` under
+    its content address (:func:`jem_core.report_store.estimate_key`), or None when there is none. A stored file
+    that cannot be read counts as none (computed anew) and is reported on the server's log."""
+    from jem_core.likelihood import LikelihoodError
+
+    try:
+        return find_report([folder], estimate_key(model, test_x, **settings))
+    except LikelihoodError as e:
+        print(f"JEM Explorer: a stored estimate was not used: {e}", file=sys.stderr, flush=True)
+        return None
+
+
 def _likelihood_job(ctx: Context, name: str, ck: LoadedCheckpoint, key: str, n_test: int, temps: int, chains: int,
-                    sampler: str, schedule: str, reverse: bool) -> tuple[tuple, Any, str]:
-    """(cache key, compute(progress), label) of one model's AIS estimate on the first ``n_test`` test images."""
+                    sampler: str, schedule: str, reverse: bool) -> tuple[tuple, Any, str, Any]:
+    """(cache key, compute(progress), label, stored()) of one model's AIS estimate on the first ``n_test`` test
+    images; ``stored()`` reads it from :data:`STORED_LIKELIHOOD` when it is there."""
     from jem_core.likelihood import estimate_log_likelihood, pixel_levels
 
     test = ctx.test_set()
     x = None if test is None else test.x[:n_test]
+    settings = dict(shape=shape_of(ck), levels=pixel_levels(ctx.dataset), n_temps=temps, n_chains=chains,
+                    sampler=sampler, schedule=schedule, reverse=reverse)
     return (("likelihood", key, ctx.dataset, str(ctx.data_root), 0 if x is None else len(x), temps, chains, sampler,
              schedule, reverse),
-            lambda p: estimate_log_likelihood(ck.model, shape_of(ck), x, levels=pixel_levels(ctx.dataset),
-                                              n_temps=temps, n_chains=chains, sampler=sampler, schedule=schedule,
-                                              reverse=reverse, progress=p),
-            f"Annealing {chains} chains through {temps} temperatures for {name} (log Z by AIS)...")
+            lambda p: estimate_log_likelihood(ck.model, test_x=x, progress=p, **settings),
+            f"Annealing {chains} chains through {temps} temperatures for {name} (log Z by AIS)...",
+            lambda: stored_likelihood(ck.model, x, settings))
 
 
 def likelihood_report(ctx: Context, name: str, ck: LoadedCheckpoint, key: str, n_test: int, temps: int, chains: int,
                       sampler: str, schedule: str, reverse: bool) -> LikelihoodReport:
     """One model's :class:`~jem_core.likelihood.LikelihoodReport` (:func:`jem_core.likelihood.estimate_log_likelihood`
     with ``temps`` temperatures, ``chains`` chains, ``sampler``, ``schedule``, the ``reverse`` diagnostic, and the
-    first ``n_test`` test images), shared by every session (:func:`app.compute.cached`). Raises
+    first ``n_test`` test images), shared by every session (:func:`app.compute.cached`); read from
+    :data:`STORED_LIKELIHOOD` instead of computed when it is stored there (its ``stored`` field says so). Raises
     :class:`~jem_core.likelihood.LikelihoodError` for bad settings and :class:`app.compute.Cancelled`."""
     return cached(*_likelihood_job(ctx, name, ck, key, n_test, temps, chains, sampler, schedule, reverse))
 
 
-def _likelihood_first_view(ctx: Context) -> tuple[tuple, Any, str]:
+def _likelihood_first_view(ctx: Context) -> tuple[tuple, Any, str, Any]:
     """The job of the Likelihood page's first view in ``ctx``: its model alone, the default settings."""
     test = ctx.test_set()
     c, h, w = ctx.shape
@@ -530,8 +552,17 @@ def toy_spec(name: str = "moons", noise: float | None = None, n: int = 2000, arm
 @st.cache_resource(show_spinner=False, max_entries=8)  # the page shows its own spinner (this runs in the background too)
 def toy_pair(spec: str, seed: int, labels: int | None) -> tuple[ToyTrainer, ToyTrainer]:
     """The JEM and baseline trained :data:`TOY_PRETRAIN_ITERS` iterations on ``spec`` with ``seed`` (``labels``
-    per class, or all), shared by every session and never mutated: sessions work on clones."""
+    per class, or all), shared by every session and never mutated: sessions work on clones. A visit calls
+    :func:`toy_pair_for_visit`."""
     return pretrained_pair(spec, seed, TOY_PRETRAIN_ITERS, labels_per_class=labels)
+
+
+def toy_pair_for_visit(spec: str, seed: int, labels: int | None) -> tuple[ToyTrainer, ToyTrainer]:
+    """:func:`toy_pair` for a page that waits for it: when :func:`warm_up` is training this very pair in the
+    background, that training goes on at the server's own priority (:func:`app.compute.hurry`)."""
+    if (spec, seed, labels) == (toy_spec(), 0, None):
+        hurry("toy_pair")
+    return toy_pair(spec, seed, labels)
 
 
 #: Libraries the pages import on first use (scikit-learn's metrics and datasets, SciPy's statistics, torchmetrics,
@@ -561,7 +592,7 @@ def warm_up(ctx: Context | None) -> None:
     default AIS estimate for ``ctx`` (the context of the server's first run: its default pair unless a link chose
     another) by :func:`app.compute.prefetch` at the server's own priority: about half a minute of one core for
     MNIST, which at lower priority took minutes when browsers on the same cores kept them busy
-    (``bench/README.md``). A visit that arrives first computes the pair itself, or joins the estimate, which then
+    (``bench/README.md``); read at once instead when it is stored (:data:`STORED_LIKELIHOOD`). A visit that arrives first computes the pair itself, or joins the estimate, which then
     runs without pausing. Cheap to call on every run; ``$JEM_WARM_UP=0`` turns the background work off.
 
     Only inside a script run (a server's session, AppTest): a bare import of the app (a multiprocessing child

@@ -39,7 +39,7 @@ from app.figures import (CLASS_COLORS, COLORS, ChainTracesPicture, difference_im
 from app.registry import (CHECKPOINT_DIR, FIRST_VIEW_TEST_IMAGES, LIKELIHOOD_CHAINS, LIKELIHOOD_REVERSE,
                           LIKELIHOOD_SAMPLER, LIKELIHOOD_SCHEDULE, LIKELIHOOD_TEST_IMAGES, ROOT, TOY_PRETRAIN_ITERS,
                           TRAIN_RUN, Context, ModelEntry, _default_pair, context, likelihood_report, likelihood_temps,
-                          shape_of, sidebar, test_probabilities, toy_pair, toy_spec, warm_up)
+                          shape_of, sidebar, test_probabilities, toy_pair_for_visit, toy_spec, warm_up)
 from jem_core.data import ImageDataset
 from jem_core.images import make_grid_image, png_bytes
 from jem_core.perf import SERVER_MMAP_THRESHOLD, tune_malloc
@@ -55,7 +55,7 @@ __all__ = [
     "fig_roc", "grid", "image_map", "likelihood_report", "likelihood_temps", "live_interval", "live_sessions",
     "live_share", "make_pages", "n_test_control", "need_test_set", "page_link",
     "progress_box", "refresh_interval", "run_page", "session_alive", "shape_of",
-    "show_chart", "show_grid", "sidebar", "test_probabilities", "TOY_PRETRAIN_ITERS", "toy_pair", "toy_spec", "warm_up",
+    "show_chart", "show_grid", "sidebar", "test_probabilities", "TOY_PRETRAIN_ITERS", "toy_pair_for_visit", "toy_spec", "warm_up",
     "worker", "workers_busy",
 ]
 

@@ -477,6 +477,9 @@ def _add_likelihood(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None, help="also write the JSON to this file")
+    p.add_argument("--store", default=None, metavar="FOLDER",
+                   help="also save the whole report as FOLDER/<content address>.pt, where the app finds it "
+                        "(jem_core.report_store)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(cmd="likelihood")
 
@@ -502,18 +505,25 @@ def _cmd_likelihood(a: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     if not a.quiet:
         from tqdm.auto import tqdm
         bar = tqdm(total=1000, desc="AIS", leave=False, file=sys.stderr)
-    rep = estimate_log_likelihood(ck.model, shape, x, levels=pixel_levels(spec), n_temps=a.temps, n_chains=a.chains,
-                                  schedule=a.schedule, sampler=a.sampler, n_leapfrog=a.leapfrog, boundary=a.boundary,
-                                  sweep=a.sweep, reverse=not a.no_reverse, seed=a.seed, device=dev,
+    kw = dict(shape=shape, levels=pixel_levels(spec), n_temps=a.temps, n_chains=a.chains, schedule=a.schedule,
+              sampler=a.sampler, n_leapfrog=a.leapfrog, boundary=a.boundary, sweep=a.sweep, reverse=not a.no_reverse,
+              seed=a.seed)
+    rep = estimate_log_likelihood(ck.model, test_x=x, device=dev, **kw,
                                   progress=None if bar is None else (lambda f: bar.update(round(f * 1000) - bar.n)))
     if bar is not None:
         bar.close()
+    stored = None
+    if a.store:
+        from .report_store import estimate_key, save_report
+
+        stored = str(save_report(rep, a.store, estimate_key(ck.model, x, **kw)))
     out = {"checkpoint": a.checkpoint, "dataset": spec, "objective": m.get("objective"),
            "density": "p(x) = exp(-E(x)) / Z on the box [-1, 1]^D, temperature 1, the model as trained",
            "bits_per_dim_formula": "-(log p(u) + D log(2/L)) / (D ln 2) at dequantised pixels u, L levels",
            "reverse_note": "reverse AIS from approximate samples (forward end states resampled by weight, then HMC "
                            "at b=1): a diagnostic, not an upper bound",
-           **rep.summary(), "curve": rep.forward.to_dict()["curve"], "step_sizes": rep.step_sizes.to_dict()}
+           **rep.summary(), "curve": rep.forward.to_dict()["curve"], "step_sizes": rep.step_sizes.to_dict(),
+           "stored": stored}
     if shape == (2, 1, 1):  # 2-D points: the exact answer by quadrature beside the AIS estimate
         from .toy import exact_log_likelihood, log_z_quadrature
 

@@ -902,6 +902,9 @@ class LikelihoodReport:
         levels: pixel levels used for bits/dim (256 or 17), or None for continuous data (no bits/dim).
         dim: ``D``.
         seconds: wall time of everything.
+        stored: empty for an estimate computed in this process; for one read back from a file
+            (:func:`jem_core.report_store.load_report`): the file, its key, and the torch version, Python version
+            and UTC time it was computed with.
     """
 
     forward: AISResult
@@ -915,6 +918,7 @@ class LikelihoodReport:
     dim: int
     seconds: float
     data_chain_trace: list[float] = field(default_factory=list)
+    stored: dict[str, Any] = field(default_factory=dict)
 
     @property
     def gap(self) -> float | None:

@@ -107,6 +107,10 @@ def main(ctx: ui.Context) -> None:
     for name, rep in reports.items():
         s = rep.summary()
         st.subheader(name)
+        if rep.stored:
+            st.caption(f"Read from a stored estimate, computed {rep.stored['computed']} (UTC) with torch "
+                       f"{rep.stored['torch']} in {rep.seconds:.0f} s, for these weights, test images, settings and "
+                       "estimator code (its content address). Any other setting estimates anew on this machine.")
         m1, m2, m3, m4 = st.columns(4)
         m1.metric("log Ẑ (forward AIS)", f"{s['log_z']:.2f}",
                   help="forward AIS under-estimates log Z in expectation")

@@ -81,7 +81,7 @@ def load_pair(fresh: bool) -> None:
             t.measure(RESOLUTION)
     else:
         with st.spinner("Training a JEM and a baseline on the 2-D points (a few seconds, once per server)..."):
-            shared = ui.toy_pair(spec, seed, labels)
+            shared = ui.toy_pair_for_visit(spec, seed, labels)
         jem, base = shared[0].clone(), shared[1].clone()
         set_widgets(jem.settings)
     ss[STATE] = {"jem": jem, "base": base, "running": False, "spec": spec, "seed": seed, "labels": labels,

@@ -976,6 +976,55 @@ def test_background_work_runs_once_per_server_at_lower_priority_outside_the_work
         compute._background()["threads"].pop(name + "-eager", None)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
+def test_a_visit_waiting_for_background_work_hurries_it(monkeypatch):
+    """hurry: background work still giving way to arriving visitors begins at once at the server's priority; work
+    already running niced goes back to the server's priority (where the system lets the process raise it)."""
+    import os
+    import threading
+
+    from app import compute
+
+    monkeypatch.setattr(compute, "ARRIVAL_QUIET_S", 60.0)
+    compute.note_arrival(f"visitor-{id(monkeypatch)}")  # a visitor just arrived: give_way work waits a minute
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    began, running, release = [], threading.Event(), threading.Event()
+
+    def nice_now() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    def waiting_work():
+        began.append(nice_now())
+
+    def long_work():
+        began.append(nice_now())
+        running.set()
+        release.wait(30)
+        began.append(nice_now())
+
+    names = [f"hurry-{id(began)}-{i}" for i in range(2)]
+    try:
+        waiting = compute.in_background(names[0], waiting_work, give_way=True)
+        time.sleep(0.6)
+        assert not began, "give_way work began although a visitor had just arrived"
+        compute.hurry(names[0])
+        waiting.join(timeout=10)
+        assert began == [base]
+        began.clear()
+        niced = compute.in_background(names[1], long_work)
+        assert running.wait(10) and began == [min(19, base + compute.BACKGROUND_NICE)]
+        can_raise = os.geteuid() == 0
+        compute.hurry(names[1])
+        release.set()
+        niced.join(timeout=10)
+        assert began[1] == (base if can_raise else began[0])
+        compute.hurry(names[1])  # finished: nothing happens
+    finally:
+        release.set()
+        for name in names:
+            compute._background()["threads"].pop(name, None)
+
+
 def test_the_memory_keeper_hands_the_free_heap_back_on_its_interval(monkeypatch):
     """start_memory_keeper: off at interval 0; otherwise one daemon thread calling release_free_memory every
     interval (here 0.05 s, with the release counted instead of done) until its event is set."""

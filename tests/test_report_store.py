@@ -1,0 +1,174 @@
+"""Stored likelihood estimates: the content address, the round trip, bad files, and the bundled MNIST estimate.
+
+Claims: a report read back is the report saved, bit for bit; the address changes with the weights, the test
+images and every setting that changes the estimate, and with nothing else; a file that is not a stored report
+is refused with our error; the Likelihood page's first view of the bundled MNIST JEM is stored for the code and
+weights in this repository, its figures are this model's on these images, and the page reads it without
+estimating anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from jem_core.likelihood import LikelihoodError, estimate_log_likelihood, model_energy_fn
+from jem_core.report_store import FORMAT, estimate_key, find_report, load_report, save_report
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPE = (1, 3, 3)
+SETTINGS = dict(shape=SHAPE, levels=17, n_temps=6, n_chains=4, data_chains=2, data_chain_steps=10)
+
+
+def _tiny(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(9, 5), nn.Tanh(), nn.Linear(5, 3)).eval()
+
+
+def _images(n: int = 6, seed: int = 1) -> torch.Tensor:
+    return torch.rand(n, *SHAPE, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def _same(a, b) -> None:
+    """Bit-identical dataclass fields (a file round trip)."""
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if dataclasses.is_dataclass(x):
+            _same(x, y)
+        elif isinstance(x, torch.Tensor):
+            assert x.dtype == y.dtype and torch.equal(x, y), f.name
+        else:
+            assert x == y, f.name
+
+
+def test_a_stored_report_reads_back_bit_for_bit(tmp_path):
+    model, x = _tiny(), _images()
+    rep = estimate_log_likelihood(model, test_x=x, **SETTINGS)
+    key = estimate_key(model, x, **SETTINGS)
+    path = save_report(rep, tmp_path / "store", key)
+    assert path == tmp_path / "store" / f"{key}.pt"
+    back = find_report([tmp_path / "missing", tmp_path / "store"], key)
+    assert back is not None and back.stored["key"] == key and back.stored["file"] == str(path)
+    assert back.stored["torch"] == torch.__version__ and back.stored["computed"][:2] == "20"
+    back.stored = {}
+    _same(rep, back)
+    assert back.summary() == rep.summary()
+    assert find_report([tmp_path / "store"], "0" * 64) is None
+
+
+def test_the_address_covers_weights_images_and_settings_and_nothing_else():
+    model, x = _tiny(), _images()
+    key = estimate_key(model, x, **SETTINGS)
+    assert len(key) == 64 and int(key, 16) >= 0
+    # the same question: defaults spelled out, a different batch size or device, a copy of the images
+    assert estimate_key(_tiny(), x.clone(), **SETTINGS, n_leapfrog=5, boundary="reflect", seed=0) == key
+    assert estimate_key(model, x, **SETTINGS, batch_size=2, device="cpu") == key
+    # any change of what the estimate depends on
+    changed = {estimate_key(model, x, **{**SETTINGS, **change}) for change in (
+        {"n_temps": 7}, {"n_chains": 5}, {"sampler": "mala"}, {"schedule": "linear"}, {"reverse": False},
+        {"seed": 1}, {"levels": 256}, {"sweep": [2]}, {"data_chain_steps": 11})}
+    assert len(changed) == 9 and key not in changed
+    edited = _tiny()
+    with torch.no_grad():
+        edited[1].bias[0] += 1e-6
+    y = x.clone()
+    y[0, 0, 0, 0] = -y[0, 0, 0, 0]
+    others = {estimate_key(edited, x, **SETTINGS), estimate_key(model, y, **SETTINGS),
+              estimate_key(model, x[:5], **SETTINGS), estimate_key(model, None, **SETTINGS)}
+    assert len(others) == 4 and key not in others
+
+
+def test_bad_files_and_arguments_raise_our_error(tmp_path):
+    model, x = _tiny(), _images()
+    with pytest.raises(LikelihoodError, match="shape"):
+        estimate_key(model, x, n_temps=4)
+    with pytest.raises(LikelihoodError, match="keywords of estimate_log_likelihood"):
+        estimate_key(model, x, shape=SHAPE, temperatures=4)
+    with pytest.raises(LikelihoodError, match="nn.Module"):
+        estimate_key(model_energy_fn(model), x, shape=SHAPE)
+    rep = estimate_log_likelihood(model, test_x=x, **SETTINGS)
+    with pytest.raises(LikelihoodError, match="64 lowercase hex"):
+        save_report(rep, tmp_path, "../escape")
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "ckpt.pt")
+    with pytest.raises(LikelihoodError, match=FORMAT):
+        load_report(tmp_path / "ckpt.pt")
+    (tmp_path / "text.pt").write_text("not a report")
+    with pytest.raises(LikelihoodError, match="stored report"):
+        load_report(tmp_path / "text.pt")
+    key = estimate_key(model, x, **SETTINGS)
+    torch.save({"format": FORMAT, "report": {"forward": None}}, tmp_path / f"{key}.pt")
+    with pytest.raises(LikelihoodError, match="compute it again"):
+        find_report([tmp_path], key)
+
+
+def _mnist_first_view():
+    """The bundled MNIST JEM, the Likelihood page's first-view settings and its test images (the demo pack's
+    MNIST test split, the same images as the full data root's)."""
+    from app import registry
+    from jem_core.checkpoint import load_checkpoint
+    from jem_core.data import load_dataset
+    from jem_core.likelihood import pixel_levels
+
+    path = ROOT / "checkpoints" / "mnist_jem.pt"
+    if not path.is_file():
+        pytest.skip("the bundled MNIST JEM is not in checkpoints/")
+    ck = load_checkpoint(path)
+    shape = registry.shape_of(ck)
+    x = load_dataset("mnist", "test", None, download=False, channels=shape[0], size=shape[1]).x
+    x = x[:min(len(x), registry.LIKELIHOOD_TEST_IMAGES)]
+    settings = dict(shape=shape, levels=pixel_levels("mnist"), n_temps=registry.likelihood_temps(math.prod(shape)),
+                    n_chains=registry.LIKELIHOOD_CHAINS, sampler=registry.LIKELIHOOD_SAMPLER,
+                    schedule=registry.LIKELIHOOD_SCHEDULE, reverse=registry.LIKELIHOOD_REVERSE)
+    return ck, x, settings
+
+
+def test_the_bundled_mnist_first_view_is_stored_for_this_code_and_these_weights():
+    """Fails after a change of the estimator, the energy, the model code, the weights or the first view's
+    settings: store the estimate again with the command in ``checkpoints/README.md``."""
+    from app import registry
+
+    ck, x, settings = _mnist_first_view()
+    rep = registry.stored_likelihood(ck.model, x, settings)
+    assert rep is not None, "no stored estimate for the Likelihood page's first view of checkpoints/mnist_jem.pt"
+    s = rep.summary()
+    assert s["temps"] == settings["n_temps"] and s["chains"] == settings["n_chains"] and s["test_images"] == len(x)
+    # Its figures are this model's on these images: log p(x) = -E(x) - log Ẑ, recomputed here.
+    with torch.no_grad():
+        energy = model_energy_fn(ck.model)(x).double()
+    assert torch.allclose(rep.test_energy, energy, rtol=1e-4, atol=1e-3)
+    assert torch.allclose(rep.test_log_px, -energy - rep.forward.log_z, rtol=1e-4, atol=1e-3)
+    assert math.isfinite(s["log_z"]) and s["log_z_se"] > 0 and s["agree"] is not None
+    stored = sorted(p.name for p in registry.STORED_LIKELIHOOD.iterdir())
+    assert stored == [Path(rep.stored["file"]).name], f"stale stored estimates in {registry.STORED_LIKELIHOOD}"
+
+
+def test_the_likelihood_page_reads_the_stored_estimate_without_estimating(monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    import jem_core.likelihood
+    from app import compute
+
+    _mnist_first_view()  # skips without the bundled model
+    monkeypatch.setenv("JEM_EXPLORER_DEFAULT", "mnist")
+    monkeypatch.setenv("JEM_WARM_UP", "0")
+    store = compute._store()
+    with store["lock"]:
+        for k in [k for k in store["data"] if k[0] == "likelihood"]:
+            store["data"].pop(k)
+            store["bytes"].pop(k, None)
+        store["not_stored"].clear()
+    called = []
+    monkeypatch.setattr(jem_core.likelihood, "estimate_log_likelihood", lambda *a, **k: called.append(k))
+    at = AppTest.from_file(str(ROOT / "app" / "Home.py"), default_timeout=180).run()
+    at.switch_page("../pages/likelihood.py").run()
+    assert not at.exception, at.exception
+    assert not [e.value for e in at.error]
+    assert called == [], "the page estimated log Z although the estimate is stored"
+    values = {m.label: m.value for m in at.metric}
+    assert "log Ẑ (forward AIS)" in values and "Test bits/dim" in values
+    assert any("Read from a stored estimate" in c.value for c in at.caption)

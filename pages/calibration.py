@@ -50,7 +50,20 @@ def main(ctx: ui.Context) -> None:
                           "Classifying with the temperature-scaled baseline...")
         reports[f"{bname} + temperature T={t:.2f}"] = calibration_report(probs, y, n_bins)
 
-    intervals = ece_intervals(list(reports.values()))  # one bootstrap for the verdict and the table
+    intervals = ece_intervals(list(reports.values()))  # one bootstrap for the metrics, the verdict and the table
+    names = list(reports)
+    cols = st.columns(len(reports) + (intervals[1] is not None))
+    for col, (name, r), ece in zip(cols, reports.items(), intervals[0]):
+        col.metric(f"ECE: {name}", f"{r.ece:.4f}", help=f"expected calibration error, {n_bins} equal-width bins, "
+                                                         f"first {n:,} test images (0 = calibrated)")
+        col.caption(f"95% CI {ece.lo:.4f}-{ece.hi:.4f}")
+    if intervals[1] is not None:
+        d = intervals[1]
+        cols[-1].metric(f"ECE difference: {names[0]} - {names[1]}", f"{d.value:+.4f}",
+                        help="paired bootstrap over the same resampled images (below 0: the first is better "
+                             "calibrated)")
+        cols[-1].caption(f"95% CI {d.lo:+.4f} to {d.hi:+.4f}" + (" (excludes 0)" if d.excludes(0.0) else
+                                                                  " (includes 0)"))
     if len(reports) >= 2:
         (na, ra), (nb, rb) = list(reports.items())[:2]
         st.markdown("**What these numbers show.** " + calibration_verdict(

@@ -231,6 +231,14 @@ def test_calibration_table_and_bin_count():
         want = calibration_report(predict_proba(load_checkpoint(path).model, test.x), test.y, 15)
         assert table["accuracy"][i] == pytest.approx(want.accuracy, abs=1e-6)
         assert table["ECE"][i] == pytest.approx(want.ece, abs=1e-6) and table["MCE"][i] == pytest.approx(want.mce, abs=1e-6)
+    # the metrics above the table: each model's ECE, and the paired difference of the first two with its interval
+    for i, name in enumerate(table["model"]):
+        assert float(metric(at, f"ECE: {name}")) == pytest.approx(table["ECE"][i], abs=6e-5)
+    diff = float(metric(at, "ECE difference: digits_jem - digits_baseline"))
+    assert diff == pytest.approx(table["ECE"][0] - table["ECE"][1], abs=1e-4)
+    (ci,) = [c.value for c in at.caption if c.value.startswith("95% CI") and "to" in c.value]
+    lo, hi = (float(v) for v in ci.split("95% CI ")[1].split(" (")[0].split(" to "))
+    assert lo <= diff <= hi and ("excludes 0" in ci) == (lo > 0 or hi < 0)
     assert len(at.dataframe[1].value) == 2 * 15
     at.slider(key="cal_bins").set_value(5).run()
     assert len(at.dataframe[1].value) == 2 * 5

@@ -172,3 +172,28 @@ def test_the_likelihood_page_reads_the_stored_estimate_without_estimating(monkey
     values = {m.label: m.value for m in at.metric}
     assert "log Ẑ (forward AIS)" in values and "Test bits/dim" in values
     assert any("Read from a stored estimate" in c.value for c in at.caption)
+
+
+def test_the_cli_stores_the_report_under_the_address_the_app_looks_up(tmp_path, capsys):
+    """``python -m jem_core likelihood ... --store FOLDER`` writes ``FOLDER/<key>.pt``, the key of the same question
+    asked the app's way (:func:`app.registry.stored_likelihood`), and the file holds the figures it printed."""
+    import json
+
+    from app import registry
+    from jem_core.checkpoint import load_checkpoint
+    from jem_core.cli import main
+    from jem_core.data import load_dataset
+
+    path = ROOT / "checkpoints" / "digits_jem.pt"
+    if not path.is_file():
+        pytest.skip("the bundled digits checkpoints are not in checkpoints/")
+    assert main(["likelihood", "--checkpoint", str(path), "--n-test", "20", "--temps", "6", "--chains", "4",
+                 "--quiet", "--store", str(tmp_path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    ck = load_checkpoint(path)
+    x = load_dataset("digits", "test", None, download=False).x[:20]
+    settings = dict(shape=registry.shape_of(ck), levels=17, n_temps=6, n_chains=4, sampler="hmc",
+                    schedule="sigmoid", reverse=True)
+    rep = registry.stored_likelihood(ck.model, x, settings, folder=tmp_path)
+    assert rep is not None and out["stored"] == rep.stored["file"]
+    assert rep.summary()["log_z"] == out["log_z"] and rep.summary()["test_images"] == 20

@@ -59,7 +59,7 @@ def _source_digest(path: str) -> bytes:
 def _update_tensor(h: "hashlib._Hash", name: str, t: torch.Tensor) -> None:
     t = t.detach().cpu().contiguous()
     h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim too (BatchNorm's count)
 
 
 def estimate_key(model: nn.Module, test_x: torch.Tensor | None, **settings: Any) -> str:

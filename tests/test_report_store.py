@@ -81,6 +81,11 @@ def test_the_address_covers_weights_images_and_settings_and_nothing_else():
     others = {estimate_key(edited, x, **SETTINGS), estimate_key(model, y, **SETTINGS),
               estimate_key(model, x[:5], **SETTINGS), estimate_key(model, None, **SETTINGS)}
     assert len(others) == 4 and key not in others
+    # every kind of state: BatchNorm's running statistics and its 0-dim int64 batch count
+    bn = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(2, 3)).eval()
+    bn_key = estimate_key(bn, x, **SETTINGS)
+    bn[1].num_batches_tracked += 1
+    assert estimate_key(bn, x, **SETTINGS) != bn_key
 
 
 def test_bad_files_and_arguments_raise_our_error(tmp_path):

@@ -557,10 +557,15 @@ def toy_pair(spec: str, seed: int, labels: int | None) -> tuple[ToyTrainer, ToyT
     return pretrained_pair(spec, seed, TOY_PRETRAIN_ITERS, labels_per_class=labels)
 
 
+def first_toy_pair() -> tuple[str, int, None]:
+    """``(spec, seed, labels)`` of the playground's first view: the pair :func:`warm_up` trains ahead of visits."""
+    return toy_spec(), 0, None
+
+
 def toy_pair_for_visit(spec: str, seed: int, labels: int | None) -> tuple[ToyTrainer, ToyTrainer]:
     """:func:`toy_pair` for a page that waits for it: when :func:`warm_up` is training this very pair in the
     background, that training goes on at the server's own priority (:func:`app.compute.hurry`)."""
-    if (spec, seed, labels) == (toy_spec(), 0, None):
+    if (spec, seed, labels) == first_toy_pair():
         hurry("toy_pair")
     return toy_pair(spec, seed, labels)
 
@@ -607,7 +612,7 @@ def warm_up(ctx: Context | None) -> None:
     if test is not None and not first_views:  # a second or two of a core, at once: most visits begin on Home
         first_views.extend(prefetch(*_proba_job(ctx, name, ck, key, min(len(test), FIRST_VIEW_TEST_IMAGES)), nice=0)
                            for name, ck, key in ctx.models())
-    in_background("toy_pair", lambda: toy_pair(toy_spec(), 0, None), give_way=True)
+    in_background("toy_pair", lambda: toy_pair(*first_toy_pair()), give_way=True)
     started = _warmed("likelihood")
     if ctx is not None and not started:  # from this (script) thread: a job started by a niced thread stays niced
         started.append(prefetch(*_likelihood_first_view(ctx), nice=0, give_way=True))

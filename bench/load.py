@@ -342,13 +342,13 @@ def run(url: str, server_pid: int | None, chains: int, browse: int, train: bool,
             result["cores"] = cores.summary() | {"samples": cores.samples}
         for name, _, pg in chain_pages:
             stamps = pg.evaluate("window.__refreshes") or []
-            steps = pg.evaluate("window.__steps")
+            done_steps = pg.evaluate("window.__steps")
             gaps = [b - a for a, b in zip(stamps, stamps[1:])]
             result["sessions"][name] = {
                 "refreshes": len(stamps), "restarts": pg.evaluate("window.__restarts"), "seconds": round(elapsed, 1),
-                "sgld_steps": steps,
+                "sgld_steps": done_steps,
                 "refresh_per_s": round(len(stamps) / elapsed, 2) if elapsed else 0.0,
-                "sgld_steps_per_s": round(steps / elapsed, 1) if elapsed else 0.0,
+                "sgld_steps_per_s": round(done_steps / elapsed, 1) if elapsed else 0.0,
                 "refresh_per_s_last_minute": round(sum(1 for s in stamps if s >= stamps[-1] - 60_000) / min(60, elapsed), 2)
                 if stamps else 0.0,
                 "gap_ms_median": round(statistics.median(gaps), 1) if gaps else None,

@@ -7,6 +7,7 @@
   note on why the app opened on its default pair (kept true when the user picks another model);
 - :func:`test_probabilities`: ``p(y|x)`` of the test images, shared by the pages; :func:`likelihood_report`:
   the Likelihood page's AIS estimate with its first view's settings (:data:`LIKELIHOOD_CHAINS`, ...);
+  :func:`stored_likelihood`, :func:`stored_ood_scores`: the bundled models' first views, precomputed;
 - the 2-D playground's trained pair (:func:`toy_pair`), and :func:`warm_up`, which computes the playground's
   default pair and the Likelihood page's default estimate in the background once per server, so that first
   visits do not wait for them.
@@ -31,7 +32,7 @@ from app.compute import cached, current_session_id, hurry, in_background, note_a
 from jem_core.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
 from jem_core.data import (BUILTIN_DATASETS, DataUnavailableError, ImageDataset, data_available, dataset_shape,
                            default_data_root, demo_pack_file, load_dataset)
-from jem_core.report_store import estimate_key, find_report
+from jem_core.report_store import StoredScores, StoreError, estimate_key, find_report, find_scores, scores_key
 from jem_core.toy import TOY_DATASETS, ToyTrainer, pretrained_pair
 
 if TYPE_CHECKING:
@@ -497,6 +498,31 @@ def stored_likelihood(model: torch.nn.Module, test_x: torch.Tensor | None, setti
     except LikelihoodError as e:
         print(f"JEM Explorer: a stored estimate was not used: {e}", file=sys.stderr, flush=True)
         return None
+
+
+#: Precomputed OOD score tables (:func:`jem_core.report_store.save_scores`) read before any is computed: the OOD
+#: page's first view of the bundled MNIST pair, written by ``python -m jem_core evaluate ... --n-ood 500 --store
+#: checkpoints/ood`` (``checkpoints/README.md``).
+STORED_OOD = CHECKPOINT_DIR / "ood"
+
+
+def stored_ood_scores(model: torch.nn.Module, x: torch.Tensor, scores: tuple[str, ...],
+                      folder: Path = STORED_OOD) -> StoredScores | None:
+    """The ``scores`` of ``ood_score_table(model, x)`` stored in ``folder`` under their content address
+    (:func:`jem_core.report_store.scores_key`), or None when there is no such table or it lacks one of ``scores``.
+    A stored file that cannot be read counts as none (computed anew) and is reported on the server's log."""
+    if not folder.is_dir():
+        return None
+    try:
+        table = find_scores([folder], scores_key(model, x))
+    except StoreError as e:
+        print(f"JEM Explorer: stored OOD scores were not used: {e}", file=sys.stderr, flush=True)
+        return None
+    if table is None or not set(scores) <= set(table):
+        return None
+    out = StoredScores({k: table[k] for k in scores})
+    out.stored = table.stored
+    return out
 
 
 def _likelihood_job(ctx: Context, name: str, ck: LoadedCheckpoint, key: str, n_test: int, temps: int, chains: int,

@@ -37,9 +37,11 @@ from app.compute import (N_WORKERS, Cancelled, _workers, cached, current_session
 from app.figures import (CLASS_COLORS, COLORS, ChainTracesPicture, difference_images, fig_chain_energy, fig_chain_predictions, fig_histograms, fig_lines, fig_maps, fig_placement,
                          fig_probabilities, fig_reliability, fig_roc, image_map)
 from app.registry import (CHECKPOINT_DIR, FIRST_VIEW_TEST_IMAGES, LIKELIHOOD_CHAINS, LIKELIHOOD_REVERSE,
-                          LIKELIHOOD_SAMPLER, LIKELIHOOD_SCHEDULE, LIKELIHOOD_TEST_IMAGES, ROOT, TOY_PRETRAIN_ITERS,
+                          LIKELIHOOD_SAMPLER, LIKELIHOOD_SCHEDULE, LIKELIHOOD_TEST_IMAGES, ROOT, STORED_OOD,
+                          TOY_PRETRAIN_ITERS,
                           TRAIN_RUN, Context, ModelEntry, _default_pair, context, likelihood_report, likelihood_temps,
-                          shape_of, sidebar, test_probabilities, toy_pair_for_visit, toy_spec, warm_up)
+                          shape_of, sidebar, stored_ood_scores, test_probabilities, toy_pair_for_visit, toy_spec,
+                          warm_up)
 from jem_core.data import ImageDataset
 from jem_core.images import make_grid_image, png_bytes
 from jem_core.perf import SERVER_MMAP_THRESHOLD, tune_malloc
@@ -48,14 +50,14 @@ __all__ = [
     "CHAIN_INTERVAL", "CHECKPOINT_DIR", "CLASS_COLORS", "COLORS", "Cancelled", "Context", "FIRST_VIEW_TEST_IMAGES",
     "LIKELIHOOD_CHAINS",
     "LIKELIHOOD_REVERSE", "LIKELIHOOD_SAMPLER", "LIKELIHOOD_SCHEDULE", "LIKELIHOOD_TEST_IMAGES", "LIVE_INTERVAL",
-    "ModelEntry", "N_WORKERS", "PAGES_DIR", "PAGE_SPECS", "PERSIST", "ROOT", "TRAIN_RUN", "_default_pair",
+    "ModelEntry", "N_WORKERS", "PAGES_DIR", "PAGE_SPECS", "PERSIST", "ROOT", "STORED_OOD", "TRAIN_RUN", "_default_pair",
     "_workers", "cached", "ChainTracesPicture", "context", "current_session_id", "difference_images", "digest_files", "display_scale",
     "download_json", "download_png", "download_table", "fig_chain_energy", "fig_chain_predictions",
     "fig_histograms", "fig_lines", "fig_maps", "fig_placement", "fig_probabilities", "fig_reliability",
     "fig_roc", "grid", "image_map", "likelihood_report", "likelihood_temps", "live_interval", "live_sessions",
     "live_share", "make_pages", "n_test_control", "need_test_set", "page_link",
     "progress_box", "refresh_interval", "run_page", "session_alive", "shape_of",
-    "show_chart", "show_grid", "sidebar", "test_probabilities", "TOY_PRETRAIN_ITERS", "toy_pair_for_visit", "toy_spec", "warm_up",
+    "show_chart", "show_grid", "sidebar", "stored_ood_scores", "test_probabilities", "TOY_PRETRAIN_ITERS", "toy_pair_for_visit", "toy_spec", "warm_up",
     "worker", "workers_busy",
 ]
 

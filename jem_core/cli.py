@@ -592,6 +592,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                         "small models 10-100x slower than 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--store", default=None, metavar="FOLDER",
+                   help="also save every OOD score table as FOLDER/<content address>.pt, where the app finds it "
+                        "(jem_core.report_store)")
     p.set_defaults(cmd="evaluate")
 
 
@@ -636,7 +639,7 @@ def _cmd_evaluate(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
     try:
         result = evaluate_checkpoint(a.checkpoint, a.data_root, a.ood, a.compare, settings,
-                                     device=select_device(a.device), progress=progress, log=log)
+                                     device=select_device(a.device), progress=progress, log=log, store=a.store)
     finally:
         if bar is not None:
             bar.close()

@@ -1,26 +1,32 @@
-"""Stored likelihood estimates: a :class:`~jem_core.likelihood.LikelihoodReport` saved under a content address.
+"""Stored results under a content address: a likelihood estimate (:class:`~jem_core.likelihood.LikelihoodReport`)
+and a table of OOD scores (:func:`~jem_core.evaluation.ood.ood_score_table`).
 
-An AIS estimate of a 28x28 model takes half a minute of a core and more (:mod:`jem_core.likelihood`). Saved
-once, it is read back in milliseconds by anyone who asks the same question: the same weights, the same test
-images, the same settings and the same estimator code. The address (:func:`estimate_key`) is a SHA-256 over
-exactly those:
+An AIS estimate of a 28x28 model takes half a minute of a core and more (:mod:`jem_core.likelihood`); the OOD
+page's first view scores 3,500 images with two models, 10-15 s of a core and a minute or more while others
+compute. Saved once, either is read back in milliseconds by anyone who asks the same question: the same
+weights, the same images, the same settings and the same code. The address is a SHA-256 over exactly those:
 
 - the bytes of every tensor of the model's ``state_dict`` (names, dtypes, shapes, values), so retrained or
-  edited weights never find an old estimate;
-- the bytes of the test images (shape and float32 values);
-- every keyword of :func:`~jem_core.likelihood.estimate_log_likelihood` that changes its result (temperatures,
-  chains, schedule, transition, leapfrog steps, walls, sweep, reverse run, data chains, seed), defaults filled in;
-- the source files of the estimator (:mod:`jem_core.likelihood`), of the energy (:mod:`jem_core.energy`) and of
-  the model's class, so a change of method finds nothing stored and computes anew.
+  edited weights never find an old result;
+- the bytes of the images (shape and float32 values);
+- for an estimate (:func:`estimate_key`), every keyword of :func:`~jem_core.likelihood.estimate_log_likelihood`
+  that changes its result (temperatures, chains, schedule, transition, leapfrog steps, walls, sweep, reverse
+  run, data chains, seed), defaults filled in;
+- the source files of the method (:mod:`jem_core.likelihood`, or :mod:`jem_core.evaluation.ood` for scores), of
+  the energy (:mod:`jem_core.energy`) and of the model's class, so a change of method finds nothing stored and
+  computes anew.
 
-It does not cover the torch build or the machine: a stored estimate is one draw of the same estimator, whose
-figures on another machine differ by about their standard errors (float summation order changes the chains).
+It does not cover the torch build or the machine: a stored result is one computation of the same method, whose
+figures on another machine differ by float rounding (and, for AIS, by about their standard errors: summation
+order changes the chains).
 
 A stored file (``<key>.pt``) holds only tensors and plain values (read with ``weights_only=True``,
 :func:`jem_core.checkpoint.safe_torch_load`), with the key, the torch version and the time it was computed.
-``python -m jem_core likelihood ... --store FOLDER`` writes one.
+``python -m jem_core likelihood ... --store FOLDER`` writes an estimate, ``python -m jem_core evaluate ...
+--store FOLDER`` the OOD score tables of its in-distribution images and of every OOD set.
 
-What does not live here: the estimator (:mod:`jem_core.likelihood`), the app's lookup (``app/registry.py``).
+What does not live here: the estimator (:mod:`jem_core.likelihood`), the scores (:mod:`jem_core.evaluation.ood`),
+the app's lookups (``app/registry.py``).
 """
 
 from __future__ import annotations
@@ -32,19 +38,28 @@ import hashlib
 import inspect
 import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
 from . import energy, likelihood
 from .checkpoint import CheckpointError, atomic_torch_save, safe_torch_load
+from .errors import BadInput
 from .likelihood import AISResult, LikelihoodError, LikelihoodReport, StepSizes, estimate_log_likelihood
 
-__all__ = ["FORMAT", "estimate_key", "save_report", "load_report", "find_report"]
+__all__ = ["FORMAT", "SCORES_FORMAT", "StoreError", "StoredScores", "estimate_key", "save_report", "load_report",
+           "find_report", "scores_key", "save_scores", "load_scores", "find_scores"]
 
-#: The ``format`` field of a stored report.
+#: The ``format`` field of a stored likelihood report.
 FORMAT = "jem-explorer-likelihood-report/1"
+#: The ``format`` field of a stored table of OOD scores.
+SCORES_FORMAT = "jem-explorer-ood-scores/1"
+
+
+class StoreError(BadInput):
+    """A stored table of OOD scores cannot be used: an unreadable file, another format, a bad key or table.
+    (Stored likelihood reports raise :class:`~jem_core.likelihood.LikelihoodError`.)"""
 
 #: Keywords of :func:`~jem_core.likelihood.estimate_log_likelihood` that do not change its result.
 _NOT_IN_KEY = ("model", "test_x", "progress", "device", "batch_size")
@@ -60,6 +75,49 @@ def _update_tensor(h: "hashlib._Hash", name: str, t: torch.Tensor) -> None:
     t = t.detach().cpu().contiguous()
     h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
     h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim too (BatchNorm's count)
+
+
+def _address(fmt: str, sources: Iterable[str | None], settings: str, model: nn.Module,
+             images: torch.Tensor | None, images_name: str) -> str:
+    """SHA-256 hex digest over the format, the source files, the settings' repr, the weights and the images."""
+    h = hashlib.sha256(fmt.encode())
+    for path in sources:
+        h.update(_source_digest(str(path)))
+    h.update(settings.encode())
+    for name, t in sorted(model.state_dict().items()):
+        _update_tensor(h, name, t)
+    if images is not None:
+        _update_tensor(h, images_name, images.float())
+    return h.hexdigest()
+
+
+def _is_key(key: str) -> bool:
+    return len(key) == 64 and all(c in "0123456789abcdef" for c in key)
+
+
+def _save(folder: str | Path, key: str, fmt: str, field: str, value: Any) -> Path:
+    """Write ``{format, key, torch, python, computed, field: value}`` as ``folder/<key>.pt`` (atomic)."""
+    path = Path(folder) / f"{key}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save({"format": fmt, "key": key, "torch": str(torch.__version__),
+                       "python": sys.version.split()[0],
+                       "computed": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                       field: value}, path)
+    return path
+
+
+def _provenance(path: str | Path, obj: dict) -> dict[str, Any]:
+    return {"file": str(path), "key": obj.get("key"), "torch": obj.get("torch"), "python": obj.get("python"),
+            "computed": obj.get("computed")}
+
+
+def _find(folders: Iterable[str | Path], key: str, load: Callable[[Path], Any]) -> Any:
+    """``load(folder/<key>.pt)`` for the first of ``folders`` that has the file, else None."""
+    for folder in folders:
+        path = Path(folder) / f"{key}.pt"
+        if path.is_file():
+            return load(path)
+    return None
 
 
 def estimate_key(model: nn.Module, test_x: torch.Tensor | None, **settings: Any) -> str:
@@ -93,15 +151,8 @@ def estimate_key(model: nn.Module, test_x: torch.Tensor | None, **settings: Any)
     args["shape"] = [int(s) for s in args["shape"]]
     if args.get("sweep") is not None:
         args["sweep"] = [int(s) for s in args["sweep"]]
-    h = hashlib.sha256(FORMAT.encode())
-    for path in (likelihood.__file__, energy.__file__, inspect.getsourcefile(type(model))):
-        h.update(_source_digest(str(path)))
-    h.update(repr(sorted(args.items())).encode())
-    for name, t in sorted(model.state_dict().items()):
-        _update_tensor(h, name, t)
-    if test_x is not None:
-        _update_tensor(h, "test_x", test_x.float())
-    return h.hexdigest()
+    return _address(FORMAT, (likelihood.__file__, energy.__file__, inspect.getsourcefile(type(model))),
+                    repr(sorted(args.items())), model, test_x, "test_x")
 
 
 def save_report(report: LikelihoodReport, folder: str | Path, key: str) -> Path:
@@ -118,17 +169,11 @@ def save_report(report: LikelihoodReport, folder: str | Path, key: str) -> Path:
     Raises:
         LikelihoodError: ``key`` is not 64 hex digits. OSError: the folder cannot be written.
     """
-    if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+    if not _is_key(key):
         raise LikelihoodError(f"a stored report's key is 64 lowercase hex digits (estimate_key); got {key!r}")
     state = dataclasses.asdict(report)
     state.pop("stored", None)
-    path = Path(folder) / f"{key}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save({"format": FORMAT, "key": key, "torch": str(torch.__version__),
-                       "python": sys.version.split()[0],
-                       "computed": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                       "report": state}, path)
-    return path
+    return _save(folder, key, FORMAT, "report", state)
 
 
 def _ais(d: dict | None) -> AISResult | None:
@@ -161,16 +206,111 @@ def load_report(path: str | Path) -> LikelihoodReport:
     except (TypeError, KeyError) as e:
         raise LikelihoodError(f"stored report {path} does not match this version's LikelihoodReport ({e}); "
                               f"compute it again") from None
-    report.stored = {"file": str(path), "key": obj.get("key"), "torch": obj.get("torch"),
-                     "python": obj.get("python"), "computed": obj.get("computed")}
+    report.stored = _provenance(path, obj)
     return report
 
 
 def find_report(folders: Iterable[str | Path], key: str) -> LikelihoodReport | None:
     """The report stored as ``<key>.pt`` in the first of ``folders`` that has it, or None (missing folders are
     skipped). Raises LikelihoodError when the file found cannot be read (see :func:`load_report`)."""
-    for folder in folders:
-        path = Path(folder) / f"{key}.pt"
-        if path.is_file():
-            return load_report(path)
-    return None
+    return _find(folders, key, load_report)
+
+
+# ------------------------------------------------------------------------------------------- OOD scores
+class StoredScores(dict):
+    """``{score name: [N] float32 CPU tensor}`` read from a file (:func:`load_scores`), as
+    :func:`~jem_core.evaluation.ood.ood_score_table` returns it, plus ``stored``: the file, its key, the torch and
+    Python versions and the UTC time (ISO 8601) it was computed."""
+
+    stored: dict[str, Any]
+
+
+def scores_key(model: nn.Module, x: torch.Tensor) -> str:
+    """The content address of ``ood_score_table(model, x)`` (every score of
+    :data:`~jem_core.evaluation.ood.OOD_SCORES`): 64 hex digits.
+
+    Args:
+        model: the classifier scored (its ``state_dict`` and its class's source count).
+        x: ``[N, C, H, W]`` float32 images in ``[-1, 1]``.
+
+    Returns:
+        SHA-256 hex digest over the weights, the images and the sources of the scores
+        (:mod:`jem_core.evaluation.ood`), of the energy and of the model's class (see the module docstring).
+        The batch size and the device do not count.
+
+    Raises:
+        StoreError: ``model`` is not an ``nn.Module`` or ``x`` is not a 4-D tensor.
+    """
+    from .evaluation import ood
+
+    if not isinstance(model, nn.Module):
+        raise StoreError(f"scores_key needs the model as an nn.Module (its weights are hashed); "
+                         f"got {type(model).__name__}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise StoreError(f"scores_key needs images [N, C, H, W]; got {getattr(x, 'shape', type(x).__name__)}")
+    return _address(SCORES_FORMAT, (ood.__file__, energy.__file__, inspect.getsourcefile(type(model))),
+                    repr(list(ood.OOD_SCORES)), model, x, "x")
+
+
+def _check_table(table: Any, where: str) -> dict[str, torch.Tensor]:
+    from .evaluation.ood import OOD_SCORES
+
+    if not isinstance(table, dict) or not table or not set(table) <= set(OOD_SCORES):
+        raise StoreError(f"{where}: a score table maps names of {', '.join(OOD_SCORES)} to tensors; "
+                         f"got {sorted(table) if isinstance(table, dict) else type(table).__name__}")
+    sizes = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else None for k, v in table.items()}
+    if len(set(sizes.values())) != 1 or None in sizes.values() or len(next(iter(sizes.values()))) != 1:
+        raise StoreError(f"{where}: every score is a 1-D tensor of one length per image; got shapes {sizes}")
+    return table
+
+
+def save_scores(table: dict[str, torch.Tensor], folder: str | Path, key: str) -> Path:
+    """Save an OOD score table as ``folder/<key>.pt`` (atomic: a crash leaves the old file or the new one).
+
+    Args:
+        table: ``{score name: [N] tensor}`` of :func:`~jem_core.evaluation.ood.ood_score_table`, stored as
+            float32 CPU tensors.
+        folder: where to write (made when missing).
+        key: its :func:`scores_key` (64 hex digits).
+
+    Returns:
+        The file written.
+
+    Raises:
+        StoreError: ``key`` is not 64 hex digits, or ``table`` is not a score table. OSError: the folder cannot
+        be written.
+    """
+    if not _is_key(key):
+        raise StoreError(f"a stored score table's key is 64 lowercase hex digits (scores_key); got {key!r}")
+    table = _check_table(table, "save_scores")
+    return _save(folder, key, SCORES_FORMAT, "scores",
+                 {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in table.items()})
+
+
+def load_scores(path: str | Path) -> StoredScores:
+    """Read a table written by :func:`save_scores` (tensors and plain values only: ``weights_only=True``).
+
+    Returns:
+        :class:`StoredScores`: ``{score name: [N] float32 tensor}`` with its ``stored`` provenance.
+
+    Raises:
+        StoreError: the file is missing, unreadable, not a stored score table of this format, or its table is
+        malformed.
+    """
+    try:
+        obj = safe_torch_load(str(path))
+    except CheckpointError as e:
+        raise StoreError(f"stored scores {path}: {e}") from None
+    if not isinstance(obj, dict) or obj.get("format") != SCORES_FORMAT:
+        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        raise StoreError(f"{path} is not a stored table of OOD scores of format {SCORES_FORMAT} (found {found!r}); "
+                         f"write one with `python -m jem_core evaluate ... --store FOLDER`")
+    out = StoredScores(_check_table(obj.get("scores"), f"stored scores {path}"))
+    out.stored = _provenance(path, obj)
+    return out
+
+
+def find_scores(folders: Iterable[str | Path], key: str) -> StoredScores | None:
+    """The table stored as ``<key>.pt`` in the first of ``folders`` that has it, or None (missing folders are
+    skipped). Raises StoreError when the file found cannot be read (see :func:`load_scores`)."""
+    return _find(folders, key, load_scores)

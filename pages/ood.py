@@ -33,10 +33,11 @@ SET_HELP = {"uniform": "U[-1, 1] pixels", "gaussian": "per-pixel normal noise wi
 
 def scores_for(ctx: ui.Context, name: str, ck, key: str, set_name: str, x: torch.Tensor, data_key: str,
                scores: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """OOD scores of one image set under one model (shared cache)."""
+    """OOD scores of one image set under one model (shared cache; read from a stored table when there is one)."""
     return ui.cached(("ood", key, data_key, len(x), scores),
                      lambda p: ood_score_table(ck.model, x, scores, progress=p),
-                     f"Scoring {len(x)} images of {set_name} with {name}...")
+                     f"Scoring {len(x)} images of {set_name} with {name}...",
+                     stored=lambda: ui.stored_ood_scores(ck.model, x, scores))
 
 
 @st.cache_data(max_entries=1024, show_spinner=False)
@@ -114,6 +115,14 @@ def main(ctx: ui.Context) -> None:
                              "FPR@95TPR": m["fpr95"], "OOD images": len(so[sc])})
     table = pd.DataFrame(rows)
     st.subheader(f"Detection of OOD images ({n} {ctx.dataset} test images as in-distribution)")
+    stored = [t.stored for s_in, s_out in per_model.values() for t in (s_in, *s_out.values())
+              if getattr(t, "stored", None)]
+    if stored:
+        total = len(per_model) * (1 + len(ood_x))
+        st.caption(f"{len(stored)} of these {total} score tables were read from stored tables, computed "
+                   f"{min(s['computed'] for s in stored)} (UTC) with torch {stored[0]['torch']} for these weights and "
+                   f"images (`{ui.CHECKPOINT_DIR.name}/{ui.STORED_OOD.name}`); "
+                   + ("the others were computed here." if len(stored) < total else "none was computed here."))
     # At a glance: one row per (OOD set, score), one AUROC column per model, so the table stays narrow.
     glance = table.pivot_table(index=["OOD set", "score"], columns="model", values="AUROC", sort=False)
     glance.columns = [f"AUROC {m}" for m in glance.columns]

@@ -1,10 +1,11 @@
-"""Stored likelihood estimates: the content address, the round trip, bad files, and the bundled MNIST estimate.
+"""Stored results: likelihood estimates and OOD score tables; the content address, the round trip, bad files,
+and the bundled MNIST first views.
 
-Claims: a report read back is the report saved, bit for bit; the address changes with the weights, the test
-images and every setting that changes the estimate, and with nothing else; a file that is not a stored report
-is refused with our error; the Likelihood page's first view of the bundled MNIST JEM is stored for the code and
-weights in this repository, its figures are this model's on these images, and the page reads it without
-estimating anything.
+Claims: a report or a score table read back is the one saved, bit for bit; the address changes with the
+weights, the images and every setting that changes the result, and with nothing else; a file that is not a
+stored result is refused with our error; the Likelihood page's first view of the bundled MNIST JEM and the OOD
+page's first view of the bundled MNIST pair are stored for the code and weights in this repository, their
+figures are these models' on these images, and the pages read them without computing anything.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import torch
 from torch import nn
 
 from jem_core.likelihood import LikelihoodError, estimate_log_likelihood, model_energy_fn
-from jem_core.report_store import FORMAT, estimate_key, find_report, load_report, save_report
+from jem_core.evaluation.ood import OOD_SCORES, load_ood_set, ood_score_table
+from jem_core.report_store import (FORMAT, SCORES_FORMAT, StoreError, estimate_key, find_report, find_scores,
+                                   load_report, load_scores, save_report, save_scores, scores_key)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (1, 3, 3)
@@ -202,3 +205,144 @@ def test_the_cli_stores_the_report_under_the_address_the_app_looks_up(tmp_path, 
     rep = registry.stored_likelihood(ck.model, x, settings, folder=tmp_path)
     assert rep is not None and out["stored"] == rep.stored["file"]
     assert rep.summary()["log_z"] == out["log_z"] and rep.summary()["test_images"] == 20
+
+
+# ------------------------------------------------------------------------------------------- OOD scores
+def _image_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(9, 4)).eval()
+
+
+def test_a_stored_score_table_reads_back_bit_for_bit_under_its_address(tmp_path):
+    model, x = _image_model(), _images()
+    table = ood_score_table(model, x)
+    key = scores_key(model, x)
+    assert len(key) == 64 and scores_key(_image_model(), x.clone()) == key
+    path = save_scores(table, tmp_path / "store", key)
+    back = find_scores([tmp_path / "missing", tmp_path / "store"], key)
+    assert back is not None and back.stored["key"] == key and back.stored["file"] == str(path)
+    assert set(back) == set(OOD_SCORES) and all(torch.equal(back[k], table[k]) for k in OOD_SCORES)
+    assert find_scores([tmp_path / "store"], "0" * 64) is None
+    # other weights, other images, an estimate's address: none is this table's
+    edited = _image_model()
+    with torch.no_grad():
+        edited[1].bias[0] += 1e-6
+    y = x.clone()
+    y[0, 0, 0, 0] = -y[0, 0, 0, 0]
+    others = {scores_key(edited, x), scores_key(model, y), scores_key(model, x[:5]),
+              estimate_key(model, x, **SETTINGS)}
+    assert len(others) == 4 and key not in others
+
+
+def test_bad_score_tables_and_files_raise_our_error(tmp_path):
+    model, x = _image_model(), _images()
+    key = scores_key(model, x)
+    with pytest.raises(StoreError, match="nn.Module"):
+        scores_key(model_energy_fn(model), x)
+    with pytest.raises(StoreError, match=r"\[N, C, H, W\]"):
+        scores_key(model, x[0])
+    with pytest.raises(StoreError, match="64 lowercase hex"):
+        save_scores(ood_score_table(model, x), tmp_path, "../escape")
+    with pytest.raises(StoreError, match="maps names"):
+        save_scores({"energy": torch.zeros(6)}, tmp_path, key)
+    with pytest.raises(StoreError, match="one length"):
+        save_scores({"log_px": torch.zeros(6), "max_prob": torch.zeros(5)}, tmp_path, key)
+    rep = estimate_log_likelihood(_tiny(), test_x=x, **SETTINGS)
+    other = save_report(rep, tmp_path, key)  # a likelihood report where a score table is looked for
+    with pytest.raises(StoreError, match=SCORES_FORMAT):
+        load_scores(other)
+    (tmp_path / "text.pt").write_text("not a table")
+    with pytest.raises(StoreError, match="stored scores"):
+        load_scores(tmp_path / "text.pt")
+
+
+def test_evaluate_stores_every_score_table_where_the_app_looks_it_up(tmp_path, capsys):
+    """``python -m jem_core evaluate ... --store FOLDER`` writes the in-distribution images' table and each OOD
+    set's, under the addresses :func:`app.registry.stored_ood_scores` looks up for the same images."""
+    import json
+
+    from app import registry
+    from jem_core.checkpoint import load_checkpoint
+    from jem_core.cli import main
+    from jem_core.data import load_dataset
+
+    path = ROOT / "checkpoints" / "digits_jem.pt"
+    if not path.is_file():
+        pytest.skip("the bundled digits checkpoints are not in checkpoints/")
+    assert main(["evaluate", "--checkpoint", str(path), "--n-test", "40", "--n-calib", "0", "--n-ood", "20",
+                 "--ood", "uniform", "inverted", "--skip", "robustness", "samples", "--quiet",
+                 "--out", str(tmp_path / "out"), "--store", str(tmp_path / "store")]) == 0
+    capsys.readouterr()
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert len(report["ood_stored"]) == 3 and len(list((tmp_path / "store").iterdir())) == 3
+    model = load_checkpoint(path).model
+    x_in = load_dataset("digits", "test", None, download=False).x[:20]
+    for i, x in enumerate([x_in] + [load_ood_set(s, x_in, None, n=20, seed=i) for i, s in enumerate(["uniform", "inverted"])]):
+        stored = registry.stored_ood_scores(model, x, OOD_SCORES, folder=tmp_path / "store")
+        assert stored is not None and stored.stored["file"] == report["ood_stored"][i]
+        fresh = ood_score_table(model, x)
+        assert all(torch.allclose(stored[k], fresh[k], rtol=1e-5, atol=1e-5) for k in OOD_SCORES)
+    only = registry.stored_ood_scores(model, x_in, ("max_prob",), folder=tmp_path / "store")
+    assert list(only) == ["max_prob"] and only.stored["file"] == report["ood_stored"][0]
+
+
+def _mnist_ood_first_view():
+    """The bundled MNIST pair and the OOD page's first view of it: the first 500 test images and 500 images of
+    each default OOD set, made as the page makes them (the demo pack's images, the same as the data root's)."""
+    from jem_core.checkpoint import load_checkpoint
+    from jem_core.data import load_dataset
+    from jem_core.evaluation.report import default_ood_sets
+
+    paths = [ROOT / "checkpoints" / f"mnist_{m}.pt" for m in ("jem", "baseline")]
+    if not all(p.is_file() for p in paths):
+        pytest.skip("the bundled MNIST pair is not in checkpoints/")
+    x_in = load_dataset("mnist", "test", None, download=False).x[:500]
+    sets = {s: load_ood_set(s, x_in, None, n=500, seed=i) for i, s in enumerate(default_ood_sets("mnist", None))}
+    return [load_checkpoint(p).model for p in paths], {"in-distribution": x_in, **sets}
+
+
+def test_the_bundled_mnist_ood_first_view_is_stored_for_this_code_and_these_weights():
+    """Fails after a change of the scores, the energy, the model code, the weights or the page's first view:
+    store the tables again with the command in ``checkpoints/README.md``."""
+    from app import registry
+
+    models, images = _mnist_ood_first_view()
+    assert "fashion_mnist" in images
+    files = set()
+    for model in models:
+        for name, x in images.items():
+            stored = registry.stored_ood_scores(model, x, OOD_SCORES)
+            assert stored is not None, f"no stored OOD scores of {name} for the OOD page's first view"
+            files.add(Path(stored.stored["file"]).name)
+    # their figures are these models' on these images (two tables recomputed here)
+    for model, name in ((models[0], "in-distribution"), (models[1], "fashion_mnist")):
+        stored, fresh = registry.stored_ood_scores(model, images[name], OOD_SCORES), ood_score_table(model, images[name])
+        assert all(torch.allclose(stored[k], fresh[k], rtol=1e-4, atol=1e-4) for k in OOD_SCORES)
+    assert sorted(p.name for p in registry.STORED_OOD.iterdir()) == sorted(files), \
+        f"stale stored score tables in {registry.STORED_OOD}"
+
+
+def test_the_ood_page_reads_the_stored_tables_without_scoring(monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    import jem_core.evaluation
+    from app import compute
+
+    _mnist_ood_first_view()  # skips without the bundled pair
+    monkeypatch.setenv("JEM_EXPLORER_DEFAULT", "mnist")
+    monkeypatch.setenv("JEM_WARM_UP", "0")
+    store = compute._store()
+    with store["lock"]:
+        for k in [k for k in store["data"] if k[0] == "ood"]:
+            store["data"].pop(k)
+            store["bytes"].pop(k, None)
+        store["not_stored"].clear()
+    called = []
+    monkeypatch.setattr(jem_core.evaluation, "ood_score_table", lambda *a, **k: called.append(k))
+    at = AppTest.from_file(str(ROOT / "app" / "Home.py"), default_timeout=180).run()
+    at.switch_page("../pages/ood.py").run()
+    assert not at.exception, at.exception
+    assert not [e.value for e in at.error]
+    assert called == [], "the page scored images although their scores are stored"
+    assert any(c.value.startswith("14 of these 14 score tables were read from stored tables") for c in at.caption)
+    assert len(at.dataframe) >= 2

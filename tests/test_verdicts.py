@@ -95,6 +95,22 @@ def test_auroc_bootstrap_equals_scikit_learn_and_ties_count_half():
     assert auroc_bootstrap(torch.ones(10), torch.ones(10)).value == 0.5
 
 
+def test_the_bootstrap_resamples_score_as_scikit_learn_scores_each_resample():
+    """The resampled AUROCs (counted from one sort of the OOD scores) are each resample's own AUROC, ties and
+    infinities included."""
+    from jem_core.evaluation.verdicts import _auroc_resampled
+
+    rng = np.random.default_rng(0)
+    a, b = np.round(rng.normal(0.5, 1, 120), 1), np.round(rng.normal(0, 1, 80), 1)  # rounded: many ties
+    a[:3], b[:2] = -np.inf, np.inf
+    ia, ib = rng.integers(0, a.size, (40, a.size)), rng.integers(0, b.size, (40, b.size))
+    boot = _auroc_resampled(a, b, ia, ib)
+    labels = np.r_[np.ones(a.size), np.zeros(b.size)]
+    ref = [roc_auc_score(labels, np.nan_to_num(np.r_[a[i], b[j]], posinf=1e300, neginf=-1e300))
+           for i, j in zip(ia, ib)]
+    assert np.allclose(boot, ref, rtol=0, atol=1e-12)
+
+
 def test_ood_and_robustness_verdicts_claim_a_lead_only_beyond_the_intervals():
     clear = ood_verdict({"jem": auroc_bootstrap(torch.arange(100.) + 60, torch.arange(100.)),
                          "base": auroc_bootstrap(torch.arange(100.), torch.arange(100.))}, "noise", "log p(x)")

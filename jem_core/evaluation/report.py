@@ -21,6 +21,7 @@ What is measured, per model (see the modules for the formulas and sources):
      "temperature_scaled": {"temperature", "n_calib", "accuracy", "nll", "ece", "mce", "brier", "reliability"},
      "ood": {SET: {"log_px" | "max_prob" | "neg_grad_norm": {"auroc", "aupr", "fpr95"}}},
      "ood_score_means": {"in_distribution" | SET: {SCORE: mean}}, "n_ood_in",
+     "ood_stored": [file, ...] (only with store: the stored score tables, in-distribution first),
      "robustness": {"linf" | "l2" | "fgsm": [{"eps", "accuracy", "accuracy_refined",
                     "accuracy_refined_adaptive", "accuracy_refined_transfer"}]},
      "robustness_settings": {"n_attack", "attack_steps", "eps_scale", "refined"},
@@ -157,9 +158,19 @@ def _split_test(n_total: int, s: EvalSettings) -> tuple[int, int]:
     return n_eval, n_calib
 
 
+def _store_scores(model: torch.nn.Module, x: torch.Tensor, table: dict[str, torch.Tensor],
+                  store: str | os.PathLike | None) -> str | None:
+    """Save one OOD score table under its content address in ``store`` (:mod:`jem_core.report_store`); the file."""
+    if store is None:
+        return None
+    from ..report_store import save_scores, scores_key
+
+    return str(save_scores(table, store, scores_key(model, x)))
+
+
 def _evaluate_model(ck: LoadedCheckpoint, test_x: torch.Tensor, test_y: torch.Tensor, calib: tuple | None,
                     ood_x: dict[str, torch.Tensor], judge: tuple[str, torch.nn.Module] | None, s: EvalSettings,
-                    prog: _Progress, tag: str) -> dict[str, Any]:
+                    prog: _Progress, tag: str, store: str | os.PathLike | None = None) -> dict[str, Any]:
     model = ck.model
     m = ck.metadata
     res: dict[str, Any] = {"checkpoint": ck.path, "dataset": m.get("dataset"), "objective": m.get("objective"),
@@ -194,14 +205,18 @@ def _evaluate_model(ck: LoadedCheckpoint, test_x: torch.Tensor, test_y: torch.Te
 
         x_in = test_x[: s.n_ood]
         s_in = ood_score_table(model, x_in, OOD_SCORES, s.batch_size, sub(len(x_in)))
+        stored = [_store_scores(model, x_in, s_in, store)]
         res["ood"], res["ood_score_means"] = {}, {"in_distribution": {k: float(v.mean()) for k, v in s_in.items()}}
         art["roc"] = {}
         for name, xo in ood_x.items():
             s_out = ood_score_table(model, xo, OOD_SCORES, s.batch_size, sub(len(xo)))
+            stored.append(_store_scores(model, xo, s_out, store))
             res["ood"][name] = {k: ood_metrics(s_in[k], s_out[k]) for k in OOD_SCORES}
             res["ood_score_means"][name] = {k: float(v.mean()) for k, v in s_out.items()}
             art["roc"][name] = {k: roc_curve_data(s_in[k], s_out[k], 100) for k in OOD_SCORES}
         res["n_ood_in"] = int(len(x_in))
+        if store is not None:
+            res["ood_stored"] = stored
         times["ood"] = time.perf_counter() - t0
     else:
         res["ood"] = None
@@ -248,7 +263,7 @@ def evaluate_checkpoint(path: str | os.PathLike, data_root: str | os.PathLike | 
                         ood_sets: Sequence[str] | None = None, compare: str | os.PathLike | None = None,
                         settings: EvalSettings | None = None, device: str | torch.device = "cpu",
                         progress: Callable[[float], None] | None = None, log: Callable[[str], None] | None = None,
-                        **kwargs: Any) -> dict[str, Any]:
+                        store: str | os.PathLike | None = None, **kwargs: Any) -> dict[str, Any]:
     """Evaluate a checkpoint (and optionally a second one on the same data) on every measurement.
 
     Args:
@@ -267,6 +282,9 @@ def evaluate_checkpoint(path: str | os.PathLike, data_root: str | os.PathLike | 
         device: where the models run.
         progress: called with the overall fraction done in ``[0, 1]`` (for ``st.progress`` / tqdm).
         log: called with the name of each stage as it starts.
+        store: a folder where every OOD score table (the in-distribution images' and each OOD set's, per
+            model) is also saved under its content address (:func:`jem_core.report_store.save_scores`), where
+            the app finds it; the files are listed under ``"ood_stored"`` (in-distribution first, then the sets).
 
     Returns:
         a dict with at least :data:`REPORT_KEYS` (layout in the module docstring), ``"settings"``,
@@ -333,7 +351,7 @@ def evaluate_checkpoint(path: str | os.PathLike, data_root: str | os.PathLike | 
                     (f"{tag}: samples", 0 if "samples" in s.skip else shape[2] * s.n_per_class * (s.sample_steps or 100) / 4)]
     prog = _Progress(weights, progress, log)
     t_start = time.perf_counter()
-    results = [_evaluate_model(c, test_x, test_y, calib, ood_x, judge_for(i), s, prog, tag)
+    results = [_evaluate_model(c, test_x, test_y, calib, ood_x, judge_for(i), s, prog, tag, store)
                for i, (tag, c) in enumerate(models)]
     out = results[0]
     out["compare"] = results[1] if len(results) > 1 else None

@@ -23,7 +23,7 @@ import json
 import os
 import math
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -51,7 +51,7 @@ __all__ = [
     "LIKELIHOOD_CHAINS",
     "LIKELIHOOD_REVERSE", "LIKELIHOOD_SAMPLER", "LIKELIHOOD_SCHEDULE", "LIKELIHOOD_TEST_IMAGES", "LIVE_INTERVAL",
     "ModelEntry", "N_WORKERS", "PAGES_DIR", "PAGE_SPECS", "PERSIST", "ROOT", "STORED_OOD", "TRAIN_RUN", "_default_pair",
-    "_workers", "cached", "ChainTracesPicture", "context", "current_session_id", "difference_images", "digest_files", "display_scale",
+    "_workers", "cached", "ChainTracesPicture", "chosen", "context", "current_session_id", "difference_images", "digest_files", "display_scale",
     "download_json", "download_png", "download_table", "fig_chain_energy", "fig_chain_predictions",
     "fig_histograms", "fig_lines", "fig_maps", "fig_placement", "fig_probabilities", "fig_reliability",
     "fig_roc", "grid", "image_map", "likelihood_report", "likelihood_temps", "live_interval", "live_sessions",
@@ -102,6 +102,28 @@ def run_page(body: Callable[[Context | None], None], title: str, intro: str | No
         st.error(f"This page hit an error: {type(e).__name__}: {e}")
         with st.expander("Details"):
             st.code("".join(traceback.format_exception(e)))
+
+
+def chosen(key: str, options: Sequence[Any], format_func: Callable[[Any], Any] = str) -> Any:
+    """The option that the choice widget ``key`` (a radio or a selectbox over ``options`` drawn with
+    ``format_func``) holds in ``st.session_state``, for code that reads it before the widget is drawn in this run
+    (a button's callback).
+
+    Streamlit keeps a choice as its label and, when that label is not among the options the widget last drew
+    with, hands back the label string itself instead of an option (``RadioSerde.deserialize`` in Streamlit
+    1.67); a live chain session once got ``'replay buffer'`` for its start. A label is mapped back to its option
+    here; a value that is neither an option nor a label, or a missing one, gives the first option.
+
+    Raises:
+        ValueError: ``options`` is empty.
+    """
+    if not options:
+        raise ValueError(f"the choice widget {key!r} has no options")
+    v = st.session_state.get(key, options[0])
+    if any(v is o or (type(v) is type(o) and v == o) for o in options):
+        return v
+    labels = {str(format_func(o)): o for o in options}
+    return labels.get(v, options[0]) if isinstance(v, str) else options[0]
 
 
 def need_test_set(ctx: Context) -> ImageDataset | None:

@@ -88,12 +88,24 @@ def settings_health() -> None:
         st.warning(f"**Sampler health ({f.check}).** {f.message}")
 
 
-def class_choice(ctx: ui.Context, label: str, key: str, unconditional: bool, default: int = 0) -> int | None:
+def class_options(ctx: ui.Context, unconditional: bool) -> tuple[list[Any], Callable[[Any], str]]:
+    """The options of a class picker (``"unconditional"`` first when allowed, then class indices) and their labels."""
     names = ctx.class_names
-    options = (["unconditional"] if unconditional else []) + list(range(len(names)))
-    v = st.selectbox(label, options, index=min(default, len(options) - 1), key=key,
-                     format_func=lambda o: o if isinstance(o, str) else f"class {names[o]}", **ui.PERSIST)
+    return ((["unconditional"] if unconditional else []) + list(range(len(names))),
+            lambda o: o if isinstance(o, str) else f"class {names[o]}")
+
+
+def class_choice(ctx: ui.Context, label: str, key: str, unconditional: bool, default: int = 0) -> int | None:
+    options, labels = class_options(ctx, unconditional)
+    v = st.selectbox(label, options, index=min(default, len(options) - 1), key=key, format_func=labels, **ui.PERSIST)
     return None if isinstance(v, str) else int(v)
+
+
+def start_options(ctx: ui.Context) -> list[str]:
+    """Where chains may start (keys of :data:`INITS`): the replay buffer first when the model has one (chains
+    from it show the model's own samples at once), test images when they load, noise."""
+    return (["buffer"] if ctx.model.replay_buffer is not None else []) + \
+           (["test"] if ctx.test_set() is not None else []) + ["noise"]
 
 
 # ------------------------------------------------------------------------------------ live chains
@@ -102,7 +114,9 @@ def start_chains() -> None:
     if ctx is None:
         return
     ss = st.session_state
-    n, init, label = int(ss["lg_n"]), ss["lg_init"], ss.get("lg_class")
+    # A callback runs before the widgets are drawn: their values are read as the widgets hold them (ui.chosen).
+    n, init = int(ss["lg_n"]), ui.chosen("lg_init", start_options(ctx), INITS.get)
+    label = ui.chosen("lg_class", *class_options(ctx, unconditional=True))
     g = torch.Generator().manual_seed(int(ss.get("lg_seed", 0)))
     test = ctx.test_set() if init == "test" else None
     x, _ = chain_starts(ctx.model, n, "data" if init == "test" else init, g, data=None if test is None else test.x)
@@ -237,9 +251,7 @@ def traces_view(ctx: ui.Context) -> None:
 
 def chains_tab(ctx: ui.Context) -> None:
     ss = st.session_state
-    # The replay buffer first: chains from it show the model's own samples at once.
-    inits = (["buffer"] if ctx.model.replay_buffer is not None else []) + \
-            (["test"] if ctx.test_set() is not None else []) + ["noise"]
+    inits = start_options(ctx)
     if ss.get("lg_init") not in inits:
         ss.pop("lg_init", None)
     a, b, c, d, e = st.columns([1, 1, 1.5, 1, 1])

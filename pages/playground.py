@@ -60,9 +60,17 @@ def set_widgets(s: ToySettings) -> None:
         st.session_state[k] = getattr(s, f)
 
 
+DATA_OPTIONS = list(TOY_DATASETS) + ["csv"]  # the data picker's choices, labelled by data_label
+LABELS_PER_CLASS = ["all", 1, 3, 10, 30]
+
+
+def data_label(name: str) -> str:
+    return "your CSV (upload)" if name == "csv" else f"toy:{name}"
+
+
 def data_spec() -> str:
     ss = st.session_state
-    name = ss.get("pg_data", "moons")
+    name = ui.chosen("pg_data", DATA_OPTIONS, data_label)  # read by callbacks too, before the picker is drawn
     if name == "csv":
         return ss.get("pg_csv_spec") or DEFAULT_SPEC
     return ui.toy_spec(name, ss.get("pg_noise_data"), ss.get("pg_n", 2000), ss.get("pg_k", 3))
@@ -72,7 +80,8 @@ def load_pair(fresh: bool) -> None:
     """The session's pair: trained (a clone of the shared one) or fresh (iteration 0) for the chosen data."""
     ss = st.session_state
     spec, seed = data_spec(), int(ss.get("pg_seed", 0))
-    labels = None if ss.get("pg_labels", "all") == "all" else int(ss["pg_labels"])
+    per_class = ui.chosen("pg_labels", LABELS_PER_CLASS)
+    labels = None if per_class == "all" else int(per_class)
     if fresh:
         jem = ToyTrainer(spec, "jem", seed, settings_from_widgets(), labels_per_class=labels)
         base = ToyTrainer(spec, "baseline", seed, settings_from_widgets(), labels_per_class=labels,
@@ -292,10 +301,8 @@ def controls(s: dict) -> None:
 
 def data_controls() -> None:
     a, b, c, e, l = st.columns(5)
-    a.selectbox("Data", list(TOY_DATASETS) + ["csv"], key="pg_data", **ui.PERSIST,
-                format_func=lambda n: "your CSV (upload)" if n == "csv" else f"toy:{n}",
-                help="applies on Reset or Trained pair")
-    name = st.session_state.get("pg_data", "moons")
+    name = a.selectbox("Data", DATA_OPTIONS, key="pg_data", **ui.PERSIST, format_func=data_label,
+                       help="applies on Reset or Trained pair")
     if name == "csv":
         b.file_uploader("CSV: x1, x2, label per row", type=["csv", "txt"], key="pg_upload", on_change=on_upload)
     else:
@@ -305,7 +312,7 @@ def data_controls() -> None:
             b.slider("Arms", 2, 8, 3, key="pg_k", **ui.PERSIST)
     c.select_slider("Points", [200, 500, 1000, 2000, 5000], value=2000, key="pg_n", **ui.PERSIST)
     e.number_input("Seed (both models)", 0, 10_000, 0, key="pg_seed", **ui.PERSIST)
-    l.selectbox("Labels per class", ["all", 1, 3, 10, 30], key="pg_labels", **ui.PERSIST,
+    l.selectbox("Labels per class", LABELS_PER_CLASS, key="pg_labels", **ui.PERSIST,
                 help="semi-supervised: cross-entropy sees this many labelled points per class (both models); "
                      "JEM's p(x) term sees every point")
 

@@ -179,6 +179,26 @@ def test_langevin_more_steps_lower_the_mean_energy_and_buttons_follow_the_state(
     assert not at.exception and not errors(at) and metric(at, "SGLD steps done (of 40)") == "10"
 
 
+def test_chosen_reads_an_option_a_label_or_falls_back_to_the_first_option():
+    """The Langevin page's Start and the playground's buttons read their choice widgets through ``ui.chosen``:
+    Streamlit may hand a callback a widget's label (``'class 1'``) instead of its option (``1``). (AppTest cannot
+    hold a label in a radio's state, so this is checked on the helper.)"""
+    import streamlit as st
+
+    from app import ui
+
+    options, label = ["unconditional", 0, 1, 2], (lambda o: o if isinstance(o, str) else f"class {o}")
+    for held, want in ((2, 2), ("class 1", 1), ("unconditional", "unconditional"), ("class 9", "unconditional"),
+                       (2.5, "unconditional"), (True, "unconditional")):
+        st.session_state["t_choice"] = held
+        got = ui.chosen("t_choice", options, label)
+        assert got == want and type(got) is type(want), (held, got)
+    del st.session_state["t_choice"]
+    assert ui.chosen("t_choice", options, label) == "unconditional"
+    with pytest.raises(ValueError, match="no options"):
+        ui.chosen("t_choice", [], label)
+
+
 def test_langevin_inpainting_and_class_translation_show_results():
     at = open_page("langevin")
     assert not [w for w in at.slider if w.key in ("lp_n", "ct_n")]  # only the open tab (Chains) is drawn

@@ -178,8 +178,9 @@ def main(ctx: ui.Context) -> None:
         with st.expander("Published dequantised-MNIST figures (other model classes, for scale)"):
             st.dataframe(pd.DataFrame([{"model": n, "bits/dim": v, "source": s} for n, v, s in PUBLISHED_MNIST_BPD]),
                          hide_index=True)
-    ui.download_json({name: rep.summary() for name, rep in reports.items()}, f"likelihood_{ctx.name}.json",
-                     key="lik_json")
+    # "stored": where a stored estimate was read from (file, key, torch, time computed), None when estimated here
+    ui.download_json({name: {**rep.summary(), "stored": rep.stored or None} for name, rep in reports.items()},
+                     f"likelihood_{ctx.name}.json", key="lik_json")
 
 
 ui.run_page(main, "Likelihood", "How good is the model as a density? log Z by annealed importance sampling from "

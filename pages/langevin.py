@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any, Callable
 
 import streamlit as st
 import torch

@@ -155,27 +155,36 @@ def test_the_bundled_mnist_first_view_is_stored_for_this_code_and_these_weights(
     assert stored == [Path(rep.stored["file"]).name], f"stale stored estimates in {registry.STORED_LIKELIHOOD}"
 
 
-def test_the_likelihood_page_reads_the_stored_estimate_without_estimating(monkeypatch):
+def _open_without_computing(monkeypatch, page: str, cache_kind: str, module, function: str):
+    """Open ``pages/<page>.py`` on the bundled MNIST pair in AppTest, with no result of ``cache_kind`` in the
+    shared result store and ``module.function`` replaced by a recorder; the app test and the recorded calls."""
     from streamlit.testing.v1 import AppTest
 
-    import jem_core.likelihood
     from app import compute
 
-    _mnist_first_view()  # skips without the bundled model
     monkeypatch.setenv("JEM_EXPLORER_DEFAULT", "mnist")
     monkeypatch.setenv("JEM_WARM_UP", "0")
     store = compute._store()
     with store["lock"]:
-        for k in [k for k in store["data"] if k[0] == "likelihood"]:
+        for k in [k for k in store["data"] if k[0] == cache_kind]:
             store["data"].pop(k)
             store["bytes"].pop(k, None)
         store["not_stored"].clear()
     called = []
-    monkeypatch.setattr(jem_core.likelihood, "estimate_log_likelihood", lambda *a, **k: called.append(k))
+    monkeypatch.setattr(module, function, lambda *a, **k: called.append(k))
     at = AppTest.from_file(str(ROOT / "app" / "Home.py"), default_timeout=180).run()
-    at.switch_page("../pages/likelihood.py").run()
+    at.switch_page(f"../pages/{page}.py").run()
     assert not at.exception, at.exception
     assert not [e.value for e in at.error]
+    return at, called
+
+
+def test_the_likelihood_page_reads_the_stored_estimate_without_estimating(monkeypatch):
+    import jem_core.likelihood
+
+    _mnist_first_view()  # skips without the bundled model
+    at, called = _open_without_computing(monkeypatch, "likelihood", "likelihood", jem_core.likelihood,
+                                         "estimate_log_likelihood")
     assert called == [], "the page estimated log Z although the estimate is stored"
     values = {m.label: m.value for m in at.metric}
     assert "log Ẑ (forward AIS)" in values and "Test bits/dim" in values
@@ -323,26 +332,10 @@ def test_the_bundled_mnist_ood_first_view_is_stored_for_this_code_and_these_weig
 
 
 def test_the_ood_page_reads_the_stored_tables_without_scoring(monkeypatch):
-    from streamlit.testing.v1 import AppTest
-
     import jem_core.evaluation
-    from app import compute
 
     _mnist_ood_first_view()  # skips without the bundled pair
-    monkeypatch.setenv("JEM_EXPLORER_DEFAULT", "mnist")
-    monkeypatch.setenv("JEM_WARM_UP", "0")
-    store = compute._store()
-    with store["lock"]:
-        for k in [k for k in store["data"] if k[0] == "ood"]:
-            store["data"].pop(k)
-            store["bytes"].pop(k, None)
-        store["not_stored"].clear()
-    called = []
-    monkeypatch.setattr(jem_core.evaluation, "ood_score_table", lambda *a, **k: called.append(k))
-    at = AppTest.from_file(str(ROOT / "app" / "Home.py"), default_timeout=180).run()
-    at.switch_page("../pages/ood.py").run()
-    assert not at.exception, at.exception
-    assert not [e.value for e in at.error]
+    at, called = _open_without_computing(monkeypatch, "ood", "ood", jem_core.evaluation, "ood_score_table")
     assert called == [], "the page scored images although their scores are stored"
     assert any(c.value.startswith("14 of these 14 score tables were read from stored tables") for c in at.caption)
     assert len(at.dataframe) >= 2

@@ -511,8 +511,6 @@ def stored_ood_scores(model: torch.nn.Module, x: torch.Tensor, scores: tuple[str
     """The ``scores`` of ``ood_score_table(model, x)`` stored in ``folder`` under their content address
     (:func:`jem_core.report_store.scores_key`), or None when there is no such table or it lacks one of ``scores``.
     A stored file that cannot be read counts as none (computed anew) and is reported on the server's log."""
-    if not folder.is_dir():
-        return None
     try:
         table = find_scores([folder], scores_key(model, x))
     except StoreError as e:

@@ -8,7 +8,7 @@
 - :func:`test_probabilities`: ``p(y|x)`` of the test images, shared by the pages; :func:`likelihood_report`:
   the Likelihood page's AIS estimate with its first view's settings (:data:`LIKELIHOOD_CHAINS`, ...);
   :func:`stored_likelihood`, :func:`stored_ood_scores`: the bundled models' first views, precomputed;
-- the 2-D playground's trained pair (:func:`toy_pair`), and :func:`warm_up`, which computes the playground's
+- the 2-D playground's trained pair (:func:`toy_pair`; its first view's stored: :func:`stored_toy_pair`), and :func:`warm_up`, which computes the playground's
   default pair and the Likelihood page's default estimate in the background once per server, so that first
   visits do not wait for them.
 
@@ -32,7 +32,8 @@ from app.compute import cached, current_session_id, hurry, in_background, note_a
 from jem_core.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
 from jem_core.data import (BUILTIN_DATASETS, DataUnavailableError, ImageDataset, data_available, dataset_shape,
                            default_data_root, demo_pack_file, load_dataset)
-from jem_core.report_store import StoredScores, StoreError, estimate_key, find_report, find_scores, scores_key
+from jem_core.report_store import (StoredPair, StoredScores, StoreError, estimate_key, find_report, find_scores,
+                                   find_toy_pair, scores_key, toy_pair_key)
 from jem_core.toy import TOY_DATASETS, ToyTrainer, pretrained_pair
 
 if TYPE_CHECKING:
@@ -573,12 +574,29 @@ def toy_spec(name: str = "moons", noise: float | None = None, n: int = 2000, arm
     return f"toy:{name}?noise={noise:g}&n={int(n)}" + (f"&k={int(arms)}" if name == "spirals" else "")
 
 
+#: Where the playground's trained pairs are stored (``jem_core.report_store``): its first view's, shipped.
+STORED_TOY = CHECKPOINT_DIR / "toy"
+
+
+def stored_toy_pair(spec: str, seed: int, labels: int | None, folder: Path = STORED_TOY) -> StoredPair | None:
+    """The pair of :func:`toy_pair` stored in ``folder`` under its content address
+    (:func:`jem_core.report_store.toy_pair_key`), or None when there is none. A stored file that cannot be read
+    counts as none (trained anew) and is reported on the server's log."""
+    try:
+        return find_toy_pair([folder], toy_pair_key(spec, seed, TOY_PRETRAIN_ITERS, labels))
+    except StoreError as e:
+        print(f"JEM Explorer: a stored 2-D pair was not used: {e}", file=sys.stderr, flush=True)
+        return None
+
+
 @st.cache_resource(show_spinner=False, max_entries=8)  # the page shows its own spinner (this runs in the background too)
 def toy_pair(spec: str, seed: int, labels: int | None) -> tuple[ToyTrainer, ToyTrainer]:
     """The JEM and baseline trained :data:`TOY_PRETRAIN_ITERS` iterations on ``spec`` with ``seed`` (``labels``
-    per class, or all), shared by every session and never mutated: sessions work on clones. A visit calls
-    :func:`toy_pair_for_visit`."""
-    return pretrained_pair(spec, seed, TOY_PRETRAIN_ITERS, labels_per_class=labels)
+    per class, or all), shared by every session and never mutated: sessions work on clones. Read from
+    :data:`STORED_TOY` when stored there (a :class:`~jem_core.report_store.StoredPair`, with its provenance),
+    else trained (7 s of a core). A visit calls :func:`toy_pair_for_visit`."""
+    return stored_toy_pair(spec, seed, labels) or pretrained_pair(spec, seed, TOY_PRETRAIN_ITERS,
+                                                                   labels_per_class=labels)
 
 
 def first_toy_pair() -> tuple[str, int, None]:

@@ -1,10 +1,12 @@
-"""Stored results under a content address: a likelihood estimate (:class:`~jem_core.likelihood.LikelihoodReport`)
-and a table of OOD scores (:func:`~jem_core.evaluation.ood.ood_score_table`).
+"""Stored results under a content address: a likelihood estimate (:class:`~jem_core.likelihood.LikelihoodReport`),
+a table of OOD scores (:func:`~jem_core.evaluation.ood.ood_score_table`) and a trained 2-D pair
+(:func:`~jem_core.toy.pretrained_pair`).
 
 An AIS estimate of a 28x28 model takes half a minute of a core and more (:mod:`jem_core.likelihood`); the OOD
 page's first view scores 3,500 images with two models, 10-15 s of a core and a minute or more while others
-compute. Saved once, either is read back in milliseconds by anyone who asks the same question: the same
-weights, the same images, the same settings and the same code. The address is a SHA-256 over exactly those:
+compute; the 2-D playground's trained pair 7 s of a core. Saved once, each is read back in milliseconds by anyone
+who asks the same question: the same weights, the same images, the same settings and the same code. The address is
+a SHA-256 over exactly those:
 
 - the bytes of every tensor of the model's ``state_dict`` (names, dtypes, shapes, values), so retrained or
   edited weights never find an old result;
@@ -14,7 +16,9 @@ weights, the same images, the same settings and the same code. The address is a 
   run, data chains, seed), defaults filled in;
 - the source files of the method (:mod:`jem_core.likelihood`, or :mod:`jem_core.evaluation.ood` for scores), of
   the energy (:mod:`jem_core.energy`) and of the model's class, so a change of method finds nothing stored and
-  computes anew.
+  computes anew;
+- for a 2-D pair (:func:`toy_pair_key`), no weights or images but its recipe: the data spec, the seed, the
+  iterations, the labels per class, and the sources of the trainer and of everything it trains with.
 
 It does not cover the torch build or the machine: a stored result is one computation of the same method, whose
 figures on another machine differ by float rounding (and, for AIS, by about their standard errors: summation
@@ -23,10 +27,11 @@ order changes the chains).
 A stored file (``<key>.pt``) holds only tensors and plain values (read with ``weights_only=True``,
 :func:`jem_core.checkpoint.safe_torch_load`), with the key, the torch version and the time it was computed.
 ``python -m jem_core likelihood ... --store FOLDER`` writes an estimate, ``python -m jem_core evaluate ...
---store FOLDER`` the OOD score tables of its in-distribution images and of every OOD set.
+--store FOLDER`` the OOD score tables of its in-distribution images and of every OOD set; :func:`save_toy_pair` a
+trained pair.
 
 What does not live here: the estimator (:mod:`jem_core.likelihood`), the scores (:mod:`jem_core.evaluation.ood`),
-the app's lookups (``app/registry.py``).
+the 2-D trainer (:mod:`jem_core.toy`), the app's lookups (``app/registry.py``).
 """
 
 from __future__ import annotations
@@ -48,18 +53,21 @@ from .checkpoint import CheckpointError, atomic_torch_save, safe_torch_load
 from .errors import BadInput
 from .likelihood import AISResult, LikelihoodError, LikelihoodReport, StepSizes, estimate_log_likelihood
 
-__all__ = ["FORMAT", "SCORES_FORMAT", "StoreError", "StoredScores", "estimate_key", "save_report", "load_report",
-           "find_report", "scores_key", "save_scores", "load_scores", "find_scores"]
+__all__ = ["FORMAT", "SCORES_FORMAT", "TOY_FORMAT", "StoreError", "StoredScores", "StoredPair", "estimate_key",
+           "save_report", "load_report", "find_report", "scores_key", "save_scores", "load_scores", "find_scores",
+           "toy_pair_key", "save_toy_pair", "load_toy_pair", "find_toy_pair"]
 
 #: The ``format`` field of a stored likelihood report.
 FORMAT = "jem-explorer-likelihood-report/1"
 #: The ``format`` field of a stored table of OOD scores.
 SCORES_FORMAT = "jem-explorer-ood-scores/1"
+#: The ``format`` field of a stored trained 2-D pair.
+TOY_FORMAT = "jem-explorer-toy-pair/1"
 
 
 class StoreError(BadInput):
-    """A stored table of OOD scores cannot be used: an unreadable file, another format, a bad key or table.
-    (Stored likelihood reports raise :class:`~jem_core.likelihood.LikelihoodError`.)"""
+    """A stored table of OOD scores or a stored 2-D pair cannot be used: an unreadable file, another format, a bad
+    key, table or pair. (Stored likelihood reports raise :class:`~jem_core.likelihood.LikelihoodError`.)"""
 
 #: Keywords of :func:`~jem_core.likelihood.estimate_log_likelihood` that do not change its result.
 _NOT_IN_KEY = ("model", "test_x", "progress", "device", "batch_size")
@@ -77,14 +85,15 @@ def _update_tensor(h: "hashlib._Hash", name: str, t: torch.Tensor) -> None:
     h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim too (BatchNorm's count)
 
 
-def _address(fmt: str, sources: Iterable[str | None], settings: str, model: nn.Module,
+def _address(fmt: str, sources: Iterable[str | None], settings: str, model: nn.Module | None,
              images: torch.Tensor | None, images_name: str) -> str:
-    """SHA-256 hex digest over the format, the source files, the settings' repr, the weights and the images."""
+    """SHA-256 hex digest over the format, the source files, the settings' repr, the weights (if any) and the
+    images (if any)."""
     h = hashlib.sha256(fmt.encode())
     for path in sources:
         h.update(_source_digest(str(path)))
     h.update(settings.encode())
-    for name, t in sorted(model.state_dict().items()):
+    for name, t in sorted(model.state_dict().items() if model is not None else ()):
         _update_tensor(h, name, t)
     if images is not None:
         _update_tensor(h, images_name, images.float())
@@ -314,3 +323,130 @@ def find_scores(folders: Iterable[str | Path], key: str) -> StoredScores | None:
     """The table stored as ``<key>.pt`` in the first of ``folders`` that has it, or None (missing folders are
     skipped). Raises StoreError when the file found cannot be read (see :func:`load_scores`)."""
     return _find(folders, key, load_scores)
+
+
+# --------------------------------------------------------------------------------------------- 2-D pairs
+class StoredPair(tuple):
+    """``(jem, baseline)``: two :class:`~jem_core.toy.ToyTrainer` read from a file (:func:`load_toy_pair`), as
+    :func:`~jem_core.toy.pretrained_pair` returns them, plus ``stored``: the file, its key, the torch and Python
+    versions and the UTC time (ISO 8601) they were trained."""
+
+    stored: dict[str, Any]
+
+
+def _toy_sources() -> tuple[str, ...]:
+    """The sources a trained 2-D pair depends on: the trainer, the training loop and everything it trains and
+    measures with."""
+    from . import data, drift, losses, models, sampling, schedules, toy, training
+    from .evaluation import calibration
+
+    return tuple(m.__file__ for m in (toy, training, sampling, losses, energy, models, schedules, drift, data,
+                                      calibration))
+
+
+def toy_pair_key(spec: str, seed: int, iterations: int, labels_per_class: int | None = None,
+                 measure_every: int = 25) -> str:
+    """The content address of ``pretrained_pair(spec, seed, iterations, measure_every,
+    labels_per_class=labels_per_class)`` with the default settings: 64 hex digits.
+
+    Args:
+        spec: the 2-D data spec (``toy:moons?noise=0.08&n=2000``, :func:`~jem_core.toy.load_toy`).
+        seed: the seed of both trainers.
+        iterations: training iterations of each (>= 0).
+        labels_per_class: labelled points per class, or None for all.
+        measure_every: iterations between two measured rows of the history (>= 1).
+
+    Returns:
+        SHA-256 hex digest over these and the sources of :mod:`jem_core.toy`, the training loop and what it
+        trains with (see the module docstring); the torch build and the machine do not count.
+
+    Raises:
+        StoreError: ``spec`` is not a string, or a count is not an integer in range.
+    """
+    if not isinstance(spec, str):
+        raise StoreError(f"toy_pair_key needs the data spec as a string (toy:moons?...); got {type(spec).__name__}")
+    counts = {"seed": seed, "iterations": iterations, "measure_every": measure_every,
+              "labels_per_class": labels_per_class}
+    for name, v in counts.items():
+        if v is None and name == "labels_per_class":
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "measure_every" else 0):
+            raise StoreError(f"toy_pair_key: {name} must be a non-negative integer (measure_every >= 1); got {v!r}")
+    return _address(TOY_FORMAT, _toy_sources(), repr(sorted({"spec": spec, **counts}.items())), None, None, "")
+
+
+def save_toy_pair(pair: tuple[Any, Any], folder: str | Path, key: str) -> Path:
+    """Save a trained 2-D pair as ``folder/<key>.pt`` (atomic: a crash leaves the old file or the new one).
+
+    Args:
+        pair: ``(jem, baseline)`` :class:`~jem_core.toy.ToyTrainer` of :func:`~jem_core.toy.pretrained_pair`
+            (their :meth:`~jem_core.toy.ToyTrainer.state_dict`: weights, optimizer, replay buffer, RNG states,
+            history; about 0.5 MB).
+        folder: where to write (made when missing).
+        key: its :func:`toy_pair_key` (64 hex digits).
+
+    Returns:
+        The file written.
+
+    Raises:
+        StoreError: ``key`` is not 64 hex digits, or ``pair`` is not a JEM and a baseline trained on the same
+        data. OSError: the folder cannot be written.
+    """
+    from .toy import ToyTrainer
+
+    if not _is_key(key):
+        raise StoreError(f"a stored pair's key is 64 lowercase hex digits (toy_pair_key); got {key!r}")
+    if (not isinstance(pair, tuple) or len(pair) != 2 or not all(isinstance(t, ToyTrainer) for t in pair)
+            or [t.objective for t in pair] != ["jem", "baseline"] or pair[0].dataset != pair[1].dataset):
+        raise StoreError("save_toy_pair needs (jem, baseline) ToyTrainers on the same data, as pretrained_pair "
+                         "returns them")
+    jem = pair[0]
+    return _save(folder, key, TOY_FORMAT, "pair",
+                 {"spec": jem.dataset, "seed": jem.seed, "labels_per_class": jem.trainer.cfg.labels_per_class,
+                  "jem": jem.state_dict(), "baseline": pair[1].state_dict()})
+
+
+def load_toy_pair(path: str | Path) -> StoredPair:
+    """Read a pair written by :func:`save_toy_pair` (tensors and plain values only: ``weights_only=True``) into
+    two new :class:`~jem_core.toy.ToyTrainer` that continue exactly like the pair saved.
+
+    Returns:
+        :class:`StoredPair` ``(jem, baseline)`` with its ``stored`` provenance.
+
+    Raises:
+        StoreError: the file is missing, unreadable or not a stored pair of this format, or its trainers' state
+        does not match this version's :class:`~jem_core.toy.ToyTrainer`.
+    """
+    from .data import DataUnavailableError
+    from .toy import ToySettings, ToyTrainer, load_toy
+
+    try:
+        obj = safe_torch_load(str(path))
+    except CheckpointError as e:
+        raise StoreError(f"stored pair {path}: {e}") from None
+    pair = obj.get("pair") if isinstance(obj, dict) else None
+    if not isinstance(obj, dict) or obj.get("format") != TOY_FORMAT or not isinstance(pair, dict):
+        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        raise StoreError(f"{path} is not a stored 2-D pair of format {TOY_FORMAT} (found {found!r}); write one "
+                         f"with jem_core.report_store.save_toy_pair")
+    try:
+        spec, data = pair["spec"], (load_toy(pair["spec"], "train"), load_toy(pair["spec"], "test"))
+        out = []
+        for objective in ("jem", "baseline"):
+            state = pair[objective]
+            t = ToyTrainer(spec, objective, int(pair["seed"]), ToySettings(**state["settings"]), data=data,
+                           labels_per_class=pair["labels_per_class"])
+            t.load_state_dict(state)
+            out.append(t)
+    except (KeyError, TypeError, ValueError, RuntimeError, BadInput, DataUnavailableError) as e:
+        raise StoreError(f"stored pair {path} does not match this version's ToyTrainer ({type(e).__name__}: {e}); "
+                         f"train it again") from None
+    result = StoredPair(out)
+    result.stored = _provenance(path, obj)
+    return result
+
+
+def find_toy_pair(folders: Iterable[str | Path], key: str) -> StoredPair | None:
+    """The pair stored as ``<key>.pt`` in the first of ``folders`` that has it, or None (missing folders are
+    skipped). Raises StoreError when the file found cannot be read (see :func:`load_toy_pair`)."""
+    return _find(folders, key, load_toy_pair)

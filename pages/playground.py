@@ -94,7 +94,7 @@ def load_pair(fresh: bool) -> None:
         jem, base = shared[0].clone(), shared[1].clone()
         set_widgets(jem.settings)
     ss[STATE] = {"jem": jem, "base": base, "running": False, "spec": spec, "seed": seed, "labels": labels,
-                 "grids": {}}
+                 "grids": {}, "stored": None if fresh else getattr(shared, "stored", None)}
 
 
 def load_or_explain(fresh: bool) -> None:
@@ -393,7 +393,11 @@ def live_view(s: dict) -> None:
                           " (no replay buffer: the baseline never samples)")
                        + f". Grid {RESOLUTION}x{RESOLUTION}; log Z error {grid.log_z_error:.1e} nats.")
     ui.show_chart(fig_histories(jem, base), key="pg_histories")
-    st.caption("E(data) - E(samples) is the JEM's mean over its last 25 iterations (the baseline draws no samples).")
+    stored = s.get("stored")
+    st.caption("E(data) - E(samples) is the JEM's mean over its last 25 iterations (the baseline draws no samples)."
+               + (f" The trained pair's first {ui.TOY_PRETRAIN_ITERS} iterations were read from a stored file "
+                  f"(`{Path(stored['file']).name}`, trained {stored['computed']} with torch {stored['torch']}) "
+                  "instead of trained on this server: the same code, data and seed." if stored else ""))
 
 
 def main(ctx: ui.Context | None) -> None:

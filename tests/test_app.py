@@ -1113,6 +1113,7 @@ def test_the_warm_up_computes_what_the_playground_and_likelihood_pages_open_with
     monkeypatch.setattr(registry, "_import_page_libraries", lambda: (imported.append(
         os.getpriority(os.PRIO_PROCESS, threading.get_native_id())), real_imports())[1])
     monkeypatch.setattr(registry, "pretrained_pair", lambda *a, **k: (calls.append((a, k)), real(*a, **k))[1])
+    monkeypatch.setattr(registry, "stored_toy_pair", lambda *a, **k: None)  # as with a pair that is not stored
     monkeypatch.setattr(jem_core.likelihood, "estimate_log_likelihood",
                         lambda *a, **k: (ais.append(k), real_ais(*a, **k))[1])
     real_proba = jem_core.evaluation.predict_proba

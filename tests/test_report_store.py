@@ -1,11 +1,12 @@
-"""Stored results: likelihood estimates and OOD score tables; the content address, the round trip, bad files,
-and the bundled MNIST first views.
+"""Stored results: likelihood estimates, OOD score tables and trained 2-D pairs; the content address, the round
+trip, bad files, and the first views stored with the app.
 
-Claims: a report or a score table read back is the one saved, bit for bit; the address changes with the
-weights, the images and every setting that changes the result, and with nothing else; a file that is not a
-stored result is refused with our error; the Likelihood page's first view of the bundled MNIST JEM and the OOD
-page's first view of the bundled MNIST pair are stored for the code and weights in this repository, their
-figures are these models' on these images, and the pages read them without computing anything.
+Claims: a report or a score table read back is the one saved, bit for bit, and a 2-D pair read back continues
+exactly like the pair saved; the address changes with the weights, the images and every setting that changes the
+result, and with nothing else; a file that is not a stored result is refused with our error; the Likelihood page's
+first view of the bundled MNIST JEM, the OOD page's first view of the bundled MNIST pair and the playground's first
+pair are stored for the code and weights in this repository, their figures are these models' (on these images),
+and the pages read them without computing anything.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from torch import nn
 
 from jem_core.likelihood import LikelihoodError, estimate_log_likelihood, model_energy_fn
 from jem_core.evaluation.ood import OOD_SCORES, load_ood_set, ood_score_table
-from jem_core.report_store import (FORMAT, SCORES_FORMAT, StoreError, estimate_key, find_report, find_scores,
-                                   load_report, load_scores, save_report, save_scores, scores_key)
+from jem_core.report_store import (FORMAT, SCORES_FORMAT, TOY_FORMAT, StoredPair, StoreError, estimate_key,
+                                   find_report, find_scores, find_toy_pair, load_report, load_scores, load_toy_pair,
+                                   save_report, save_scores, save_toy_pair, scores_key, toy_pair_key)
+from jem_core.toy import pretrained_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (1, 3, 3)
@@ -326,7 +329,9 @@ def test_the_bundled_mnist_ood_first_view_is_stored_for_this_code_and_these_weig
     # their figures are these models' on these images (two tables recomputed here)
     for model, name in ((models[0], "in-distribution"), (models[1], "fashion_mnist")):
         stored, fresh = registry.stored_ood_scores(model, images[name], OOD_SCORES), ood_score_table(model, images[name])
-        assert all(torch.allclose(stored[k], fresh[k], rtol=1e-4, atol=1e-4) for k in OOD_SCORES)
+        # rtol 5e-3: another CPU's kernels round differently; the input-gradient norm of a confident image (a
+        # small difference of large terms) differed by up to 1.1e-3 relative between two machines of this project
+        assert all(torch.allclose(stored[k], fresh[k], rtol=5e-3, atol=1e-4) for k in OOD_SCORES)
     assert sorted(p.name for p in registry.STORED_OOD.iterdir()) == sorted(files), \
         f"stale stored score tables in {registry.STORED_OOD}"
 
@@ -339,3 +344,94 @@ def test_the_ood_page_reads_the_stored_tables_without_scoring(monkeypatch):
     assert called == [], "the page scored images although their scores are stored"
     assert any(c.value.startswith("14 of these 14 score tables were read from stored tables") for c in at.caption)
     assert len(at.dataframe) >= 2
+
+
+# ------------------------------------------------------------------------------------------- 2-D pairs
+SMALL_SPEC = "toy:moons?noise=0.08&n=400"
+
+
+def test_a_stored_toy_pair_reads_back_and_continues_exactly_like_the_pair_saved(tmp_path):
+    pair = pretrained_pair(SMALL_SPEC, 0, 20, measure_every=10)
+    key = toy_pair_key(SMALL_SPEC, 0, 20, measure_every=10)
+    path = save_toy_pair(pair, tmp_path / "store", key)
+    assert path == tmp_path / "store" / f"{key}.pt"
+    back = find_toy_pair([tmp_path / "missing", tmp_path / "store"], key)
+    assert isinstance(back, StoredPair) and back.stored["key"] == key and back.stored["file"] == str(path)
+    assert back.stored["torch"] == torch.__version__
+    for saved, read in zip(pair, back):
+        # repr: exact for floats, and nan (no gap before the first samples) equals itself
+        assert (read.objective, read.iteration, repr(read.history)) == (saved.objective, 20, repr(saved.history))
+        # the same state, bit for bit (a file round trip), then the same training steps from it
+        for t in (saved, read):
+            t.train(3)
+        for (name, a), b in zip(saved.trainer.model.state_dict().items(), read.trainer.model.state_dict().values()):
+            assert torch.equal(a, b), name
+        assert torch.equal(saved.chains, read.chains) and read.iteration == 23
+    assert find_toy_pair([tmp_path / "store"], "0" * 64) is None
+
+
+def test_the_toy_pair_address_covers_its_recipe():
+    base = toy_pair_key(SMALL_SPEC, 0, 20)
+    assert toy_pair_key(SMALL_SPEC, 0, 20, None, 25) == base and len(base) == 64
+    others = {toy_pair_key("toy:moons?noise=0.1&n=400", 0, 20), toy_pair_key(SMALL_SPEC, 1, 20),
+              toy_pair_key(SMALL_SPEC, 0, 21), toy_pair_key(SMALL_SPEC, 0, 20, 5),
+              toy_pair_key(SMALL_SPEC, 0, 20, measure_every=10)}
+    assert len(others) == 5 and base not in others
+
+
+def test_bad_toy_pairs_and_files_raise_our_error(tmp_path):
+    with pytest.raises(StoreError, match="spec as a string"):
+        toy_pair_key(None, 0, 20)
+    with pytest.raises(StoreError, match="seed must be"):
+        toy_pair_key(SMALL_SPEC, -1, 20)
+    with pytest.raises(StoreError, match="measure_every"):
+        toy_pair_key(SMALL_SPEC, 0, 20, measure_every=0)
+    pair = pretrained_pair(SMALL_SPEC, 0, 0)
+    key = toy_pair_key(SMALL_SPEC, 0, 0)
+    with pytest.raises(StoreError, match="64 lowercase hex"):
+        save_toy_pair(pair, tmp_path, "../escape")
+    with pytest.raises(StoreError, match=r"\(jem, baseline\)"):
+        save_toy_pair((pair[1], pair[0]), tmp_path, key)
+    table = save_scores({"max_prob": torch.zeros(3)}, tmp_path, key)  # a score table where a pair is looked for
+    with pytest.raises(StoreError, match=TOY_FORMAT):
+        load_toy_pair(table)
+    (tmp_path / "text.pt").write_text("not a pair")
+    with pytest.raises(StoreError, match="stored pair"):
+        load_toy_pair(tmp_path / "text.pt")
+
+
+def test_the_playground_first_pair_is_stored_for_this_code():
+    """Fails after a change of the 2-D trainer, the training loop or what it trains with: store the pair again with
+    the command in ``checkpoints/README.md``."""
+    from app import registry
+
+    pair = registry.stored_toy_pair(*registry.first_toy_pair())
+    assert pair is not None, "no stored pair for the playground's first view in checkpoints/toy"
+    for t in pair:
+        assert t.iteration == registry.TOY_PRETRAIN_ITERS and not t.diverged and t.dataset == registry.toy_spec()
+        # its figures are this pair's: measuring the stored model again gives the history's last row
+        last = dict(t.history[-1])
+        row, _ = t.measure()
+        for k in ("ece", "test_log_px", "log_z"):  # tolerances: another CPU's float rounding
+            assert math.isclose(row[k], last[k], rel_tol=1e-4, abs_tol=1e-4), k
+        assert abs(row["accuracy"] - last["accuracy"]) <= 2 / len(t.trainer.test_set), "more than 2 points changed"
+    assert sorted(p.name for p in registry.STORED_TOY.iterdir()) == [Path(pair.stored["file"]).name], \
+        f"stale stored pairs in {registry.STORED_TOY}"
+
+
+def test_the_playground_opens_on_the_stored_pair_without_training(monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from app import registry
+
+    monkeypatch.setenv("JEM_WARM_UP", "0")
+    registry.toy_pair.clear()
+    calls = []
+    monkeypatch.setattr(registry, "pretrained_pair", lambda *a, **k: calls.append(a))
+    at = AppTest.from_file(str(ROOT / "app" / "Home.py"), default_timeout=180).run()
+    at.switch_page("../pages/playground.py").run()
+    assert not at.exception, at.exception
+    assert calls == [], "the playground trained its first pair although it is stored"
+    assert at.session_state["pg_state"]["jem"].iteration == registry.TOY_PRETRAIN_ITERS
+    assert any("were read from a stored file" in c.value for c in at.caption)
+    registry.toy_pair.clear()

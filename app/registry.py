@@ -8,9 +8,9 @@
 - :func:`test_probabilities`: ``p(y|x)`` of the test images, shared by the pages; :func:`likelihood_report`:
   the Likelihood page's AIS estimate with its first view's settings (:data:`LIKELIHOOD_CHAINS`, ...);
   :func:`stored_likelihood`, :func:`stored_ood_scores`: the bundled models' first views, precomputed;
-- the 2-D playground's trained pair (:func:`toy_pair`; its first view's stored: :func:`stored_toy_pair`), and :func:`warm_up`, which computes the playground's
-  default pair and the Likelihood page's default estimate in the background once per server, so that first
-  visits do not wait for them.
+- the 2-D playground's trained pair (:func:`toy_pair`; its first view's stored: :func:`stored_toy_pair`), and
+  :func:`warm_up`, which computes the playground's default pair (when it is not stored) and the Likelihood page's
+  default estimate in the background once per server, so that first visits do not wait for them.
 
 What does not live here: page plumbing and widgets (``app/ui.py``), figures (``app/figures.py``).
 """

@@ -134,10 +134,30 @@ def _assert_ok(pg, title: str) -> None:
     assert err.count() == 0, f"{title}: the page shows an error: {pg.locator('[data-testid=stAlert]').all_inner_texts()}"
 
 
-def _grid_src(pg) -> str:
-    img = pg.locator('[data-testid="stImage"] img, [data-testid="stFullScreenFrame"] img').first
-    img.wait_for(state="visible")
-    return img.get_attribute("src") or ""
+#: In-page recorder of the chain grid: every (picture, "after N steps") pair the page shows, in order, however fast
+#: the chains run (a poll can miss a whole run: seeded alike, a new run ends on the same picture as the last one).
+GRID_RECORDER = """() => {
+  window.__grid = [];
+  const record = () => {
+    const box = document.querySelector('[data-testid="stImage"]');
+    const img = box && box.querySelector('img');
+    const m = box && /after (\\d+) steps/.exec(box.innerText);
+    if (!img || !m) return;
+    const last = window.__grid[window.__grid.length - 1];
+    if (!last || last[0] !== img.src || last[1] !== +m[1]) window.__grid.push([img.src, +m[1]]);
+  };
+  new MutationObserver(record).observe(document.body,
+    {subtree: true, childList: true, attributes: true, characterData: true});
+}"""
+
+
+def _grid_advanced(shown: list) -> bool:
+    """Whether the recorded ``[picture, steps]`` pairs show the new chains advancing: after the run's first frame
+    (the fewest steps recorded), a later frame with more steps and another picture."""
+    if not shown:
+        return False
+    i0 = min(range(len(shown)), key=lambda i: shown[i][1])
+    return any(steps > shown[i0][1] and src != shown[i0][0] for src, steps in shown[i0 + 1:])
 
 
 def _digit_png(path: Path) -> Path:
@@ -173,31 +193,18 @@ def test_dashboard_in_chromium(page, tmp_path):
     # The chains started by themselves on the first visit; pause them (or let them finish) first, so that the
     # click on Start does not land in the full rerun that ends a finishing run.
     _pause_chains(pg)
+    pg.evaluate(GRID_RECORDER)
     start.click()
-    steps = pg.get_by_text(re.compile(r"after \d+ steps"))
-    steps.first.wait_for(state="visible")
-    first = _grid_src(pg)
-    first_text = steps.first.inner_text()
     deadline = time.monotonic() + 45
-    changed = False
-    now_text, now_src = first_text, first
-    while time.monotonic() < deadline:
-        pg.wait_for_timeout(1000)
-        try:
-            now_text = steps.first.inner_text(timeout=5000)
-            now_src = _grid_src(pg)
-        except Exception:  # noqa: BLE001 - the fragment re-renders between reads
-            continue
-        if now_text != first_text and now_src != first:
-            changed = True
-            break
-    # On failure, say which of the two stalled and what the page showed: the status metric, how many captions (none:
-    # the last reads failed, so the caption above is the last one read), any exception.
-    assert changed, (f"the chain grid did not change within 45 s of Start: caption {first_text!r} -> {now_text!r}, "
-                     f"picture {'changed' if now_src != first else 'unchanged'}; {steps.count()} caption(s) match; "
-                     f"metrics {pg.locator('[data-testid=stMetric]').all_inner_texts()}; exceptions "
-                     f"{[t[:500] for t in pg.locator('[data-testid=stException]').all_inner_texts()]}; "
-                     f"server log on fragments: {_server_log_lines('(?i)fragment')}")
+    while time.monotonic() < deadline and not _grid_advanced(pg.evaluate("window.__grid")):
+        pg.wait_for_timeout(500)
+    shown = pg.evaluate("window.__grid")
+    # On failure, say what the page showed: the frames recorded, the status metric, any exception.
+    assert _grid_advanced(shown), (
+        f"the chain grid did not change within 45 s of Start: frames [picture, steps] {shown[-8:]}; metrics "
+        f"{pg.locator('[data-testid=stMetric]').all_inner_texts()}; exceptions "
+        f"{[t[:500] for t in pg.locator('[data-testid=stException]').all_inner_texts()]}; "
+        f"server log on fragments: {_server_log_lines('(?i)fragment')}")
     _assert_ok(pg, "Langevin chains")
     # Stop the live chains so that they do not load the machine for the rest of the test.
     _pause_chains(pg)

@@ -120,6 +120,21 @@ def _provenance(path: str | Path, obj: dict) -> dict[str, Any]:
             "computed": obj.get("computed")}
 
 
+def _read(path: str | Path, fmt: str, field: str, error: type[Exception], name: str, kind: str,
+          hint: str) -> dict:
+    """The stored dict of ``path`` (``weights_only=True``), checked to be of format ``fmt`` with a dict under
+    ``field``; else ``error`` saying so (``name``: how a message names the file, ``kind``: what it should be,
+    ``hint``: how to write one)."""
+    try:
+        obj = safe_torch_load(str(path))
+    except CheckpointError as e:
+        raise error(f"{name} {path}: {e}") from None
+    if not isinstance(obj, dict) or obj.get("format") != fmt or not isinstance(obj.get(field), dict):
+        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        raise error(f"{path} is not {kind} of format {fmt} (found {found!r}); {hint}")
+    return obj
+
+
 def _find(folders: Iterable[str | Path], key: str, load: Callable[[Path], Any]) -> Any:
     """``load(folder/<key>.pt)`` for the first of ``folders`` that has the file, else None."""
     for folder in folders:
@@ -199,14 +214,8 @@ def load_report(path: str | Path) -> LikelihoodReport:
     Raises:
         LikelihoodError: the file is missing, unreadable, or not a stored report of this format.
     """
-    try:
-        obj = safe_torch_load(str(path))
-    except CheckpointError as e:
-        raise LikelihoodError(f"stored report {path}: {e}") from None
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT or not isinstance(obj.get("report"), dict):
-        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
-        raise LikelihoodError(f"{path} is not a stored likelihood report of format {FORMAT} (found {found!r}); "
-                              f"write one with `python -m jem_core likelihood ... --store FOLDER`")
+    obj = _read(path, FORMAT, "report", LikelihoodError, "stored report", "a stored likelihood report",
+                "write one with `python -m jem_core likelihood ... --store FOLDER`")
     d = dict(obj["report"])
     try:
         d["forward"], d["reverse"] = _ais(d["forward"]), _ais(d.get("reverse"))
@@ -306,14 +315,8 @@ def load_scores(path: str | Path) -> StoredScores:
         StoreError: the file is missing, unreadable, not a stored score table of this format, or its table is
         malformed.
     """
-    try:
-        obj = safe_torch_load(str(path))
-    except CheckpointError as e:
-        raise StoreError(f"stored scores {path}: {e}") from None
-    if not isinstance(obj, dict) or obj.get("format") != SCORES_FORMAT:
-        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
-        raise StoreError(f"{path} is not a stored table of OOD scores of format {SCORES_FORMAT} (found {found!r}); "
-                         f"write one with `python -m jem_core evaluate ... --store FOLDER`")
+    obj = _read(path, SCORES_FORMAT, "scores", StoreError, "stored scores", "a stored table of OOD scores",
+                "write one with `python -m jem_core evaluate ... --store FOLDER`")
     out = StoredScores(_check_table(obj.get("scores"), f"stored scores {path}"))
     out.stored = _provenance(path, obj)
     return out
@@ -420,15 +423,9 @@ def load_toy_pair(path: str | Path) -> StoredPair:
     from .data import DataUnavailableError
     from .toy import ToySettings, ToyTrainer, load_toy
 
-    try:
-        obj = safe_torch_load(str(path))
-    except CheckpointError as e:
-        raise StoreError(f"stored pair {path}: {e}") from None
-    pair = obj.get("pair") if isinstance(obj, dict) else None
-    if not isinstance(obj, dict) or obj.get("format") != TOY_FORMAT or not isinstance(pair, dict):
-        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
-        raise StoreError(f"{path} is not a stored 2-D pair of format {TOY_FORMAT} (found {found!r}); write one "
-                         f"with jem_core.report_store.save_toy_pair")
+    obj = _read(path, TOY_FORMAT, "pair", StoreError, "stored pair", "a stored 2-D pair",
+                "write one with jem_core.report_store.save_toy_pair")
+    pair = obj["pair"]
     try:
         spec, data = pair["spec"], (load_toy(pair["spec"], "train"), load_toy(pair["spec"], "test"))
         out = []

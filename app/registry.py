@@ -503,8 +503,10 @@ def stored_likelihood(model: torch.nn.Module, test_x: torch.Tensor | None, setti
 
 #: Precomputed OOD score tables (:func:`jem_core.report_store.save_scores`) read before any is computed: the OOD
 #: page's first view of the bundled MNIST pair, written by ``python -m jem_core evaluate ... --n-ood 500 --store
-#: checkpoints/ood`` (``checkpoints/README.md``).
+#: checkpoints/ood``, and the Score page's reference (``checkpoints/README.md``).
 STORED_OOD = CHECKPOINT_DIR / "ood"
+#: Test images (at most) whose OOD scores are the Score page's reference histograms.
+SCORE_REFERENCE_IMAGES = 1000
 
 
 def stored_ood_scores(model: torch.nn.Module, x: torch.Tensor, scores: tuple[str, ...],

@@ -37,8 +37,8 @@ from app.compute import (N_WORKERS, Cancelled, _workers, cached, current_session
 from app.figures import (CLASS_COLORS, COLORS, ChainTracesPicture, difference_images, fig_chain_energy, fig_chain_predictions, fig_histograms, fig_lines, fig_maps, fig_placement,
                          fig_probabilities, fig_reliability, fig_roc, image_map)
 from app.registry import (CHECKPOINT_DIR, FIRST_VIEW_TEST_IMAGES, LIKELIHOOD_CHAINS, LIKELIHOOD_REVERSE,
-                          LIKELIHOOD_SAMPLER, LIKELIHOOD_SCHEDULE, LIKELIHOOD_TEST_IMAGES, ROOT, STORED_OOD,
-                          TOY_PRETRAIN_ITERS,
+                          LIKELIHOOD_SAMPLER, LIKELIHOOD_SCHEDULE, LIKELIHOOD_TEST_IMAGES, ROOT,
+                          SCORE_REFERENCE_IMAGES, STORED_OOD, TOY_PRETRAIN_ITERS,
                           TRAIN_RUN, Context, ModelEntry, _default_pair, context, likelihood_report, likelihood_temps,
                           shape_of, sidebar, stored_ood_scores, test_probabilities, toy_pair_for_visit, toy_spec,
                           warm_up)
@@ -50,7 +50,7 @@ __all__ = [
     "CHAIN_INTERVAL", "CHECKPOINT_DIR", "CLASS_COLORS", "COLORS", "Cancelled", "Context", "FIRST_VIEW_TEST_IMAGES",
     "LIKELIHOOD_CHAINS",
     "LIKELIHOOD_REVERSE", "LIKELIHOOD_SAMPLER", "LIKELIHOOD_SCHEDULE", "LIKELIHOOD_TEST_IMAGES", "LIVE_INTERVAL",
-    "ModelEntry", "N_WORKERS", "PAGES_DIR", "PAGE_SPECS", "PERSIST", "ROOT", "STORED_OOD", "TRAIN_RUN", "_default_pair",
+    "ModelEntry", "N_WORKERS", "PAGES_DIR", "PAGE_SPECS", "PERSIST", "ROOT", "SCORE_REFERENCE_IMAGES", "STORED_OOD", "TRAIN_RUN", "_default_pair",
     "_workers", "cached", "ChainTracesPicture", "chosen", "context", "current_session_id", "difference_images", "digest_files", "display_scale",
     "download_json", "download_png", "download_table", "fig_chain_energy", "fig_chain_predictions",
     "fig_histograms", "fig_lines", "fig_maps", "fig_placement", "fig_probabilities", "fig_reliability",

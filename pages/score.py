@@ -12,6 +12,8 @@ What does not live here: decoding, scoring and attributions (:mod:`jem_core.imag
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import streamlit as st
 import torch
@@ -26,7 +28,6 @@ from jem_core.scoring import UNUSUAL_PERCENTILE, place, score_batch
 INVERT = {"Auto": None, "Invert": True, "Don't invert": False}
 METHODS = {"saliency": "saliency |∂/∂x|", "integrated_gradients": "integrated gradients"}
 N_EXAMPLES = 2
-N_REFERENCE = 1000  # test images behind the reference histograms of the verdict
 
 
 def inputs(ctx: ui.Context) -> tuple[list[str], torch.Tensor | None, list[list[str]], list[list], list[bool]]:
@@ -76,14 +77,17 @@ def inputs(ctx: ui.Context) -> tuple[list[str], torch.Tensor | None, list[list[s
 
 
 def test_scores(ctx: ui.Context) -> dict[str, torch.Tensor] | None:
-    """The three OOD scores of the first test images under the chosen model (shared cache), or None."""
+    """The three OOD scores of the first test images under the chosen model (shared cache; read from a stored
+    table when there is one: ``StoredScores.stored`` then says which), or None without a test set."""
     test = ctx.test_set()
     if test is None:
         return None
-    n = min(N_REFERENCE, len(test))
+    n = min(ui.SCORE_REFERENCE_IMAGES, len(test))
+    model, x = ctx.model.model, test.x[:n]
     return ui.cached(("score_ref", ctx.key, ctx.dataset, str(ctx.data_root), n),
-                     lambda p: ood_score_table(ctx.model.model, test.x[:n], OOD_SCORES, progress=p),
-                     f"Scoring {n} test images for the reference histograms...")
+                     lambda p: ood_score_table(model, x, OOD_SCORES, progress=p),
+                     f"Scoring {n} test images for the reference histograms...",
+                     stored=lambda: ui.stored_ood_scores(model, x, OOD_SCORES))
 
 
 def why(ctx: ui.Context, i: int, x: torch.Tensor, ref: dict[str, torch.Tensor], key: str) -> None:
@@ -98,6 +102,11 @@ def why(ctx: ui.Context, i: int, x: torch.Tensor, ref: dict[str, torch.Tensor], 
     ui.show_chart(ui.fig_placement(marks, f"Where this image falls among {len(ref[OOD_SCORES[0]])} "
                                    f"{ctx.dataset} test images (higher = more typical)"), key=f"score_why_{key}")
     st.dataframe(pd.DataFrame(rows), hide_index=True)
+    stored = getattr(ref, "stored", None)
+    if stored:
+        st.caption(f"The test images' scores were read from a stored table, computed {stored['computed']} (UTC) "
+                   f"with torch {stored['torch']} for these weights and images "
+                   f"(`{ui.CHECKPOINT_DIR.name}/{ui.STORED_OOD.name}/{Path(stored['file']).name}`).")
     flagged = [SCORE_LABELS[sc] for sc, pl in places.items() if pl.unusual]
     if len(flagged) == len(places):
         st.caption("All three scores call it unusual: it differs from the test images in every way these scores "

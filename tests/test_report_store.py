@@ -158,9 +158,10 @@ def test_the_bundled_mnist_first_view_is_stored_for_this_code_and_these_weights(
     assert stored == [Path(rep.stored["file"]).name], f"stale stored estimates in {registry.STORED_LIKELIHOOD}"
 
 
-def _open_without_computing(monkeypatch, page: str, cache_kind: str, module, function: str):
+def _open_without_computing(monkeypatch, page: str, cache_kind: str, module, function: str, allow=None):
     """Open ``pages/<page>.py`` on the bundled MNIST pair in AppTest, with no result of ``cache_kind`` in the
-    shared result store and ``module.function`` replaced by a recorder; the app test and the recorded calls."""
+    shared result store and ``module.function`` replaced by a recorder; the app test and the recorded calls.
+    ``allow(*args, **kwargs)``: calls for which it is true run the real function and are not recorded."""
     from streamlit.testing.v1 import AppTest
 
     from app import compute
@@ -173,8 +174,9 @@ def _open_without_computing(monkeypatch, page: str, cache_kind: str, module, fun
             store["data"].pop(k)
             store["bytes"].pop(k, None)
         store["not_stored"].clear()
-    called = []
-    monkeypatch.setattr(module, function, lambda *a, **k: called.append(k))
+    called, real = [], getattr(module, function)
+    monkeypatch.setattr(module, function,
+                        lambda *a, **k: real(*a, **k) if allow is not None and allow(*a, **k) else called.append(k))
     at = AppTest.from_file(str(ROOT / "app" / "Home.py"), default_timeout=180).run()
     at.switch_page(f"../pages/{page}.py").run()
     assert not at.exception, at.exception
@@ -299,8 +301,10 @@ def test_evaluate_stores_every_score_table_where_the_app_looks_it_up(tmp_path, c
 
 
 def _mnist_ood_first_view():
-    """The bundled MNIST pair and the OOD page's first view of it: the first 500 test images and 500 images of
-    each default OOD set, made as the page makes them (the demo pack's images, the same as the data root's)."""
+    """The bundled MNIST pair and the stored first views of it: the OOD page's (the first 500 test images and 500
+    images of each default OOD set, made as the page makes them) and the Score page's reference (the first
+    ``SCORE_REFERENCE_IMAGES`` test images); the demo pack's images, the same as the data root's."""
+    from app import registry
     from jem_core.checkpoint import load_checkpoint
     from jem_core.data import load_dataset
     from jem_core.evaluation.report import default_ood_sets
@@ -308,9 +312,11 @@ def _mnist_ood_first_view():
     paths = [ROOT / "checkpoints" / f"mnist_{m}.pt" for m in ("jem", "baseline")]
     if not all(p.is_file() for p in paths):
         pytest.skip("the bundled MNIST pair is not in checkpoints/")
-    x_in = load_dataset("mnist", "test", None, download=False).x[:500]
+    test_x = load_dataset("mnist", "test", None, download=False).x
+    x_in = test_x[:500]
     sets = {s: load_ood_set(s, x_in, None, n=500, seed=i) for i, s in enumerate(default_ood_sets("mnist", None))}
-    return [load_checkpoint(p).model for p in paths], {"in-distribution": x_in, **sets}
+    return ([load_checkpoint(p).model for p in paths],
+            {"in-distribution": x_in, **sets, "score reference": test_x[:registry.SCORE_REFERENCE_IMAGES]})
 
 
 def test_the_bundled_mnist_ood_first_view_is_stored_for_this_code_and_these_weights():
@@ -324,10 +330,10 @@ def test_the_bundled_mnist_ood_first_view_is_stored_for_this_code_and_these_weig
     for model in models:
         for name, x in images.items():
             stored = registry.stored_ood_scores(model, x, OOD_SCORES)
-            assert stored is not None, f"no stored OOD scores of {name} for the OOD page's first view"
+            assert stored is not None, f"no stored OOD scores of {name} for the OOD and Score pages' first views"
             files.add(Path(stored.stored["file"]).name)
-    # their figures are these models' on these images (two tables recomputed here)
-    for model, name in ((models[0], "in-distribution"), (models[1], "fashion_mnist")):
+    # their figures are these models' on these images (three tables recomputed here)
+    for model, name in ((models[0], "in-distribution"), (models[1], "fashion_mnist"), (models[0], "score reference")):
         stored, fresh = registry.stored_ood_scores(model, images[name], OOD_SCORES), ood_score_table(model, images[name])
         # rtol 5e-3: another CPU's kernels round differently; the input-gradient norm of a confident image (a
         # small difference of large terms) differed by up to 1.1e-3 relative between two machines of this project
@@ -344,6 +350,22 @@ def test_the_ood_page_reads_the_stored_tables_without_scoring(monkeypatch):
     assert called == [], "the page scored images although their scores are stored"
     assert any(c.value.startswith("14 of these 14 score tables were read from stored tables") for c in at.caption)
     assert len(at.dataframe) >= 2
+
+
+def test_the_score_page_reads_its_stored_reference_without_scoring_the_test_images(monkeypatch):
+    import jem_core.evaluation
+    from app import registry
+
+    _mnist_ood_first_view()  # skips without the bundled pair
+    # the page still scores each shown image itself (one image per call): only larger calls are recorded
+    at, called = _open_without_computing(monkeypatch, "score", "score_ref", jem_core.evaluation, "ood_score_table",
+                                         allow=lambda model, x, *a, **k: len(x) == 1)
+    assert called == [], "the page scored the test images although their scores are stored"
+    notes = [c.value for c in at.caption if c.value.startswith("The test images' scores were read from a stored table")]
+    assert notes and all(f"`{registry.CHECKPOINT_DIR.name}/{registry.STORED_OOD.name}/" in n for n in notes)
+    # every example's verdict is placed on the 1,000 test images' histograms
+    assert len(at.dataframe) >= 3 and any(f"among {registry.SCORE_REFERENCE_IMAGES} mnist test images" in
+                                          str(getattr(e, "proto", "")) for e in at.get("plotly_chart"))
 
 
 # ------------------------------------------------------------------------------------------- 2-D pairs

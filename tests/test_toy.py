@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from jem_core.data import DataUnavailableError, data_available, dataset_shape, load_dataset
-from jem_core.toy import (BOX, DIVERGE_PRESET, ToyTrainer, density_grid, exact_log_likelihood, grid_points,
+from jem_core.toy import (DIVERGE_PRESET, ToyTrainer, density_grid, exact_log_likelihood, grid_points,
                           histogram_distance, histogram_distance_floor, load_toy, log_z_quadrature, parse_toy_spec,
                           ToySettings, pretrained_pair, sample_grid, sampler_fidelity)
 

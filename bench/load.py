@@ -18,7 +18,11 @@ this machine), then drives Debian's Chromium through Playwright:
   since the harness began, before the chain tabs opened: a started server's age) and the browser's own
   timing of its document phase ("nav": first and last byte of the HTML, last byte of the scripts,
   DOMContentLoaded, files fetched from the server rather than the cache; :data:`NAV_TIMING`);
-- ``--train`` adds one session that trains a digits JEM on the Train page.
+- ``--train`` adds one session that trains a digits JEM on the Train page;
+- ``--visitors-every S``: every S seconds a new visitor, a fresh browser context with nothing cached, loads Home
+  once ("dom", "title", "shown" and "nav" as above) and leaves (``visitor_loads``; ``visitor_load_s``: their
+  count, median, max and how many were under 5 s): cold first loads while the chains run steadily, apart from
+  the browsing session's one first load.
 
 Every ``--sample`` seconds it records the server's resident memory and CPU time (``/proc``) and every
 session's refreshes; every second, the cores used by the server, by the Chromium processes and by the whole
@@ -247,17 +251,39 @@ def _png_digit(path: Path) -> Path:
     return path
 
 
+def _visit(browser, url: str, name: str, start: float, began: float, result: dict) -> None:
+    """One new visitor: a fresh context of ``browser`` (no cache, no cookies) loads Home (:func:`timed_load`) and
+    closes; appends its times to ``result["visitor_loads"]`` (or the error to ``result["exceptions"]``)."""
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    try:
+        pg = ctx.new_page()
+        pg.set_default_timeout(120_000)
+        t0 = time.monotonic()
+        t = timed_load(pg, url)
+        result["visitor_loads"].append({"session": name, "page": "home", "t": round(t0 - start, 1),
+                                        "since_start": round(t0 - began, 1), "s": t["shown"], "s_dom": t["dom"],
+                                        "s_title": t["title"], "nav": t["nav"]})
+        result["exceptions"] += [f"{name}/home: {e}" for e in _exceptions(pg)]
+    except Exception as e:  # noqa: BLE001 - a timeout is a finding, not the end of the run
+        result["exceptions"].append(f"{name}/home: {type(e).__name__}: {str(e)[:200]}")
+    finally:
+        ctx.close()
+
+
 def run(url: str, server_pid: int | None, chains: int, browse: int, train: bool, minutes: float,
-        sample_s: float, log: Path | None, browse_delay: float = 0.0, steps: int = 2000) -> dict:
+        sample_s: float, log: Path | None, browse_delay: float = 0.0, steps: int = 2000,
+        visitors_every: float = 0.0) -> dict:
     """Drive the sessions for ``minutes``; returns the measurements (see the module docstring). The browsing
     sessions' first load comes as soon as the chain tabs have drawn their titles (their chains starting), or
     ``browse_delay`` seconds later. The chains run ``steps`` SGLD steps (10-2,000, the page's slider), then start
-    again."""
+    again. ``visitors_every`` > 0: every that many seconds or more (between two loads of the browsing sessions),
+    a new visitor (a fresh browser context: nothing cached) loads Home once and leaves (:func:`_visit`)."""
     from playwright.sync_api import sync_playwright
 
     exe = shutil.which("chromium") or "/usr/bin/chromium"
     result: dict = {"url": url, "chains": chains, "browse": browse, "train": train, "minutes": minutes,
-                    "memory": [], "sessions": {}, "page_loads": [], "exceptions": [], "actions": []}
+                    "memory": [], "sessions": {}, "page_loads": [], "exceptions": [], "actions": [],
+                    "visitor_loads": []}
     upload = _png_digit(Path(tempfile.mkdtemp()) / "one.png")
     began = time.monotonic()
     cores = CoreSampler(server_pid) if server_pid else None
@@ -299,8 +325,12 @@ def run(url: str, server_pid: int | None, chains: int, browse: int, train: bool,
         start = time.monotonic()
         step = 0
         next_sample = start
+        next_visitor = start + visitors_every if visitors_every > 0 else float("inf")
         while time.monotonic() - start < minutes * 60:
             now = time.monotonic()
+            if now >= next_visitor:  # the next one at least visitors_every seconds after this one began
+                next_visitor = now + visitors_every
+                _visit(browser, url, f"visitor{len(result['visitor_loads'])}", start, began, result)
             if now >= next_sample:
                 if server_pid:
                     rss, cpu = _proc_stats(server_pid)
@@ -392,6 +422,10 @@ def run(url: str, server_pid: int | None, chains: int, browse: int, train: bool,
         result["slowest_over_fastest"] = round(min(rates) / max(rates), 2) if max(rates) else 0.0
     loads = [x for x in result["page_loads"] if x["session"].startswith("browse")]
     result["page_load_s_max"] = round(max(x["s"] for x in loads), 2) if loads else None
+    visits = [x["s"] for x in result["visitor_loads"] if "s" in x]
+    if visits:
+        result["visitor_load_s"] = {"n": len(visits), "median": round(statistics.median(visits), 2),
+                                    "max": round(max(visits), 2), "under_5s": sum(v < 5 for v in visits)}
     later = [x["s"] for x in loads if x["since_start"] > 60]
     result["page_load_s_max_after_first_minute"] = round(max(later), 2) if later else None
     result["page_idle_s_max"] = round(max(x["s_idle"] for x in loads), 2) if loads else None
@@ -541,6 +575,8 @@ def main() -> None:
     ap.add_argument("--browse-delay", type=float, default=0.0,
                     help="seconds between the chain tabs' opening and the browsing sessions' first load")
     ap.add_argument("--steps", type=int, default=2000, help="SGLD steps of each chain run, 10-2000 (default 2000)")
+    ap.add_argument("--visitors-every", type=float, default=0.0, metavar="S",
+                    help="every S seconds a new visitor (a fresh browser context) loads Home once (default: none)")
     ap.add_argument("--default", default="", help="JEM_EXPLORER_DEFAULT for a started server (digits or mnist)")
     ap.add_argument("--out", default="bench/load.json")
     a = ap.parse_args()
@@ -548,6 +584,8 @@ def main() -> None:
         raise SystemExit("error: --url must point to this machine (127.0.0.1, localhost or [::1])")
     if a.minutes <= 0 or a.minutes > 120 or a.chains < 0 or a.browse < 0:
         raise SystemExit("error: --minutes must lie in (0, 120] and --chains/--browse be >= 0")
+    if a.visitors_every < 0:
+        raise SystemExit(f"error: --visitors-every must be >= 0 seconds, got {a.visitors_every}")
     if not 10 <= a.steps <= 2000:
         raise SystemExit(f"error: --steps must lie in [10, 2000] (the Langevin page's range), got {a.steps}")
     proc, log = None, None
@@ -560,7 +598,7 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
     try:
         result = run(url, proc.pid if proc else None, a.chains, a.browse, a.train, a.minutes, a.sample, log,
-                     a.browse_delay, a.steps)
+                     a.browse_delay, a.steps, a.visitors_every)
     finally:
         if proc is not None:
             stop_server(proc)
@@ -576,6 +614,7 @@ def main() -> None:
     summary["cores"] = {k: v for k, v in result.get("cores", {}).items() if k != "samples"}
     summary["refresh_per_s"] = {n: s["refresh_per_s"] for n, s in result["sessions"].items()}
     summary["sgld_steps_per_s"] = {n: s["sgld_steps_per_s"] for n, s in result["sessions"].items()}
+    summary["visitor_load_s"] = result.get("visitor_load_s")
     summary["server_latency"] = result.get("server_latency")
     summary["exceptions"] = len(result["exceptions"])
     print(json.dumps(summary), flush=True)

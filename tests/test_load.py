@@ -26,7 +26,7 @@ def measured():
         port = proc.args[proc.args.index("--server.port") + 1]
         # 1,000 steps: the chains finish and start again within the run (38-94 SGLD steps/s measured in this scenario)
         return load.run(f"http://127.0.0.1:{port}", proc.pid, chains=1, browse=1, train=False, minutes=0.6,
-                        sample_s=3.0, log=log, steps=1000)
+                        sample_s=3.0, log=log, steps=1000, visitors_every=10)
     finally:
         load.stop_server(proc)
 
@@ -68,6 +68,20 @@ def test_the_harness_times_the_server_apart_from_the_browsers(measured):
     chain_load = next(x for x in measured["page_loads"] if x["session"] == "chains0")
     ages = [x["since_start"] for x in loads]
     assert chain_load["since_start"] <= ages[0] and ages == sorted(ages) and ages[-1] < 0.6 * 60 + 60, ages
+
+
+def test_new_visitors_load_home_cold_between_the_browsing_loads(measured):
+    """Every 10 s or more, a fresh browser context (nothing cached) loads Home: each fetches the app's scripts
+    from the server, its times come in the order of a navigation, and the summary counts them."""
+    visits = measured["visitor_loads"]
+    assert len(visits) >= 2 and [v["session"] for v in visits] == [f"visitor{i}" for i in range(len(visits))], visits
+    assert [v["t"] for v in visits] == sorted(v["t"] for v in visits) and visits[1]["t"] - visits[0]["t"] >= 9
+    for v in visits:
+        assert v["page"] == "home" and v["nav"]["fetched"] > 10, v
+        assert 0 <= v["nav"]["ttfb"] <= v["nav"]["dcl"] <= v["s_dom"] + 0.1 and v["s_dom"] <= v["s_title"] <= v["s"], v
+    summary = measured["visitor_load_s"]
+    assert summary["n"] == len(visits) and summary["max"] == round(max(v["s"] for v in visits), 2)
+    assert summary["under_5s"] == sum(v["s"] < 5 for v in visits)
 
 
 def test_the_harness_splits_the_cores_between_server_browsers_and_machine(measured):

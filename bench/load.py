@@ -480,29 +480,33 @@ class ServerProbe(threading.Thread):
         return out
 
 
-def _chromium_and_machine_cpu() -> tuple[float, float]:
-    """(CPU seconds of every Chromium process on this machine, busy CPU seconds of the whole machine), from
+def _chromium_and_machine_cpu() -> tuple[dict[int, float], float]:
+    """({pid: CPU seconds} of every Chromium process on this machine, busy CPU seconds of the whole machine), from
     ``/proc``: the browsers' share of the cores beside the server's."""
     ticks = os.sysconf("SC_CLK_TCK")
-    chromium = 0
+    chromium = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/stat") as f:
                 name, rest = f.read().split(" (", 1)[1].rsplit(")", 1)
             if name.startswith("chrom"):
                 fields = rest.split()
-                chromium += int(fields[11]) + int(fields[12])
+                chromium[int(pid)] = (int(fields[11]) + int(fields[12])) / ticks
         except (OSError, IndexError, ValueError):
             continue  # a process that ended meanwhile
     with open("/proc/stat") as f:
         cpu = [int(v) for v in f.readline().split()[1:]]
-    return chromium / ticks, (sum(cpu) - cpu[3] - cpu[4]) / ticks  # all but idle and iowait
+    return chromium, (sum(cpu) - cpu[3] - cpu[4]) / ticks  # all but idle and iowait
 
 
 class CoreSampler(threading.Thread):
     """Every ``every`` seconds, the cores' worth of CPU used since the last sample by the server (``pid``), by all
     Chromium processes, and by the whole machine: ``samples`` rows ``[t, server, chromium, machine]`` (t: seconds
-    since the sampler started). :meth:`summary` gives their means over the first minute and after it."""
+    since the sampler started). :meth:`summary` gives their means over the first minute and after it.
+
+    Chromium's share is summed per process over the processes alive at the sample (a new one from its start): a
+    renderer that ends between two samples (a closed context) leaves out its last second's CPU, instead of its whole
+    past making the sum fall."""
 
     def __init__(self, pid: int, every: float = 1.0) -> None:
         super().__init__(daemon=True, name="core-sampler")
@@ -512,15 +516,18 @@ class CoreSampler(threading.Thread):
 
     def run(self) -> None:
         t0 = last_t = time.monotonic()
-        last = (_proc_stats(self.pid)[1], *_chromium_and_machine_cpu())
+        last_server, (last_chromium, last_machine) = _proc_stats(self.pid)[1], _chromium_and_machine_cpu()
         while not self._done.wait(self.every):
             try:
-                now = (_proc_stats(self.pid)[1], *_chromium_and_machine_cpu())
+                server = _proc_stats(self.pid)[1]
             except OSError:  # the server has ended
                 return
+            chromium, machine = _chromium_and_machine_cpu()
             t = time.monotonic()
-            self.samples.append([round(t - t0, 1)] + [round((b - a) / (t - last_t), 2) for a, b in zip(last, now)])
-            last, last_t = now, t
+            used = (server - last_server, sum(c - last_chromium.get(p, 0.0) for p, c in chromium.items()),
+                    machine - last_machine)
+            self.samples.append([round(t - t0, 1)] + [round(u / (t - last_t), 2) for u in used])
+            last_server, last_chromium, last_machine, last_t = server, chromium, machine, t
 
     def summary(self) -> dict:
         """Stop sampling; the mean cores used by the server, Chromium and the machine in the first minute and after."""

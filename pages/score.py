@@ -37,6 +37,7 @@ def inputs(ctx: ui.Context) -> tuple[list[str], torch.Tensor | None, list[list[s
     files = st.file_uploader(f"Upload images (PNG, JPEG, GIF, BMP, WebP or TIFF; up to {MAX_BYTES // 2**20} MB each)",
                              type=["png", "jpg", "jpeg", "gif", "bmp", "webp", "tif",
                                                                "tiff"], accept_multiple_files=True, key="score_upload",
+                             max_upload_size=MAX_BYTES // 2**20,
                              help=f"any size or colour: converted to {c}x{h}x{h} like the model's training data")
     a, b, d = st.columns(3)
     invert = a.radio("Colour inversion", list(INVERT), key="score_invert", horizontal=True,
@@ -136,10 +137,10 @@ def verdict(r, dataset: str) -> None:
     if r.percentile is None:
         st.info("This checkpoint carries no reference statistics, so there is no percentile.")
     elif r.unusual:
-        st.warning(f"Unusual input: log p(x) is at the {r.percentile:.1f}th percentile of the {dataset} test set "
-                   f"(below {UNUSUAL_PERCENTILE:g}%).")
+        st.warning(f"Unusual input: log p(x) is at percentile {r.percentile:.1f} of the {dataset} test set "
+                   f"(below {UNUSUAL_PERCENTILE:g}).")
     else:
-        st.success(f"Typical input: log p(x) is at the {r.percentile:.1f}th percentile of the {dataset} test set.")
+        st.success(f"Typical input: log p(x) is at percentile {r.percentile:.1f} of the {dataset} test set.")
 
 
 def main(ctx: ui.Context) -> None:
@@ -199,8 +200,8 @@ def main(ctx: ui.Context) -> None:
             with v:
                 if blanks[i]:
                     st.warning("No visible content: after preprocessing this image is one flat grey level, so the "
-                               "prediction and the energy below are the model's answer to a blank picture and say "
-                               "little about the upload. See the preprocessing steps.")
+                               "prediction and the energy shown for it are the model's answer to a blank picture "
+                               "and say little about the upload. See the preprocessing steps.")
                 verdict(r, dataset)
             with st.expander("Preprocessing steps"):
                 if stages[i]:

@@ -251,18 +251,30 @@ def _png_digit(path: Path) -> Path:
     return path
 
 
+def _new_page(browser, *init_scripts: str):
+    """A fresh context of ``browser`` (no cache, no cookies; 1280x900, ``init_scripts`` added) and its page, whose
+    waits time out after 120 s: ``(context, page)``."""
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    for script in init_scripts:
+        ctx.add_init_script(script)
+    pg = ctx.new_page()
+    pg.set_default_timeout(120_000)
+    return ctx, pg
+
+
+def _load_record(name: str, page: str, t0: float, start: float, began: float, t: dict) -> dict:
+    """One timed load (:func:`timed_load`'s ``t``, begun at monotonic ``t0``) as the JSON records it."""
+    return {"session": name, "page": page, "t": round(t0 - start, 1), "since_start": round(t0 - began, 1),
+            "s": t["shown"], "s_dom": t["dom"], "s_title": t["title"], "nav": t["nav"]}
+
+
 def _visit(browser, url: str, name: str, start: float, began: float, result: dict) -> None:
     """One new visitor: a fresh context of ``browser`` (no cache, no cookies) loads Home (:func:`timed_load`) and
     closes; appends its times to ``result["visitor_loads"]`` (or the error to ``result["exceptions"]``)."""
-    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    ctx, pg = _new_page(browser)
     try:
-        pg = ctx.new_page()
-        pg.set_default_timeout(120_000)
         t0 = time.monotonic()
-        t = timed_load(pg, url)
-        result["visitor_loads"].append({"session": name, "page": "home", "t": round(t0 - start, 1),
-                                        "since_start": round(t0 - began, 1), "s": t["shown"], "s_dom": t["dom"],
-                                        "s_title": t["title"], "nav": t["nav"]})
+        result["visitor_loads"].append(_load_record(name, "home", t0, start, began, timed_load(pg, url)))
         result["exceptions"] += [f"{name}/home: {e}" for e in _exceptions(pg)]
     except Exception as e:  # noqa: BLE001 - a timeout is a finding, not the end of the run
         result["exceptions"].append(f"{name}/home: {type(e).__name__}: {str(e)[:200]}")
@@ -293,11 +305,7 @@ def run(url: str, server_pid: int | None, chains: int, browse: int, train: bool,
         browser = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
         chain_pages = []
         for i in range(chains):
-            ctx = browser.new_context(viewport={"width": 1280, "height": 900})
-            ctx.add_init_script(REFRESH_RECORDER)
-            ctx.add_init_script(CHAIN_RESTARTER)
-            pg = ctx.new_page()
-            pg.set_default_timeout(120_000)
+            ctx, pg = _new_page(browser, REFRESH_RECORDER, CHAIN_RESTARTER)
             t0 = time.monotonic()
             pg.goto(f"{url}/langevin?lg_steps={int(steps)}", wait_until="domcontentloaded")
             pg.locator("h1").first.wait_for(state="visible")
@@ -307,14 +315,9 @@ def run(url: str, server_pid: int | None, chains: int, browse: int, train: bool,
         time.sleep(browse_delay)
         browsers = []
         for i in range(browse):
-            ctx = browser.new_context(viewport={"width": 1280, "height": 900})
-            pg = ctx.new_page()
-            pg.set_default_timeout(120_000)
-            browsers.append((f"browse{i}", ctx, pg))
+            browsers.append((f"browse{i}", *_new_page(browser)))
         if train:
-            ctx = browser.new_context(viewport={"width": 1280, "height": 900})
-            pg = ctx.new_page()
-            pg.set_default_timeout(120_000)
+            ctx, pg = _new_page(browser)
             pg.goto(f"{url}/train", wait_until="domcontentloaded")
             pg.locator(".st-key-tr_start button").filter(visible=True).first.click()
             result["actions"].append({"session": "train", "action": "start training", "t": 0.0})
@@ -345,11 +348,8 @@ def run(url: str, server_pid: int | None, chains: int, browse: int, train: bool,
                 try:
                     t = timed_load(pg, f"{url}/{page}")
                     _idle(pg)
-                    result["page_loads"].append({"session": name, "page": page or "home", "t": round(t0 - start, 1),
-                                                 "since_start": round(t0 - began, 1),
-                                                 "s": t["shown"],
-                                                 "s_dom": t["dom"], "s_title": t["title"], "nav": t["nav"],
-                                                 "s_idle": round(time.monotonic() - t0, 2)})
+                    result["page_loads"].append(_load_record(name, page or "home", t0, start, began, t)
+                                                | {"s_idle": round(time.monotonic() - t0, 2)})
                     if page == "score":
                         pg.locator(".st-key-score_upload input[type=file]").set_input_files(str(upload))
                         _idle(pg)
@@ -422,7 +422,7 @@ def run(url: str, server_pid: int | None, chains: int, browse: int, train: bool,
         result["slowest_over_fastest"] = round(min(rates) / max(rates), 2) if max(rates) else 0.0
     loads = [x for x in result["page_loads"] if x["session"].startswith("browse")]
     result["page_load_s_max"] = round(max(x["s"] for x in loads), 2) if loads else None
-    visits = [x["s"] for x in result["visitor_loads"] if "s" in x]
+    visits = [x["s"] for x in result["visitor_loads"]]
     if visits:
         result["visitor_load_s"] = {"n": len(visits), "median": round(statistics.median(visits), 2),
                                     "max": round(max(visits), 2), "under_5s": sum(v < 5 for v in visits)}

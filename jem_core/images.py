@@ -51,6 +51,7 @@ from .utils import atomic_write
 __all__ = [
     "ALLOWED_FORMATS",
     "MAX_BYTES",
+    "MAX_MB",
     "MAX_PIXELS",
     "STAGE_SIDE",
     "BLANK_STD",
@@ -74,8 +75,10 @@ __all__ = [
 #: a 7300x5500 photo; an RGB image at the limit takes 120 MB once decoded.
 MAX_PIXELS: int = 40_000_000
 
-#: Largest accepted upload / file, in bytes (20 MiB).
-MAX_BYTES: int = 20 * 1024 * 1024
+#: Largest accepted upload / file, in MiB (the app's upload widgets take it as Streamlit's MB, also 2**20 bytes)
+#: and in bytes.
+MAX_MB: int = 20
+MAX_BYTES: int = MAX_MB * 1024 * 1024
 
 #: Longest side, in pixels, to which large images are reduced right after decoding
 #: (JPEG: decoded at a reduced scale via ``Image.draft``; others: ``Image.resize`` with
@@ -263,7 +266,7 @@ def decode_image(data: bytes | bytearray | memoryview | IO[bytes], name: str = "
         raise _error(name, "is empty (0 bytes)",
                      "Upload the file again; it may not have been saved completely", "empty")
     if n_bytes > MAX_BYTES:
-        raise _error(name, f"is {n_bytes / 2**20:.1f} MB, over the {MAX_BYTES / 2**20:.0f} MB limit",
+        raise _error(name, f"is {n_bytes / 2**20:.1f} MB, over the {MAX_MB} MB limit",
                      "Save it at a smaller size or as a compressed JPEG/PNG and try again",
                      "too_large")
 
@@ -370,7 +373,7 @@ def load_image_file(path: str | os.PathLike[str]) -> bytes:
                          "Choose an image file inside it", "unreadable_file")
         size = os.stat(name).st_size
         if size > MAX_BYTES:
-            raise _error(name, f"is {size / 2**20:.1f} MB, over the {MAX_BYTES / 2**20:.0f} MB limit",
+            raise _error(name, f"is {size / 2**20:.1f} MB, over the {MAX_MB} MB limit",
                          "Save it at a smaller size or as a compressed JPEG/PNG", "too_large")
         with open(name, "rb") as f:
             data = f.read(MAX_BYTES + 1)  # the file may have grown since stat()
@@ -384,7 +387,7 @@ def load_image_file(path: str | os.PathLike[str]) -> bytes:
         raise _error(name, f"cannot be read ({e.strerror or e})",
                      "Check that the file is accessible and try again", "unreadable_file") from e
     if len(data) > MAX_BYTES:
-        raise _error(name, f"is over the {MAX_BYTES / 2**20:.0f} MB limit",
+        raise _error(name, f"is over the {MAX_MB} MB limit",
                      "Save it at a smaller size or as a compressed JPEG/PNG", "too_large")
     return data
 

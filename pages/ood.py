@@ -21,7 +21,7 @@ from jem_core.evaluation import load_ood_set, ood_metrics, ood_score_table, roc_
 from jem_core.evaluation.ood import OOD_SCORES, SCORE_LABELS
 from jem_core.evaluation.report import default_ood_sets
 from jem_core.evaluation.verdicts import Interval, auroc_bootstrap, ood_verdict
-from jem_core.images import MAX_BYTES, prepare_uploads
+from jem_core.images import MAX_MB, prepare_uploads
 
 UPLOADED = "uploaded images"
 SET_LABELS = {"uniform": "uniform noise", "gaussian": "Gaussian (data mean/std)", "constant": "constant images",
@@ -49,7 +49,7 @@ def auroc_interval(s_in: np.ndarray, s_out: np.ndarray) -> Interval:
 def uploaded_set(ctx: ui.Context) -> tuple[torch.Tensor | None, str]:
     c, h, _ = ctx.shape
     files = st.file_uploader("An uploaded folder of OOD images", type=["png", "jpg", "jpeg", "gif", "bmp", "webp"],
-                             accept_multiple_files="directory", key="ood_upload", max_upload_size=MAX_BYTES // 2**20,
+                             accept_multiple_files="directory", key="ood_upload", max_upload_size=MAX_MB,
                              help="every image of the folder is converted like the model's inputs "
                                   f"({c}x{h}x{h}, inverted when dark-on-light)")
     if not files:

@@ -22,7 +22,7 @@ from app import ui
 from jem_core.data import data_available, synthetic_ood
 from jem_core.evaluation import attribution_maps, load_ood_set, ood_score_table
 from jem_core.evaluation.ood import OOD_SCORES, SCORE_LABELS
-from jem_core.images import MAX_BYTES, prepare_uploads
+from jem_core.images import MAX_MB, prepare_uploads
 from jem_core.scoring import UNUSUAL_PERCENTILE, place, score_batch
 
 INVERT = {"Auto": None, "Invert": True, "Don't invert": False}
@@ -34,10 +34,10 @@ def inputs(ctx: ui.Context) -> tuple[list[str], torch.Tensor | None, list[list[s
     """(names, images [N, C, H, W], preprocessing notes, preprocessing pictures, blank flags) from the uploads
     and the example inputs."""
     c, h, _ = ctx.shape
-    files = st.file_uploader(f"Upload images (PNG, JPEG, GIF, BMP, WebP or TIFF; up to {MAX_BYTES // 2**20} MB each)",
+    files = st.file_uploader(f"Upload images (PNG, JPEG, GIF, BMP, WebP or TIFF; up to {MAX_MB} MB each)",
                              type=["png", "jpg", "jpeg", "gif", "bmp", "webp", "tif",
                                                                "tiff"], accept_multiple_files=True, key="score_upload",
-                             max_upload_size=MAX_BYTES // 2**20,
+                             max_upload_size=MAX_MB,
                              help=f"any size or colour: converted to {c}x{h}x{h} like the model's training data")
     a, b, d = st.columns(3)
     invert = a.radio("Colour inversion", list(INVERT), key="score_invert", horizontal=True,

@@ -28,7 +28,8 @@ Every ``--sample`` seconds it records the server's resident memory and CPU time 
 session's refreshes; every second, the cores used by the server, by the Chromium processes and by the whole
 machine (``cores``, :class:`CoreSampler`); twice a second, how long the server takes to answer its health check
 and the app's HTML (``server_latency``, :class:`ServerProbe`: the server apart from the browsers); exceptions
-shown in a page or printed by the server are collected. At the end it closes the other sessions, waits for the server to
+shown in a page or printed by the server are collected, and so is a Start button the harness could not click
+(:func:`_click_start`: a try that timed out before one that worked goes to ``click_retries``). At the end it closes the other sessions, waits for the server to
 settle with one chain session left, then closes that tab and measures how long the server's CPU use takes to
 fall back (the tab's work must stop). Bounded: ``--minutes`` of load, then everything is closed.
 
@@ -207,25 +208,45 @@ def page_text(pg, limit: int = 400) -> str:
         return f"(unreadable: {type(e).__name__})"
 
 
-def _stuck(name: str, pg, error: Exception, result: dict) -> None:
-    """Record a Start button that could not be clicked: the error, the tabs' states and the page's text."""
+def _click_failure(error: Exception) -> str:
+    """Why a Playwright click failed, in one line: the error's type and the distinct lines of its call log (what
+    it waited for: visible, enabled, stable, not covered by another element), the last 300 characters."""
+    lines = [ln.strip(" -") for ln in str(error).splitlines() if ln.strip(" -")]
+    return f"{type(error).__name__}: " + " | ".join(dict.fromkeys(lines))[-300:]
+
+
+def _stuck(name: str, pg, reasons: list[str], result: dict) -> None:
+    """Record a Start button that could not be clicked: why (:func:`_click_failure` of each try), the tabs' states
+    and the page's text."""
     try:
         tabs = pg.locator('[role="tab"]').evaluate_all(
             "els => els.map(e => e.textContent + (e.getAttribute('aria-selected') === 'true' ? ' (open)' : ''))")
     except Exception:  # noqa: BLE001 - the page may be gone
         tabs = []
-    result["exceptions"].append(f"{name}/langevin: Start could not be clicked ({type(error).__name__}); "
+    result["exceptions"].append(f"{name}/langevin: Start could not be clicked ({'; '.join(reasons)}); "
                                 f"tabs {tabs}; the page showed: {page_text(pg)}")
 
 
+#: Tries of the Langevin page's Start, and seconds each waits for Playwright's checks (visible, enabled, stable,
+#: not covered) before it gives up.
+CLICK_TRIES, CLICK_TIMEOUT_S = 2, 20
+
+
 def _click_start(name: str, pg, result: dict) -> bool:
-    """Click the Langevin page's Start (30 s at most); a failure is a recorded finding (:func:`_stuck`)."""
-    try:
-        pg.locator(".st-key-lg_start button").filter(visible=True).first.click(timeout=30_000)
+    """Click the Langevin page's Start: up to :data:`CLICK_TRIES` tries of :data:`CLICK_TIMEOUT_S` each. A try
+    that timed out before one that worked goes to ``result["click_retries"]`` with why (:func:`_click_failure`);
+    a Start that no try could click is a finding (:func:`_stuck`). Returns whether the click happened."""
+    reasons = []
+    for _ in range(CLICK_TRIES):
+        try:
+            pg.locator(".st-key-lg_start button").filter(visible=True).first.click(timeout=CLICK_TIMEOUT_S * 1000)
+        except Exception as e:  # noqa: BLE001 - e.g. Playwright's TimeoutError
+            reasons.append(_click_failure(e))
+            continue
+        result["click_retries"].extend({"session": name, "why": r} for r in reasons)
         return True
-    except Exception as e:  # noqa: BLE001 - e.g. Playwright's TimeoutError
-        _stuck(name, pg, e, result)
-        return False
+    _stuck(name, pg, reasons, result)
+    return False
 
 
 def _restart_finished(chain_pages, result: dict) -> None:
@@ -294,7 +315,7 @@ def run(url: str, server_pid: int | None, chains: int, browse: int, train: bool,
 
     exe = shutil.which("chromium") or "/usr/bin/chromium"
     result: dict = {"url": url, "chains": chains, "browse": browse, "train": train, "minutes": minutes,
-                    "memory": [], "sessions": {}, "page_loads": [], "exceptions": [], "actions": [],
+                    "memory": [], "sessions": {}, "page_loads": [], "exceptions": [], "actions": [], "click_retries": [],
                     "visitor_loads": []}
     upload = _png_digit(Path(tempfile.mkdtemp()) / "one.png")
     began = time.monotonic()
@@ -624,6 +645,7 @@ def main() -> None:
     summary["visitor_load_s"] = result.get("visitor_load_s")
     summary["server_latency"] = result.get("server_latency")
     summary["exceptions"] = len(result["exceptions"])
+    summary["click_retries"] = len(result["click_retries"])
     print(json.dumps(summary), flush=True)
 
 

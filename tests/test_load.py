@@ -171,3 +171,54 @@ def test_browser_cost_reports_refreshes_main_thread_time_and_cores_per_process_k
     assert tab["refreshes_per_s"] > 0.3 and tab["sgld_steps_per_s"] > 0, tab  # the chains ran and the tab drew them
     assert 0 < tab["script_ms_per_refresh"] <= tab["main_thread_ms_per_refresh"], tab  # scripts are part of the tasks
     assert r["cores"].get("server", 0) > 0 and r["cores"].get("chromium renderer", 0) > 0, r["cores"]
+
+
+class _FlakyButton:
+    """A stand-in for a Playwright page whose Start button times out ``failures`` times, then clicks."""
+
+    def __init__(self, failures: int):
+        self.failures, self.clicks, self.timeouts = failures, 0, []
+
+    def locator(self, selector: str):
+        if selector != ".st-key-lg_start button":
+            raise RuntimeError("page gone")  # what _stuck reads besides the button: unreadable, as on a dead page
+        return self
+
+    def filter(self, visible: bool):
+        return self
+
+    @property
+    def first(self):
+        return self
+
+    def click(self, timeout: float):
+        self.timeouts.append(timeout)
+        if self.failures:
+            self.failures -= 1
+            raise TimeoutError("Timeout 20000ms exceeded.\nCall log:\n  - waiting for locator\n"
+                               "  - element is not stable\n  - retrying click action\n  - element is not stable")
+        self.clicks += 1
+
+
+def test_a_start_that_times_out_once_is_clicked_again_and_the_retry_recorded_with_why():
+    result = {"exceptions": [], "click_retries": []}
+    pg = _FlakyButton(failures=1)
+    assert load._click_start("chains0", pg, result) is True
+    assert pg.clicks == 1 and pg.timeouts == [load.CLICK_TIMEOUT_S * 1000] * 2
+    assert result["exceptions"] == []
+    (retry,) = result["click_retries"]
+    assert retry["session"] == "chains0"
+    # Playwright's call log, each reason once: what the click waited for
+    assert retry["why"] == "TimeoutError: Timeout 20000ms exceeded. | Call log: | waiting for locator | " \
+                           "element is not stable | retrying click action"
+
+
+def test_a_start_that_no_try_can_click_is_a_finding_with_every_reason():
+    result = {"exceptions": [], "click_retries": []}
+    pg = _FlakyButton(failures=load.CLICK_TRIES)
+    assert load._click_start("chains1", pg, result) is False
+    assert pg.clicks == 0 and len(pg.timeouts) == load.CLICK_TRIES
+    assert result["click_retries"] == []
+    (finding,) = result["exceptions"]
+    assert finding.startswith("chains1/langevin: Start could not be clicked (TimeoutError: ")
+    assert finding.count("element is not stable") == load.CLICK_TRIES and "(unreadable: RuntimeError)" in finding

@@ -29,7 +29,9 @@ session's refreshes; every second, the cores used by the server, by the Chromium
 machine (``cores``, :class:`CoreSampler`); twice a second, how long the server takes to answer its health check
 and the app's HTML (``server_latency``, :class:`ServerProbe`: the server apart from the browsers); exceptions
 shown in a page or printed by the server are collected, and so is a Start button the harness could not click
-(:func:`_click_start`: a try that timed out before one that worked goes to ``click_retries``). At the end it closes the other sessions, waits for the server to
+(:func:`_click_start`: a try that timed out before one that worked goes to ``click_retries``), and the text of any
+chain page that has not refreshed for :data:`STALLED_S` seconds when the load ends (``stalled``; that last gap counts
+in the session's gaps). At the end it closes the other sessions, waits for the server to
 settle with one chain session left, then closes that tab and measures how long the server's CPU use takes to
 fall back (the tab's work must stop). Bounded: ``--minutes`` of load, then everything is closed.
 
@@ -227,6 +229,10 @@ def _stuck(name: str, pg, reasons: list[str], result: dict) -> None:
                                 f"tabs {tabs}; the page showed: {page_text(pg)}")
 
 
+#: Seconds without a refresh at the end of the run after which a chain session counts as stalled: its page's text
+#: goes to ``result["stalled"]``.
+STALLED_S = 10
+
 #: Tries of the Langevin page's Start, and seconds each waits for Playwright's checks (visible, enabled, stable,
 #: not covered) before it gives up.
 CLICK_TRIES, CLICK_TIMEOUT_S = 2, 20
@@ -316,7 +322,7 @@ def run(url: str, server_pid: int | None, chains: int, browse: int, train: bool,
     exe = shutil.which("chromium") or "/usr/bin/chromium"
     result: dict = {"url": url, "chains": chains, "browse": browse, "train": train, "minutes": minutes,
                     "memory": [], "sessions": {}, "page_loads": [], "exceptions": [], "actions": [], "click_retries": [],
-                    "visitor_loads": []}
+                    "stalled": {}, "visitor_loads": []}
     upload = _png_digit(Path(tempfile.mkdtemp()) / "one.png")
     began = time.monotonic()
     cores = CoreSampler(server_pid) if server_pid else None
@@ -394,7 +400,10 @@ def run(url: str, server_pid: int | None, chains: int, browse: int, train: bool,
         for name, _, pg in chain_pages:
             stamps = pg.evaluate("window.__refreshes") or []
             done_steps = pg.evaluate("window.__steps")
-            gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+            # The last gap runs to now: chains that stopped refreshing for good are a stall too.
+            gaps = [b - a for a, b in zip(stamps, stamps[1:] + [pg.evaluate("performance.now()")])]
+            if not stamps or gaps[-1] > STALLED_S * 1000:
+                result["stalled"][name] = page_text(pg, 1000)
             result["sessions"][name] = {
                 "refreshes": len(stamps), "restarts": pg.evaluate("window.__restarts"), "seconds": round(elapsed, 1),
                 "sgld_steps": done_steps,
@@ -405,8 +414,7 @@ def run(url: str, server_pid: int | None, chains: int, browse: int, train: bool,
                 "gap_ms_median": round(statistics.median(gaps), 1) if gaps else None,
                 "gap_ms_max": round(max(gaps), 1) if gaps else None,
                 # when the chains stalled: [seconds after the session's first refresh, gap in ms] for gaps over 2 s
-                "long_gaps": [[round((a - stamps[0]) / 1000, 1), round(b - a, 1)]
-                              for a, b in zip(stamps, stamps[1:]) if b - a > 2000]}
+                "long_gaps": [[round((a - stamps[0]) / 1000, 1), round(g, 1)] for a, g in zip(stamps, gaps) if g > 2000]}
             result["exceptions"] += [f"{name}/langevin: {e}" for e in _exceptions(pg)]
         # Closing a tab: its chains must stop; the server's CPU use falls back within seconds. The other
         # sessions go first (their work ends with them), so that the last tab's share is measurable.
@@ -646,6 +654,7 @@ def main() -> None:
     summary["server_latency"] = result.get("server_latency")
     summary["exceptions"] = len(result["exceptions"])
     summary["click_retries"] = len(result["click_retries"])
+    summary["stalled"] = sorted(result["stalled"])
     print(json.dumps(summary), flush=True)
 
 

@@ -29,9 +29,9 @@ session's refreshes; every second, the cores used by the server, by the Chromium
 machine (``cores``, :class:`CoreSampler`); twice a second, how long the server takes to answer its health check
 and the app's HTML (``server_latency``, :class:`ServerProbe`: the server apart from the browsers); exceptions
 shown in a page or printed by the server are collected, and so is a Start button the harness could not click
-(:func:`_click_start`: a try that timed out before one that worked goes to ``click_retries``), and the text of any
-chain page that has not refreshed for :data:`STALLED_S` seconds when the load ends (``stalled``; that last gap counts
-in the session's gaps). At the end it closes the other sessions, waits for the server to
+(:func:`_click_start`: a try that timed out before one that worked goes to ``click_retries``), and the status and text of
+any chain page that has not refreshed for :data:`STALLED_S` seconds when the load ends (``stalled``; that last gap
+counts in the session's gaps). At the end it closes the other sessions, waits for the server to
 settle with one chain session left, then closes that tab and measures how long the server's CPU use takes to
 fall back (the tab's work must stop). Bounded: ``--minutes`` of load, then everything is closed.
 
@@ -217,6 +217,15 @@ def _click_failure(error: Exception) -> str:
     return f"{type(error).__name__}: " + " | ".join(dict.fromkeys(lines))[-300:]
 
 
+def _status(pg) -> str:
+    """The text of the page's script-run status in the top bar ("Running...", "Connecting", ...): empty when none
+    is shown (the script is idle)."""
+    try:
+        return " ".join(pg.locator('[data-testid="stStatusWidget"]').all_inner_texts()).strip()
+    except Exception as e:  # noqa: BLE001 - the page may be gone
+        return f"(unreadable: {type(e).__name__})"
+
+
 def _stuck(name: str, pg, reasons: list[str], result: dict) -> None:
     """Record a Start button that could not be clicked: why (:func:`_click_failure` of each try), the tabs' states
     and the page's text."""
@@ -229,8 +238,8 @@ def _stuck(name: str, pg, reasons: list[str], result: dict) -> None:
                                 f"tabs {tabs}; the page showed: {page_text(pg)}")
 
 
-#: Seconds without a refresh at the end of the run after which a chain session counts as stalled: its page's text
-#: goes to ``result["stalled"]``.
+#: Seconds without a refresh at the end of the run after which a chain session counts as stalled: its page's
+#: status and text go to ``result["stalled"]``.
 STALLED_S = 10
 
 #: Tries of the Langevin page's Start, and seconds each waits for Playwright's checks (visible, enabled, stable,
@@ -403,7 +412,7 @@ def run(url: str, server_pid: int | None, chains: int, browse: int, train: bool,
             # The last gap runs to now: chains that stopped refreshing for good are a stall too.
             gaps = [b - a for a, b in zip(stamps, stamps[1:] + [pg.evaluate("performance.now()")])]
             if not stamps or gaps[-1] > STALLED_S * 1000:
-                result["stalled"][name] = page_text(pg, 1000)
+                result["stalled"][name] = {"status": _status(pg), "page": page_text(pg, 1000)}
             result["sessions"][name] = {
                 "refreshes": len(stamps), "restarts": pg.evaluate("window.__restarts"), "seconds": round(elapsed, 1),
                 "sgld_steps": done_steps,

@@ -18,7 +18,9 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -116,6 +118,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                        description="Train a JEM (Grathwohl et al. 2019) or a baseline classifier and write a checkpoint.")
     p.add_argument("--out", required=True, help="checkpoint path to write (.pt); the resume state goes to OUT.resume.pt")
     p.add_argument("--resume", action="store_true", help="continue from OUT.resume.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUT (without it, or --resume, an existing OUT is refused)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     positive = {"epochs", "batch_size", "buffer_size", "guard_every", "n_reference"}
     for f in dataclasses.fields(TrainConfig):
@@ -436,19 +440,22 @@ def _cmd_score(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     ck = load_checkpoint(a.checkpoint, device=dev)
     m = ck.metadata
     invert = {"auto": None, "yes": True, "no": False}[a.invert]
-    failures = 0
+    failures = []
     for path in a.images:
         try:
             prep = prepare_upload(load_image_file(path), Path(path).name, int(m["in_channels"]), int(m["image_size"]), invert,
                                   digit_style=a.digit_style)
         except ImageDecodeError as e:
-            failures += 1
+            failures.append(str(path))
             print(json.dumps({"image": path, "error": str(e)}), flush=True)
             continue
         r = score_batch(ck.model, prep.tensor[None].to(dev), m.get("reference"), m.get("class_names"))[0]
         print(json.dumps({"image": path, **r.to_dict(), "inverted": prep.inverted, "blank": prep.blank,
                           "notes": prep.notes}), flush=True)
-    return 1 if failures == len(a.images) else 0
+    if failures:  # every readable image was scored; the status says that some were not
+        parser.exit(2, f"{parser.prog}: error: {len(failures)} of {len(a.images)} images could not be read "
+                       f"({', '.join(failures)}); each one's JSON line says why\n")
+    return 0
 
 
 # -- likelihood --------------------------------------------------------------------------------------
@@ -535,11 +542,10 @@ def _cmd_likelihood(a: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     if pixel_levels(spec) == 256 and spec.split(":")[0] in ("mnist", "fashion_mnist"):
         out["published_mnist_bits_per_dim_other_model_classes"] = [
             {"model": n, "bits_per_dim": v, "source": s} for n, v, s in PUBLISHED_MNIST_BPD]
-    text = json.dumps(out, default=float)
+    print(json.dumps(out, default=float), flush=True)  # first: a file that cannot be written loses nothing
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(out, indent=1, default=float) + "\n")
-    print(text)
     return 0
 
 
@@ -692,6 +698,60 @@ _COMMANDS.update(train=_cmd_train, sample=_cmd_sample, inpaint=_cmd_inpaint, tra
                  likelihood=_cmd_likelihood, evaluate=_cmd_evaluate, import_official=_cmd_import_official)
 
 
+#: The output of each command that writes one: (argument, "file" or "folder").
+_OUTPUTS = {"train": [("out", "file")], "sample": [("out", "file")], "inpaint": [("out", "file")],
+            "translate": [("out", "file")], "likelihood": [("out", "file"), ("store", "folder")],
+            "evaluate": [("out", "folder"), ("store", "folder")], "import_official": [("out", "file")]}
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why nothing can be created in ``folder`` (or, when it does not exist yet, in its nearest existing ancestor,
+    where it would be made), or None when a file can be: a temporary file is created there and removed."""
+    p = folder.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        return f"{p} is a file, not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=p):
+            pass
+    except OSError as e:
+        return f"{p} is not writable ({e.strerror or e})"
+    return None
+
+
+def _check_outputs(a: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Refuse, before any work, an output that the command could not write or that would destroy an input:
+    a file output that is an existing folder, a folder output that is an existing file, a place where nothing
+    can be created (read-only, no permission), a file output that is the command's own input checkpoint or image,
+    and (``train``) an existing checkpoint without ``--resume`` or ``--overwrite``.
+
+    Raises:
+        SystemExit(2): through ``parser.error``, with what was wrong and what to do.
+    """
+    inputs = [Path(p) for p in [getattr(a, "checkpoint", None), getattr(a, "path", None), *getattr(a, "images", [])]
+              if p is not None]
+    for name, kind in _OUTPUTS.get(a.cmd, []):
+        value = getattr(a, name, None)
+        if value is None:
+            continue
+        path, flag = Path(value), f"--{name}"
+        if kind == "file" and path.is_dir():
+            parser.error(f"{flag} {value} is a folder; give a file path inside it, e.g. {path / 'out.png'}")
+        if kind == "folder" and path.exists() and not path.is_dir():
+            parser.error(f"{flag} {value} is a file; give a folder (it is created when missing)")
+        why = _unwritable(path if kind == "folder" else path.parent)
+        if why:
+            parser.error(f"{flag} {value} cannot be written: {why}; choose another path")
+        if kind == "file" and path.exists():
+            if any(i.exists() and os.path.samefile(i, path) for i in inputs):
+                parser.error(f"{flag} {value} is this command's own input; writing there would replace it; "
+                             "choose another path")
+            if a.cmd == "train" and not (a.resume or a.overwrite):
+                parser.error(f"{flag} {value} exists: pass --resume to continue its run, --overwrite to replace "
+                             "it, or choose another path")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser with every sub-command."""
     from . import __version__
@@ -716,8 +776,9 @@ def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.Argume
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status.
 
-    Exit status: 0 on success (``score``: 1 when no image could be read); 2 for bad input (argparse's own
-    errors; a sub-command's checks, with its usage; :class:`~jem_core.errors.BadInput` and
+    Exit status: 0 on success; 2 for bad input (argparse's own errors; a sub-command's checks, with its usage,
+    outputs that could not be written or would replace an input among them (:func:`_check_outputs`); ``score``:
+    an image that could not be read, after every other one was scored; :class:`~jem_core.errors.BadInput` and
     :class:`~jem_core.data.DataUnavailableError` from the library, as one line ``PROG CMD: error: MESSAGE``
     on stderr); 3 for a diverged training run; 130 on Ctrl-C.
 
@@ -733,6 +794,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = parser.parse_args(argv)
     cmd_parser = _subparser(parser, a.command)
     tune_malloc()  # SGLD activations stay in the heap instead of fresh mmap pages (jem_core.perf, bench/README.md)
+    _check_outputs(a, cmd_parser)
     try:
         return _COMMANDS[a.cmd](a, cmd_parser)
     except (BadInput, DataUnavailableError) as e:

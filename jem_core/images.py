@@ -212,7 +212,7 @@ def _describe_non_image(data: bytes) -> tuple[str, str]:
             text = head[:e.start].decode("utf-8") if e.start >= len(head) - 3 else None
         if text and all(c.isprintable() or c in "\r\n\t\f" for c in text):
             return ("is a text file, not an image",
-                    "Upload an image file (PNG, JPEG, GIF, BMP, WebP or TIFF)")
+                    "Use an image file (PNG, JPEG, GIF, BMP, WebP or TIFF)")
     formats = ", ".join(ALLOWED_FORMATS)
     return (f"is not an image in a supported format ({formats})",
             "Check that it is an image file and has not been renamed from another type")
@@ -291,7 +291,7 @@ def decode_image(data: bytes | bytearray | memoryview | IO[bytes], name: str = "
                           "Upload the complete file again, or re-save it in an image editor",
                           "truncated")
         return _error(name, f"is corrupted and cannot be decoded ({detail})",
-                      "Re-save it in an image editor or upload another copy", "corrupt")
+                      "Re-save it in an image editor or use another copy", "corrupt")
 
     # Pillow checks its own (larger) pixel limit in Image.open, and warns instead of raising
     # between 1x and 2x that limit: turn the warning into an error. The filter is

@@ -50,7 +50,8 @@ def test_score_prints_one_json_line_per_image_and_survives_bad_files(tiny_jem, t
     Image.fromarray(arr).save(good)
     bad = tmp_path / "notes.png"
     bad.write_text("not an image")
-    r = run_cli("score", "--checkpoint", tiny_jem, good, bad, tmp_path / "missing.png")
+    r = run_cli("score", "--checkpoint", tiny_jem, good, bad, tmp_path / "missing.png", check=False)
+    assert r.returncode == 2 and "2 of 3 images could not be read" in r.stderr, r.stderr
     rows = [json.loads(l) for l in r.stdout.splitlines()]
     assert [row["image"] for row in rows] == [str(good), str(bad), str(tmp_path / "missing.png")]
     ok = rows[0]

@@ -123,8 +123,11 @@ def test_score_cli_mixed_batch_reports_every_bad_file_and_scores_every_good_one(
     paths = [str(tmp_path / n) for n in order]
     start = time.perf_counter()
     r = run_cli("score", "--checkpoint", tiny_jem, *paths)
-    assert r.returncode == 0, r.stderr
+    unreadable = [p for n, p in zip(order, paths) if n not in good]
+    # every readable image scored, and the status and one line say that some were not: a script can tell
+    assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
+    assert f"error: {len(unreadable)} of {len(paths)} images could not be read ({', '.join(unreadable)})" in r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert [row["image"] for row in rows] == paths, "one row per file, in order"
     for name, row in zip(order, rows):
@@ -144,9 +147,9 @@ def test_score_cli_mixed_batch_reports_every_bad_file_and_scores_every_good_one(
     # the choice is overridable: --invert no keeps the photo as it is (in this process: same code, no start-up)
     rc, out, _ = cli_exit(["score", "--checkpoint", tiny_jem, "--invert", "no", tmp_path / "photo_dark_on_light.jpg"], capsys)
     assert rc == 0 and json.loads(out)["inverted"] is False
-    # a batch where nothing can be scored still answers every file, with exit status 1
+    # a batch where nothing can be scored still answers every file, with exit status 2
     rc, out, err = cli_exit(["score", "--checkpoint", tiny_jem, tmp_path / "notes.png", tmp_path / "bomb.png"], capsys)
-    assert rc == 1 and len(out.splitlines()) == 2 and "Traceback" not in err
+    assert rc == 2 and len(out.splitlines()) == 2 and "Traceback" not in err and "2 of 2 images" in err
 
 
 # ------------------------------------------------------------------------------------ checkpoints
@@ -267,7 +270,9 @@ def _train_argv(out: Path, epochs: int, resume: bool) -> list[str]:
     return [sys.executable, "-m", "jem_core", "train", "--dataset", "digits", "--epochs", str(epochs),
             "--max-iters-per-epoch", "2", "--batch-size", "16", "--sgld-steps", "1", "--buffer-size", "40000",
             "--keep-buffer", "8", "--n-reference", "40", "--warmup-iters", "0", "--out", str(out), "--quiet",
-            *(["--resume"] if resume else [])]
+            # without a resume state, a fresh start: a kill may have come after the checkpoint's write and before
+            # the resume state's, and an existing checkpoint is refused without --overwrite
+            *(["--resume"] if resume else ["--overwrite"])]
 
 
 def _temps(folder: Path) -> list[str]:
@@ -407,6 +412,55 @@ def test_more_bad_arguments_give_argparse_errors_not_tracebacks(args, message, t
     rc, _, err = cli_exit(args, capsys)
     assert rc == 2, err
     assert message in err and "Traceback" not in err
+
+
+def test_an_output_that_cannot_be_written_or_would_replace_an_input_is_refused_before_any_work(
+        tiny_jem, tmp_path, capsys, monkeypatch):
+    import jem_core.generation
+
+    calls = []
+    monkeypatch.setattr(jem_core.generation, "draw_samples", lambda *a, **k: calls.append(a))  # no work may start
+    folder, blocker = tmp_path / "folder", tmp_path / "a_file"
+    folder.mkdir()
+    blocker.write_text("a file")
+    mine = tmp_path / "mine.pt"
+    mine.write_bytes(Path(tiny_jem).read_bytes())
+    cases = [
+        (["sample", "--checkpoint", mine, "--out", mine], "is this command's own input"),
+        (["sample", "--checkpoint", tiny_jem, "--out", folder], "is a folder; give a file path inside it"),
+        (["sample", "--checkpoint", tiny_jem, "--out", blocker / "s.png"], "a_file is a file, not a folder"),
+        (["evaluate", "--checkpoint", tiny_jem, "--out", blocker], "is a file; give a folder"),
+        (["likelihood", "--checkpoint", tiny_jem, "--out", folder], "is a folder"),
+        (["train", "--dataset", "digits", "--out", mine], "exists: pass --resume to continue its run, --overwrite"),
+    ]
+    for args, message in cases:
+        rc, _, err = cli_exit(args, capsys)
+        assert rc == 2 and message in err and "Traceback" not in err, (args, err)
+    assert calls == [] and mine.read_bytes() == Path(tiny_jem).read_bytes()  # nothing ran, nothing was replaced
+
+
+def test_an_output_in_a_folder_where_nothing_can_be_created_is_refused_before_any_work(tiny_jem, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)  # read-only for a normal user; root bypasses modes, but no one may create files in /sys
+    try:
+        target = locked if os.geteuid() != 0 else Path("/sys")
+        if not target.is_dir():
+            pytest.skip("no folder here where file creation is refused")
+        rc, _, err = cli_exit(["sample", "--checkpoint", tiny_jem, "--out", target / "new" / "s.png"], capsys)
+    finally:
+        locked.chmod(0o700)
+    assert rc == 2 and f"{target} is not writable" in err and "choose another path" in err, err
+
+
+def test_train_overwrite_replaces_an_existing_checkpoint(tmp_path, capsys):
+    out = tmp_path / "m.pt"
+    out.write_text("an old checkpoint")
+    rc, stdout, err = cli_exit(["train", "--dataset", "digits", "--epochs", "1", "--max-iters-per-epoch", "1",
+                                "--sgld-steps", "1", "--buffer-size", "20", "--keep-buffer", "4", "--out", out,
+                                "--quiet", "--overwrite"], capsys)
+    assert rc == 0, err
+    assert load_checkpoint(out).metadata["dataset"] == "digits"
 
 
 # ------------------------------------------------------------------------------------ the app under load

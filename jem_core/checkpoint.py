@@ -217,6 +217,8 @@ def safe_torch_load(source: str | os.PathLike | bytes, map_location: str | torch
     """
     name = "<uploaded bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
     if not isinstance(source, (bytes, bytearray)) and not Path(source).is_file():
+        if Path(source).is_dir():
+            raise CheckpointError(f"checkpoint {name} is a folder; give a .pt file in it")
         raise CheckpointError(f"checkpoint {name} does not exist")
     try:
         f = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source

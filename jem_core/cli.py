@@ -795,6 +795,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd_parser = _subparser(parser, a.command)
     tune_malloc()  # SGLD activations stay in the heap instead of fresh mmap pages (jem_core.perf, bench/README.md)
     _check_outputs(a, cmd_parser)
+    root = getattr(a, "data_root", None)
+    if root and a.cmd != "train" and not Path(root).is_dir():  # train downloads into a new root
+        print(f"note: --data-root {root} is not a folder: test sets the bundled demo pack holds (MNIST, Fashion-MNIST) "
+              "come from it, others are unavailable", file=sys.stderr)
     try:
         return _COMMANDS[a.cmd](a, cmd_parser)
     except (BadInput, DataUnavailableError) as e:

@@ -403,6 +403,7 @@ def _umask() -> int:
     (["train", "--dataset", "mnist", "--data-root", "{tmp}/a_file/root", "--out", "x.pt"], "Put the files at"),
     (["train", "--dataset", "digits", "--out", "{tmp}/never.pt", "--resume"], "no resume state"),
     (["score", "--checkpoint", "{tmp}/none.pt", "{tmp}/a.png"], "does not exist"),
+    (["score", "--checkpoint", "{tmp}", "{tmp}/a.png"], "is a folder; give a .pt file in it"),
     (["score", "--checkpoint", "{ck}", "--invert", "maybe", "a.png"], "invalid choice"),
 ])
 def test_more_bad_arguments_give_argparse_errors_not_tracebacks(args, message, tiny_jem, tmp_path, capsys, monkeypatch):
@@ -451,6 +452,14 @@ def test_an_output_in_a_folder_where_nothing_can_be_created_is_refused_before_an
     finally:
         locked.chmod(0o700)
     assert rc == 2 and f"{target} is not writable" in err and "choose another path" in err, err
+
+
+def test_a_data_root_that_is_not_a_folder_is_named_in_a_note_not_passed_over(tiny_jem, tmp_path, capsys):
+    out = tmp_path / "fill.png"
+    rc, _, err = cli_exit(["inpaint", "--checkpoint", tiny_jem, "--data-root", tmp_path / "typo", "--n", "1",
+                           "--steps", "1", "--out", out], capsys)
+    assert rc == 0 and out.is_file(), err
+    assert f"note: --data-root {tmp_path / 'typo'} is not a folder" in err
 
 
 def test_train_overwrite_replaces_an_existing_checkpoint(tmp_path, capsys):

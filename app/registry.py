@@ -406,9 +406,13 @@ def sidebar() -> Context | None:
         entry, ck = loaded[model_label]
         base_opts = ["(none)"] + [lb for lb, (_, c) in loaded.items() if lb != model_label and _compatible(ck, c)]
         if st.session_state.get("sb_baseline") not in base_opts:
+            asked = st.session_state.get("sb_baseline")
             guess = model_label.replace("_jem", "_baseline")
             baselines = [lb for lb in base_opts[1:] if loaded[lb][1].metadata.get("objective") == "baseline"]
             st.session_state["sb_baseline"] = guess if guess in base_opts else (baselines[0] if baselines else "(none)")
+            if "sb_baseline" in publish.applied:
+                st.warning(f"The link's baseline {asked!r} does not take the input shape of {model_label}, so "
+                           f"{st.session_state['sb_baseline']!r} is shown.")
         base_label = st.selectbox("Baseline for comparisons", base_opts, key="sb_baseline",
                                   help="a model of the same input shape, shown beside the chosen one")
         base_entry, base_ck = loaded[base_label] if base_label in loaded else (None, None)
@@ -418,7 +422,13 @@ def sidebar() -> Context | None:
         options = [own] + [d for d in BUILTIN_DATASETS if d != own and dataset_shape(d) is not None
                            and dataset_shape(d)[:2] == (c, h) and _dataset_ok(d, root)]
         if st.session_state.get("sb_dataset") not in options:
+            asked = st.session_state.get("sb_dataset")
             st.session_state["sb_dataset"] = own
+            if "sb_dataset" in publish.applied:
+                shape = dataset_shape(asked)
+                why = ("has another image shape than the model" if shape is None or shape[:2] != (c, h)
+                       else f"has no test set in the data root {root}")
+                st.warning(f"The link's dataset {asked!r} {why}, so the model's own, {own!r}, is used.")
         dataset = st.selectbox("Dataset", options, key="sb_dataset",
                                help="test images used by the evaluation pages (the model's own dataset first)")
         ok = _dataset_ok(dataset, root)

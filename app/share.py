@@ -110,16 +110,20 @@ def sync(params: Sequence[Param], scope: str) -> Callable[[], None]:
             which stay in every page's link; another page's settings are removed from the URL).
 
     Returns:
-        ``publish()``: call it after the widgets are drawn to write their values into the URL.
+        ``publish()``: call it after the widgets are drawn to write their values into the URL. Its attribute
+        ``applied`` holds the keys whose values this run took from the link (for a page that must still refuse
+        one, e.g. a baseline that does not fit the model, and say so).
     """
     seen = st.session_state.setdefault(_SEEN, {})
     last = seen.get(scope, {})
+    applied = set()
     for p in params:
         raw = st.query_params.get(p.name)
         if raw is None or last.get(p.name) == raw:
             continue
         try:
             st.session_state[p.key] = p.parse(raw)
+            applied.add(p.key)
         except (ValueError, TypeError) as e:
             st.warning(f"The link's setting {p.name}={raw!r} was ignored: {e}.")
         last[p.name] = raw  # applied (or refused) once; the user's later changes win
@@ -138,4 +142,5 @@ def sync(params: Sequence[Param], scope: str) -> Callable[[], None]:
             if st.query_params.get(name) != value:
                 st.query_params[name] = value
         seen[scope] = {**last, **out}
+    publish.applied = frozenset(applied)
     return publish

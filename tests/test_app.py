@@ -460,6 +460,26 @@ def test_a_link_reproduces_the_view_and_a_bad_value_is_named():
     assert "rb_points" not in at.query_params, "another page's settings leave the link"
 
 
+def test_a_link_whose_baseline_or_dataset_does_not_fit_the_model_says_what_it_used_instead():
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(HOME, default_timeout=TIMEOUT)
+    at.query_params["sb_model"] = "digits_jem.pt (bundled)"
+    at.query_params["sb_baseline"] = "mnist_baseline.pt (bundled)"  # 28x28 inputs against the digits model's 8x8
+    at.query_params["sb_dataset"] = "fashion_mnist"
+    at.run()
+    assert not at.exception
+    assert at.sidebar.selectbox(key="sb_baseline").value == "digits_baseline.pt (bundled)"
+    assert at.sidebar.selectbox(key="sb_dataset").value == "digits"
+    warned = [w.value for w in at.sidebar.warning]
+    assert any("baseline 'mnist_baseline.pt (bundled)' does not take the input shape of digits_jem.pt (bundled), "
+               "so 'digits_baseline.pt (bundled)' is shown" in w for w in warned), warned
+    assert any("dataset 'fashion_mnist' has another image shape than the model, so the model's own, 'digits', is used"
+               in w for w in warned), warned
+    at.sidebar.selectbox(key="sb_model").set_value("mnist_jem.pt (bundled)").run()  # the user's own change: no warning
+    assert not [w for w in at.sidebar.warning if "The link's" in w.value]
+
+
 def test_every_page_shows_a_chart_or_an_image_before_any_click():
     at = open_page("home")
     for page in PAGES:

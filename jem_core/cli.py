@@ -191,6 +191,12 @@ def _cmd_train(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         cfg = TrainConfig(**given)
     cfg.validate()
     dataset_shape(cfg.dataset)  # unknown names fail here, before any work
+    if "judge" in given and given["judge"]:  # a judge named on the command line must exist (a recipe's may not)
+        from .training import resolve_judge
+
+        if resolve_judge(given["judge"]) is None:
+            parser.error(f"--judge {given['judge']}: no such checkpoint (bundled:NAME names a file in the project's "
+                         "checkpoints folder; anything else is a path)")
     device = init_from_environment(cfg.device)
     joined = device is not None
     if joined:

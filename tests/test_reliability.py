@@ -402,6 +402,7 @@ def _umask() -> int:
     # a data root that cannot even be created: no download is attempted, offline or not
     (["train", "--dataset", "mnist", "--data-root", "{tmp}/a_file/root", "--out", "x.pt"], "Put the files at"),
     (["train", "--dataset", "digits", "--out", "{tmp}/never.pt", "--resume"], "no resume state"),
+    (["train", "--dataset", "digits", "--judge", "bundled:nothere.pt", "--out", "{tmp}/j.pt"], "no such checkpoint"),
     (["score", "--checkpoint", "{tmp}/none.pt", "{tmp}/a.png"], "does not exist"),
     (["score", "--checkpoint", "{tmp}", "{tmp}/a.png"], "is a folder; give a .pt file in it"),
     (["score", "--checkpoint", "{ck}", "--invert", "maybe", "a.png"], "invalid choice"),

@@ -108,6 +108,17 @@ _TRAIN_HELP = {
     "drift_growth": "drift limit factor on logit magnitude and gradient norm growth",
     "drift_sustain": "suspect windows in a row that count as a drift",
     "max_drift_events": "drift rescues before training stops (the epoch chosen on validation is kept)",
+    "epochs": "passes over the training split", "batch_size": "images per training iteration",
+    "optimizer": "adam or sgd", "momentum": "SGD momentum (with --optimizer sgd)",
+    "weight_decay": "L2 weight decay of the optimizer", "decay_rate": "learning-rate factor at each --decay-epochs epoch",
+    "width": "convnet: channels of its first layer", "depth": "wrn: depth (layers)",
+    "widen_factor": "wrn: widening factor", "norm": "normalisation layers: none (JEM's choice), batch or group",
+    "seed": "random seed (data order, initial weights, SGLD noise)",
+    "lr_backoff": "learning-rate factor after a divergence rollback, in (0, 1)",
+    "guard_every": "iterations per drift-guard window", "n_reference": "validation (else test) images whose "
+    "log p(x) quantiles are stored for the score command's percentiles",
+    "data_root": "torchvision data root (default $JEM_DATA_ROOT or ~/.cache/jem_explorer/data)",
+    "device": "cpu, cuda or cuda:N (default: cuda when present)",
 }
 
 
@@ -127,7 +138,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         # No argparse defaults: only the flags given appear in the namespace, so they (and only they)
         # override a --recipe; without one, TrainConfig's own defaults apply.
-        kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": _TRAIN_HELP.get(f.name, f.name.replace("_", " "))}
+        shown = ("on" if default else "off") if isinstance(default, bool) else default
+        kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": _TRAIN_HELP[f.name]
+                              + ("" if shown in (None, "", []) else f" (default: {shown})")}
         if f.name == "decay_epochs":
             kw.update(type=_pos_int, nargs="*")
         elif isinstance(default, bool) or f.name == "flip":
@@ -270,7 +283,7 @@ def _run_train(a: argparse.Namespace, parser: argparse.ArgumentParser, cfg: Any)
 # -- sample ------------------------------------------------------------------------------------------
 def _add_sample(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="draw SGLD samples from a checkpoint and save a PNG grid")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint of this project (.pt; import-official converts others)")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--n", type=_pos_int, default=64, help="number of samples")
     p.add_argument("--steps", type=_nonneg_int, default=None,
@@ -288,9 +301,9 @@ def _add_sgld_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noise-std", type=_nonneg_float, default=0.01, help="SGLD noise std ([-1, 1] pixel units)")
     p.add_argument("--exact-langevin", action="store_true", help="noise std = sqrt(step size)")
     p.add_argument("--max-update", type=_pos_float, default=None, help="clip each SGLD pixel update to +-this")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (start images, SGLD noise)")
     p.add_argument("--scale", type=_pos_int, default=None, help="pixel upscaling of the PNG (default: 3 for 28x28, 10 for 8x8)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
 
 
 def _cmd_sample(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -329,7 +342,7 @@ def _add_inpaint(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("inpaint", help="hide part of test images and fill it in by SGLD; PNG rows: original, "
                        "masked, in-painted")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint of this project (.pt; import-official converts others)")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--mask", choices=MASK_KINDS, default="bottom", help="the part to fill in")
     p.add_argument("--n", type=_pos_int, default=8, help="number of images")
@@ -343,7 +356,7 @@ def _add_inpaint(sub: argparse._SubParsersAction) -> None:
 def _add_translate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("translate", help="class translation: conditional SGLD on E(x, y=TO) from images of class "
                        "FROM; PNG rows are paths")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint of this project (.pt; import-official converts others)")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--from", dest="source", type=int, required=True, help="class of the start images")
     p.add_argument("--to", dest="target", type=int, required=True, help="class to translate into")
@@ -425,14 +438,14 @@ def _cmd_translate(a: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 # -- score -------------------------------------------------------------------------------------------
 def _add_score(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("score", help="score images: label, probabilities, energy, log p(x) percentile (JSON lines)")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint of this project (.pt; import-official converts others)")
     p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
     p.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
                    help="invert dark-on-light images (auto: decide from the border brightness)")
     p.add_argument("--no-digit-style", dest="digit_style", action="store_false",
                    help="for 1-channel models, skip MNIST's own normalisation (levels stretched, ink fitted "
                         "into a 20x20 box and centred by its centre of mass) and only pad and resize")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
     p.set_defaults(cmd="score")
 
 
@@ -474,7 +487,7 @@ def _add_likelihood(sub: argparse._SubParsersAction) -> None:
                                    "model as trained) by forward AIS from the uniform box, with a reverse run from "
                                    "approximate samples (a diagnostic, not a bound) and a convergence sweep; then the "
                                    "test set's log p(x) in nats and bits/dim (uniform dequantisation).")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint of this project (.pt; import-official converts others)")
     p.add_argument("--data", default=None, help="test set spec (default: the checkpoint's dataset)")
     p.add_argument("--data-root", default=None, help="where torchvision-style data lies")
     p.add_argument("--n-test", type=_pos_int, default=None, help="use the first N test images (default: all)")
@@ -487,8 +500,8 @@ def _add_likelihood(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--leapfrog", type=_pos_int, default=5, help="leapfrog steps per HMC transition")
     p.add_argument("--boundary", choices=BOUNDARIES, default="reflect", help="handling of the box walls")
     p.add_argument("--no-reverse", action="store_true", help="skip the reverse (diagnostic) runs")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0, help="random seed (test images, AIS chains)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
     p.add_argument("--out", default=None, help="also write the JSON to this file")
     p.add_argument("--store", default=None, metavar="FOLDER",
                    help="also save the whole report as FOLDER/<content address>.pt, where the app finds it "
@@ -597,7 +610,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bins", type=_pos_int, default=15, help="calibration bins (default %(default)s)")
     p.add_argument("--skip", nargs="+", default=[], choices=["calibration", "ood", "robustness", "samples"],
                    help="parts to leave out (their report keys are null)")
-    p.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (subsets, attacks, SGLD samples; default %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
     p.add_argument("--threads", type=_pos_int, default=1,
                    help="torch CPU threads (default %(default)s: on shared 2-core machines 2 threads ran these "
@@ -758,6 +771,18 @@ def _check_outputs(a: argparse.Namespace, parser: argparse.ArgumentParser) -> No
                              "it, or choose another path")
 
 
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Help that states an option's default when it has one and its help does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        d = action.default
+        if text and action.option_strings and "default" not in text and not (
+                d is None or d is False or d is argparse.SUPPRESS or d == []):
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser with every sub-command."""
     from . import __version__
@@ -768,6 +793,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for add in _ADDERS:
         add(sub)
+    for command in sub.choices.values():
+        command.formatter_class = _HelpWithDefaults
     return p
 
 

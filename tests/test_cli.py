@@ -1,5 +1,6 @@
 """The CLI on real checkpoints: train, sample, score; bad input gives argparse-style errors."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -155,3 +156,21 @@ def test_an_internal_value_error_is_a_traceback_not_exit_2(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--dataset", "digits", "--out", "unused.pt"])
     assert e.value.code == 2 and "train: error: unknown dataset 'digits'" in capsys.readouterr().err
+
+
+def test_every_option_has_its_own_help_and_states_its_default():
+    from jem_core.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for command, p in sub.choices.items():
+        text = p.format_help()
+        for action in p._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            name = action.option_strings[-1].lstrip("-")
+            assert action.help and action.help.replace(" ", "-") != name, (command, name)  # not the flag's name again
+        for flag, default in [("--seed", "0")] if command in ("sample", "inpaint", "translate") else []:
+            assert f"(default: {default})" in " ".join(text.split()), (command, flag)
+    train = " ".join(sub.choices["train"].format_help().split())
+    assert "passes over the training split (default: 20)" in train and "(default: on)" in train

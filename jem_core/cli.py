@@ -391,6 +391,8 @@ def _sources(a: argparse.Namespace, parser: argparse.ArgumentParser, label: int 
         print(f"note: no test set ({e}); starting from the checkpoint's replay buffer", file=sys.stderr)
     g = torch.Generator().manual_seed(a.seed)
     x, y, where = source_images(ck, a.n, g, label=label, test_set=test)
+    if len(x) < a.n:
+        print(f"note: only {len(x)} start images were found ({where}), not the {a.n} of --n", file=sys.stderr)
     sampler = SGLDSampler(ck.model, a.step_size, a.noise_std, a.exact_langevin, clamp=True, max_update=a.max_update,
                           generator=torch.Generator(dev).manual_seed(a.seed + 1))
     return ck, sampler, g, x.to(dev), y.to(dev), where

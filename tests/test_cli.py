@@ -107,6 +107,15 @@ def test_inpaint_writes_original_masked_and_filled_rows(tiny_jem, tmp_path):
     assert w > h  # three rows (original, masked, filled) of four
 
 
+def test_translate_with_more_images_than_the_class_has_says_how_many_it_used(tiny_jem, tmp_path):
+    from jem_core.data import load_dataset
+
+    threes = int((load_dataset("digits", "test").y == 3).sum())
+    r = run_cli("translate", "--checkpoint", tiny_jem, "--from", "3", "--to", "8", "--n", "999", "--steps", "1",
+                "--frames", "1", "--out", tmp_path / "t.png")
+    assert f"note: only {threes} start images were found" in r.stderr and "not the 999 of --n" in r.stderr
+
+
 def test_translate_refuses_a_class_the_model_lacks(tiny_jem, tmp_path):
     r = run_cli("translate", "--checkpoint", tiny_jem, "--from", "11", "--to", "1", "--out", tmp_path / "x.png",
                 check=False)

@@ -520,6 +520,9 @@ def _cmd_likelihood(a: argparse.Namespace, parser: argparse.ArgumentParser) -> i
 
     if a.chains < 2:
         parser.error(f"--chains must be >= 2; got {a.chains}")
+    if a.sweep and max(a.sweep) >= a.temps:
+        parser.error(f"--sweep values must be smaller than --temps {a.temps} (the convergence check compares fewer "
+                     f"temperatures with the main run); got {' '.join(map(str, a.sweep))}")
     dev = select_device(a.device)
     ck = load_checkpoint(a.checkpoint, device=dev)
     m = ck.metadata

@@ -276,6 +276,9 @@ def _load_npz(path: str, split: str, name: str) -> ImageDataset:
             else:
                 raise ValueError(f"{p} must hold arrays 'x' and 'y' (or x_train/y_train/x_test/y_test); it holds {sorted(keys)}")
     except (OSError, ValueError) as e:
+        if "pickle" in str(e):  # numpy's word for "not an .npz file": its advice (allow_pickle) would be unsafe
+            raise DataUnavailableError(f"cannot read {p}: it is not an .npz archive (write one with "
+                                       "numpy.savez(path, x=uint8_images, y=labels))") from e
         raise DataUnavailableError(f"cannot read {p}: {e}") from e
     if x.dtype != np.uint8:
         raise DataUnavailableError(f"{p}: 'x' must be uint8 pixels 0..255; got {x.dtype}")

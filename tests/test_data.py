@@ -63,6 +63,14 @@ def test_a_failed_download_says_why_in_one_line_and_leaves_no_empty_folders(tmp_
     assert (tmp_path / "mine" / "empty").is_dir() and not (tmp_path / "mine" / "MNIST").exists()
 
 
+def test_a_file_that_is_not_an_npz_archive_is_named_so_without_unsafe_advice(tmp_path):
+    fake = tmp_path / "data.npz"
+    fake.write_text("x,y\n1,2\n")
+    with pytest.raises(DataUnavailableError, match="it is not an .npz archive") as e:
+        load_dataset(f"npz:{fake}", "train")
+    assert "allow_pickle" not in str(e.value)
+
+
 def test_download_without_a_reachable_mirror_says_where_the_files_go(tmp_path, monkeypatch):
     from torchvision import datasets
 

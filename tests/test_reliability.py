@@ -405,6 +405,7 @@ def _umask() -> int:
     (["train", "--dataset", "digits", "--judge", "bundled:nothere.pt", "--out", "{tmp}/j.pt"], "no such checkpoint"),
     (["score", "--checkpoint", "{tmp}/none.pt", "{tmp}/a.png"], "does not exist"),
     (["score", "--checkpoint", "{tmp}", "{tmp}/a.png"], "is a folder; give a .pt file in it"),
+    (["likelihood", "--checkpoint", "{ck}", "--temps", "5", "--sweep", "10"], "smaller than --temps 5"),
     (["score", "--checkpoint", "{ck}", "--invert", "maybe", "a.png"], "invalid choice"),
 ])
 def test_more_bad_arguments_give_argparse_errors_not_tracebacks(args, message, tiny_jem, tmp_path, capsys, monkeypatch):

@@ -88,12 +88,30 @@ def format_flag(v: Any) -> str:
     return "1" if v else "0"
 
 
+class PartlyIgnored(ValueError):
+    """A URL value of which only a part can be used: ``value`` is that part; the message says what was left out."""
+
+    def __init__(self, value: Any, message: str):
+        super().__init__(message)
+        self.value = value
+
+
 def several(options: Sequence[Any]) -> Callable[[str], list]:
-    """Parser for a multiselect: comma-separated options (an empty string is an empty choice)."""
+    """Parser for a multiselect: comma-separated options (an empty string is an empty choice). Parts that are not
+    options raise :class:`PartlyIgnored` carrying the others, so the link's valid choices are still applied."""
     one = choice(options)
 
     def parse(s: str) -> list:
-        return [one(part) for part in s.split(",") if part]
+        kept, ignored = [], []
+        for part in filter(None, s.split(",")):
+            try:
+                kept.append(one(part))
+            except ValueError:
+                ignored.append(repr(part))
+        if ignored:
+            raise PartlyIgnored(kept, f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} not among "
+                                      f"{', '.join(map(str, options))}")
+        return kept
     return parse
 
 
@@ -124,6 +142,10 @@ def sync(params: Sequence[Param], scope: str) -> Callable[[], None]:
         try:
             st.session_state[p.key] = p.parse(raw)
             applied.add(p.key)
+        except PartlyIgnored as e:
+            st.session_state[p.key] = e.value
+            applied.add(p.key)
+            st.warning(f"Part of the link's setting {p.name}={raw!r} was ignored: {e}.")
         except (ValueError, TypeError) as e:
             st.warning(f"The link's setting {p.name}={raw!r} was ignored: {e}.")
         last[p.name] = raw  # applied (or refused) once; the user's later changes win

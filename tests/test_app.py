@@ -480,6 +480,20 @@ def test_a_link_whose_baseline_or_dataset_does_not_fit_the_model_says_what_it_us
     assert not [w for w in at.sidebar.warning if "The link's" in w.value]
 
 
+def test_a_link_with_one_unknown_ood_set_keeps_the_known_ones_and_names_the_other():
+    from streamlit.testing.v1 import AppTest
+
+    known = open_page("ood").multiselect(key="ood_sets").value[-1]
+    at = AppTest.from_file(HOME, default_timeout=TIMEOUT).run()
+    at.switch_page("../pages/ood.py")
+    at.query_params["ood_sets"] = f"bar,{known}"
+    at.run()
+    assert not at.exception
+    assert at.multiselect(key="ood_sets").value == [known]
+    assert any("Part of the link's setting ood_sets=" in w.value and "'bar' is not among" in w.value
+               for w in at.warning), [w.value for w in at.warning]
+
+
 def test_every_page_shows_a_chart_or_an_image_before_any_click():
     at = open_page("home")
     for page in PAGES:

@@ -66,6 +66,10 @@ def _num(v: float, digits: int) -> float | None:
     return rounded(float(v), digits)
 
 
+_CHECKPOINT_HELP = "a checkpoint of this project (.pt; import-official converts others)"
+_DEVICE_HELP = "cpu, cuda or cuda:N (default: cuda when present)"
+
+
 # -- train -------------------------------------------------------------------------------------------
 _TRAIN_HELP = {
     "dataset": "dataset spec: digits, mnist, fashion_mnist, cifar10, cifar100, svhn, npz:PATH, folder:PATH, "
@@ -118,7 +122,7 @@ _TRAIN_HELP = {
     "guard_every": "iterations per drift-guard window", "n_reference": "validation (else test) images whose "
     "log p(x) quantiles are stored for the score command's percentiles",
     "data_root": "torchvision data root (default $JEM_DATA_ROOT or ~/.cache/jem_explorer/data)",
-    "device": "cpu, cuda or cuda:N (default: cuda when present)",
+    "device": _DEVICE_HELP,
 }
 
 
@@ -283,7 +287,7 @@ def _run_train(a: argparse.Namespace, parser: argparse.ArgumentParser, cfg: Any)
 # -- sample ------------------------------------------------------------------------------------------
 def _add_sample(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="draw SGLD samples from a checkpoint and save a PNG grid")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint of this project (.pt; import-official converts others)")
+    p.add_argument("--checkpoint", required=True, help=_CHECKPOINT_HELP)
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--n", type=_pos_int, default=64, help="number of samples")
     p.add_argument("--steps", type=_nonneg_int, default=None,
@@ -303,7 +307,7 @@ def _add_sgld_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-update", type=_pos_float, default=None, help="clip each SGLD pixel update to +-this")
     p.add_argument("--seed", type=int, default=0, help="random seed (start images, SGLD noise)")
     p.add_argument("--scale", type=_pos_int, default=None, help="pixel upscaling of the PNG (default: 3 for 28x28, 10 for 8x8)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
+    p.add_argument("--device", default=None, help=_DEVICE_HELP)
 
 
 def _cmd_sample(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -342,7 +346,7 @@ def _add_inpaint(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("inpaint", help="hide part of test images and fill it in by SGLD; PNG rows: original, "
                        "masked, in-painted")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint of this project (.pt; import-official converts others)")
+    p.add_argument("--checkpoint", required=True, help=_CHECKPOINT_HELP)
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--mask", choices=MASK_KINDS, default="bottom", help="the part to fill in")
     p.add_argument("--n", type=_pos_int, default=8, help="number of images")
@@ -356,7 +360,7 @@ def _add_inpaint(sub: argparse._SubParsersAction) -> None:
 def _add_translate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("translate", help="class translation: conditional SGLD on E(x, y=TO) from images of class "
                        "FROM; PNG rows are paths")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint of this project (.pt; import-official converts others)")
+    p.add_argument("--checkpoint", required=True, help=_CHECKPOINT_HELP)
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--from", dest="source", type=int, required=True, help="class of the start images")
     p.add_argument("--to", dest="target", type=int, required=True, help="class to translate into")
@@ -440,14 +444,14 @@ def _cmd_translate(a: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 # -- score -------------------------------------------------------------------------------------------
 def _add_score(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("score", help="score images: label, probabilities, energy, log p(x) percentile (JSON lines)")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint of this project (.pt; import-official converts others)")
+    p.add_argument("--checkpoint", required=True, help=_CHECKPOINT_HELP)
     p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
     p.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
                    help="invert dark-on-light images (auto: decide from the border brightness)")
     p.add_argument("--no-digit-style", dest="digit_style", action="store_false",
                    help="for 1-channel models, skip MNIST's own normalisation (levels stretched, ink fitted "
                         "into a 20x20 box and centred by its centre of mass) and only pad and resize")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
+    p.add_argument("--device", default=None, help=_DEVICE_HELP)
     p.set_defaults(cmd="score")
 
 
@@ -489,7 +493,7 @@ def _add_likelihood(sub: argparse._SubParsersAction) -> None:
                                    "model as trained) by forward AIS from the uniform box, with a reverse run from "
                                    "approximate samples (a diagnostic, not a bound) and a convergence sweep; then the "
                                    "test set's log p(x) in nats and bits/dim (uniform dequantisation).")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint of this project (.pt; import-official converts others)")
+    p.add_argument("--checkpoint", required=True, help=_CHECKPOINT_HELP)
     p.add_argument("--data", default=None, help="test set spec (default: the checkpoint's dataset)")
     p.add_argument("--data-root", default=None, help="where torchvision-style data lies")
     p.add_argument("--n-test", type=_pos_int, default=None, help="use the first N test images (default: all)")
@@ -503,7 +507,7 @@ def _add_likelihood(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--boundary", choices=BOUNDARIES, default="reflect", help="handling of the box walls")
     p.add_argument("--no-reverse", action="store_true", help="skip the reverse (diagnostic) runs")
     p.add_argument("--seed", type=int, default=0, help="random seed (test images, AIS chains)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
+    p.add_argument("--device", default=None, help=_DEVICE_HELP)
     p.add_argument("--out", default=None, help="also write the JSON to this file")
     p.add_argument("--store", default=None, metavar="FOLDER",
                    help="also save the whole report as FOLDER/<content address>.pt, where the app finds it "

@@ -8,7 +8,8 @@ Errors: bad input is reported argparse-style with exit status 2 -- a sub-command
 sub-command's usage (``python -m jem_core train: error: ...``), and the library's
 :class:`~jem_core.errors.BadInput` (bad option values, unknown datasets, unreadable checkpoints...) and
 :class:`~jem_core.data.DataUnavailableError` (data files missing) become one line ``python -m jem_core CMD:
-error: MESSAGE``. A diverged training run exits with 3, Ctrl-C with 130. Any other exception is an error of
+error: MESSAGE``; an output that cannot be written, or would replace an input or (``train``) an existing
+checkpoint, is refused so before any work. A diverged training run exits with 3, Ctrl-C with 130. Any other exception is an error of
 the program itself and propagates with its traceback.
 """
 

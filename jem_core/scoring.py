@@ -22,7 +22,7 @@ from .energy import energy
 
 __all__ = ["ScoreResult", "Placement", "logpx_percentile", "place", "score_batch", "UNUSUAL_PERCENTILE"]
 
-UNUSUAL_PERCENTILE = 5.0  # below this percentile of the test set's log p(x) an input is "unusual"
+UNUSUAL_PERCENTILE = 5.0  # below this percentile of the reference images' log p(x) (checkpoint metadata) an input is "unusual"
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Score an image: upload PNG/JPEG files and see what the model sees, its class probabilities, the energy,
-the ``log p(x)`` percentile against the test set with an "unusual input" verdict, and captum attributions
+the ``log p(x)`` percentile against the checkpoint's reference images with an "unusual input" verdict, and captum attributions
 for the predicted class and for the energy.
 
 Widgets -> :func:`jem_core.images.prepare_uploads` -> :func:`jem_core.scoring.score_batch` and
@@ -133,14 +133,21 @@ def example_inputs(ctx: ui.Context, test) -> list[tuple[str, torch.Tensor, str]]
     return out
 
 
-def verdict(r, dataset: str) -> None:
+def reference_images(ck) -> str:
+    """The images whose log p(x) the checkpoint's percentiles rank against, as its metadata names them (e.g.
+    "mnist validation (first 2000)")."""
+    return (ck.metadata.get("reference") or {}).get("split") or f"{ck.metadata.get('dataset')} test images"
+
+
+def verdict(r, reference: str) -> None:
     if r.percentile is None:
         st.info("This checkpoint carries no reference statistics, so there is no percentile.")
     elif r.unusual:
-        st.warning(f"Unusual input: log p(x) is at percentile {r.percentile:.1f} of the {dataset} test set "
-                   f"(below {UNUSUAL_PERCENTILE:g}).")
+        st.warning(f"Unusual input: log p(x) is at percentile {r.percentile:.1f} of the checkpoint's reference "
+                   f"images, {reference} (below {UNUSUAL_PERCENTILE:g}).")
     else:
-        st.success(f"Typical input: log p(x) is at percentile {r.percentile:.1f} of the {dataset} test set.")
+        st.success(f"Typical input: log p(x) is at percentile {r.percentile:.1f} of the checkpoint's reference "
+                   f"images, {reference}.")
 
 
 def main(ctx: ui.Context) -> None:
@@ -156,7 +163,7 @@ def main(ctx: ui.Context) -> None:
             if ctx.baseline is not None else None)
     cls_maps = attribution_maps(ck.model, x, "class", method)
     energy_maps = attribution_maps(ck.model, x, "energy", method)
-    dataset = str(ck.metadata.get("dataset"))
+    reference = reference_images(ck)
     ref = test_scores(ctx)
     first_unusual = next((i for i, r in enumerate(results) if r.unusual), -1)
     rows = []
@@ -196,13 +203,13 @@ def main(ctx: ui.Context) -> None:
             m2.metric("-E(x)", f"{r.log_px:.3f}", help="the unnormalised log p(x) (logsumexp of the logits): "
                       "log p(x) = -E(x) - log Z; the Likelihood page estimates log Z")
             m3.metric("Percentile", "n/a" if r.percentile is None else f"{r.percentile:.1f}",
-                      help=f"of log p(x) among the {dataset} test images (checkpoint's reference statistics)")
+                      help=f"of log p(x) among the checkpoint's reference images, {reference}")
             with v:
                 if blanks[i]:
                     st.warning("No visible content: after preprocessing this image is one flat grey level, so the "
                                "prediction and the energy shown for it are the model's answer to a blank picture "
                                "and say little about the upload. See the preprocessing steps.")
-                verdict(r, dataset)
+                verdict(r, reference)
             with st.expander("Preprocessing steps"):
                 if stages[i]:
                     cols = st.columns(len(stages[i]))

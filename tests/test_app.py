@@ -317,6 +317,13 @@ def test_score_shows_scored_examples_before_any_upload():
                                     "Fashion-MNIST test image 0", "uniform noise"]
     assert list(table["unusual"])[-1], "uniform noise is flagged as unusual"
     assert len(at.get("plotly_chart")) >= 4
+    # each verdict names the images its percentile ranks against: the checkpoint's own reference set
+    from jem_core.checkpoint import load_checkpoint
+
+    split = load_checkpoint(ROOT / "checkpoints" / "digits_jem.pt").metadata["reference"]["split"]
+    verdicts = [e.value for e in [*at.success, *at.warning] if "log p(x) is at percentile" in e.value]
+    assert len(verdicts) == len(table) and all(f"of the checkpoint's reference images, {split}" in v
+                                               for v in verdicts), verdicts
 
 
 def test_score_upload_shows_prediction_and_a_bad_file_an_error():

@@ -438,7 +438,8 @@ def sidebar() -> Context | None:
             st.info(opened["note"])
         else:
             vs = f" against **{base_entry.name}**" if base_entry is not None else " (no baseline)"
-            st.info(f"Showing **{entry.name}**{vs}, chosen in the picker or the link. {opened['note']}")
+            st.info(f"Showing **{entry.name}**{vs}, chosen in the picker or the link, not the pair the app opened on "
+                    f"({opened['model']} against {opened['baseline']}).")
         _model_card(ck, f"Model card: {entry.name}")
         if base_ck is not None and base_entry is not None:
             _model_card(base_ck, f"Baseline: {base_entry.name}")
@@ -450,7 +451,8 @@ def sidebar() -> Context | None:
                   "" if ok else f"The {dataset} test set is not in the data root {root}.")
     test = ctx.test_set() if ok else None
     sb.caption(f"Data root in use: `{root}` ({why}). " + (
-        f"`{dataset}` test images: {len(test):,}" + (f", from {test.note}." if test.note else " from the data root.")
+        f"`{dataset}` test images: {len(test):,}, from "
+        + (test.note or ("scikit-learn's own copy (no data root needed)" if dataset == "digits" else "the data root")) + "."
         if test is not None else
         f"`{dataset}` test data is not there: pages that need test images say so; scoring uploads and "
         "sampling still work from the checkpoint alone."))

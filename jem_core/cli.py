@@ -766,7 +766,8 @@ def _check_outputs(a: argparse.Namespace, parser: argparse.ArgumentParser) -> No
             continue
         path, flag = Path(value), f"--{name}"
         if kind == "file" and path.is_dir():
-            parser.error(f"{flag} {value} is a folder; give a file path inside it, e.g. {path / 'out.png'}")
+            example = {"train": "model.pt", "import_official": "model.pt", "likelihood": "likelihood.json"}.get(a.cmd, "out.png")
+            parser.error(f"{flag} {value} is a folder; give a file path inside it, e.g. {path / example}")
         if kind == "folder" and path.exists() and not path.is_dir():
             parser.error(f"{flag} {value} is a file; give a folder (it is created when missing)")
         why = _unwritable(path if kind == "folder" else path.parent)
@@ -787,7 +788,8 @@ class _HelpWithDefaults(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         d = action.default
-        if text and action.option_strings and "default" not in text and not (
+        flag = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))  # the help says it
+        if text and action.option_strings and "default" not in text and not flag and not (
                 d is None or d is False or d is argparse.SUPPRESS or d == []):
             text += " (default: %(default)s)"
         return text
@@ -840,8 +842,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _check_outputs(a, cmd_parser)
     root = getattr(a, "data_root", None)
     if root and a.cmd != "train" and not Path(root).is_dir():  # train downloads into a new root
-        print(f"note: --data-root {root} is not a folder: test sets the bundled demo pack holds (MNIST, Fashion-MNIST) "
-              "come from it, others are unavailable", file=sys.stderr)
+        print(f"note: --data-root {root} is not a folder: MNIST and Fashion-MNIST test images come from the bundled "
+              "demo pack instead, other datasets are unavailable", file=sys.stderr)
     try:
         return _COMMANDS[a.cmd](a, cmd_parser)
     except (BadInput, DataUnavailableError) as e:

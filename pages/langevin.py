@@ -375,7 +375,7 @@ def translate_tab(ctx: ui.Context) -> None:
     k = len(r["path"]) + 1
     tiles = torch.stack([r["x"]] + r["path"], dim=1).flatten(0, 1)  # row = one image's path
     ui.show_grid(tiles, f"{names[r['src']]} -> {names[r['dst']]}: each row starts from one of the {r['where']} "
-                 f"(left) and shows {k - 1} frames of {chain.steps} steps", key="ct_path", nrow=k,
+                 f"(left), then {k - 1} snapshots spread over its {chain.steps} SGLD steps", key="ct_path", nrow=k,
                  file_name=f"{ctx.name}_translate_{r['src']}_to_{r['dst']}.png")
     left, right = st.columns(2)
     with left:

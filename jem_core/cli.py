@@ -775,7 +775,7 @@ def _check_outputs(a: argparse.Namespace, parser: argparse.ArgumentParser) -> No
             parser.error(f"{flag} {value} cannot be written: {why}; choose another path")
         if kind == "file" and path.exists():
             if any(i.exists() and os.path.samefile(i, path) for i in inputs):
-                parser.error(f"{flag} {value} is this command's own input; writing there would replace it; "
+                parser.error(f"{flag} {value} is the input file of this command; writing there would replace it; "
                              "choose another path")
             if a.cmd == "train" and not (a.resume or a.overwrite):
                 parser.error(f"{flag} {value} exists: pass --resume to continue its run, --overwrite to replace "

@@ -35,7 +35,6 @@ What does not live here: 2-D toy data (:mod:`jem_core.toy`), decoding of uploade
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -276,9 +275,6 @@ def _load_npz(path: str, split: str, name: str) -> ImageDataset:
             else:
                 raise ValueError(f"{p} must hold arrays 'x' and 'y' (or x_train/y_train/x_test/y_test); it holds {sorted(keys)}")
     except (OSError, ValueError) as e:
-        if "pickle" in str(e):  # numpy's word for "not an .npz file": its advice (allow_pickle) would be unsafe
-            raise DataUnavailableError(f"cannot read {p}: it is not an .npz archive (write one with "
-                                       "numpy.savez(path, x=uint8_images, y=labels))") from e
         raise DataUnavailableError(f"cannot read {p}: {e}") from e
     if x.dtype != np.uint8:
         raise DataUnavailableError(f"{p}: 'x' must be uint8 pixels 0..255; got {x.dtype}")
@@ -324,15 +320,8 @@ def _offline_message(name: str, root: Path, err: Exception) -> str:
         "cifar100": f"{root}/cifar-100-python/ (the extracted cifar-100-python.tar.gz)",
         "svhn": f"{root}/SVHN/{{train,test}}_32x32.mat",
     }[name]
-    why = " ".join(str(err).split())  # one line: torchvision lists every mirror's error on its own line
-    why = why if len(why) <= 200 else why[:197] + "..."
-    return (f"dataset {name!r} is not in data root {root} and could not be downloaded ({type(err).__name__}: {why}). "
+    return (f"dataset {name!r} is not in data root {root} and could not be downloaded ({type(err).__name__}: {err}). "
             f"Put the files at {where}, or pass --data-root / set JEM_DATA_ROOT to a folder that has them.")
-
-
-#: The folders torchvision creates under a data root for a download, per dataset (deepest last).
-_DOWNLOAD_FOLDERS = {"mnist": ["MNIST", "MNIST/raw"], "fashion_mnist": ["FashionMNIST", "FashionMNIST/raw"],
-                     "cifar10": [], "cifar100": [], "svhn": ["SVHN"]}
 
 
 def _load_torchvision(name: str, split: str, root: Path, download: bool) -> ImageDataset:
@@ -367,17 +356,10 @@ def _load_torchvision(name: str, split: str, root: Path, download: bool) -> Imag
             return out
         if not download:
             raise DataUnavailableError(_offline_message(name, root, first)) from first
-        # What this download creates; a failed one removes it again where it stayed empty (never a folder the
-        # user had): the data root, its missing parents, and torchvision's folders in it.
-        new = [p for p in [*reversed(root.parents), root, *(root / f for f in _DOWNLOAD_FOLDERS[name])]
-               if not p.exists()]
         try:
             root.mkdir(parents=True, exist_ok=True)
             ds = build(True)
         except Exception as e:  # network errors come in many types (URLError, HTTPError, timeout)
-            for folder in reversed(new):
-                with contextlib.suppress(OSError):
-                    folder.rmdir()  # only when empty
             raise DataUnavailableError(_offline_message(name, root, e)) from e
     data = ds.data.numpy() if torch.is_tensor(ds.data) else np.asarray(ds.data)
     labels = getattr(ds, "targets", None)

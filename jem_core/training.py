@@ -384,9 +384,6 @@ class Trainer:
         self.optimizer = self._make_optimizer()
         self.labelled = (labelled_subset(self.train_set.y, config.labels_per_class, k, seed=config.seed)
                          if config.labels_per_class else None)
-        if self.labelled is not None and len(self.labelled) == len(self.train_set.y):
-            self.log(f"labels per class {config.labels_per_class}: the training split has no more than that in any "
-                     f"class, so all {len(self.labelled)} images keep their labels (fully supervised)")
         self.crop = config.crop_padding if config.crop_padding >= 0 else (4 if h == 32 else 0)
         self.flip = config.flip if config.flip is not None else config.dataset.startswith("cifar")
         if config.objective == "jem":

@@ -429,7 +429,7 @@ def test_an_output_that_cannot_be_written_or_would_replace_an_input_is_refused_b
     mine = tmp_path / "mine.pt"
     mine.write_bytes(Path(tiny_jem).read_bytes())
     cases = [
-        (["sample", "--checkpoint", mine, "--out", mine], "is this command's own input"),
+        (["sample", "--checkpoint", mine, "--out", mine], "is the input file of this command"),
         (["sample", "--checkpoint", tiny_jem, "--out", folder], "is a folder; give a file path inside it"),
         (["sample", "--checkpoint", tiny_jem, "--out", blocker / "s.png"], "a_file is a file, not a folder"),
         (["evaluate", "--checkpoint", tiny_jem, "--out", blocker], "is a file; give a folder"),

@@ -118,18 +118,6 @@ def test_semi_supervised_uses_only_the_labelled_subset_for_ce(digits):
     assert all(set(l.tolist()) <= set(t.labelled.tolist()) for l in seen)
 
 
-def test_more_labels_per_class_than_any_class_holds_keeps_every_label_and_says_so(digits):
-    tr, te = digits
-    logged = []
-    most = int(torch.bincount(tr.y).max())
-    t = Trainer(_cfg(labels_per_class=most), train_set=tr, test_set=te, log=logged.append)
-    assert len(t.labelled) == len(tr.y)
-    assert any(f"all {len(tr.y)} images keep their labels (fully supervised)" in m for m in logged), logged
-    logged.clear()
-    Trainer(_cfg(labels_per_class=most - 1), train_set=tr, test_set=te, log=logged.append)
-    assert not any("fully supervised" in m for m in logged), logged
-
-
 def test_bad_config_is_refused():
     with pytest.raises(ValueError, match="SGLD steps"):
         _cfg(sgld_steps=-1).validate()

@@ -758,8 +758,8 @@ def _check_outputs(a: argparse.Namespace, parser: argparse.ArgumentParser) -> No
     Raises:
         SystemExit(2): through ``parser.error``, with what was wrong and what to do.
     """
-    inputs = [Path(p) for p in [getattr(a, "checkpoint", None), getattr(a, "path", None), *getattr(a, "images", [])]
-              if p is not None]
+    # (import-official's own input is checked by convert_official, which library callers go through too)
+    inputs = [Path(p) for p in [getattr(a, "checkpoint", None), *getattr(a, "images", [])] if p is not None]
     for name, kind in _OUTPUTS.get(a.cmd, []):
         value = getattr(a, name, None)
         if value is None:
